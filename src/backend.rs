@@ -1,0 +1,213 @@
+//! The one seam between the CPU reference path and the CUDA path.
+//!
+//! The EnKF (`crate::enkf`) and the trainer (`crate::train`) are written once against
+//! [`Backend`]. A backend owns its buffers ([`Backend::F32`], [`Backend::F64`]): host
+//! vectors on the CPU, device allocations on CUDA. Every matrix is row-major and every
+//! operation takes its shapes explicitly; implementations check buffer lengths and
+//! return [`Error::Shape`](crate::Error::Shape) on a mismatch.
+//!
+//! Shapes used throughout: J members, P weights, B images, m = 10·B observations.
+//! - ensemble U: J × P; outputs G: J × B × 10, i.e. J × m with column i = 10·d + k;
+//! - targets y: m (one-hot per image).
+
+use crate::model::Net;
+use crate::Result;
+
+/// Transposition flag of a GEMM operand.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Trans {
+    /// Use the operand as stored.
+    No,
+    /// Use its transpose.
+    Yes,
+}
+
+/// Floating-point policy for the large f32 products.
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    PartialEq,
+    Eq,
+    Default,
+    serde::Serialize,
+    serde::Deserialize,
+    clap::ValueEnum,
+)]
+#[serde(rename_all = "lowercase")]
+pub enum MathMode {
+    /// Strict IEEE FP32 (the default).
+    #[default]
+    Fp32,
+    /// Allow TF32 tensor cores for the large products (CUDA only; the CPU ignores it).
+    Tf32,
+}
+
+/// Which backend to run on.
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    PartialEq,
+    Eq,
+    Default,
+    serde::Serialize,
+    serde::Deserialize,
+    clap::ValueEnum,
+)]
+#[serde(rename_all = "lowercase")]
+pub enum BackendKind {
+    /// The multithreaded CPU reference path.
+    Cpu,
+    /// The CUDA path (hand-written kernels, cuBLAS, cuSOLVER).
+    Cuda,
+    /// CUDA when a usable GPU is present, otherwise the CPU.
+    #[default]
+    Auto,
+}
+
+/// The operations the EnKF and the trainer need, on one kind of memory.
+pub trait Backend {
+    /// A buffer of f32 values owned by this backend.
+    type F32;
+    /// A buffer of f64 values owned by this backend.
+    type F64;
+
+    /// Short name for logs and `config.json` ("cpu", "cuda").
+    fn name(&self) -> String;
+
+    /// A zero-filled f32 buffer of `n` elements.
+    fn zeros_f32(&self, n: usize) -> Result<Self::F32>;
+    /// A zero-filled f64 buffer of `n` elements.
+    fn zeros_f64(&self, n: usize) -> Result<Self::F64>;
+    /// Copies host values into a new buffer.
+    fn upload_f32(&self, host: &[f32]) -> Result<Self::F32>;
+    /// Copies host values into an existing buffer of the same length.
+    fn write_f32(&self, host: &[f32], dst: &mut Self::F32) -> Result<()>;
+    /// Copies a buffer to a new host vector.
+    fn download_f32(&self, buf: &Self::F32) -> Result<Vec<f32>>;
+    /// Copies a buffer to a new host vector.
+    fn download_f64(&self, buf: &Self::F64) -> Result<Vec<f64>>;
+    /// Number of elements of a buffer.
+    fn len_f32(&self, buf: &Self::F32) -> usize;
+
+    /// Forward pass of `members` networks over `images` images.
+    ///
+    /// `weights`: members × P (P = `net.n_params()`), `x`: images × 784 pixels in
+    /// [0, 1], `out`: members × images × 10 raw logits, overwritten.
+    fn ensemble_forward(
+        &self,
+        net: &Net,
+        weights: &Self::F32,
+        members: usize,
+        x: &Self::F32,
+        images: usize,
+        out: &mut Self::F32,
+    ) -> Result<()>;
+
+    /// Mean over rows: `out[c] = (1/rows) Σ_r a[r, c]`; `a` is rows × cols.
+    fn row_mean(&self, a: &Self::F32, rows: usize, cols: usize, out: &mut Self::F32) -> Result<()>;
+
+    /// Centred outputs and innovations in f64, from `g` (rows × cols, f32) and `y` (cols):
+    /// `centred[r, c] = g[r, c] − mean_r g[·, c]`, `innov[r, c] = y[c] − g[r, c]`.
+    fn center_and_innovate(
+        &self,
+        g: &Self::F32,
+        y: &Self::F32,
+        rows: usize,
+        cols: usize,
+        centred: &mut Self::F64,
+        innov: &mut Self::F64,
+    ) -> Result<()>;
+
+    /// Row-major f32 GEMM: `c = alpha · op(a) · op(b) + beta · c`, `op(a)` m × k,
+    /// `op(b)` k × n, `c` m × n. `a` is stored m × k when `ta = No`, k × m when `Yes`;
+    /// likewise `b`. Honours the backend's [`MathMode`].
+    #[allow(clippy::too_many_arguments)]
+    fn gemm_f32(
+        &self,
+        ta: Trans,
+        tb: Trans,
+        m: usize,
+        n: usize,
+        k: usize,
+        alpha: f32,
+        a: &Self::F32,
+        b: &Self::F32,
+        beta: f32,
+        c: &mut Self::F32,
+    ) -> Result<()>;
+
+    /// Row-major f64 GEMM with the same conventions as [`Backend::gemm_f32`].
+    #[allow(clippy::too_many_arguments)]
+    fn gemm_f64(
+        &self,
+        ta: Trans,
+        tb: Trans,
+        m: usize,
+        n: usize,
+        k: usize,
+        alpha: f64,
+        a: &Self::F64,
+        b: &Self::F64,
+        beta: f64,
+        c: &mut Self::F64,
+    ) -> Result<()>;
+
+    /// Adds `shift` to the diagonal of the n × n matrix `a`.
+    fn add_diagonal_f64(&self, a: &mut Self::F64, n: usize, shift: f64) -> Result<()>;
+
+    /// Block-diagonal symmetric positive-definite solve from the right.
+    ///
+    /// `a` is n × n with n = `blocks · bs`; only its `blocks` diagonal blocks of size
+    /// `bs` are used (they must be symmetric). `rhs` is `nrhs` × n; for each block d it
+    /// is overwritten with `rhs[:, d] · A_dd⁻¹` (A_dd symmetric, so this is also
+    /// `(A_dd⁻¹ rhs[:, d]ᵀ)ᵀ`). `blocks = 1, bs = n` is one dense Cholesky solve.
+    /// `a` may be overwritten with its factor.
+    /// Errors: [`LinalgError::NotPositiveDefinite`](crate::error::LinalgError) with the block.
+    fn block_cholesky_solve_f64(
+        &self,
+        a: &mut Self::F64,
+        blocks: usize,
+        bs: usize,
+        rhs: &mut Self::F64,
+        nrhs: usize,
+    ) -> Result<()>;
+
+    /// Replaces the n × n matrix `a` by `I − S(a)`, where S keeps only the strictly
+    /// block-lower part (entries in block row d, block column e with e < d, block size `bs`).
+    fn unit_block_lower_f64(&self, a: &mut Self::F64, n: usize, bs: usize) -> Result<()>;
+
+    /// Solves `x · T = b` in place for x (`b` is rows × n, overwritten with x), where
+    /// `t` (n × n) is unit lower triangular (its diagonal is taken as 1, entries above it
+    /// are ignored).
+    fn solve_unit_lower_right_f64(
+        &self,
+        t: &Self::F64,
+        n: usize,
+        b: &mut Self::F64,
+        rows: usize,
+    ) -> Result<()>;
+
+    /// Converts f64 to f32 (same length).
+    fn f64_to_f32(&self, src: &Self::F64, dst: &mut Self::F32) -> Result<()>;
+
+    /// Copies `src` into `dst` (same length).
+    fn copy_f32(&self, src: &Self::F32, dst: &mut Self::F32) -> Result<()>;
+
+    /// Waits for queued work to finish (no-op on the CPU).
+    fn synchronize(&self) -> Result<()>;
+}
+
+/// Checks that a buffer has the expected length.
+pub fn check_len(what: &str, found: usize, expected: usize) -> Result<()> {
+    if found == expected {
+        Ok(())
+    } else {
+        Err(crate::Error::Shape {
+            what: what.to_string(),
+            expected: format!("{expected} elements"),
+            found: format!("{found} elements"),
+        })
+    }
+}

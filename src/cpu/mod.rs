@@ -1,0 +1,163 @@
+//! The CPU reference backend: host vectors, rayon threads, `gemm` for dense products.
+//!
+//! Files mirror `src/gpu/`: `forward.rs` (the network), `reduce.rs` (ensemble
+//! reductions), `linalg.rs` (GEMM and the small solves).
+
+pub mod forward;
+pub mod linalg;
+pub mod reduce;
+
+use crate::backend::{check_len, Backend, MathMode, Trans};
+use crate::model::Net;
+use crate::Result;
+
+/// The CPU backend. Uses the global rayon pool (set its size with `RAYON_NUM_THREADS`
+/// or `--threads`).
+#[derive(Debug, Clone, Default)]
+pub struct CpuBackend {
+    /// Ignored on the CPU (kept so configs round-trip).
+    pub math: MathMode,
+}
+
+impl CpuBackend {
+    /// A CPU backend.
+    pub fn new() -> Self {
+        CpuBackend::default()
+    }
+}
+
+impl Backend for CpuBackend {
+    type F32 = Vec<f32>;
+    type F64 = Vec<f64>;
+
+    fn name(&self) -> String {
+        format!("cpu ({} threads)", rayon::current_num_threads())
+    }
+
+    fn zeros_f32(&self, n: usize) -> Result<Vec<f32>> {
+        Ok(vec![0.0; n])
+    }
+    fn zeros_f64(&self, n: usize) -> Result<Vec<f64>> {
+        Ok(vec![0.0; n])
+    }
+    fn upload_f32(&self, host: &[f32]) -> Result<Vec<f32>> {
+        Ok(host.to_vec())
+    }
+    fn write_f32(&self, host: &[f32], dst: &mut Vec<f32>) -> Result<()> {
+        check_len("write_f32 destination", dst.len(), host.len())?;
+        dst.copy_from_slice(host);
+        Ok(())
+    }
+    fn download_f32(&self, buf: &Vec<f32>) -> Result<Vec<f32>> {
+        Ok(buf.clone())
+    }
+    fn download_f64(&self, buf: &Vec<f64>) -> Result<Vec<f64>> {
+        Ok(buf.clone())
+    }
+    fn len_f32(&self, buf: &Vec<f32>) -> usize {
+        buf.len()
+    }
+
+    fn ensemble_forward(
+        &self,
+        net: &Net,
+        weights: &Vec<f32>,
+        members: usize,
+        x: &Vec<f32>,
+        images: usize,
+        out: &mut Vec<f32>,
+    ) -> Result<()> {
+        forward::ensemble_forward(net, weights, members, x, images, out)
+    }
+
+    fn row_mean(&self, a: &Vec<f32>, rows: usize, cols: usize, out: &mut Vec<f32>) -> Result<()> {
+        reduce::row_mean(a, rows, cols, out)
+    }
+
+    fn center_and_innovate(
+        &self,
+        g: &Vec<f32>,
+        y: &Vec<f32>,
+        rows: usize,
+        cols: usize,
+        centred: &mut Vec<f64>,
+        innov: &mut Vec<f64>,
+    ) -> Result<()> {
+        reduce::center_and_innovate(g, y, rows, cols, centred, innov)
+    }
+
+    fn gemm_f32(
+        &self,
+        ta: Trans,
+        tb: Trans,
+        m: usize,
+        n: usize,
+        k: usize,
+        alpha: f32,
+        a: &Vec<f32>,
+        b: &Vec<f32>,
+        beta: f32,
+        c: &mut Vec<f32>,
+    ) -> Result<()> {
+        linalg::gemm_f32(ta, tb, m, n, k, alpha, a, b, beta, c)
+    }
+
+    fn gemm_f64(
+        &self,
+        ta: Trans,
+        tb: Trans,
+        m: usize,
+        n: usize,
+        k: usize,
+        alpha: f64,
+        a: &Vec<f64>,
+        b: &Vec<f64>,
+        beta: f64,
+        c: &mut Vec<f64>,
+    ) -> Result<()> {
+        linalg::gemm_f64(ta, tb, m, n, k, alpha, a, b, beta, c)
+    }
+
+    fn add_diagonal_f64(&self, a: &mut Vec<f64>, n: usize, shift: f64) -> Result<()> {
+        linalg::add_diagonal_f64(a, n, shift)
+    }
+
+    fn block_cholesky_solve_f64(
+        &self,
+        a: &mut Vec<f64>,
+        blocks: usize,
+        bs: usize,
+        rhs: &mut Vec<f64>,
+        nrhs: usize,
+    ) -> Result<()> {
+        linalg::block_cholesky_solve_f64(a, blocks, bs, rhs, nrhs)
+    }
+
+    fn unit_block_lower_f64(&self, a: &mut Vec<f64>, n: usize, bs: usize) -> Result<()> {
+        linalg::unit_block_lower_f64(a, n, bs)
+    }
+
+    fn solve_unit_lower_right_f64(
+        &self,
+        t: &Vec<f64>,
+        n: usize,
+        b: &mut Vec<f64>,
+        rows: usize,
+    ) -> Result<()> {
+        linalg::solve_unit_lower_right_f64(t, n, b, rows)
+    }
+
+    fn f64_to_f32(&self, src: &Vec<f64>, dst: &mut Vec<f32>) -> Result<()> {
+        reduce::f64_to_f32(src, dst)
+    }
+
+    fn copy_f32(&self, src: &Vec<f32>, dst: &mut Vec<f32>) -> Result<()> {
+        check_len("copy_f32 destination", dst.len(), src.len())?;
+        dst.copy_from_slice(src);
+        Ok(())
+    }
+
+    fn synchronize(&self) -> Result<()> {
+        Ok(())
+    }
+}

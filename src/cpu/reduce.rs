@@ -1,0 +1,71 @@
+//! Ensemble reductions on the CPU (twins of `kernels/reduce.cu`).
+
+use crate::backend::check_len;
+use crate::Result;
+use rayon::prelude::*;
+
+/// Mean over rows: `out[c] = (1/rows) Σ_r a[r, c]`; `a` is rows × cols. Accumulates in f64.
+pub fn row_mean(a: &[f32], rows: usize, cols: usize, out: &mut [f32]) -> Result<()> {
+    check_len("row_mean input", a.len(), rows * cols)?;
+    check_len("row_mean output", out.len(), cols)?;
+    const CHUNK: usize = 256;
+    out.par_chunks_mut(CHUNK).enumerate().for_each(|(ci, o)| {
+        let c0 = ci * CHUNK;
+        let mut acc = vec![0.0f64; o.len()];
+        for r in 0..rows {
+            let row = &a[r * cols + c0..r * cols + c0 + o.len()];
+            for (s, &v) in acc.iter_mut().zip(row) {
+                *s += v as f64;
+            }
+        }
+        for (dst, s) in o.iter_mut().zip(acc) {
+            *dst = (s / rows as f64) as f32;
+        }
+    });
+    Ok(())
+}
+
+/// `centred[r, c] = g[r, c] − mean_r g[·, c]` and `innov[r, c] = y[c] − g[r, c]`, in f64.
+pub fn center_and_innovate(
+    g: &[f32],
+    y: &[f32],
+    rows: usize,
+    cols: usize,
+    centred: &mut [f64],
+    innov: &mut [f64],
+) -> Result<()> {
+    check_len("center_and_innovate g", g.len(), rows * cols)?;
+    check_len("center_and_innovate y", y.len(), cols)?;
+    check_len("center_and_innovate centred", centred.len(), rows * cols)?;
+    check_len("center_and_innovate innov", innov.len(), rows * cols)?;
+    let mut mean = vec![0.0f64; cols];
+    for r in 0..rows {
+        for (s, &v) in mean.iter_mut().zip(&g[r * cols..(r + 1) * cols]) {
+            *s += v as f64;
+        }
+    }
+    for s in &mut mean {
+        *s /= rows as f64;
+    }
+    centred
+        .par_chunks_mut(cols)
+        .zip(innov.par_chunks_mut(cols))
+        .zip(g.par_chunks(cols))
+        .for_each(|((cr, ir), gr)| {
+            for c in 0..cols {
+                let v = gr[c] as f64;
+                cr[c] = v - mean[c];
+                ir[c] = y[c] as f64 - v;
+            }
+        });
+    Ok(())
+}
+
+/// Element-wise f64 → f32 conversion.
+pub fn f64_to_f32(src: &[f64], dst: &mut [f32]) -> Result<()> {
+    check_len("f64_to_f32 destination", dst.len(), src.len())?;
+    dst.par_iter_mut()
+        .zip(src.par_iter())
+        .for_each(|(d, &s)| *d = s as f32);
+    Ok(())
+}

@@ -1,0 +1,1 @@
+//! The EnKF update rules, written once over [`crate::backend::Backend`]. TODO(helper).

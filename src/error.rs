@@ -1,0 +1,92 @@
+//! The library's error type. Each subsystem has its own small enum; [`Error`] wraps them.
+
+use std::path::PathBuf;
+
+/// Every error the library returns.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// Reading or validating a data set.
+    #[error(transparent)]
+    Data(#[from] crate::data::DataError),
+    /// A small dense system could not be solved.
+    #[error(transparent)]
+    Linalg(#[from] LinalgError),
+    /// A configuration value is invalid.
+    #[error("invalid configuration: {0}")]
+    Config(String),
+    /// A buffer or file has the wrong shape.
+    #[error("shape mismatch in {what}: expected {expected}, found {found}")]
+    Shape {
+        /// What was being checked.
+        what: String,
+        /// The expected shape, in words.
+        expected: String,
+        /// The shape found.
+        found: String,
+    },
+    /// The CUDA backend failed (library missing, kernel failed to load, launch error).
+    #[error("CUDA backend: {0}")]
+    Cuda(String),
+    /// An `.npy` file could not be read or written.
+    #[error("{path}: {msg}")]
+    Npy {
+        /// The file.
+        path: PathBuf,
+        /// What was wrong with it.
+        msg: String,
+    },
+    /// Any other I/O failure, with the file it concerned.
+    #[error("{path}: {source}")]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// The underlying error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// Writing CSV output failed.
+    #[error("writing CSV: {0}")]
+    Csv(#[from] csv::Error),
+    /// Writing or reading JSON failed.
+    #[error("JSON: {0}")]
+    Json(#[from] serde_json::Error),
+}
+
+impl Error {
+    /// Wraps an I/O error with the path it concerned.
+    pub fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
+        Error::Io {
+            path: path.into(),
+            source,
+        }
+    }
+}
+
+/// A dense solve failed.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum LinalgError {
+    /// Cholesky factorisation met a non-positive pivot.
+    #[error(
+        "matrix block {block} (size {size}) is not positive definite: pivot {pivot} is {value:e}; \
+         raise gamma or the ensemble size"
+    )]
+    NotPositiveDefinite {
+        /// Index of the diagonal block that failed (0 when the matrix is one block).
+        block: usize,
+        /// Block size.
+        size: usize,
+        /// Index of the failing pivot inside the block.
+        pivot: usize,
+        /// The pivot's value (NaN when the backend cannot report it).
+        value: f64,
+    },
+    /// The solve produced a non-finite value.
+    #[error("solve produced a non-finite value at index {index}")]
+    NonFinite {
+        /// Flat index of the first non-finite value.
+        index: usize,
+    },
+}
+
+/// The library's result type.
+pub type Result<T, E = Error> = std::result::Result<T, E>;

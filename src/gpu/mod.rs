@@ -1,0 +1,1 @@
+//! The CUDA backend. TODO: next issue.

@@ -1,0 +1,3 @@
+//! File formats: `.npy` arrays.
+
+pub mod npy;
