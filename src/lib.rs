@@ -17,3 +17,5 @@ pub mod model;
 pub mod train;
 
 pub use error::{Error, Result};
+pub mod app;
+pub mod cli;

@@ -1,1 +1,88 @@
-fn main() {}
+//! The `enkf-dnn` command. Parsing is in `enkf_dnn::cli`, the work in `enkf_dnn::app`;
+//! this file only adds error context.
+
+use anyhow::Context;
+use clap::Parser;
+use enkf_dnn::app;
+use enkf_dnn::cli::{Cli, Command};
+use enkf_dnn::train::PartialConfig;
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Train(args) => {
+            let file = match &args.config {
+                Some(path) => {
+                    let (p, warnings) = PartialConfig::from_file(path)
+                        .with_context(|| format!("reading config file {}", path.display()))?;
+                    for w in warnings {
+                        eprintln!("warning: {w}");
+                    }
+                    p
+                }
+                None => PartialConfig::default(),
+            };
+            let cfg = file
+                .overlay(&args.to_partial())
+                .resolve()
+                .context("checking the configuration")?;
+            let summary = app::train_command(&cfg).context("training")?;
+            let last = summary.rows.iter().rev().find(|r| r.test_error.is_some());
+            if let Some(r) = last {
+                println!(
+                    "final test error {:.2} % (test loss {:.4}) after {} iterations in {:.1} s on {}",
+                    r.test_error.unwrap_or(f64::NAN),
+                    r.test_loss.unwrap_or(f64::NAN),
+                    summary.iterations,
+                    r.elapsed_s,
+                    summary.backend
+                );
+            }
+            let t = &summary.times;
+            let n = summary.iterations.max(1) as f64;
+            println!(
+                "per iteration: forward {:.1} ms, update {:.1} ms, scoring {:.1} ms; evaluations {:.1} s in total",
+                1e3 * t.forward / n,
+                1e3 * t.update / n,
+                1e3 * t.train_score / n,
+                t.eval
+            );
+            if let Some(dir) = &cfg.out {
+                println!("wrote {}", dir.display());
+            }
+        }
+        Command::Bench(args) => {
+            app::set_threads(args.threads);
+            let dir = args
+                .data
+                .clone()
+                .unwrap_or_else(enkf_dnn::data::default_mnist_dir);
+            let data = enkf_dnn::data::load_dir(&dir)
+                .with_context(|| format!("loading {}", dir.display()))?;
+            let spec = app::BenchSpec {
+                members: args.members.clone(),
+                net: enkf_dnn::model::Net::new(args.arch, args.activation),
+                update: args.update,
+                iters: args.iters.max(1),
+                warmup: args.warmup,
+                data,
+            };
+            let (rows, desc) =
+                app::bench_command(args.backend, args.math, &spec).context("benchmark")?;
+            println!(
+                "backend: {desc}; update rule {:?}, B = 64, median of {} runs",
+                args.update, spec.iters
+            );
+            print!("{}", app::bench_table(&rows));
+            if let Some(path) = &args.csv {
+                let mut w = csv::Writer::from_path(path)
+                    .with_context(|| format!("creating {}", path.display()))?;
+                for r in &rows {
+                    w.serialize(r)?;
+                }
+                w.flush()?;
+            }
+        }
+    }
+    Ok(())
+}

@@ -1,9 +1,402 @@
-//! MNIST-style IDX data sets. TODO(helper): implement.
+//! MNIST-style data sets in IDX files: reading, validation, and the in-memory split.
+//!
+//! A data folder holds four files, each raw IDX or gzip-compressed IDX
+//! (the format is described in `src/data/idx.rs`):
+//! [`TRAIN_IMAGES`], [`TRAIN_LABELS`], [`TEST_IMAGES`], [`TEST_LABELS`].
+//! Each may be present as `NAME.gz` or as `NAME`; when both exist **`NAME.gz` is used**
+//! (the bundled, checksummed copy; see `data/mnist/README.md`). Compression is detected
+//! from the content (gzip magic `1f 8b`), not from the name.
+//!
+//! Pixels become `f32` in [0, 1] exactly as torchvision's `ToTensor` does: `u8 as f32 / 255.0`.
+//! Every fault is a [`DataError`] that names the file and the values found.
 
-/// A data-set fault.
+mod idx;
+
+use std::path::{Path, PathBuf};
+
+use crate::model::CLASSES;
+
+/// Training images (rank-3 IDX: count, rows, cols).
+pub const TRAIN_IMAGES: &str = "train-images-idx3-ubyte";
+/// Training labels (rank-1 IDX: count).
+pub const TRAIN_LABELS: &str = "train-labels-idx1-ubyte";
+/// Test images (rank-3 IDX: count, rows, cols).
+pub const TEST_IMAGES: &str = "t10k-images-idx3-ubyte";
+/// Test labels (rank-1 IDX: count).
+pub const TEST_LABELS: &str = "t10k-labels-idx1-ubyte";
+/// The four file names a data folder must hold (each raw or with `.gz`).
+pub const FILE_NAMES: [&str; 4] = [TRAIN_IMAGES, TRAIN_LABELS, TEST_IMAGES, TEST_LABELS];
+/// Environment variable that overrides the data root (see [`data_root`]).
+pub const DATA_DIR_ENV: &str = "ENKF_DATA_DIR";
+
+/// A fault in a data file or folder. Every variant names the file(s) concerned.
 #[derive(Debug, thiserror::Error)]
 pub enum DataError {
-    /// Placeholder.
-    #[error("todo")]
-    Todo,
+    /// The file could not be opened or read.
+    #[error("{path}: cannot read: {source}")]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// The underlying error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The file starts with the gzip magic but does not decompress.
+    #[error("{path}: corrupt or truncated gzip stream: {source}; re-fetch the file")]
+    Gzip {
+        /// The file.
+        path: PathBuf,
+        /// The decoder's error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The first two bytes of the (decompressed) content are not zero: not an IDX file.
+    #[error("{path}: not an IDX file: magic is {found:#010x}, but IDX magics start with two zero bytes (0x0000TTRR)")]
+    BadMagic {
+        /// The file.
+        path: PathBuf,
+        /// The 4-byte magic found, big-endian.
+        found: u32,
+    },
+    /// The IDX data-type byte is not `0x08` (unsigned byte).
+    #[error("{path}: IDX data type is {found:#04x}, expected 0x08 (unsigned byte)")]
+    DataType {
+        /// The file.
+        path: PathBuf,
+        /// The data-type byte found.
+        found: u8,
+    },
+    /// The IDX rank does not match the file's role (3 for images, 1 for labels).
+    #[error("{path}: IDX rank is {found}, expected {expected}{}", rank_hint(*.expected, *.found))]
+    Rank {
+        /// The file.
+        path: PathBuf,
+        /// The rank required: 3 for images, 1 for labels.
+        expected: u8,
+        /// The rank in the header.
+        found: u8,
+    },
+    /// The (decompressed) content is shorter than its header declares.
+    #[error(
+        "{path}: truncated: needs {expected} bytes (IDX header and the data it declares) \
+         but holds only {found} (after gunzip if compressed); re-fetch the file"
+    )]
+    Truncated {
+        /// The file.
+        path: PathBuf,
+        /// Bytes needed, header included.
+        expected: u64,
+        /// Bytes present.
+        found: u64,
+    },
+    /// The (decompressed) content is longer than its header declares.
+    #[error(
+        "{path}: {found} bytes (after gunzip if compressed) but the IDX header declares \
+         {expected}: {extra} trailing bytes; is the header or the file wrong?"
+    )]
+    TrailingBytes {
+        /// The file.
+        path: PathBuf,
+        /// Bytes declared, header included.
+        expected: u64,
+        /// Bytes present.
+        found: u64,
+        /// `found - expected`.
+        extra: u64,
+    },
+    /// An image file and its label file hold different numbers of samples.
+    #[error("{images} holds {n_images} images but {labels} holds {n_labels} labels")]
+    CountMismatch {
+        /// The image file.
+        images: PathBuf,
+        /// The label file.
+        labels: PathBuf,
+        /// Images in the image file.
+        n_images: usize,
+        /// Labels in the label file.
+        n_labels: usize,
+    },
+    /// The training and test images have different sizes.
+    #[error(
+        "image size differs between splits: {train} has {train_rows}×{train_cols}, \
+         {test} has {test_rows}×{test_cols}"
+    )]
+    SizeMismatch {
+        /// The training image file.
+        train: PathBuf,
+        /// The test image file.
+        test: PathBuf,
+        /// Rows of a training image.
+        train_rows: usize,
+        /// Columns of a training image.
+        train_cols: usize,
+        /// Rows of a test image.
+        test_rows: usize,
+        /// Columns of a test image.
+        test_cols: usize,
+    },
+    /// A label is not a valid class index.
+    #[error("{path}: label {label} at index {index} is outside 0..{classes}")]
+    LabelOutOfRange {
+        /// The label file.
+        path: PathBuf,
+        /// Index of the first offending label.
+        index: usize,
+        /// Its value.
+        label: u8,
+        /// The number of classes.
+        classes: usize,
+    },
+    /// A required file is in the folder neither as `NAME` nor as `NAME.gz`.
+    #[error(
+        "{path}: not found (nor its .gz); {}; expected {} (each raw or .gz); \
+         run scripts/fetch-data.sh or set ENKF_DATA_DIR",
+        contents_text(.contents),
+        FILE_NAMES.join(", ")
+    )]
+    MissingFile {
+        /// The path looked for (without `.gz`).
+        path: PathBuf,
+        /// The folder's entries, sorted; `None` when the folder cannot be listed.
+        contents: Option<Vec<String>>,
+    },
+}
+
+fn rank_hint(expected: u8, found: u8) -> &'static str {
+    match (expected, found) {
+        (3, 1) => " (count, rows, cols); this looks like a label file",
+        (1, 3) => " (count); this looks like an image file",
+        (3, _) => " (count, rows, cols)",
+        (1, _) => " (count)",
+        _ => "",
+    }
+}
+
+fn contents_text(contents: &Option<Vec<String>>) -> String {
+    match contents {
+        None => "the folder does not exist or cannot be listed".to_string(),
+        Some(c) if c.is_empty() => "the folder is empty".to_string(),
+        Some(c) => format!("the folder holds [{}]", c.join(", ")),
+    }
+}
+
+/// One split: n images of rows × cols pixels, row-major, values in [0, 1].
+///
+/// Invariant (kept by every constructor here): `images.len() == labels.len() * rows * cols`
+/// and every label is below [`CLASSES`].
+#[derive(Debug, Clone, PartialEq)]
+pub struct Dataset {
+    /// n × rows × cols pixels, image-major then row-major, each `u8 / 255`.
+    pub images: Vec<f32>,
+    /// n labels in `0..CLASSES`.
+    pub labels: Vec<u8>,
+    /// Rows of an image.
+    pub rows: usize,
+    /// Columns of an image.
+    pub cols: usize,
+}
+
+impl Dataset {
+    /// Number of images n.
+    pub fn len(&self) -> usize {
+        self.labels.len()
+    }
+
+    /// Whether the split holds no images.
+    pub fn is_empty(&self) -> bool {
+        self.labels.is_empty()
+    }
+
+    /// Pixels per image, rows × cols.
+    pub fn pixels(&self) -> usize {
+        self.rows * self.cols
+    }
+
+    /// Image `i`: rows × cols pixels, row-major. Panics if `i >= len()`.
+    pub fn image(&self, i: usize) -> &[f32] {
+        let p = self.pixels();
+        &self.images[i * p..(i + 1) * p]
+    }
+
+    /// The first `min(n, len())` images and labels, copied.
+    pub fn subset(&self, n: usize) -> Dataset {
+        let n = n.min(self.len());
+        Dataset {
+            images: self.images[..n * self.pixels()].to_vec(),
+            labels: self.labels[..n].to_vec(),
+            rows: self.rows,
+            cols: self.cols,
+        }
+    }
+
+    /// Gathers the images at `indices` into `out` (cleared first; afterwards
+    /// `indices.len() × pixels()` values, in the order of `indices`) and returns their
+    /// labels (`indices.len()`). Panics if an index is `>= len()`.
+    pub fn gather(&self, indices: &[usize], out: &mut Vec<f32>) -> Vec<u8> {
+        out.clear();
+        out.reserve(indices.len() * self.pixels());
+        for &i in indices {
+            out.extend_from_slice(self.image(i));
+        }
+        indices.iter().map(|&i| self.labels[i]).collect()
+    }
+}
+
+/// The images of one IDX file.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Images {
+    /// count × rows × cols pixels, row-major, each `u8 / 255` in [0, 1].
+    pub pixels: Vec<f32>,
+    /// Number of images.
+    pub count: usize,
+    /// Rows of an image.
+    pub rows: usize,
+    /// Columns of an image.
+    pub cols: usize,
+}
+
+/// Both splits of a data set, as loaded by [`load_dir`].
+#[derive(Debug, Clone, PartialEq)]
+pub struct DataSplit {
+    /// The training split.
+    pub train: Dataset,
+    /// The test split (same image size as `train`).
+    pub test: Dataset,
+    /// The folder the files came from.
+    pub dir: PathBuf,
+}
+
+/// Reads a rank-3 IDX image file (raw or gzip) and scales its pixels to [0, 1]
+/// (`u8 as f32 / 255.0`, as torchvision's `ToTensor`). Any image size is accepted.
+///
+/// Errors: the header and length faults of [`DataError`] (`Io`, `Gzip`, `BadMagic`,
+/// `DataType`, `Rank`, `Truncated`, `TrailingBytes`), each naming `path`.
+pub fn read_images(path: &Path) -> Result<Images, DataError> {
+    let idx = idx::read_idx(path, 3)?;
+    let lut: [f32; 256] = std::array::from_fn(|b| b as f32 / 255.0);
+    Ok(Images {
+        pixels: idx.data.iter().map(|&b| lut[usize::from(b)]).collect(),
+        count: idx.dims[0],
+        rows: idx.dims[1],
+        cols: idx.dims[2],
+    })
+}
+
+/// Reads a rank-1 IDX label file (raw or gzip); every label must be below [`CLASSES`].
+///
+/// Errors: as [`read_images`], plus [`DataError::LabelOutOfRange`] for the first bad label.
+pub fn read_labels(path: &Path) -> Result<Vec<u8>, DataError> {
+    let labels = idx::read_idx(path, 1)?.data;
+    if let Some((index, &label)) = labels
+        .iter()
+        .enumerate()
+        .find(|(_, &l)| usize::from(l) >= CLASSES)
+    {
+        return Err(DataError::LabelOutOfRange {
+            path: path.to_path_buf(),
+            index,
+            label,
+            classes: CLASSES,
+        });
+    }
+    Ok(labels)
+}
+
+/// Finds `name` in `dir`: `dir/name.gz` if it exists, else `dir/name`.
+///
+/// Errors: [`DataError::MissingFile`] listing the folder's contents.
+pub fn find_file(dir: &Path, name: &str) -> Result<PathBuf, DataError> {
+    let gz = dir.join(format!("{name}.gz"));
+    if gz.is_file() {
+        return Ok(gz);
+    }
+    let raw = dir.join(name);
+    if raw.is_file() {
+        return Ok(raw);
+    }
+    let contents = std::fs::read_dir(dir).ok().map(|entries| {
+        let mut names: Vec<String> = entries
+            .filter_map(|e| e.ok())
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .collect();
+        names.sort();
+        names
+    });
+    Err(DataError::MissingFile {
+        path: raw,
+        contents,
+    })
+}
+
+fn load_split(
+    images_name: &str,
+    labels_name: &str,
+    dir: &Path,
+) -> Result<(Dataset, PathBuf), DataError> {
+    let images_path = find_file(dir, images_name)?;
+    let labels_path = find_file(dir, labels_name)?;
+    let images = read_images(&images_path)?;
+    let labels = read_labels(&labels_path)?;
+    if images.count != labels.len() {
+        return Err(DataError::CountMismatch {
+            images: images_path,
+            labels: labels_path,
+            n_images: images.count,
+            n_labels: labels.len(),
+        });
+    }
+    let set = Dataset {
+        images: images.pixels,
+        labels,
+        rows: images.rows,
+        cols: images.cols,
+    };
+    Ok((set, images_path))
+}
+
+/// Loads the four standard files from `dir` (each `NAME.gz` if present, else `NAME`).
+///
+/// Checks each file (see [`read_images`], [`read_labels`]), that each split has as many
+/// labels as images, and that train and test images have the same size. The size need
+/// not be 28 × 28; the trainer checks that.
+///
+/// Errors: [`DataError::MissingFile`], [`DataError::CountMismatch`],
+/// [`DataError::SizeMismatch`], or any fault of a single file.
+pub fn load_dir(dir: &Path) -> Result<DataSplit, DataError> {
+    let (train, train_path) = load_split(TRAIN_IMAGES, TRAIN_LABELS, dir)?;
+    let (test, test_path) = load_split(TEST_IMAGES, TEST_LABELS, dir)?;
+    if (train.rows, train.cols) != (test.rows, test.cols) {
+        return Err(DataError::SizeMismatch {
+            train: train_path,
+            test: test_path,
+            train_rows: train.rows,
+            train_cols: train.cols,
+            test_rows: test.rows,
+            test_cols: test.cols,
+        });
+    }
+    Ok(DataSplit {
+        train,
+        test,
+        dir: dir.to_path_buf(),
+    })
+}
+
+/// The root of all data folders: `$ENKF_DATA_DIR` if set and non-empty, else `data`
+/// (relative to the current directory, i.e. the crate root under `cargo run`/`cargo test`).
+pub fn data_root() -> PathBuf {
+    match std::env::var_os(DATA_DIR_ENV) {
+        Some(v) if !v.is_empty() => PathBuf::from(v),
+        _ => PathBuf::from("data"),
+    }
+}
+
+/// The folder of data set `name` under [`data_root`], e.g. `data/fashion-mnist`.
+pub fn dataset_dir(name: &str) -> PathBuf {
+    data_root().join(name)
+}
+
+/// The default MNIST folder: `$ENKF_DATA_DIR/mnist`, else `data/mnist`.
+pub fn default_mnist_dir() -> PathBuf {
+    dataset_dir("mnist")
 }

@@ -1,1 +1,388 @@
-//! The EnKF update rules, written once over [`crate::backend::Backend`]. TODO(helper).
+//! The EnKF update rules, written once over [`crate::backend::Backend`].
+//!
+//! Shapes: J members, P weights, B images, m = 10·B observations.
+//! U (J × P f32, row j = member j), G (J × B × 10 = J × m f32, column i = 10·d + k),
+//! y (m one-hot f32). Covariances divide by J, Γ = γI. A = ΠG is G centred over members
+//! and D = y1ᵀ − G the innovations (J × m each, f64). Because A is centred,
+//! cov(U, G) = (ΠU)ᵀA/J = UᵀA/J: U itself never needs centring.
+//!
+//! Both rules end in the same shape, `U ← U + X (AᵀU) / J` with X (J × m) computed from
+//! G alone (the "gain" phase, all small f64 work):
+//!
+//! - [`UpdateRule::Batch`], one ensemble Kalman inversion step: C = AᵀA/J + γI (m × m),
+//!   K = C⁻¹ Dᵀ (m × J), X = Kᵀ = D C⁻¹ (one dense Cholesky solve with J right-hand sides).
+//! - [`UpdateRule::Sequential`], the authors' algorithm, in exact two-product form. The
+//!   literal rule runs B Kalman steps with the outputs G computed once: for d = 1..B,
+//!   with A_d, D_d the 10 columns of image d,
+//!   C_d = A_dᵀA_d/J + γI (10 × 10), B_d = D_d C_d⁻¹ (J × 10, i.e. K_dᵀ), and
+//!
+//!   ```text
+//!   W_d = A_dᵀ U_{d−1} / J          (10 × P)
+//!   U_d = U_{d−1} + B_d W_d
+//!   ```
+//!
+//!   Unrolling U_{d−1} = U₀ + Σ_{e<d} B_e W_e inside W_d gives
+//!
+//!   ```text
+//!   W_d = A_dᵀU₀/J + Σ_{e<d} (A_dᵀB_e/J) W_e .
+//!   ```
+//!
+//!   Stack Z = A = [A_1 … A_B], Bm = [B_1 … B_B] (J × m), W = [W_1; …; W_B] (m × P),
+//!   and let L (m × m) be strictly block-lower-triangular (10 × 10 blocks) with
+//!   L_de = A_dᵀB_e/J for e < d. The recursion is W = ZᵀU₀/J + L W, i.e.
+//!   (I − L) W = ZᵀU₀/J, and U_B = U₀ + Σ_e B_e W_e = U₀ + Bm W, so
+//!
+//!   ```text
+//!   U_B = U₀ + [Bm (I − L)⁻¹] (Zᵀ U₀) / J ,      X = Bm (I − L)⁻¹ .
+//!   ```
+//!
+//!   The blocks C_d − γI are the diagonal blocks of AᵀA/J, and L is the strictly
+//!   block-lower part of AᵀBm/J, so the gain phase is: C = AᵀA/J (m × m), C += γI,
+//!   block-diagonal Cholesky solve turning D into Bm, Lfull = AᵀBm/J, T = I − L, and
+//!   X = Bm T⁻¹ by a unit-lower solve from the right (J × m², cheap).
+//!
+//! The "apply" phase `U += X (AᵀU)/J` is two large products. Two associations are
+//! exact in exact arithmetic ([`ApplyOrder`]): through parameter space,
+//! T = AᵀU/J (m × P) then U += X T, 4·m·J·P flops; or through member space,
+//! S = X Aᵀ/J (J × J, f64) then U += S U, 2·J²·P flops (f32) + 2·J²·m (f64, counted
+//! twice) plus a copy of U (a GEMM cannot write its own operand). The workspace picks
+//! the cheaper by that count (member space wins up to J ≈ 1200 for m = 640,
+//! P = 18,050), and member space whenever J ≤ m, where it is also the accurate one
+//! (see [`ApplyOrder::cheapest`]).
+
+mod reference;
+
+pub use reference::{batch_reference, sequential_literal};
+
+use crate::backend::{Backend, Trans};
+use crate::model::CLASSES;
+use crate::{Error, Result};
+use rand_distr::{Distribution, StandardNormal};
+
+/// Which EnKF update to apply per mini-batch.
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    PartialEq,
+    Eq,
+    Default,
+    serde::Serialize,
+    serde::Deserialize,
+    clap::ValueEnum,
+)]
+#[serde(rename_all = "lowercase")]
+pub enum UpdateRule {
+    /// The authors' rule: one Kalman step per image, with the outputs computed once
+    /// (applied in exact closed form, see the module docs).
+    #[default]
+    Sequential,
+    /// One ensemble Kalman inversion step with all 10·B outputs at once.
+    Batch,
+}
+
+/// Association of the final product `U += X (AᵀU) / J` (see the module docs).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum ApplyOrder {
+    /// Pick the cheaper of the two by counting flops for the workspace's (J, P, m).
+    #[default]
+    Auto,
+    /// T = AᵀU/J (m × P), then U += X T.
+    Params,
+    /// S = X Aᵀ/J (J × J), then U += S U (uses a J × P copy of U).
+    Members,
+}
+
+impl ApplyOrder {
+    /// The order for J members, P weights and m observations (never `Auto`).
+    ///
+    /// `Members` whenever J ≤ m: then C + γI has m − J + 1 eigenvalues equal to γ, X is
+    /// of size |D|/γ and cancels in X Aᵀ, which only the member order forms in f64
+    /// (and for P ≥ m it is also no dearer). Otherwise the cheaper by flop count:
+    /// `Params` 4·m·J·P; `Members` 2·J²·P + 2·2·J²·m (the J × J product is f64, counted
+    /// twice).
+    pub fn cheapest(members: usize, params: usize, obs: usize) -> ApplyOrder {
+        if members <= obs {
+            return ApplyOrder::Members;
+        }
+        let (j, p, m) = (members as f64, params as f64, obs as f64);
+        let via_params = 4.0 * m * j * p;
+        let via_members = 2.0 * j * j * p + 4.0 * j * j * m;
+        if via_members < via_params {
+            ApplyOrder::Members
+        } else {
+            ApplyOrder::Params
+        }
+    }
+}
+
+/// Buffers of the apply phase, for the chosen association.
+enum ApplyBuffers<B: Backend> {
+    /// X and A in f32 (J × m each) and T = AᵀU/J (m × P).
+    Params {
+        x32: B::F32,
+        a32: B::F32,
+        t32: B::F32,
+    },
+    /// S = X Aᵀ/J in f64 and f32 (J × J each) and a copy of U (J × P).
+    Members {
+        s64: B::F64,
+        s32: B::F32,
+        u_copy: B::F32,
+    },
+}
+
+/// Preallocated device buffers for one (J, P, B); reallocate when J changes.
+///
+/// Memory (elements): 2·J·m + 2·m² f64, plus 2·J·m + m·P f32 (parameter-space order)
+/// or 2·J² mixed + J·P f32 (member-space order).
+pub struct EnkfWorkspace<B: Backend> {
+    members: usize,
+    params: usize,
+    batch: usize,
+    order: ApplyOrder,
+    /// A = ΠG, J × m.
+    a64: B::F64,
+    /// D = y1ᵀ − G, then Bm or Kᵀ, then X; J × m.
+    x64: B::F64,
+    /// C = AᵀA/J + γI, m × m (overwritten by the solve).
+    c64: B::F64,
+    /// Lfull = AᵀBm/J, then I − L; m × m (sequential rule only).
+    l64: B::F64,
+    apply: ApplyBuffers<B>,
+}
+
+impl<B: Backend> EnkfWorkspace<B> {
+    /// Workspace for `members` × `params` ensembles and mini-batches of `batch` images,
+    /// with the cheaper [`ApplyOrder`].
+    ///
+    /// Errors: [`Error::Config`] when `members < 2` or `params` or `batch` is 0;
+    /// allocation failures of the backend.
+    pub fn new(backend: &B, members: usize, params: usize, batch: usize) -> Result<Self> {
+        Self::with_order(backend, members, params, batch, ApplyOrder::Auto)
+    }
+
+    /// As [`EnkfWorkspace::new`] with a forced association of the apply phase (for tests
+    /// and benchmarks; [`ApplyOrder::Auto`] picks by flop count).
+    pub fn with_order(
+        backend: &B,
+        members: usize,
+        params: usize,
+        batch: usize,
+        order: ApplyOrder,
+    ) -> Result<Self> {
+        if members < 2 || params == 0 || batch == 0 {
+            return Err(Error::Config(format!(
+                "EnKF needs at least 2 members, 1 weight and 1 image per batch; got \
+                 {members} members, {params} weights, batch {batch}"
+            )));
+        }
+        let m = batch * CLASSES;
+        let order = match order {
+            ApplyOrder::Auto => ApplyOrder::cheapest(members, params, m),
+            o => o,
+        };
+        let apply = match order {
+            ApplyOrder::Members => ApplyBuffers::Members {
+                s64: backend.zeros_f64(members * members)?,
+                s32: backend.zeros_f32(members * members)?,
+                u_copy: backend.zeros_f32(members * params)?,
+            },
+            _ => ApplyBuffers::Params {
+                x32: backend.zeros_f32(members * m)?,
+                a32: backend.zeros_f32(members * m)?,
+                t32: backend.zeros_f32(m * params)?,
+            },
+        };
+        Ok(EnkfWorkspace {
+            members,
+            params,
+            batch,
+            order,
+            a64: backend.zeros_f64(members * m)?,
+            x64: backend.zeros_f64(members * m)?,
+            c64: backend.zeros_f64(m * m)?,
+            l64: backend.zeros_f64(m * m)?,
+            apply,
+        })
+    }
+
+    /// Ensemble size J this workspace was built for.
+    pub fn members(&self) -> usize {
+        self.members
+    }
+
+    /// The association of the apply phase in use (never [`ApplyOrder::Auto`]).
+    pub fn order(&self) -> ApplyOrder {
+        self.order
+    }
+
+    /// One EnKF update of u (members × params) given outputs g (members × batch × 10)
+    /// and one-hot y (batch·10): [`EnkfWorkspace::gain`] then [`EnkfWorkspace::apply`].
+    ///
+    /// Errors: [`Error::Shape`] on buffer lengths, [`Error::Config`] on a negative or
+    /// non-finite `gamma`, [`crate::error::LinalgError::NotPositiveDefinite`] when a
+    /// C + γI block cannot be factorised (u is then unchanged).
+    pub fn update(
+        &mut self,
+        backend: &B,
+        rule: UpdateRule,
+        gamma: f64,
+        u: &mut B::F32,
+        g: &B::F32,
+        y: &B::F32,
+    ) -> Result<()> {
+        self.gain(backend, rule, gamma, g, y)?;
+        self.apply(backend, u)
+    }
+
+    /// The small f64 phase: computes A = ΠG and X (J × m each, see the module docs)
+    /// from g (members × batch × 10) and y (batch · 10). Errors as
+    /// [`EnkfWorkspace::update`].
+    pub fn gain(
+        &mut self,
+        backend: &B,
+        rule: UpdateRule,
+        gamma: f64,
+        g: &B::F32,
+        y: &B::F32,
+    ) -> Result<()> {
+        let (j, m) = (self.members, self.batch * CLASSES);
+        if !(gamma.is_finite() && gamma >= 0.0) {
+            return Err(Error::Config(format!(
+                "gamma must be finite and non-negative, got {gamma}"
+            )));
+        }
+        crate::backend::check_len("EnKF outputs g", backend.len_f32(g), j * m)?;
+        crate::backend::check_len("EnKF targets y", backend.len_f32(y), m)?;
+        let inv_j = 1.0 / j as f64;
+        backend.center_and_innovate(g, y, j, m, &mut self.a64, &mut self.x64)?;
+        // C = AᵀA/J + γI (m × m). The sequential rule reads only its 10 × 10 diagonal
+        // blocks; the full product costs 2·m²·J, small against the apply phase.
+        backend.gemm_f64(
+            Trans::Yes,
+            Trans::No,
+            m,
+            m,
+            j,
+            inv_j,
+            &self.a64,
+            &self.a64,
+            0.0,
+            &mut self.c64,
+        )?;
+        backend.add_diagonal_f64(&mut self.c64, m, gamma)?;
+        match rule {
+            UpdateRule::Batch => {
+                // X = Kᵀ = D C⁻¹.
+                backend.block_cholesky_solve_f64(&mut self.c64, 1, m, &mut self.x64, j)?;
+            }
+            UpdateRule::Sequential => {
+                // Bm = [D_d C_d⁻¹]_d.
+                backend.block_cholesky_solve_f64(
+                    &mut self.c64,
+                    self.batch,
+                    CLASSES,
+                    &mut self.x64,
+                    j,
+                )?;
+                // Lfull = AᵀBm/J, then T = I − (strictly block-lower part).
+                backend.gemm_f64(
+                    Trans::Yes,
+                    Trans::No,
+                    m,
+                    m,
+                    j,
+                    inv_j,
+                    &self.a64,
+                    &self.x64,
+                    0.0,
+                    &mut self.l64,
+                )?;
+                backend.unit_block_lower_f64(&mut self.l64, m, CLASSES)?;
+                // X = Bm (I − L)⁻¹.
+                backend.solve_unit_lower_right_f64(&self.l64, m, &mut self.x64, j)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// The large phase: `u += X (Aᵀu) / J` with X and A from the last
+    /// [`EnkfWorkspace::gain`] (a no-op before the first). `u`: members × params.
+    ///
+    /// Errors: [`Error::Shape`] when u has the wrong length.
+    pub fn apply(&mut self, backend: &B, u: &mut B::F32) -> Result<()> {
+        let (j, p, m) = (self.members, self.params, self.batch * CLASSES);
+        crate::backend::check_len("EnKF ensemble u", backend.len_f32(u), j * p)?;
+        let inv_j = 1.0 / j as f64;
+        match &mut self.apply {
+            ApplyBuffers::Params { x32, a32, t32 } => {
+                backend.f64_to_f32(&self.x64, x32)?;
+                backend.f64_to_f32(&self.a64, a32)?;
+                // T = AᵀU/J (m × P), then U += X T.
+                backend.gemm_f32(
+                    Trans::Yes,
+                    Trans::No,
+                    m,
+                    p,
+                    j,
+                    inv_j as f32,
+                    a32,
+                    u,
+                    0.0,
+                    t32,
+                )?;
+                backend.gemm_f32(Trans::No, Trans::No, j, p, m, 1.0, x32, t32, 1.0, u)?;
+            }
+            ApplyBuffers::Members { s64, s32, u_copy } => {
+                // S = X Aᵀ/J (J × J, f64), then U += S U through a copy of U.
+                backend.gemm_f64(
+                    Trans::No,
+                    Trans::Yes,
+                    j,
+                    j,
+                    m,
+                    inv_j,
+                    &self.x64,
+                    &self.a64,
+                    0.0,
+                    s64,
+                )?;
+                backend.f64_to_f32(s64, s32)?;
+                backend.copy_f32(u, u_copy)?;
+                backend.gemm_f32(Trans::No, Trans::No, j, p, j, 1.0, s32, u_copy, 1.0, u)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// One-hot targets: `labels` (batch) → y (batch · `classes`), y[b·classes + labels[b]] = 1.
+///
+/// # Panics
+/// If a label is not below `classes` (the data reader validates labels).
+pub fn one_hot(labels: &[u8], classes: usize) -> Vec<f32> {
+    let mut y = vec![0.0f32; labels.len() * classes];
+    for (b, &l) in labels.iter().enumerate() {
+        let l = l as usize;
+        assert!(l < classes, "label {l} of image {b} is not below {classes}");
+        y[b * classes + l] = 1.0;
+    }
+    y
+}
+
+/// Initial ensemble: members × params, i.i.d. N(0, sigma²) drawn in row-major order from
+/// rng (f64 standard normals scaled by `sigma`, then rounded to f32).
+pub fn init_ensemble<R: rand::Rng>(
+    rng: &mut R,
+    members: usize,
+    params: usize,
+    sigma: f64,
+) -> Vec<f32> {
+    (0..members * params)
+        .map(|_| {
+            let z: f64 = StandardNormal.sample(rng);
+            (sigma * z) as f32
+        })
+        .collect()
+}

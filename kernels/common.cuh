@@ -1,0 +1,52 @@
+// common.cuh: definitions shared by every kernel family of enkf-dnn.
+//
+// Kernels include nothing but this file, so NVRTC can compile them without an include
+// path (build.rs inlines it textually on the NVRTC route). Only CUDA built-ins are used
+// here: no <cstdint>, no <cuda_runtime.h>.
+//
+// Index arithmetic that can exceed 2^31 (members × images × 10 at J = 100,000, rows ×
+// cols of the EnKF matrices) is done in `long long`.
+#pragma once
+
+// Activation codes, equal to `Activation::code()` in src/model/mod.rs.
+#define ENKF_ACT_LOGISTIC 0
+#define ENKF_ACT_RELU 1
+#define ENKF_ACT_TANH 2
+
+// Architecture codes, set by the host wrapper (src/gpu/forward.rs).
+#define ENKF_ARCH_PAPER 0
+#define ENKF_ARCH_POOLED 1
+
+// Network constants, equal to those of src/model/mod.rs.
+#define ENKF_IMG 28
+#define ENKF_IMG_PIXELS 784
+#define ENKF_CLASSES 10
+#define ENKF_K 5
+#define ENKF_C1 10
+#define ENKF_P1 12
+#define ENKF_C2 20
+#define ENKF_H2 8
+#define ENKF_P2 4
+#define ENKF_CONV1_LEN 250
+#define ENKF_CONV2_LEN 5000
+#define ENKF_FC_OFFSET 5250
+
+// The activation, exactly as `Activation::apply` (IEEE expf and division: no fast math).
+__device__ __forceinline__ float enkf_activate(float x, int code) {
+    if (code == ENKF_ACT_RELU) {
+        return fmaxf(x, 0.0f);
+    }
+    if (code == ENKF_ACT_TANH) {
+        return tanhf(x);
+    }
+    return 1.0f / (1.0f + expf(-x));
+}
+
+// Sum over the 32 lanes of a full warp; every lane gets the total.
+__device__ __forceinline__ float enkf_warp_sum(float v) {
+#pragma unroll
+    for (int off = 16; off > 0; off >>= 1) {
+        v += __shfl_xor_sync(0xffffffffu, v, off);
+    }
+    return v;
+}

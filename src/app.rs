@@ -1,0 +1,437 @@
+//! What the `train` and `bench` commands do, with typed errors (`main.rs` only adds
+//! context). Backend selection lives here: [`dispatch`] runs a generic job on the CPU or
+//! CUDA backend.
+
+use crate::backend::{Backend, BackendKind, MathMode};
+use crate::cpu::CpuBackend;
+use crate::data::{load_dir, DataSplit};
+use crate::model::{Net, CLASSES};
+use crate::train::{MetricsRow, Observer, TrainConfig, Trainer};
+use crate::{Error, Result};
+use std::io::{IsTerminal, Write};
+use std::path::{Path, PathBuf};
+
+/// A job generic over the backend.
+pub trait BackendJob {
+    /// What the job returns.
+    type Output;
+    /// Runs the job on `backend`.
+    fn run<B: Backend>(self, backend: &B) -> Result<Self::Output>;
+}
+
+/// The backend `kind` resolves to on this machine, with a line saying why.
+pub fn resolve_backend(kind: BackendKind) -> Result<(BackendKind, String)> {
+    match kind {
+        BackendKind::Cpu => Ok((BackendKind::Cpu, "cpu (requested)".into())),
+        BackendKind::Cuda => match gpu_shim::probe() {
+            Ok(desc) => Ok((BackendKind::Cuda, desc)),
+            Err(why) => Err(Error::Cuda(format!("--backend cuda: {why}"))),
+        },
+        BackendKind::Auto => match gpu_shim::probe() {
+            Ok(desc) => Ok((BackendKind::Cuda, desc)),
+            Err(why) => Ok((BackendKind::Cpu, format!("cpu (no usable GPU: {why})"))),
+        },
+    }
+}
+
+/// Runs `job` on the backend `kind` resolves to. Returns the job's output and a
+/// description of the backend used.
+pub fn dispatch<J: BackendJob>(
+    kind: BackendKind,
+    math: MathMode,
+    job: J,
+) -> Result<(J::Output, String)> {
+    let (kind, desc) = resolve_backend(kind)?;
+    match kind {
+        BackendKind::Cuda => {
+            let backend = gpu_shim::new(math)?;
+            Ok((job.run(&backend)?, desc))
+        }
+        _ => Ok((job.run(&CpuBackend { math })?, desc)),
+    }
+}
+
+/// Sets the size of the global rayon pool once (later calls are ignored).
+pub fn set_threads(threads: Option<usize>) {
+    if let Some(n) = threads {
+        // An error means the pool already exists (tests, a second call): keep it.
+        let _ = rayon::ThreadPoolBuilder::new()
+            .num_threads(n)
+            .build_global();
+    }
+}
+
+/// Loads the data set of a configuration, applying the train/test limits.
+pub fn load_data(cfg: &TrainConfig) -> Result<DataSplit> {
+    let mut data = load_dir(&cfg.data)?;
+    if let Some(n) = cfg.train_limit {
+        data.train = data.train.subset(n.min(data.train.len()));
+    }
+    if let Some(n) = cfg.test_limit {
+        data.test = data.test.subset(n.min(data.test.len()));
+    }
+    Ok(data)
+}
+
+/// What a finished training run reports.
+#[derive(Debug, Clone)]
+pub struct TrainSummary {
+    /// Every metrics row.
+    pub rows: Vec<MetricsRow>,
+    /// The backend used, in words.
+    pub backend: String,
+    /// Seconds per phase.
+    pub times: crate::train::PhaseTimes,
+    /// Iterations run.
+    pub iterations: usize,
+}
+
+struct TrainJob<'a> {
+    cfg: &'a TrainConfig,
+    data: &'a DataSplit,
+    backend_desc: &'a str,
+}
+
+impl BackendJob for TrainJob<'_> {
+    type Output = (Vec<MetricsRow>, crate::train::PhaseTimes);
+    fn run<B: Backend>(self, backend: &B) -> Result<Self::Output> {
+        let cfg = self.cfg;
+        let mut trainer = Trainer::new(backend, cfg, self.data)?;
+        let total = trainer.total_iterations();
+        let mut out = RunOutput::create(cfg, total, self.data, &backend.name(), self.backend_desc)?;
+        let rows = trainer.run(&mut out)?;
+        out.finish();
+        if let Some(dir) = &cfg.out {
+            let mean = trainer.mean_host()?;
+            let p = cfg.net().n_params();
+            crate::io::npy::write_f32(&dir.join("mean.npy"), &[p], &mean)?;
+        }
+        if let Some(path) = &cfg.save_ensemble {
+            let u = trainer.ensemble_host()?;
+            crate::io::npy::write_f32(path, &[cfg.members, cfg.net().n_params()], &u)?;
+        }
+        Ok((rows, trainer.times.clone()))
+    }
+}
+
+/// Runs `enkf-dnn train` with a resolved configuration.
+pub fn train_command(cfg: &TrainConfig) -> Result<TrainSummary> {
+    set_threads(cfg.threads);
+    let data = load_data(cfg)?;
+    if let Some(dir) = &cfg.out {
+        std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+    }
+    let (_, desc) = resolve_backend(cfg.backend)?;
+    let job = TrainJob {
+        cfg,
+        data: &data,
+        backend_desc: &desc,
+    };
+    let ((rows, times), backend) = dispatch(cfg.backend, cfg.math, job)?;
+    let iterations = rows.last().map_or(0, |r| r.iteration);
+    Ok(TrainSummary {
+        rows,
+        backend,
+        times,
+        iterations,
+    })
+}
+
+/// Writes metrics.csv and config.json, and shows progress.
+struct RunOutput {
+    csv: Option<(csv::Writer<std::fs::File>, PathBuf)>,
+    bar: Option<indicatif::ProgressBar>,
+    last_test: Option<f64>,
+}
+
+impl RunOutput {
+    fn create(
+        cfg: &TrainConfig,
+        total: usize,
+        data: &DataSplit,
+        backend: &str,
+        desc: &str,
+    ) -> Result<Self> {
+        let csv = match &cfg.out {
+            Some(dir) => {
+                write_config_json(&dir.join("config.json"), cfg, total, data, backend)?;
+                let path = dir.join("metrics.csv");
+                let w = csv::Writer::from_path(&path)?;
+                Some((w, path))
+            }
+            None => None,
+        };
+        eprintln!(
+            "enkf-dnn {}: J = {}, P = {}, {} iterations on {} ({} train / {} test images from {}), backend {desc}",
+            env!("CARGO_PKG_VERSION"),
+            cfg.members,
+            cfg.net().n_params(),
+            total,
+            cfg.update_name(),
+            data.train.len(),
+            data.test.len(),
+            data.dir.display(),
+        );
+        let bar = std::io::stderr().is_terminal().then(|| {
+            let bar = indicatif::ProgressBar::new(total as u64);
+            let style = indicatif::ProgressStyle::with_template(
+                "{bar:40} {pos}/{len} it  {per_sec}  eta {eta}  {msg}",
+            )
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar());
+            bar.set_style(style);
+            bar
+        });
+        Ok(RunOutput {
+            csv,
+            bar,
+            last_test: None,
+        })
+    }
+
+    fn finish(&mut self) {
+        if let Some(bar) = &self.bar {
+            bar.finish();
+        }
+    }
+}
+
+impl Observer for RunOutput {
+    fn on_row(&mut self, row: &MetricsRow, total: usize) -> Result<()> {
+        if let Some((w, path)) = &mut self.csv {
+            w.serialize(row)?;
+            if row.test_error.is_some() {
+                w.flush().map_err(|e| Error::io(path.clone(), e))?;
+            }
+        }
+        if let Some(err) = row.test_error {
+            self.last_test = Some(err);
+            let line = format!(
+                "iteration {:>6}/{total}  test error {:6.2} %  test loss {:.4}  train loss {:.4}  {:.1} s",
+                row.iteration,
+                err,
+                row.test_loss.unwrap_or(f64::NAN),
+                row.train_loss,
+                row.elapsed_s
+            );
+            match &self.bar {
+                Some(bar) => bar.println(line),
+                None => eprintln!("{line}"),
+            }
+        }
+        if let Some(bar) = &self.bar {
+            bar.set_position(row.iteration as u64);
+            if let Some(err) = self.last_test {
+                bar.set_message(format!("test error {err:.2} %"));
+            }
+        }
+        Ok(())
+    }
+}
+
+impl TrainConfig {
+    fn update_name(&self) -> String {
+        format!("{:?} rule", self.update).to_lowercase()
+    }
+}
+
+/// Writes the resolved configuration plus what describes the run (program, version,
+/// backend, P, total iterations). The file reads back as a `--config`.
+fn write_config_json(
+    path: &Path,
+    cfg: &TrainConfig,
+    total: usize,
+    data: &DataSplit,
+    backend: &str,
+) -> Result<()> {
+    let mut v = serde_json::to_value(cfg)?;
+    if let serde_json::Value::Object(m) = &mut v {
+        m.insert("program".into(), "enkf-dnn".into());
+        m.insert("version".into(), env!("CARGO_PKG_VERSION").into());
+        m.insert("backend_used".into(), backend.into());
+        m.insert("params".into(), cfg.net().n_params().into());
+        m.insert("iterations_total".into(), total.into());
+        m.insert(
+            "net".into(),
+            serde_json::json!({ "train_images": data.train.len(), "test_images": data.test.len() }),
+        );
+    }
+    let text = serde_json::to_string_pretty(&v)?;
+    let mut f = std::fs::File::create(path).map_err(|e| Error::io(path, e))?;
+    f.write_all(text.as_bytes())
+        .map_err(|e| Error::io(path, e))?;
+    Ok(())
+}
+
+/// One line of the benchmark table.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct BenchRow {
+    /// Backend used.
+    pub backend: String,
+    /// Ensemble size.
+    pub members: usize,
+    /// Median ms of the ensemble forward pass (B = 64).
+    pub forward_ms: f64,
+    /// Achieved GFLOP/s of the forward pass.
+    pub forward_gflops: f64,
+    /// Median ms of one EnKF update.
+    pub update_ms: f64,
+    /// Achieved GFLOP/s of the update's two large products.
+    pub update_gflops: f64,
+    /// Median ms of scoring the mean network on the mini-batch.
+    pub score_ms: f64,
+    /// Median ms of one test-set evaluation of the mean network.
+    pub eval_ms: f64,
+    /// forward + update + score.
+    pub iteration_ms: f64,
+    /// Projected seconds per MNIST epoch (7504 iterations, 16 evaluations).
+    pub epoch_s: f64,
+}
+
+/// Settings of one benchmark.
+#[derive(Debug, Clone)]
+pub struct BenchSpec {
+    /// Ensemble sizes.
+    pub members: Vec<usize>,
+    /// Network.
+    pub net: Net,
+    /// Update rule.
+    pub update: crate::enkf::UpdateRule,
+    /// Timed repetitions (median reported).
+    pub iters: usize,
+    /// Warm-up repetitions.
+    pub warmup: usize,
+    /// Data set.
+    pub data: DataSplit,
+}
+
+struct BenchJob<'a>(&'a BenchSpec);
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    if v.is_empty() {
+        f64::NAN
+    } else {
+        v[v.len() / 2]
+    }
+}
+
+impl BackendJob for BenchJob<'_> {
+    type Output = Vec<BenchRow>;
+    fn run<B: Backend>(self, be: &B) -> Result<Vec<BenchRow>> {
+        use rand::SeedableRng;
+        use std::time::Instant;
+        let spec = self.0;
+        let net = spec.net;
+        let p = net.n_params();
+        let b = 64.min(spec.data.train.len());
+        let idx: Vec<usize> = (0..b).collect();
+        let mut hx = Vec::new();
+        let labels = spec.data.train.gather(&idx, &mut hx);
+        let x = be.upload_f32(&hx)?;
+        let y = be.upload_f32(&crate::enkf::one_hot(&labels, CLASSES))?;
+        let test_x = be.upload_f32(&spec.data.test.images)?;
+        let n_test = spec.data.test.len();
+        let mut test_out = be.zeros_f32(n_test * CLASSES)?;
+        let mut rows = Vec::new();
+        for &j in &spec.members {
+            let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(0);
+            let mut u = be.upload_f32(&crate::enkf::init_ensemble(&mut rng, j, p, 1.0))?;
+            let u0 = be.download_f32(&u)?;
+            let mut g = be.zeros_f32(j * b * CLASSES)?;
+            let mut ws = crate::enkf::EnkfWorkspace::new(be, j, p, b)?;
+            let mut w = be.zeros_f32(p)?;
+            let mut small = be.zeros_f32(b * CLASSES)?;
+            let (mut tf, mut tu, mut ts, mut te) = (vec![], vec![], vec![], vec![]);
+            for it in 0..spec.warmup + spec.iters {
+                // Restart from the same ensemble so every repetition does the same work.
+                be.write_f32(&u0, &mut u)?;
+                be.synchronize()?;
+                let t0 = Instant::now();
+                be.ensemble_forward(&net, &u, j, &x, b, &mut g)?;
+                be.synchronize()?;
+                let t1 = Instant::now();
+                ws.update(be, spec.update, 0.01, &mut u, &g, &y)?;
+                be.synchronize()?;
+                let t2 = Instant::now();
+                be.row_mean(&u, j, p, &mut w)?;
+                be.ensemble_forward(&net, &w, 1, &x, b, &mut small)?;
+                be.download_f32(&small)?;
+                let t3 = Instant::now();
+                be.ensemble_forward(&net, &w, 1, &test_x, n_test, &mut test_out)?;
+                be.download_f32(&test_out)?;
+                let t4 = Instant::now();
+                if it >= spec.warmup {
+                    tf.push((t1 - t0).as_secs_f64() * 1e3);
+                    tu.push((t2 - t1).as_secs_f64() * 1e3);
+                    ts.push((t3 - t2).as_secs_f64() * 1e3);
+                    te.push((t4 - t3).as_secs_f64() * 1e3);
+                }
+            }
+            let (f, up, s, e) = (median(tf), median(tu), median(ts), median(te));
+            let fwd_flop = 2.0 * net.macs_per_image() as f64 * b as f64 * j as f64;
+            let upd_flop = 2.0 * 2.0 * (b * CLASSES) as f64 * j as f64 * p as f64;
+            let it_ms = f + up + s;
+            let epoch_iters = 938.0 * 8.0;
+            rows.push(BenchRow {
+                backend: be.name(),
+                members: j,
+                forward_ms: f,
+                forward_gflops: fwd_flop / f / 1e6,
+                update_ms: up,
+                update_gflops: upd_flop / up / 1e6,
+                score_ms: s,
+                eval_ms: e,
+                iteration_ms: it_ms,
+                epoch_s: (it_ms * epoch_iters + e * 16.0) / 1e3,
+            });
+            eprintln!("J = {j}: forward {f:.1} ms, update {up:.1} ms, iteration {it_ms:.1} ms");
+        }
+        Ok(rows)
+    }
+}
+
+/// Runs `enkf-dnn bench`; returns the table rows.
+pub fn bench_command(
+    kind: BackendKind,
+    math: MathMode,
+    spec: &BenchSpec,
+) -> Result<(Vec<BenchRow>, String)> {
+    dispatch(kind, math, BenchJob(spec))
+}
+
+/// Formats the benchmark table as Markdown.
+pub fn bench_table(rows: &[BenchRow]) -> String {
+    let mut s = String::from(
+        "| backend | J | forward ms | forward GFLOP/s | update ms | update GFLOP/s | score ms | eval ms | ms/iteration | s/epoch (projected) |\n|---|---|---|---|---|---|---|---|---|---|\n",
+    );
+    for r in rows {
+        s.push_str(&format!(
+            "| {} | {} | {:.1} | {:.1} | {:.1} | {:.1} | {:.2} | {:.1} | {:.1} | {:.0} |\n",
+            r.backend,
+            r.members,
+            r.forward_ms,
+            r.forward_gflops,
+            r.update_ms,
+            r.update_gflops,
+            r.score_ms,
+            r.eval_ms,
+            r.iteration_ms,
+            r.epoch_s
+        ));
+    }
+    s
+}
+
+/// Temporary until the CUDA backend lands.
+mod gpu_shim {
+    use crate::backend::MathMode;
+    use crate::cpu::CpuBackend;
+    pub fn probe() -> Result<String, String> {
+        Err("the CUDA backend is not built yet".into())
+    }
+    pub fn new(_math: MathMode) -> crate::Result<CpuBackend> {
+        Err(crate::Error::Cuda(
+            "the CUDA backend is not built yet".into(),
+        ))
+    }
+}

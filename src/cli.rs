@@ -1,0 +1,180 @@
+//! Command-line definitions (clap). Every `train` setting is optional here so that a
+//! flag overrides `--config FILE.json`, which overrides the default shown in `--help`.
+
+use crate::backend::{BackendKind, MathMode};
+use crate::enkf::UpdateRule;
+use crate::model::{Activation, Arch};
+use crate::train::{BatchOrder, EvalMode, PartialConfig};
+use clap::{Args, Parser, Subcommand};
+use std::path::PathBuf;
+
+/// Train the Yegenoglu et al. (2020) CNN with the Ensemble Kalman Filter (EnKF), on CUDA
+/// or on the CPU reference path.
+#[derive(Debug, Parser)]
+#[command(name = "enkf-dnn", version, about, long_about = None)]
+pub struct Cli {
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Sub-commands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Train with the EnKF and write metrics.csv, config.json and mean.npy to --out.
+    Train(TrainArgs),
+    /// Time each phase of an EnKF iteration (forward, update, scoring, evaluation).
+    Bench(BenchArgs),
+}
+
+/// Flags of `enkf-dnn train`.
+#[derive(Debug, Args, Default)]
+pub struct TrainArgs {
+    /// JSON file with any of the settings below (keys as in a run's config.json; the
+    /// authors' n_ensembles, batch_size, checkpoints, ... are accepted). Flags override it.
+    #[arg(long, value_name = "FILE.json")]
+    pub config: Option<PathBuf>,
+    /// Ensemble size J (members) [default: 1000; the paper uses 5000].
+    #[arg(long, short = 'J', value_name = "J")]
+    pub members: Option<usize>,
+    /// Observation noise γ; the solve uses C + γI [default: 0.01].
+    #[arg(long)]
+    pub gamma: Option<f64>,
+    /// Standard deviation of the initial N(0, σ²) weights [default: 1.0].
+    #[arg(long)]
+    pub sigma: Option<f64>,
+    /// Images per mini-batch B [default: 64].
+    #[arg(long)]
+    pub batch: Option<usize>,
+    /// Iterations each mini-batch is shown for, r [default: 8].
+    #[arg(long, short = 'r')]
+    pub repetitions: Option<usize>,
+    /// Epochs; one epoch is ceil(N/B)·r iterations (7504 for MNIST) [default: 1].
+    #[arg(long)]
+    pub epochs: Option<usize>,
+    /// Total iterations, overriding --epochs.
+    #[arg(long)]
+    pub iterations: Option<usize>,
+    /// Evaluate on the test set every N iterations (and at 0 and at the end) [default: 500].
+    #[arg(long, value_name = "N")]
+    pub eval_every: Option<usize>,
+    /// Networks to score at each evaluation, comma-separated; the first fills test_error
+    /// [default: mean]. `ensemble` runs every member over the test set (slow on the CPU).
+    #[arg(long, value_delimiter = ',')]
+    pub eval: Option<Vec<EvalMode>>,
+    /// Activation after each convolution [default: logistic].
+    #[arg(long, value_enum)]
+    pub activation: Option<Activation>,
+    /// Architecture: paper (no second pool, P = 18,050) or pooled (P = 8,450) [default: paper].
+    #[arg(long, value_enum)]
+    pub arch: Option<Arch>,
+    /// EnKF update rule: sequential (the authors') or batch (all 10·B outputs at once)
+    /// [default: sequential].
+    #[arg(long, value_enum)]
+    pub update: Option<UpdateRule>,
+    /// Seed of every random stream (initial ensemble, shuffling) [default: 0].
+    #[arg(long)]
+    pub seed: Option<u64>,
+    /// Folder with train-images-idx3-ubyte[.gz], train-labels-idx1-ubyte[.gz],
+    /// t10k-images-idx3-ubyte[.gz], t10k-labels-idx1-ubyte[.gz]
+    /// [default: $ENKF_DATA_DIR/mnist, else data/mnist].
+    #[arg(long, value_name = "DIR")]
+    pub data: Option<PathBuf>,
+    /// Train on the first N training images only [default: all].
+    #[arg(long, value_name = "N")]
+    pub train_limit: Option<usize>,
+    /// Evaluate on the first N test images only [default: all].
+    #[arg(long, value_name = "N")]
+    pub test_limit: Option<usize>,
+    /// Output folder for metrics.csv, config.json, mean.npy [default: none, log only].
+    #[arg(long, short = 'o', value_name = "DIR")]
+    pub out: Option<PathBuf>,
+    /// Draw mini-batches from a seeded permutation per epoch instead of file order.
+    #[arg(long)]
+    pub shuffle: bool,
+    /// Where to run: cpu, cuda, or auto (CUDA when a GPU is usable) [default: auto].
+    #[arg(long, value_enum)]
+    pub backend: Option<BackendKind>,
+    /// Precision of the large products: fp32 (strict) or tf32 (tensor cores, CUDA)
+    /// [default: fp32].
+    #[arg(long, value_enum)]
+    pub math: Option<MathMode>,
+    /// CPU threads [default: all cores].
+    #[arg(long)]
+    pub threads: Option<usize>,
+    /// Start from this ensemble (.npy, J × P, float32 or float64) instead of drawing one.
+    #[arg(long, value_name = "FILE.npy")]
+    pub init_ensemble: Option<PathBuf>,
+    /// Write the final ensemble (.npy, J × P, float32).
+    #[arg(long, value_name = "FILE.npy")]
+    pub save_ensemble: Option<PathBuf>,
+}
+
+impl TrainArgs {
+    /// The settings given on the command line.
+    pub fn to_partial(&self) -> PartialConfig {
+        PartialConfig {
+            members: self.members,
+            gamma: self.gamma,
+            sigma: self.sigma,
+            batch: self.batch,
+            repetitions: self.repetitions,
+            epochs: self.epochs,
+            iterations: self.iterations,
+            eval_every: self.eval_every,
+            eval: self.eval.clone(),
+            activation: self.activation,
+            arch: self.arch,
+            update: self.update,
+            seed: self.seed,
+            data: self.data.clone(),
+            train_limit: self.train_limit,
+            test_limit: self.test_limit,
+            out: self.out.clone(),
+            order: self.shuffle.then_some(BatchOrder::Shuffle),
+            backend: self.backend,
+            math: self.math,
+            threads: self.threads,
+            init_ensemble: self.init_ensemble.clone(),
+            save_ensemble: self.save_ensemble.clone(),
+        }
+    }
+}
+
+/// Flags of `enkf-dnn bench`.
+#[derive(Debug, Args)]
+pub struct BenchArgs {
+    /// Where to run [default: auto].
+    #[arg(long, value_enum, default_value = "auto")]
+    pub backend: BackendKind,
+    /// Ensemble sizes to time, comma-separated.
+    #[arg(long, short = 'J', value_delimiter = ',', default_value = "250,1000")]
+    pub members: Vec<usize>,
+    /// Update rule to time.
+    #[arg(long, value_enum, default_value = "sequential")]
+    pub update: UpdateRule,
+    /// Architecture.
+    #[arg(long, value_enum, default_value = "paper")]
+    pub arch: Arch,
+    /// Activation.
+    #[arg(long, value_enum, default_value = "logistic")]
+    pub activation: Activation,
+    /// Precision of the large products.
+    #[arg(long, value_enum, default_value = "fp32")]
+    pub math: MathMode,
+    /// Timed iterations per size (the median is reported).
+    #[arg(long, default_value_t = 5)]
+    pub iters: usize,
+    /// Untimed warm-up iterations per size.
+    #[arg(long, default_value_t = 1)]
+    pub warmup: usize,
+    /// CPU threads [default: all cores].
+    #[arg(long)]
+    pub threads: Option<usize>,
+    /// Data folder (a real mini-batch and test set are timed) [default: data/mnist].
+    #[arg(long, value_name = "DIR")]
+    pub data: Option<PathBuf>,
+    /// Also write the table as CSV here.
+    #[arg(long, value_name = "FILE.csv")]
+    pub csv: Option<PathBuf>,
+}

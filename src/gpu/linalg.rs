@@ -1,0 +1,420 @@
+//! Dense linear algebra on the GPU (twin of `src/cpu/linalg.rs`): the one row-major GEMM
+//! helper over cuBLAS, the Cholesky solves (cuSOLVER for large blocks, a kernel of
+//! `kernels/linalg.cu` for blocks ≤ 32), the unit-lower solve (cuBLAS trsm) and the small
+//! element-wise kernels. All raw cuBLAS/cuSOLVER FFI of the crate is in this file.
+//!
+//! Row-major vs column-major, once: a row-major r × c matrix with leading dimension c is,
+//! read by a column-major library, the c × r matrix of its transpose (leading dimension c).
+
+use cudarc::cublas::sys::{
+    cublasDiagType_t, cublasFillMode_t, cublasMath_t, cublasOperation_t, cublasSideMode_t,
+};
+use cudarc::cublas::{CudaBlas, Gemm, GemmConfig};
+use cudarc::cusolver::{sys as sol, DnHandle};
+use cudarc::driver::{CudaSlice, DevicePtr, DevicePtrMut, LaunchConfig, PushKernelArg};
+
+use super::{cuda_err, grid_1d, to_i32, CudaBackend};
+use crate::backend::{check_len, MathMode, Trans};
+use crate::error::LinalgError;
+use crate::{Error, Result};
+
+/// Largest block size handled by `block_cholesky_solve_small_f64` (its shared tile).
+pub const SMALL_BLOCK_MAX: usize = 32;
+/// Threads per block of the small Cholesky kernel: one rhs row each.
+const CHOL_THREADS: u32 = 128;
+
+/// Sets the cuBLAS math mode: TF32 tensor cores for SGEMM under [`MathMode::Tf32`], the
+/// default (strict FP32; DGEMM is unaffected either way) under [`MathMode::Fp32`].
+///
+/// Errors: [`Error::Cuda`] when cuBLAS refuses.
+pub(crate) fn set_math_mode(blas: &CudaBlas, math: MathMode) -> Result<()> {
+    let mode = match math {
+        MathMode::Fp32 => cublasMath_t::CUBLAS_DEFAULT_MATH,
+        MathMode::Tf32 => cublasMath_t::CUBLAS_TF32_TENSOR_OP_MATH,
+    };
+    // SAFETY: the handle is valid for the life of `blas`; the call only sets a flag.
+    unsafe { cudarc::cublas::sys::cublasSetMathMode(*blas.handle(), mode) }
+        .result()
+        .map_err(cuda_err("cublasSetMathMode"))
+}
+
+/// cuBLAS and cuSOLVER versions (e.g. 130001, 12000), 0 where the query fails.
+pub(crate) fn library_versions(blas: &CudaBlas) -> (i32, i32) {
+    let (mut b, mut s) = (0i32, 0i32);
+    // SAFETY: each call writes one int; the libraries are loaded (the handles exist).
+    unsafe {
+        let _ = cudarc::cublas::sys::cublasGetVersion_v2(*blas.handle(), &mut b);
+        let _ = sol::cusolverGetVersion(&mut s);
+    }
+    (b, s)
+}
+
+fn op(t: Trans) -> cublasOperation_t {
+    match t {
+        Trans::No => cublasOperation_t::CUBLAS_OP_N,
+        Trans::Yes => cublasOperation_t::CUBLAS_OP_T,
+    }
+}
+
+/// Row-major GEMM `c = alpha · op(a) · op(b) + beta · c` (f32 or f64), see
+/// [`crate::backend::Backend::gemm_f32`]: `op(a)` m × k, `op(b)` k × n, `c` m × n.
+///
+/// The one place where row-major meets cuBLAS: row-major c (m × n) is column-major cᵀ
+/// (n × m, ldc = n), and cᵀ = op(b)ᵀ · op(a)ᵀ. Row-major b stored k × n (`No`) is
+/// column-major n × k = op(b)ᵀ with ld n, so cuBLAS gets `b` first with its own flag and
+/// ld = n (`No`) or k (`Yes`, stored n × k); likewise `a` second with ld = k (`No`, stored
+/// m × k) or m (`Yes`, stored k × m); cuBLAS dimensions (M, N, K) = (n, m, k).
+///
+/// Errors: [`Error::Shape`] on a length mismatch or a dimension beyond `int`.
+#[allow(clippy::too_many_arguments)]
+pub fn gemm<T>(
+    blas: &CudaBlas,
+    ta: Trans,
+    tb: Trans,
+    m: usize,
+    n: usize,
+    k: usize,
+    alpha: T,
+    a: &CudaSlice<T>,
+    b: &CudaSlice<T>,
+    beta: T,
+    c: &mut CudaSlice<T>,
+) -> Result<()>
+where
+    CudaBlas: Gemm<T>,
+{
+    check_len("gemm a", a.len(), m * k)?;
+    check_len("gemm b", b.len(), k * n)?;
+    check_len("gemm c", c.len(), m * n)?;
+    if m == 0 || n == 0 {
+        return Ok(());
+    }
+    let (mi, ni, ki) = (
+        to_i32("gemm m", m)?,
+        to_i32("gemm n", n)?,
+        to_i32("gemm k", k)?,
+    );
+    let ld = |v: i32| v.max(1);
+    let cfg = GemmConfig {
+        transa: op(tb),
+        transb: op(ta),
+        m: ni,
+        n: mi,
+        k: ki,
+        alpha,
+        lda: ld(if tb == Trans::No { ni } else { ki }),
+        ldb: ld(if ta == Trans::No { ki } else { mi }),
+        beta,
+        ldc: ni,
+    };
+    // SAFETY: check_len proved b = k·n, a = m·k, c = m·n elements, which are exactly the
+    // extents cuBLAS reads/writes with these dimensions and leading dimensions.
+    unsafe { blas.gemm(cfg, b, a, c) }.map_err(cuda_err("cuBLAS gemm"))
+}
+
+/// Adds `shift` to the diagonal of the n × n matrix `a`.
+///
+/// Errors: [`Error::Shape`] when `a` is not n × n.
+pub fn add_diagonal_f64(
+    be: &CudaBackend,
+    a: &mut CudaSlice<f64>,
+    n: usize,
+    shift: f64,
+) -> Result<()> {
+    check_len("add_diagonal_f64 matrix", a.len(), n * n)?;
+    if n == 0 {
+        return Ok(());
+    }
+    let n_i = to_i32("add_diagonal_f64 n", n)?;
+    let f = be.kernels().get("add_diagonal_f64")?;
+    let mut launch = be.stream().launch_builder(f);
+    launch.arg(a).arg(&n_i).arg(&shift);
+    // SAFETY: check_len proved a = n² elements; thread i < n writes a[i·n + i] only.
+    unsafe { launch.launch(grid_1d(n, 256, u32::MAX >> 1)) }
+        .map(|_| ())
+        .map_err(cuda_err("launching add_diagonal_f64"))
+}
+
+/// Replaces the n × n matrix `a` by `I − S(a)`, S the strictly block-lower part.
+///
+/// Errors: [`Error::Shape`] when `a` is not n × n; [`Error::Config`] when bs is 0.
+pub fn unit_block_lower_f64(
+    be: &CudaBackend,
+    a: &mut CudaSlice<f64>,
+    n: usize,
+    bs: usize,
+) -> Result<()> {
+    check_len("unit_block_lower_f64 matrix", a.len(), n * n)?;
+    if bs == 0 {
+        return Err(Error::Config("unit_block_lower_f64: block size 0".into()));
+    }
+    if n == 0 {
+        return Ok(());
+    }
+    let n_i = to_i32("unit_block_lower_f64 n", n)?;
+    let bs_i = to_i32("unit_block_lower_f64 bs", bs)?;
+    let f = be.kernels().get("unit_block_lower_f64")?;
+    let mut launch = be.stream().launch_builder(f);
+    launch.arg(a).arg(&n_i).arg(&bs_i);
+    // SAFETY: check_len proved a = n² elements; the grid-stride loop stops at n².
+    unsafe { launch.launch(grid_1d(n * n, 256, 1 << 16)) }
+        .map(|_| ())
+        .map_err(cuda_err("launching unit_block_lower_f64"))
+}
+
+/// Block-diagonal SPD solve from the right, see
+/// [`crate::backend::Backend::block_cholesky_solve_f64`]: for each diagonal block d of
+/// `a` (n × n, n = blocks · bs), `rhs[:, d] ← rhs[:, d] · A_dd⁻¹`; `rhs` is nrhs × n.
+///
+/// bs ≤ 32: the `block_cholesky_solve_small_f64` kernel (factor in shared memory, one
+/// thread per rhs row); larger blocks: cuSOLVER potrf + potrs per block. `a` is left
+/// unchanged by the kernel and overwritten with the factors by cuSOLVER.
+///
+/// Errors: [`LinalgError::NotPositiveDefinite`] with the first failing block (pivot value
+/// NaN on the cuSOLVER route, which does not report it); [`Error::Shape`] on lengths.
+pub fn block_cholesky_solve_f64(
+    be: &CudaBackend,
+    solver: &DnHandle,
+    a: &mut CudaSlice<f64>,
+    blocks: usize,
+    bs: usize,
+    rhs: &mut CudaSlice<f64>,
+    nrhs: usize,
+) -> Result<()> {
+    let n = blocks * bs;
+    check_len("block_cholesky_solve_f64 matrix", a.len(), n * n)?;
+    check_len("block_cholesky_solve_f64 rhs", rhs.len(), nrhs * n)?;
+    if n == 0 {
+        return Ok(());
+    }
+    let n_i = to_i32("block_cholesky_solve_f64 n", n)?;
+    let nrhs_i = to_i32("block_cholesky_solve_f64 nrhs", nrhs)?;
+    let bs_i = to_i32("block_cholesky_solve_f64 bs", bs)?;
+    if bs <= SMALL_BLOCK_MAX {
+        small_blocks(be, a, n_i, blocks, bs_i, rhs, nrhs_i)
+    } else {
+        cusolver_blocks(be, solver, a, n_i, blocks, bs_i, rhs, nrhs_i)
+    }
+}
+
+fn small_blocks(
+    be: &CudaBackend,
+    a: &CudaSlice<f64>,
+    n: i32,
+    blocks: usize,
+    bs: i32,
+    rhs: &mut CudaSlice<f64>,
+    nrhs: i32,
+) -> Result<()> {
+    let row_groups = (nrhs as u32).div_ceil(CHOL_THREADS).max(1);
+    if row_groups > 65_535 {
+        return Err(Error::Config(format!(
+            "block_cholesky_solve_f64: {nrhs} right-hand sides exceed the kernel's grid \
+             (at most {})",
+            65_535 * CHOL_THREADS
+        )));
+    }
+    let stream = be.stream();
+    let mut info = stream
+        .alloc_zeros::<i32>(blocks)
+        .map_err(cuda_err("allocating Cholesky info"))?;
+    let mut bad = stream
+        .alloc_zeros::<f64>(blocks)
+        .map_err(cuda_err("allocating Cholesky pivots"))?;
+    let f = be.kernels().get("block_cholesky_solve_small_f64")?;
+    let mut launch = stream.launch_builder(f);
+    launch
+        .arg(a)
+        .arg(&n)
+        .arg(&bs)
+        .arg(rhs)
+        .arg(&nrhs)
+        .arg(&mut info)
+        .arg(&mut bad);
+    let cfg = LaunchConfig {
+        grid_dim: (blocks as u32, row_groups, 1),
+        block_dim: (CHOL_THREADS, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    // SAFETY: the caller checked a = n² and rhs = nrhs·n elements with n = blocks·bs and
+    // bs ≤ 32 (the kernel's shared tile); info and bad were allocated with `blocks`
+    // entries, one per grid column; rows ≥ nrhs are skipped by the kernel.
+    unsafe { launch.launch(cfg) }.map_err(cuda_err("launching block_cholesky_solve_small_f64"))?;
+    let info_h = stream
+        .clone_dtoh(&info)
+        .map_err(cuda_err("reading Cholesky info"))?;
+    let bad_h = stream
+        .clone_dtoh(&bad)
+        .map_err(cuda_err("reading Cholesky pivots"))?;
+    stream.synchronize().map_err(cuda_err("Cholesky solve"))?;
+    first_failure(&info_h, bs as usize, |d| bad_h[d])
+}
+
+/// The first block whose 1-based LAPACK-style `info` is non-zero, as an error.
+fn first_failure(info: &[i32], bs: usize, value: impl Fn(usize) -> f64) -> Result<()> {
+    match info.iter().position(|&i| i != 0) {
+        None => Ok(()),
+        Some(d) => Err(LinalgError::NotPositiveDefinite {
+            block: d,
+            size: bs,
+            pivot: info[d].max(1) as usize - 1,
+            value: value(d),
+        }
+        .into()),
+    }
+}
+
+fn sol_check(status: sol::cusolverStatus_t, what: &str) -> Result<()> {
+    if status == sol::cusolverStatus_t::CUSOLVER_STATUS_SUCCESS {
+        Ok(())
+    } else {
+        Err(Error::Cuda(format!("cuSOLVER {what}: {status:?}")))
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn cusolver_blocks(
+    be: &CudaBackend,
+    solver: &DnHandle,
+    a: &mut CudaSlice<f64>,
+    n: i32,
+    blocks: usize,
+    bs: i32,
+    rhs: &mut CudaSlice<f64>,
+    nrhs: i32,
+) -> Result<()> {
+    // Block d of row-major a starts at element d·bs·n + d·bs with leading dimension n; it
+    // is symmetric, so the column-major view (its transpose) is the same matrix and the
+    // LOWER triangle of that view is used. Block column d of row-major rhs (nrhs × n),
+    // read column-major from element d·bs with ld n, is the bs × nrhs matrix rhs_dᵀ, and
+    // potrs overwrites it with A_dd⁻¹ rhs_dᵀ = (rhs_d A_dd⁻¹)ᵀ.
+    let stream = be.stream();
+    let h = solver.cu();
+    let uplo = sol::cublasFillMode_t::CUBLAS_FILL_MODE_LOWER;
+    let mut info = stream
+        .alloc_zeros::<i32>(blocks)
+        .map_err(cuda_err("allocating cuSOLVER info"))?;
+    let mut potrs_info = stream
+        .alloc_zeros::<i32>(1)
+        .map_err(cuda_err("allocating cuSOLVER info"))?;
+    let f8 = std::mem::size_of::<f64>() as u64;
+    {
+        let (a_ptr, _ga) = a.device_ptr_mut(stream);
+        let mut lwork = 0i32;
+        // SAFETY: a holds n² doubles (checked by the caller); the query reads no data.
+        sol_check(
+            unsafe {
+                sol::cusolverDnDpotrf_bufferSize(h, uplo, bs, a_ptr as *mut f64, n, &mut lwork)
+            },
+            "potrf_bufferSize",
+        )?;
+        let mut work = stream
+            .alloc_zeros::<f64>(lwork.max(1) as usize)
+            .map_err(cuda_err("allocating cuSOLVER workspace"))?;
+        let (w_ptr, _gw) = work.device_ptr_mut(stream);
+        let (i_ptr, _gi) = info.device_ptr_mut(stream);
+        let (pi_ptr, _gp) = potrs_info.device_ptr_mut(stream);
+        let (r_ptr, _gr) = rhs.device_ptr_mut(stream);
+        for d in 0..blocks as u64 {
+            let off = d * bs as u64 * n as u64 + d * bs as u64;
+            let a_d = (a_ptr + off * f8) as *mut f64;
+            let info_d = (i_ptr + d * 4) as *mut i32;
+            // SAFETY: block d lies inside a (d < blocks, n = blocks·bs, n² elements), the
+            // workspace has the queried lwork doubles, info has `blocks` ints.
+            sol_check(
+                unsafe {
+                    sol::cusolverDnDpotrf(h, uplo, bs, a_d, n, w_ptr as *mut f64, lwork, info_d)
+                },
+                "potrf",
+            )?;
+            if nrhs > 0 {
+                let r_d = (r_ptr + d * bs as u64 * f8) as *mut f64;
+                // SAFETY: rhs holds nrhs·n doubles (checked); columns d·bs … d·bs+bs−1 of
+                // every row are inside it with ld n.
+                sol_check(
+                    unsafe {
+                        sol::cusolverDnDpotrs(h, uplo, bs, nrhs, a_d, n, r_d, n, pi_ptr as *mut i32)
+                    },
+                    "potrs",
+                )?;
+            }
+        }
+    }
+    let info_h = stream
+        .clone_dtoh(&info)
+        .map_err(cuda_err("reading cuSOLVER info"))?;
+    stream.synchronize().map_err(cuda_err("Cholesky solve"))?;
+    first_failure(&info_h, bs as usize, |_| f64::NAN)
+}
+
+/// Solves `x · T = b` in place (`b`: rows × n, overwritten by x), T (n × n) unit lower
+/// triangular (diagonal taken as 1, entries above it ignored).
+///
+/// Column-major view: row-major b is Bᶜ = bᵀ (n × rows, ld n) and row-major T is
+/// Tᶜ = Tᵀ (ld n), upper unit triangular. x T = b ⇔ Tᵀ xᵀ = bᵀ ⇔ Tᶜ Xᶜ = Bᶜ: trsm with
+/// side LEFT, uplo UPPER (Tᶜ's upper triangle is T's lower one, so entries above T's
+/// diagonal, Tᶜ's lower triangle, are never read), no transpose, unit diagonal,
+/// (M, N) = (n, rows).
+///
+/// Errors: [`Error::Shape`] on a length mismatch.
+pub fn solve_unit_lower_right_f64(
+    be: &CudaBackend,
+    t: &CudaSlice<f64>,
+    n: usize,
+    b: &mut CudaSlice<f64>,
+    rows: usize,
+) -> Result<()> {
+    check_len("solve_unit_lower_right_f64 t", t.len(), n * n)?;
+    check_len("solve_unit_lower_right_f64 b", b.len(), rows * n)?;
+    if n == 0 || rows == 0 {
+        return Ok(());
+    }
+    let n_i = to_i32("solve_unit_lower_right_f64 n", n)?;
+    let rows_i = to_i32("solve_unit_lower_right_f64 rows", rows)?;
+    let stream = be.stream();
+    let (t_ptr, _gt) = t.device_ptr(stream);
+    let (b_ptr, _gb) = b.device_ptr_mut(stream);
+    let one = 1.0f64;
+    // SAFETY: t holds n² and b rows·n doubles (checked), the extents trsm touches with
+    // M = n, N = rows, lda = ldb = n; alpha is a host scalar (default pointer mode).
+    unsafe {
+        cudarc::cublas::sys::cublasDtrsm_v2(
+            *be.blas.handle(),
+            cublasSideMode_t::CUBLAS_SIDE_LEFT,
+            cublasFillMode_t::CUBLAS_FILL_MODE_UPPER,
+            cublasOperation_t::CUBLAS_OP_N,
+            cublasDiagType_t::CUBLAS_DIAG_UNIT,
+            n_i,
+            rows_i,
+            &one,
+            t_ptr as *const f64,
+            n_i,
+            b_ptr as *mut f64,
+            n_i,
+        )
+    }
+    .result()
+    .map_err(cuda_err("cublasDtrsm"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn first_failure_reports_block_and_zero_based_pivot() {
+        assert!(first_failure(&[0, 0, 0], 10, |_| 0.0).is_ok());
+        match first_failure(&[0, 3, 1], 10, |d| d as f64) {
+            Err(Error::Linalg(LinalgError::NotPositiveDefinite {
+                block,
+                size,
+                pivot,
+                value,
+            })) => {
+                assert_eq!((block, size, pivot), (1, 10, 2));
+                assert_eq!(value, 1.0);
+            }
+            other => panic!("expected NotPositiveDefinite, got {other:?}"),
+        }
+    }
+}

@@ -1,0 +1,123 @@
+//! Ensemble reductions on the GPU (twins of `src/cpu/reduce.rs`), launching the kernels
+//! of `kernels/reduce.cu`.
+
+use cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
+
+use super::{cuda_err, grid_1d, to_i32, CudaBackend};
+use crate::backend::check_len;
+use crate::Result;
+
+/// Columns per block of the column-mean kernels (threadIdx.x).
+const MEAN_TX: u32 = 32;
+/// Row slices per block of the column-mean kernels (threadIdx.y).
+const MEAN_TY: u32 = 16;
+/// Threads per block of the element-wise kernels.
+const EW_THREADS: u32 = 256;
+/// Blocks of the element-wise grid-stride kernels at most (enough to fill any GPU).
+const EW_MAX_BLOCKS: u32 = 1 << 16;
+
+fn mean_cfg(cols: usize) -> LaunchConfig {
+    LaunchConfig {
+        grid_dim: (cols.div_ceil(MEAN_TX as usize) as u32, 1, 1),
+        block_dim: (MEAN_TX, MEAN_TY, 1),
+        shared_mem_bytes: 0,
+    }
+}
+
+/// Mean over rows in f64, rounded to f32: `out[c] = (1/rows) Σ_r a[r, c]`.
+///
+/// `a`: rows × cols, `out`: cols. Errors: [`crate::Error::Shape`] on a length mismatch.
+pub fn row_mean(
+    be: &CudaBackend,
+    a: &CudaSlice<f32>,
+    rows: usize,
+    cols: usize,
+    out: &mut CudaSlice<f32>,
+) -> Result<()> {
+    check_len("row_mean input", a.len(), rows * cols)?;
+    check_len("row_mean output", out.len(), cols)?;
+    if cols == 0 {
+        return Ok(());
+    }
+    let (rows_i, cols_i) = (
+        to_i32("row_mean rows", rows)?,
+        to_i32("row_mean cols", cols)?,
+    );
+    let f = be.kernels().get("row_mean_f32")?;
+    let mut launch = be.stream().launch_builder(f);
+    launch.arg(a).arg(&rows_i).arg(&cols_i).arg(out);
+    // SAFETY: check_len proved a = rows·cols and out = cols elements; threads with
+    // column ≥ cols neither read nor write.
+    unsafe { launch.launch(mean_cfg(cols)) }
+        .map(|_| ())
+        .map_err(cuda_err("launching row_mean_f32"))
+}
+
+/// `centred[r, c] = g[r, c] − mean_r g[·, c]`, `innov[r, c] = y[c] − g[r, c]` in f64; the
+/// mean is kept in f64 (a temporary of `cols` doubles), as on the CPU.
+///
+/// `g`: rows × cols, `y`: cols, `centred`, `innov`: rows × cols.
+/// Errors: [`crate::Error::Shape`] on a length mismatch.
+pub fn center_and_innovate(
+    be: &CudaBackend,
+    g: &CudaSlice<f32>,
+    y: &CudaSlice<f32>,
+    rows: usize,
+    cols: usize,
+    centred: &mut CudaSlice<f64>,
+    innov: &mut CudaSlice<f64>,
+) -> Result<()> {
+    check_len("center_and_innovate g", g.len(), rows * cols)?;
+    check_len("center_and_innovate y", y.len(), cols)?;
+    check_len("center_and_innovate centred", centred.len(), rows * cols)?;
+    check_len("center_and_innovate innov", innov.len(), rows * cols)?;
+    if rows == 0 || cols == 0 {
+        return Ok(());
+    }
+    let rows_i = to_i32("center_and_innovate rows", rows)?;
+    let cols_i = to_i32("center_and_innovate cols", cols)?;
+    let mut mean = be
+        .stream()
+        .alloc_zeros::<f64>(cols)
+        .map_err(cuda_err("allocating the column means"))?;
+
+    let f = be.kernels().get("row_mean_f64")?;
+    let mut launch = be.stream().launch_builder(f);
+    launch.arg(g).arg(&rows_i).arg(&cols_i).arg(&mut mean);
+    // SAFETY: check_len proved g = rows·cols; `mean` was allocated with cols elements.
+    unsafe { launch.launch(mean_cfg(cols)) }.map_err(cuda_err("launching row_mean_f64"))?;
+
+    let f = be.kernels().get("center_and_innovate_f64")?;
+    let mut launch = be.stream().launch_builder(f);
+    launch
+        .arg(g)
+        .arg(y)
+        .arg(&mean)
+        .arg(&rows_i)
+        .arg(&cols_i)
+        .arg(centred)
+        .arg(innov);
+    // SAFETY: check_len proved g, centred, innov = rows·cols and y = cols elements; mean has
+    // cols; the grid-stride loop stops at rows·cols.
+    unsafe { launch.launch(grid_1d(rows * cols, EW_THREADS, EW_MAX_BLOCKS)) }
+        .map(|_| ())
+        .map_err(cuda_err("launching center_and_innovate_f64"))
+}
+
+/// Element-wise f64 → f32 (round to nearest). Errors: [`crate::Error::Shape`] on a
+/// length mismatch.
+pub fn f64_to_f32(be: &CudaBackend, src: &CudaSlice<f64>, dst: &mut CudaSlice<f32>) -> Result<()> {
+    check_len("f64_to_f32 destination", dst.len(), src.len())?;
+    let n = src.len();
+    if n == 0 {
+        return Ok(());
+    }
+    let n_i = n as i64;
+    let f = be.kernels().get("f64_to_f32")?;
+    let mut launch = be.stream().launch_builder(f);
+    launch.arg(src).arg(dst).arg(&n_i);
+    // SAFETY: check_len proved dst and src both hold n elements; the loop stops at n.
+    unsafe { launch.launch(grid_1d(n, EW_THREADS, EW_MAX_BLOCKS)) }
+        .map(|_| ())
+        .map_err(cuda_err("launching f64_to_f32"))
+}

@@ -1,0 +1,471 @@
+//! The resolved training configuration, and how a JSON config file maps onto it.
+//!
+//! Precedence: command-line flag > `--config FILE.json` > default. The file takes the
+//! same keys as `config.json` written by a run (so a run can be repeated from its
+//! output) and also the authors' names: `n_ensembles`, `gamma`, `sigma`, `batch_size`,
+//! `seed`, `checkpoints`, `repetitions`, `epochs`.
+
+use crate::backend::{BackendKind, MathMode};
+use crate::enkf::UpdateRule;
+use crate::model::{Activation, Arch, Net};
+use crate::{Error, Result};
+use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
+
+/// Which network the periodic test evaluation scores.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum EvalMode {
+    /// The network whose weights are the ensemble mean (the default).
+    Mean,
+    /// The last member (what the authors' script scored).
+    Last,
+    /// The ensemble's averaged prediction (softmax averaged over all members; costly:
+    /// a forward pass of every member over the whole test set).
+    Ensemble,
+}
+
+/// Order in which mini-batches are drawn.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum BatchOrder {
+    /// File order, as the authors' EnKF runs.
+    #[default]
+    File,
+    /// A seeded permutation per epoch.
+    Shuffle,
+}
+
+/// Every setting of a training run, fully resolved.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TrainConfig {
+    /// Ensemble size J.
+    pub members: usize,
+    /// Observation noise γ (Γ = γI).
+    pub gamma: f64,
+    /// Standard deviation σ of the initial N(0, σ²) weights.
+    pub sigma: f64,
+    /// Images per mini-batch B.
+    pub batch: usize,
+    /// Iterations each mini-batch is shown for, r.
+    pub repetitions: usize,
+    /// Epochs to run (ignored when `iterations` is set).
+    pub epochs: usize,
+    /// Total iterations; overrides `epochs` when set.
+    pub iterations: Option<usize>,
+    /// Test-set evaluation interval in iterations.
+    pub eval_every: usize,
+    /// Networks scored at each evaluation (the first is the headline `test_error`).
+    pub eval: Vec<EvalMode>,
+    /// Activation after each convolution.
+    pub activation: Activation,
+    /// Network architecture.
+    pub arch: Arch,
+    /// EnKF update rule.
+    pub update: UpdateRule,
+    /// Seed of every random stream of the run.
+    pub seed: u64,
+    /// Folder with the four IDX files.
+    pub data: PathBuf,
+    /// Use only the first N training images (all when unset).
+    pub train_limit: Option<usize>,
+    /// Use only the first N test images (all when unset).
+    pub test_limit: Option<usize>,
+    /// Output folder (metrics.csv, config.json, mean.npy).
+    pub out: Option<PathBuf>,
+    /// Mini-batch order.
+    pub order: BatchOrder,
+    /// Requested backend.
+    pub backend: BackendKind,
+    /// Precision policy of the large products.
+    pub math: MathMode,
+    /// CPU threads (rayon); all cores when unset.
+    pub threads: Option<usize>,
+    /// Start from this ensemble (J × P `.npy`) instead of drawing one.
+    pub init_ensemble: Option<PathBuf>,
+    /// Write the final ensemble here (J × P float32 `.npy`).
+    pub save_ensemble: Option<PathBuf>,
+}
+
+impl Default for TrainConfig {
+    fn default() -> Self {
+        TrainConfig {
+            members: 1000,
+            gamma: 0.01,
+            sigma: 1.0,
+            batch: 64,
+            repetitions: 8,
+            epochs: 1,
+            iterations: None,
+            eval_every: 500,
+            eval: vec![EvalMode::Mean],
+            activation: Activation::Logistic,
+            arch: Arch::Paper,
+            update: UpdateRule::Sequential,
+            seed: 0,
+            data: crate::data::default_mnist_dir(),
+            train_limit: None,
+            test_limit: None,
+            out: None,
+            order: BatchOrder::File,
+            backend: BackendKind::Auto,
+            math: MathMode::Fp32,
+            threads: None,
+            init_ensemble: None,
+            save_ensemble: None,
+        }
+    }
+}
+
+/// Keys accepted in a config file besides the field names of [`TrainConfig`]:
+/// the authors' names and what they map to.
+pub const AUTHOR_ALIASES: &[(&str, &str)] = &[
+    ("n_ensembles", "members"),
+    ("batch_size", "batch"),
+    ("checkpoints", "eval_every"),
+];
+
+/// Keys of the run's own `config.json` that describe the run rather than configure it.
+const INFORMATIONAL_KEYS: &[&str] = &[
+    "program",
+    "version",
+    "backend_used",
+    "net",
+    "params",
+    "iterations_total",
+];
+
+/// A partial configuration: what a file or the command line sets.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+pub struct PartialConfig {
+    #[allow(missing_docs)]
+    pub members: Option<usize>,
+    #[allow(missing_docs)]
+    pub gamma: Option<f64>,
+    #[allow(missing_docs)]
+    pub sigma: Option<f64>,
+    #[allow(missing_docs)]
+    pub batch: Option<usize>,
+    #[allow(missing_docs)]
+    pub repetitions: Option<usize>,
+    #[allow(missing_docs)]
+    pub epochs: Option<usize>,
+    #[allow(missing_docs)]
+    pub iterations: Option<usize>,
+    #[allow(missing_docs)]
+    pub eval_every: Option<usize>,
+    #[allow(missing_docs)]
+    pub eval: Option<Vec<EvalMode>>,
+    #[allow(missing_docs)]
+    pub activation: Option<Activation>,
+    #[allow(missing_docs)]
+    pub arch: Option<Arch>,
+    #[allow(missing_docs)]
+    pub update: Option<UpdateRule>,
+    #[allow(missing_docs)]
+    pub seed: Option<u64>,
+    #[allow(missing_docs)]
+    pub data: Option<PathBuf>,
+    #[allow(missing_docs)]
+    pub train_limit: Option<usize>,
+    #[allow(missing_docs)]
+    pub test_limit: Option<usize>,
+    #[allow(missing_docs)]
+    pub out: Option<PathBuf>,
+    #[allow(missing_docs)]
+    pub order: Option<BatchOrder>,
+    #[allow(missing_docs)]
+    pub backend: Option<BackendKind>,
+    #[allow(missing_docs)]
+    pub math: Option<MathMode>,
+    #[allow(missing_docs)]
+    pub threads: Option<usize>,
+    #[allow(missing_docs)]
+    pub init_ensemble: Option<PathBuf>,
+    #[allow(missing_docs)]
+    pub save_ensemble: Option<PathBuf>,
+}
+
+macro_rules! fill {
+    ($dst:expr, $src:expr, $($f:ident),*) => { $( if let Some(v) = &$src.$f { $dst.$f = v.clone(); } )* };
+}
+
+macro_rules! overlay {
+    ($dst:expr, $src:expr, $($f:ident),*) => { $( if $src.$f.is_some() { $dst.$f = $src.$f.clone(); } )* };
+}
+
+impl PartialConfig {
+    /// Reads a JSON config file. Authors' key names are translated; keys that mean
+    /// nothing here are returned as warnings, never silently dropped. A JSON `null`
+    /// leaves the setting at its default.
+    pub fn from_file(path: &Path) -> Result<(PartialConfig, Vec<String>)> {
+        let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+        Self::from_json(&text).map_err(|e| match e {
+            Error::Config(msg) => Error::Config(format!("{}: {msg}", path.display())),
+            other => other,
+        })
+    }
+
+    /// Parses the JSON text of a config file (see [`PartialConfig::from_file`]).
+    pub fn from_json(text: &str) -> Result<(PartialConfig, Vec<String>)> {
+        let value: serde_json::Value = serde_json::from_str(text)
+            .map_err(|e| Error::Config(format!("not valid JSON: {e}")))?;
+        let serde_json::Value::Object(map) = value else {
+            return Err(Error::Config(
+                "a config file must hold one JSON object".into(),
+            ));
+        };
+        let known: Vec<String> = match serde_json::to_value(TrainConfig::default()) {
+            Ok(serde_json::Value::Object(m)) => m.keys().cloned().collect(),
+            _ => Vec::new(),
+        };
+        let mut out = serde_json::Map::new();
+        let mut warnings = Vec::new();
+        for (key, val) in map {
+            let target = AUTHOR_ALIASES
+                .iter()
+                .find(|(a, _)| *a == key)
+                .map(|(_, t)| t.to_string())
+                .unwrap_or(key.clone());
+            if known.contains(&target) {
+                if out.contains_key(&target) {
+                    return Err(Error::Config(format!(
+                        "key '{key}' sets '{target}', which is already set"
+                    )));
+                }
+                out.insert(target, val);
+            } else if !INFORMATIONAL_KEYS.contains(&key.as_str()) {
+                warnings.push(format!(
+                    "config key '{key}' is not used by enkf-dnn and was ignored"
+                ));
+            }
+        }
+        // The authors' "checkpoints" may be a boolean flag rather than an interval.
+        if let Some(v) = out.get("eval_every") {
+            if v.is_boolean() {
+                warnings.push(
+                    "config key 'checkpoints' is a boolean here; eval_every keeps its default"
+                        .into(),
+                );
+                out.remove("eval_every");
+            }
+        }
+        let partial: PartialConfig = serde_json::from_value(serde_json::Value::Object(out))
+            .map_err(|e| Error::Config(format!("bad value: {e}")))?;
+        Ok((partial, warnings))
+    }
+
+    /// Settings of `other` replace those of `self` where `other` has them.
+    pub fn overlay(mut self, other: &PartialConfig) -> PartialConfig {
+        overlay!(
+            self,
+            other,
+            members,
+            gamma,
+            sigma,
+            batch,
+            repetitions,
+            epochs,
+            iterations,
+            eval_every,
+            eval,
+            activation,
+            arch,
+            update,
+            seed,
+            data,
+            train_limit,
+            test_limit,
+            out,
+            order,
+            backend,
+            math,
+            threads,
+            init_ensemble,
+            save_ensemble
+        );
+        self
+    }
+
+    /// Fills unset values with defaults and validates the result.
+    pub fn resolve(&self) -> Result<TrainConfig> {
+        let mut c = TrainConfig::default();
+        fill!(
+            c,
+            self,
+            members,
+            gamma,
+            sigma,
+            batch,
+            repetitions,
+            epochs,
+            eval_every,
+            eval,
+            activation,
+            arch,
+            update,
+            seed,
+            data,
+            order,
+            backend,
+            math
+        );
+        overlay!(
+            c,
+            self,
+            iterations,
+            train_limit,
+            test_limit,
+            out,
+            threads,
+            init_ensemble,
+            save_ensemble
+        );
+        c.validate()?;
+        Ok(c)
+    }
+}
+
+impl TrainConfig {
+    /// The network this configuration trains.
+    pub fn net(&self) -> Net {
+        Net::new(self.arch, self.activation)
+    }
+
+    /// Checks every value; errors say which setting, the value, and what is allowed.
+    pub fn validate(&self) -> Result<()> {
+        let bad = |msg: String| Err(Error::Config(msg));
+        if self.members < 2 {
+            return bad(format!(
+                "members (J) must be at least 2 for a covariance, got {}",
+                self.members
+            ));
+        }
+        if !(self.gamma.is_finite() && self.gamma > 0.0) {
+            return bad(format!(
+                "gamma must be a positive number, got {}",
+                self.gamma
+            ));
+        }
+        if !(self.sigma.is_finite() && self.sigma > 0.0) {
+            return bad(format!(
+                "sigma must be a positive number, got {}",
+                self.sigma
+            ));
+        }
+        if self.batch == 0 {
+            return bad("batch must be at least 1".into());
+        }
+        if self.repetitions == 0 {
+            return bad("repetitions must be at least 1".into());
+        }
+        if self.iterations.is_none() && self.epochs == 0 {
+            return bad("epochs must be at least 1 (or give iterations)".into());
+        }
+        if self.iterations == Some(0) {
+            return bad("iterations must be at least 1".into());
+        }
+        if self.eval_every == 0 {
+            return bad("eval_every must be at least 1".into());
+        }
+        if self.eval.is_empty() {
+            return bad("eval must name at least one of mean, last, ensemble".into());
+        }
+        if self.threads == Some(0) {
+            return bad("threads must be at least 1".into());
+        }
+        if self.train_limit == Some(0) || self.test_limit == Some(0) {
+            return bad("train_limit and test_limit must be at least 1 when given".into());
+        }
+        if let Some(p) = &self.init_ensemble {
+            if !p.is_file() {
+                return bad(format!("init_ensemble {} does not exist", p.display()));
+            }
+        }
+        Ok(())
+    }
+
+    /// Iterations per epoch: ⌈N / B⌉ · r.
+    pub fn iterations_per_epoch(&self, n_train: usize) -> usize {
+        n_train.div_ceil(self.batch) * self.repetitions
+    }
+
+    /// Total iterations of the run for a training set of `n_train` images.
+    pub fn total_iterations(&self, n_train: usize) -> usize {
+        self.iterations
+            .unwrap_or(self.epochs * self.iterations_per_epoch(n_train))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn authors_config_runs_unchanged() {
+        let text = r#"{"n_ensembles": 5000, "gamma": 0.01, "sigma": 1.0, "batch_size": 64,
+                       "seed": 3, "checkpoints": 250, "repetitions": 8, "epochs": 2, "dataset": "mnist"}"#;
+        let (p, warnings) = PartialConfig::from_json(text).expect("parse");
+        let c = p.resolve().expect("resolve");
+        assert_eq!(c.members, 5000);
+        assert_eq!(c.batch, 64);
+        assert_eq!(c.seed, 3);
+        assert_eq!(c.eval_every, 250);
+        assert_eq!(c.epochs, 2);
+        assert_eq!(warnings.len(), 1);
+        assert!(warnings[0].contains("dataset"));
+    }
+
+    #[test]
+    fn flags_override_the_file() {
+        let (file, _) =
+            PartialConfig::from_json(r#"{"members": 300, "gamma": 0.5}"#).expect("parse");
+        let flags = PartialConfig {
+            members: Some(20),
+            ..Default::default()
+        };
+        let c = file.overlay(&flags).resolve().expect("resolve");
+        assert_eq!(c.members, 20);
+        assert_eq!(c.gamma, 0.5);
+    }
+
+    #[test]
+    fn written_config_reads_back() {
+        let c = PartialConfig {
+            members: Some(77),
+            iterations: Some(12),
+            ..Default::default()
+        }
+        .resolve()
+        .expect("ok");
+        let text = serde_json::to_string(&c).expect("json");
+        let (p, warnings) = PartialConfig::from_json(&text).expect("parse");
+        assert!(warnings.is_empty(), "{warnings:?}");
+        assert_eq!(p.resolve().expect("resolve"), c);
+    }
+
+    #[test]
+    fn bad_values_are_rejected_with_the_value() {
+        let cases = [
+            (r#"{"members": 1}"#, "at least 2"),
+            (r#"{"gamma": 0}"#, "gamma must be a positive"),
+            (r#"{"gamma": -1.0}"#, "got -1"),
+            (r#"{"activation": "gelu"}"#, "gelu"),
+            (r#"{"update": "smoother"}"#, "smoother"),
+            (r#"{"members": 10, "n_ensembles": 20}"#, "already set"),
+        ];
+        for (text, needle) in cases {
+            let err = PartialConfig::from_json(text)
+                .and_then(|(p, _)| p.resolve())
+                .expect_err(text);
+            assert!(err.to_string().contains(needle), "{text}: {err}");
+        }
+    }
+
+    #[test]
+    fn epoch_length_is_ceil_n_over_b_times_r() {
+        let c = TrainConfig::default();
+        assert_eq!(c.iterations_per_epoch(60_000), 938 * 8);
+        assert_eq!(c.iterations_per_epoch(64 * 10), 80);
+    }
+}

@@ -1,0 +1,520 @@
+//! Every `Backend` operation of `CudaBackend` against its `CpuBackend` twin on seeded
+//! random inputs. Skips with a printed reason when no usable GPU is present (probe
+//! fails); fails instead when `REQUIRE_GPU=1`.
+
+use enkf_dnn::backend::{Backend, MathMode, Trans};
+use enkf_dnn::cpu::CpuBackend;
+use enkf_dnn::enkf::{one_hot, ApplyOrder, EnkfWorkspace, UpdateRule};
+use enkf_dnn::error::LinalgError;
+use enkf_dnn::gpu::CudaBackend;
+use enkf_dnn::model::{Activation, Arch, Net, CLASSES, IMG_PIXELS};
+use enkf_dnn::Error;
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use rand_distr::{Distribution, StandardNormal};
+
+const EPS32: f64 = f32::EPSILON as f64;
+const EPS64: f64 = f64::EPSILON;
+
+/// Forward pass: both sides are f32 with the same layer order but different summation
+/// order (conv2 sums 250 terms, fc1 1280) and different expf/tanhf (≤ 2 ulp each). Each
+/// layer then differs by ~1e-6 relative to the sum of |terms|, which exceeds the logit
+/// itself by cancellation (up to ~50× with N(0, 1) weights). 1e-4 of the largest logit
+/// absolute, plus 1e-4 relative, leaves a margin of about 2 orders of magnitude.
+const FORWARD_TOL: f64 = 1e-4;
+
+/// f64 solves of well-conditioned (cond ≲ 10) systems of size ≤ 200: the error is about
+/// n·eps64·cond relative to the solution's size, ≤ 2e-12; 1e-11 leaves 5× margin.
+const SOLVE_TOL: f64 = 1e-11;
+
+/// Full EnKF update: both backends compute the same f64 gain and differ only in the f32
+/// summation order of the two large products (≤ max(J, m) = 64 terms: ~4e-6 relative to
+/// the sum of |terms|, which cancellation can make 100× larger than |ΔU|), plus the final
+/// f32 rounding of U. Tolerance: 1e-3·max|ΔU| absolute, 2·eps32 relative to |U|.
+const UPDATE_TOL: f64 = 1e-3;
+
+/// The GPU backend, or None (printing why) when there is no usable GPU.
+fn gpu(math: MathMode) -> Option<CudaBackend> {
+    match CudaBackend::probe() {
+        Ok(desc) => {
+            println!("GPU: {desc}");
+            Some(CudaBackend::new(0, math).expect("probe succeeded, so new must"))
+        }
+        Err(why) => {
+            if std::env::var("REQUIRE_GPU").is_ok_and(|v| v == "1") {
+                panic!("REQUIRE_GPU=1 but no usable GPU: {why}");
+            }
+            println!("skipped: no usable GPU: {why}");
+            None
+        }
+    }
+}
+
+/// Asserts `|got − want| ≤ atol + rtol·|want|` element-wise, reporting the worst element;
+/// returns the worst ratio of error to allowance.
+fn assert_close(what: &str, got: &[f64], want: &[f64], atol: f64, rtol: f64) -> f64 {
+    assert_eq!(got.len(), want.len(), "{what}: length");
+    let mut worst = (0usize, -1.0f64);
+    for (i, (&g, &w)) in got.iter().zip(want).enumerate() {
+        let allow = atol + rtol * w.abs();
+        let err = (g - w).abs();
+        let ratio = if allow > 0.0 {
+            err / allow
+        } else if err == 0.0 {
+            0.0
+        } else {
+            f64::INFINITY
+        };
+        if !(ratio <= worst.1) {
+            worst = (i, ratio);
+        }
+    }
+    if got.is_empty() {
+        return 0.0;
+    }
+    let i = worst.0;
+    assert!(
+        worst.1 <= 1.0,
+        "{what}: worst element {i}: got {}, want {}, |err| = {:e} > {:e} (atol {atol:e}, rtol {rtol:e})",
+        got[i],
+        want[i],
+        (got[i] - want[i]).abs(),
+        atol + rtol * want[i].abs()
+    );
+    println!("{what}: worst error / allowance = {:.3}", worst.1);
+    worst.1
+}
+
+fn up(x: &[f32]) -> Vec<f64> {
+    x.iter().map(|&v| v as f64).collect()
+}
+
+fn max_abs(x: &[f64]) -> f64 {
+    x.iter().fold(0.0, |m, v| m.max(v.abs()))
+}
+
+fn normals(rng: &mut ChaCha8Rng, n: usize, scale: f64) -> Vec<f64> {
+    (0..n)
+        .map(|_| {
+            let z: f64 = StandardNormal.sample(rng);
+            scale * z
+        })
+        .collect()
+}
+
+fn normals32(rng: &mut ChaCha8Rng, n: usize, scale: f64) -> Vec<f32> {
+    normals(rng, n, scale)
+        .into_iter()
+        .map(|v| v as f32)
+        .collect()
+}
+
+fn upload64(be: &CudaBackend, host: &[f64]) -> <CudaBackend as Backend>::F64 {
+    be.stream().clone_htod(host).expect("upload f64")
+}
+
+fn forward_case(be: &CudaBackend, net: Net, members: usize, images: usize, seed: u64) {
+    let cpu = CpuBackend::new();
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    let w = normals32(&mut rng, members * net.n_params(), 1.0);
+    let x: Vec<f32> = (0..images * IMG_PIXELS)
+        .map(|_| rng.random_range(0..=255u8) as f32 / 255.0)
+        .collect();
+    let mut want = vec![0.0f32; members * images * CLASSES];
+    cpu.ensemble_forward(&net, &w, members, &x, images, &mut want)
+        .expect("cpu forward");
+    let (wg, xg) = (be.upload_f32(&w).unwrap(), be.upload_f32(&x).unwrap());
+    let mut out = be.zeros_f32(members * images * CLASSES).unwrap();
+    be.ensemble_forward(&net, &wg, members, &xg, images, &mut out)
+        .expect("gpu forward");
+    let got = up(&be.download_f32(&out).unwrap());
+    let want = up(&want);
+    assert_close(
+        &format!("forward {net:?} J={members} B={images}"),
+        &got,
+        &want,
+        FORWARD_TOL * max_abs(&want),
+        FORWARD_TOL,
+    );
+}
+
+#[test]
+fn forward_matches_cpu_for_every_arch_and_activation() {
+    let Some(be) = gpu(MathMode::Fp32) else {
+        return;
+    };
+    let mut seed = 1;
+    for arch in [Arch::Paper, Arch::Pooled] {
+        for act in [Activation::Logistic, Activation::Relu, Activation::Tanh] {
+            forward_case(&be, Net::new(arch, act), 7, 64, seed);
+            seed += 1;
+        }
+    }
+}
+
+#[test]
+fn forward_matches_cpu_for_one_member_many_images() {
+    let Some(be) = gpu(MathMode::Fp32) else {
+        return;
+    };
+    forward_case(
+        &be,
+        Net::new(Arch::Paper, Activation::Logistic),
+        1,
+        1000,
+        11,
+    );
+    // 13 images: image groups and warps only partly filled.
+    forward_case(&be, Net::new(Arch::Pooled, Activation::Relu), 3, 13, 12);
+}
+
+#[test]
+fn forward_rejects_wrong_lengths() {
+    let Some(be) = gpu(MathMode::Fp32) else {
+        return;
+    };
+    let net = Net::default();
+    let w = be.zeros_f32(2 * net.n_params()).unwrap();
+    let x = be.zeros_f32(5 * IMG_PIXELS).unwrap();
+    let mut out = be.zeros_f32(2 * 5 * CLASSES - 1).unwrap();
+    let r = be.ensemble_forward(&net, &w, 2, &x, 5, &mut out);
+    assert!(matches!(r, Err(Error::Shape { .. })), "got {r:?}");
+}
+
+#[test]
+fn row_mean_and_center_and_innovate_match_cpu() {
+    let Some(be) = gpu(MathMode::Fp32) else {
+        return;
+    };
+    let cpu = CpuBackend::new();
+    let mut rng = ChaCha8Rng::seed_from_u64(21);
+    let (rows, cols) = (777, 650);
+    let g = normals32(&mut rng, rows * cols, 5.0);
+    let y = one_hot(
+        &(0..cols / CLASSES)
+            .map(|i| (i % CLASSES) as u8)
+            .collect::<Vec<_>>(),
+        CLASSES,
+    );
+    let gg = be.upload_f32(&g).unwrap();
+    let yg = be.upload_f32(&y).unwrap();
+
+    let mut mean_c = vec![0.0f32; cols];
+    cpu.row_mean(&g, rows, cols, &mut mean_c).unwrap();
+    let mut mean_g = be.zeros_f32(cols).unwrap();
+    be.row_mean(&gg, rows, cols, &mut mean_g).unwrap();
+    // Both sum in f64 and round once to f32: they can differ by the last f32 bit only.
+    assert_close(
+        "row_mean",
+        &up(&be.download_f32(&mean_g).unwrap()),
+        &up(&mean_c),
+        0.0,
+        EPS32,
+    );
+
+    let (mut cc, mut ic) = (vec![0.0; rows * cols], vec![0.0; rows * cols]);
+    cpu.center_and_innovate(&g, &y, rows, cols, &mut cc, &mut ic)
+        .unwrap();
+    let mut cg = be.zeros_f64(rows * cols).unwrap();
+    let mut ig = be.zeros_f64(rows * cols).unwrap();
+    be.center_and_innovate(&gg, &yg, rows, cols, &mut cg, &mut ig)
+        .unwrap();
+    // The f64 means differ only by summation order: rows·eps64·max|g| bounds it.
+    let g_max = max_abs(&up(&g));
+    assert_close(
+        "centred",
+        &be.download_f64(&cg).unwrap(),
+        &cc,
+        rows as f64 * EPS64 * g_max,
+        0.0,
+    );
+    // y − g of two f32 values in f64 is one correctly rounded operation: bit-identical.
+    assert_close("innovations", &be.download_f64(&ig).unwrap(), &ic, 0.0, 0.0);
+}
+
+#[test]
+fn gemm_matches_cpu_for_all_transposes() {
+    for math in [MathMode::Fp32, MathMode::Tf32] {
+        let Some(be) = gpu(math) else { return };
+        let cpu = CpuBackend::new();
+        let mut rng = ChaCha8Rng::seed_from_u64(31);
+        let (m, n, k) = (37, 53, 71);
+        let (alpha, beta) = (0.7, -0.3);
+        for ta in [Trans::No, Trans::Yes] {
+            for tb in [Trans::No, Trans::Yes] {
+                let a = normals(&mut rng, m * k, 1.0);
+                let b = normals(&mut rng, k * n, 1.0);
+                let c = normals(&mut rng, m * n, 1.0);
+                // Size of the terms: |α|·Σ|a||b| + |β||c| ≤ |α|·k·max|a|·max|b| + |β|·max|c|.
+                let terms =
+                    alpha * k as f64 * max_abs(&a) * max_abs(&b) + f64::abs(beta) * max_abs(&c);
+                let what = format!("{math:?} {ta:?}/{tb:?}");
+
+                // f32 (TF32 rounds each input to 10 mantissa bits: 2^-10 per product).
+                let (a32, b32, c32): (Vec<f32>, Vec<f32>, Vec<f32>) = (
+                    a.iter().map(|&v| v as f32).collect(),
+                    b.iter().map(|&v| v as f32).collect(),
+                    c.iter().map(|&v| v as f32).collect(),
+                );
+                let mut want = c32.clone();
+                cpu.gemm_f32(
+                    ta,
+                    tb,
+                    m,
+                    n,
+                    k,
+                    alpha as f32,
+                    &a32,
+                    &b32,
+                    beta as f32,
+                    &mut want,
+                )
+                .unwrap();
+                let (ag, bg) = (be.upload_f32(&a32).unwrap(), be.upload_f32(&b32).unwrap());
+                let mut cg = be.upload_f32(&c32).unwrap();
+                be.gemm_f32(
+                    ta,
+                    tb,
+                    m,
+                    n,
+                    k,
+                    alpha as f32,
+                    &ag,
+                    &bg,
+                    beta as f32,
+                    &mut cg,
+                )
+                .unwrap();
+                let unit = match math {
+                    MathMode::Fp32 => 2.0 * EPS32,
+                    MathMode::Tf32 => 2.0f64.powi(-10),
+                };
+                // Each term is off by ≤ unit relative; the sums by k·eps32 at most.
+                let atol = terms * (unit + k as f64 * EPS32);
+                assert_close(
+                    &format!("gemm_f32 {what}"),
+                    &up(&be.download_f32(&cg).unwrap()),
+                    &up(&want),
+                    atol,
+                    0.0,
+                );
+
+                if math == MathMode::Fp32 {
+                    let mut want = c.clone();
+                    cpu.gemm_f64(ta, tb, m, n, k, alpha, &a, &b, beta, &mut want)
+                        .unwrap();
+                    let (ag, bg) = (upload64(&be, &a), upload64(&be, &b));
+                    let mut cg = upload64(&be, &c);
+                    be.gemm_f64(ta, tb, m, n, k, alpha, &ag, &bg, beta, &mut cg)
+                        .unwrap();
+                    assert_close(
+                        &format!("gemm_f64 {what}"),
+                        &be.download_f64(&cg).unwrap(),
+                        &want,
+                        terms * 2.0 * k as f64 * EPS64,
+                        0.0,
+                    );
+                }
+            }
+        }
+    }
+}
+
+/// An n × n matrix (n = blocks·bs) whose diagonal blocks are SPD (M Mᵀ/bs + I, so
+/// eigenvalues in [1, ~5]) and whose off-block entries are garbage the solve must ignore.
+fn block_spd(rng: &mut ChaCha8Rng, blocks: usize, bs: usize) -> Vec<f64> {
+    let n = blocks * bs;
+    let mut a = normals(rng, n * n, 100.0);
+    for d in 0..blocks {
+        let mm = normals(rng, bs * bs, 1.0);
+        for i in 0..bs {
+            for j in 0..bs {
+                let s: f64 = (0..bs).map(|l| mm[i * bs + l] * mm[j * bs + l]).sum();
+                a[(d * bs + i) * n + d * bs + j] = s / bs as f64 + if i == j { 1.0 } else { 0.0 };
+            }
+        }
+    }
+    a
+}
+
+fn cholesky_case(be: &CudaBackend, blocks: usize, bs: usize, nrhs: usize, seed: u64) {
+    let cpu = CpuBackend::new();
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    let n = blocks * bs;
+    let a = block_spd(&mut rng, blocks, bs);
+    let rhs = normals(&mut rng, nrhs * n, 1.0);
+    let (mut ac, mut want) = (a.clone(), rhs.clone());
+    cpu.block_cholesky_solve_f64(&mut ac, blocks, bs, &mut want, nrhs)
+        .unwrap();
+    let mut ag = upload64(be, &a);
+    let mut rg = upload64(be, &rhs);
+    be.block_cholesky_solve_f64(&mut ag, blocks, bs, &mut rg, nrhs)
+        .unwrap();
+    let scale = max_abs(&want);
+    assert_close(
+        &format!("block_cholesky_solve blocks={blocks} bs={bs} nrhs={nrhs}"),
+        &be.download_f64(&rg).unwrap(),
+        &want,
+        SOLVE_TOL * scale,
+        SOLVE_TOL,
+    );
+
+    // Make block `bad` indefinite: both backends must name it.
+    let bad = blocks / 2;
+    let mut a_bad = a.clone();
+    a_bad[(bad * bs + 1) * n + bad * bs + 1] = -1.0;
+    let mut ag = upload64(be, &a_bad);
+    let mut rg = upload64(be, &rhs);
+    let r = be.block_cholesky_solve_f64(&mut ag, blocks, bs, &mut rg, nrhs);
+    match r {
+        Err(Error::Linalg(LinalgError::NotPositiveDefinite { block, size, .. })) => {
+            assert_eq!((block, size), (bad, bs), "failing block");
+        }
+        other => panic!("indefinite block {bad}: expected NotPositiveDefinite, got {other:?}"),
+    }
+}
+
+#[test]
+fn block_cholesky_small_blocks_match_cpu() {
+    let Some(be) = gpu(MathMode::Fp32) else {
+        return;
+    };
+    cholesky_case(&be, 64, 10, 300, 41); // the sequential rule's shape (J = 300)
+    cholesky_case(&be, 3, 32, 129, 42); // largest kernel block, rows spill into 2 CTAs
+    cholesky_case(&be, 1, 7, 5, 43);
+}
+
+#[test]
+fn block_cholesky_large_blocks_match_cpu() {
+    let Some(be) = gpu(MathMode::Fp32) else {
+        return;
+    };
+    cholesky_case(&be, 1, 200, 150, 51); // the batch rule's shape: one dense solve
+    cholesky_case(&be, 3, 40, 20, 52); // cuSOLVER per block
+}
+
+#[test]
+fn unit_block_lower_and_solve_match_cpu() {
+    let Some(be) = gpu(MathMode::Fp32) else {
+        return;
+    };
+    let cpu = CpuBackend::new();
+    let mut rng = ChaCha8Rng::seed_from_u64(61);
+    let (n, bs, rows) = (60, 10, 100);
+    let a = normals(&mut rng, n * n, 1.0);
+    let mut want = a.clone();
+    cpu.unit_block_lower_f64(&mut want, n, bs).unwrap();
+    let mut ag = upload64(&be, &a);
+    be.unit_block_lower_f64(&mut ag, n, bs).unwrap();
+    // Negation and constants only: bit-identical.
+    assert_close(
+        "unit_block_lower",
+        &be.download_f64(&ag).unwrap(),
+        &want,
+        0.0,
+        0.0,
+    );
+
+    // T: small strictly lower entries (well conditioned), garbage on and above the
+    // diagonal that must be ignored.
+    let n = 64;
+    let mut t = normals(&mut rng, n * n, 50.0);
+    for i in 0..n {
+        for j in 0..i {
+            t[i * n + j] = 0.3 * normals(&mut rng, 1, 1.0)[0] / (n as f64).sqrt();
+        }
+    }
+    let b = normals(&mut rng, rows * n, 1.0);
+    let mut want = b.clone();
+    cpu.solve_unit_lower_right_f64(&t, n, &mut want, rows)
+        .unwrap();
+    let tg = upload64(&be, &t);
+    let mut bg = upload64(&be, &b);
+    be.solve_unit_lower_right_f64(&tg, n, &mut bg, rows)
+        .unwrap();
+    let scale = max_abs(&want);
+    assert_close(
+        "solve_unit_lower_right",
+        &be.download_f64(&bg).unwrap(),
+        &want,
+        SOLVE_TOL * scale,
+        SOLVE_TOL,
+    );
+}
+
+#[test]
+fn conversions_copies_and_diagonal_are_exact() {
+    let Some(be) = gpu(MathMode::Fp32) else {
+        return;
+    };
+    let cpu = CpuBackend::new();
+    let mut rng = ChaCha8Rng::seed_from_u64(71);
+    let src = normals(&mut rng, 10_007, 1e3);
+    let mut want = vec![0.0f32; src.len()];
+    cpu.f64_to_f32(&src, &mut want).unwrap();
+    let sg = upload64(&be, &src);
+    let mut dg = be.zeros_f32(src.len()).unwrap();
+    be.f64_to_f32(&sg, &mut dg).unwrap();
+    let got = be.download_f32(&dg).unwrap();
+    assert_eq!(got, want, "f64_to_f32 rounds to nearest on both");
+
+    let mut copy = be.zeros_f32(src.len()).unwrap();
+    be.copy_f32(&dg, &mut copy).unwrap();
+    assert_eq!(be.download_f32(&copy).unwrap(), want);
+    let host: Vec<f32> = (0..src.len()).map(|i| i as f32).collect();
+    be.write_f32(&host, &mut copy).unwrap();
+    assert_eq!(be.download_f32(&copy).unwrap(), host);
+    assert!(matches!(
+        be.write_f32(&host[1..], &mut copy),
+        Err(Error::Shape { .. })
+    ));
+
+    let n = 33;
+    let a = normals(&mut rng, n * n, 1.0);
+    let mut want = a.clone();
+    cpu.add_diagonal_f64(&mut want, n, 0.25).unwrap();
+    let mut ag = upload64(&be, &a);
+    be.add_diagonal_f64(&mut ag, n, 0.25).unwrap();
+    assert_eq!(be.download_f64(&ag).unwrap(), want);
+}
+
+#[test]
+fn enkf_update_matches_cpu_for_both_rules_and_orders() {
+    let Some(be) = gpu(MathMode::Fp32) else {
+        return;
+    };
+    let cpu = CpuBackend::new();
+    let (members, params, batch) = (64, 300, 4);
+    let m = batch * CLASSES;
+    for rule in [UpdateRule::Sequential, UpdateRule::Batch] {
+        for order in [ApplyOrder::Params, ApplyOrder::Members] {
+            let mut rng = ChaCha8Rng::seed_from_u64(81);
+            let u0 = normals32(&mut rng, members * params, 1.0);
+            let g = normals32(&mut rng, members * m, 3.0);
+            let labels: Vec<u8> = (0..batch).map(|_| rng.random_range(0..10u8)).collect();
+            let y = one_hot(&labels, CLASSES);
+            let gamma = 0.5;
+
+            let mut u_cpu = u0.clone();
+            let mut ws = EnkfWorkspace::with_order(&cpu, members, params, batch, order).unwrap();
+            ws.update(&cpu, rule, gamma, &mut u_cpu, &g, &y).unwrap();
+
+            let mut ug = be.upload_f32(&u0).unwrap();
+            let (gg, yg) = (be.upload_f32(&g).unwrap(), be.upload_f32(&y).unwrap());
+            let mut wsg = EnkfWorkspace::with_order(&be, members, params, batch, order).unwrap();
+            wsg.update(&be, rule, gamma, &mut ug, &gg, &yg).unwrap();
+            let got = up(&be.download_f32(&ug).unwrap());
+
+            let want = up(&u_cpu);
+            let delta: Vec<f64> = want.iter().zip(&u0).map(|(&w, &u)| w - u as f64).collect();
+            assert!(max_abs(&delta) > 1e-3, "the update must move U");
+            assert_close(
+                &format!("enkf update {rule:?} {order:?}"),
+                &got,
+                &want,
+                UPDATE_TOL * max_abs(&delta),
+                2.0 * EPS32,
+            );
+        }
+    }
+}
