@@ -23,13 +23,16 @@ pub trait BackendJob {
 pub fn resolve_backend(kind: BackendKind) -> Result<(BackendKind, String)> {
     match kind {
         BackendKind::Cpu => Ok((BackendKind::Cpu, "cpu (requested)".into())),
-        BackendKind::Cuda => match gpu_shim::probe() {
+        BackendKind::Cuda => match crate::gpu::CudaBackend::probe() {
             Ok(desc) => Ok((BackendKind::Cuda, desc)),
-            Err(why) => Err(Error::Cuda(format!("--backend cuda: {why}"))),
+            Err(why) => Err(Error::Cuda(format!(
+                "--backend cuda was requested but no GPU is usable: {}",
+                why.trim_start_matches("CUDA backend: ")
+            ))),
         },
-        BackendKind::Auto => match gpu_shim::probe() {
+        BackendKind::Auto => match crate::gpu::CudaBackend::probe() {
             Ok(desc) => Ok((BackendKind::Cuda, desc)),
-            Err(why) => Ok((BackendKind::Cpu, format!("cpu (no usable GPU: {why})"))),
+            Err(why) => Ok((BackendKind::Cpu, format!("cpu (no usable GPU: {})", why.trim_start_matches("CUDA backend: ")))),
         },
     }
 }
@@ -44,7 +47,7 @@ pub fn dispatch<J: BackendJob>(
     let (kind, desc) = resolve_backend(kind)?;
     match kind {
         BackendKind::Cuda => {
-            let backend = gpu_shim::new(math)?;
+            let backend = crate::gpu::CudaBackend::new(0, math)?;
             Ok((job.run(&backend)?, desc))
         }
         _ => Ok((job.run(&CpuBackend { math })?, desc)),
@@ -422,16 +425,3 @@ pub fn bench_table(rows: &[BenchRow]) -> String {
     s
 }
 
-/// Temporary until the CUDA backend lands.
-mod gpu_shim {
-    use crate::backend::MathMode;
-    use crate::cpu::CpuBackend;
-    pub fn probe() -> Result<String, String> {
-        Err("the CUDA backend is not built yet".into())
-    }
-    pub fn new(_math: MathMode) -> crate::Result<CpuBackend> {
-        Err(crate::Error::Cuda(
-            "the CUDA backend is not built yet".into(),
-        ))
-    }
-}

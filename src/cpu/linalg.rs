@@ -121,6 +121,9 @@ pub fn add_diagonal_f64(a: &mut [f64], n: usize, shift: f64) -> Result<()> {
     Ok(())
 }
 
+/// A Cholesky factor L and its transpose Lᵀ (bs × bs each, row-major).
+type Factor = (Vec<f64>, Vec<f64>);
+
 /// Cholesky factor of one bs × bs block, read from rows `r0..r0+bs`, columns
 /// `r0..r0+bs` of the n × n matrix `a` (lower triangle only).
 ///
@@ -132,15 +135,14 @@ fn cholesky_block(
     r0: usize,
     bs: usize,
     block: usize,
-) -> Result<(Vec<f64>, Vec<f64>), LinalgError> {
+) -> Result<Factor, LinalgError> {
     let mut l = vec![0.0f64; bs * bs];
     for i in 0..bs {
         for j in 0..=i {
             let (li, lj) = (&l[i * bs..i * bs + j], &l[j * bs..j * bs + j]);
             let s = a[(r0 + i) * n + r0 + j] - dot(li, lj);
             if i == j {
-                // `!(s > 0)` also catches NaN.
-                if !(s > 0.0) {
+                if s.is_nan() || s <= 0.0 {
                     return Err(LinalgError::NotPositiveDefinite {
                         block,
                         size: bs,
@@ -274,7 +276,7 @@ pub fn block_cholesky_solve_f64(
         return Ok(());
     }
     let a_ref: &[f64] = a;
-    let factors: Vec<Result<(Vec<f64>, Vec<f64>), LinalgError>> = (0..blocks)
+    let factors: Vec<Result<Factor, LinalgError>> = (0..blocks)
         .into_par_iter()
         .map(|d| cholesky_block(a_ref, n, d * bs, bs, d))
         .collect();
@@ -305,7 +307,7 @@ pub fn block_cholesky_solve_f64(
 /// Errors: [`crate::Error::Shape`] on a wrong length, or if `bs` is 0 or does not divide n.
 pub fn unit_block_lower_f64(a: &mut [f64], n: usize, bs: usize) -> Result<()> {
     check_len("unit_block_lower_f64 a", a.len(), n * n)?;
-    if n > 0 && (bs == 0 || n % bs != 0) {
+    if n > 0 && (bs == 0 || !n.is_multiple_of(bs)) {
         return Err(crate::Error::Shape {
             what: "unit_block_lower_f64 block size".into(),
             expected: format!("a positive divisor of n = {n}"),

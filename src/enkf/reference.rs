@@ -126,7 +126,7 @@ fn cholesky(a: &[f64], q: usize, block: usize) -> Result<Vec<f64>, LinalgError> 
         for j in 0..=i {
             let s = a[i * q + j] - (0..j).map(|t| l[i * q + t] * l[j * q + t]).sum::<f64>();
             if i == j {
-                if !(s > 0.0) {
+                if s.is_nan() || s <= 0.0 {
                     return Err(LinalgError::NotPositiveDefinite {
                         block,
                         size: q,

@@ -195,6 +195,13 @@ impl CudaBackend {
         &self.stream
     }
 
+    /// A zero-length buffer (the driver refuses zero-byte allocations).
+    fn empty<T>(&self) -> Result<CudaSlice<T>> {
+        self.stream
+            .null()
+            .map_err(cuda_err("creating an empty buffer"))
+    }
+
     pub(crate) fn kernels(&self) -> &Kernels {
         &self.kernels
     }
@@ -209,16 +216,25 @@ impl Backend for CudaBackend {
     }
 
     fn zeros_f32(&self, n: usize) -> Result<CudaSlice<f32>> {
+        if n == 0 {
+            return self.empty();
+        }
         self.stream
             .alloc_zeros(n)
             .map_err(cuda_err(&format!("allocating {n} f32")))
     }
     fn zeros_f64(&self, n: usize) -> Result<CudaSlice<f64>> {
+        if n == 0 {
+            return self.empty();
+        }
         self.stream
             .alloc_zeros(n)
             .map_err(cuda_err(&format!("allocating {n} f64")))
     }
     fn upload_f32(&self, host: &[f32]) -> Result<CudaSlice<f32>> {
+        if host.is_empty() {
+            return self.empty();
+        }
         self.stream
             .clone_htod(host)
             .map_err(cuda_err(&format!("uploading {} f32", host.len())))
