@@ -17,6 +17,10 @@ pub trait BackendJob {
     type Output;
     /// Runs the job on `backend`.
     fn run<B: Backend>(self, backend: &B) -> Result<Self::Output>;
+    /// Checks, before any work, that the job fits on the GPU (device memory).
+    fn check_cuda(&self, _backend: &crate::gpu::CudaBackend) -> Result<()> {
+        Ok(())
+    }
 }
 
 /// The backend `kind` resolves to on this machine, with a line saying why.
@@ -32,7 +36,13 @@ pub fn resolve_backend(kind: BackendKind) -> Result<(BackendKind, String)> {
         },
         BackendKind::Auto => match crate::gpu::CudaBackend::probe() {
             Ok(desc) => Ok((BackendKind::Cuda, desc)),
-            Err(why) => Ok((BackendKind::Cpu, format!("cpu (no usable GPU: {})", why.trim_start_matches("CUDA backend: ")))),
+            Err(why) => Ok((
+                BackendKind::Cpu,
+                format!(
+                    "cpu (no usable GPU: {})",
+                    why.trim_start_matches("CUDA backend: ")
+                ),
+            )),
         },
     }
 }
@@ -48,6 +58,7 @@ pub fn dispatch<J: BackendJob>(
     match kind {
         BackendKind::Cuda => {
             let backend = crate::gpu::CudaBackend::new(0, math)?;
+            job.check_cuda(&backend)?;
             Ok((job.run(&backend)?, desc))
         }
         _ => Ok((job.run(&CpuBackend { math })?, desc)),
@@ -93,17 +104,24 @@ struct TrainJob<'a> {
     cfg: &'a TrainConfig,
     data: &'a DataSplit,
     backend_desc: &'a str,
+    resume: Option<&'a Path>,
 }
 
 impl BackendJob for TrainJob<'_> {
     type Output = (Vec<MetricsRow>, crate::train::PhaseTimes);
+    fn check_cuda(&self, be: &crate::gpu::CudaBackend) -> Result<()> {
+        be.check_train_fits(self.cfg, self.data.train.len(), self.data.test.len())
+    }
     fn run<B: Backend>(self, backend: &B) -> Result<Self::Output> {
         let cfg = self.cfg;
-        let mut trainer = Trainer::new(backend, cfg, self.data)?;
-        let total = trainer.total_iterations();
-        let mut out = RunOutput::create(cfg, total, self.data, &backend.name(), self.backend_desc)?;
-        let rows = trainer.run(&mut out)?;
+        let mut trainer = match self.resume {
+            Some(path) => Trainer::resume(backend, cfg, self.data, path)?,
+            None => Trainer::new(backend, cfg, self.data)?,
+        };
+        let mut out = RunOutput::create(cfg, &trainer, self.data, &backend.name(), self.backend_desc)?;
+        let result = trainer.run(&mut out);
         out.finish();
+        let rows = result?;
         if let Some(dir) = &cfg.out {
             let mean = trainer.mean_host()?;
             let p = cfg.net().n_params();
@@ -111,65 +129,102 @@ impl BackendJob for TrainJob<'_> {
         }
         if let Some(path) = &cfg.save_ensemble {
             let u = trainer.ensemble_host()?;
-            crate::io::npy::write_f32(path, &[cfg.members, cfg.net().n_params()], &u)?;
+            crate::io::npy::write_f32(path, &[trainer.members(), cfg.net().n_params()], &u)?;
         }
         Ok((rows, trainer.times.clone()))
     }
 }
 
-/// Runs `enkf-dnn train` with a resolved configuration.
-pub fn train_command(cfg: &TrainConfig) -> Result<TrainSummary> {
+/// Runs `enkf-dnn train` with a resolved configuration; with `resume`, continues from
+/// that checkpoint file. Ctrl-C writes a checkpoint (when `out` is set) and returns
+/// [`Error::Interrupted`] with the command that resumes.
+pub fn train_command(cfg: &TrainConfig, resume: Option<&Path>) -> Result<TrainSummary> {
     set_threads(cfg.threads);
     let data = load_data(cfg)?;
     if let Some(dir) = &cfg.out {
         std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
     }
+    install_interrupt_handler();
     let (_, desc) = resolve_backend(cfg.backend)?;
-    let job = TrainJob {
-        cfg,
-        data: &data,
-        backend_desc: &desc,
-    };
+    let job = TrainJob { cfg, data: &data, backend_desc: &desc, resume };
     let ((rows, times), backend) = dispatch(cfg.backend, cfg.math, job)?;
     let iterations = rows.last().map_or(0, |r| r.iteration);
-    Ok(TrainSummary {
-        rows,
-        backend,
-        times,
-        iterations,
-    })
+    Ok(TrainSummary { rows, backend, times, iterations })
 }
 
-/// Writes metrics.csv and config.json, and shows progress.
+/// Installs (once) a Ctrl-C handler that asks the trainer to checkpoint and stop.
+fn install_interrupt_handler() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        // Failure means another handler exists (embedding programs): keep theirs.
+        let _ = ctrlc::set_handler(|| {
+            if crate::train::INTERRUPT.swap(true, std::sync::atomic::Ordering::SeqCst) {
+                // A second Ctrl-C: stop now.
+                std::process::exit(130);
+            }
+            eprintln!("\ninterrupt: finishing the current iteration and writing a checkpoint (Ctrl-C again to abort)");
+        });
+    });
+}
+
+/// Writes metrics.csv, adaptive.csv and config.json, and shows progress.
 struct RunOutput {
     csv: Option<(csv::Writer<std::fs::File>, PathBuf)>,
+    adaptive: Option<csv::Writer<std::fs::File>>,
     bar: Option<indicatif::ProgressBar>,
     last_test: Option<f64>,
 }
 
 impl RunOutput {
-    fn create(
+    fn create<B: Backend>(
         cfg: &TrainConfig,
-        total: usize,
+        trainer: &Trainer<B>,
         data: &DataSplit,
         backend: &str,
         desc: &str,
     ) -> Result<Self> {
-        let csv = match &cfg.out {
+        let total = trainer.total_iterations();
+        let (csv, adaptive) = match &cfg.out {
             Some(dir) => {
                 write_config_json(&dir.join("config.json"), cfg, total, data, backend)?;
                 let path = dir.join("metrics.csv");
-                let w = csv::Writer::from_path(&path)?;
-                Some((w, path))
+                // A resumed run rewrites the rows of its first part, then appends.
+                let mut w = csv::Writer::from_path(&path)?;
+                for row in trainer.rows() {
+                    w.serialize(row)?;
+                }
+                w.flush().map_err(|e| Error::io(&path, e))?;
+                let adaptive = if cfg.adaptation == crate::train::Adaptation::Adaptive {
+                    let mut a = csv::Writer::from_path(dir.join("adaptive.csv"))?;
+                    for row in trainer.adaptive_log() {
+                        a.serialize(row)?;
+                    }
+                    if trainer.adaptive_log().is_empty() {
+                        a.write_record([
+                            "iteration",
+                            "previous_error",
+                            "error",
+                            "members",
+                            "repetitions",
+                            "remaining_iterations",
+                        ])?;
+                    }
+                    a.flush().map_err(|e| Error::io(dir.join("adaptive.csv"), e))?;
+                    Some(a)
+                } else {
+                    None
+                };
+                (Some((w, path)), adaptive)
             }
-            None => None,
+            None => (None, None),
         };
         eprintln!(
-            "enkf-dnn {}: J = {}, P = {}, {} iterations on {} ({} train / {} test images from {}), backend {desc}",
+            "enkf-dnn {}: J = {}, P = {}, {} iterations{} with the {} ({} train / {} test images from {}), backend {desc}",
             env!("CARGO_PKG_VERSION"),
-            cfg.members,
+            trainer.members(),
             cfg.net().n_params(),
             total,
+            if trainer.iteration() > 0 { format!(" (resuming after {})", trainer.iteration()) } else { String::new() },
             cfg.update_name(),
             data.train.len(),
             data.test.len(),
@@ -182,18 +237,22 @@ impl RunOutput {
             )
             .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar());
             bar.set_style(style);
+            bar.set_position(trainer.iteration() as u64);
             bar
         });
-        Ok(RunOutput {
-            csv,
-            bar,
-            last_test: None,
-        })
+        Ok(RunOutput { csv, adaptive, bar, last_test: None })
     }
 
     fn finish(&mut self) {
         if let Some(bar) = &self.bar {
             bar.finish();
+        }
+    }
+
+    fn log(&self, line: String) {
+        match &self.bar {
+            Some(bar) => bar.println(line),
+            None => eprintln!("{line}"),
         }
     }
 }
@@ -208,25 +267,41 @@ impl Observer for RunOutput {
         }
         if let Some(err) = row.test_error {
             self.last_test = Some(err);
-            let line = format!(
-                "iteration {:>6}/{total}  test error {:6.2} %  test loss {:.4}  train loss {:.4}  {:.1} s",
+            self.log(format!(
+                "iteration {:>6}/{total}  J {:>5}  r {}  test error {:6.2} %  test loss {:.4}  train loss {:.4}  {:.1} s",
                 row.iteration,
+                row.members,
+                row.repetitions,
                 err,
                 row.test_loss.unwrap_or(f64::NAN),
                 row.train_loss,
                 row.elapsed_s
-            );
-            match &self.bar {
-                Some(bar) => bar.println(line),
-                None => eprintln!("{line}"),
-            }
+            ));
         }
         if let Some(bar) = &self.bar {
+            bar.set_length(total as u64);
             bar.set_position(row.iteration as u64);
             if let Some(err) = self.last_test {
                 bar.set_message(format!("test error {err:.2} %"));
             }
         }
+        Ok(())
+    }
+
+    fn on_adapt(&mut self, row: &crate::train::adaptive::AdaptiveLogRow) -> Result<()> {
+        if let Some(w) = &mut self.adaptive {
+            w.serialize(row)?;
+            w.flush().map_err(|e| Error::io("adaptive.csv", e))?;
+        }
+        self.log(format!(
+            "adaptive: iteration {}: test error {:.2} % → {:.2} %: J = {}, r = {}, {} iterations left",
+            row.iteration, row.previous_error, row.error, row.members, row.repetitions, row.remaining_iterations
+        ));
+        Ok(())
+    }
+
+    fn on_resample(&mut self, iteration: usize, count: usize) -> Result<()> {
+        self.log(format!("iteration {iteration}: {count} members had non-finite outputs and were resampled"));
         Ok(())
     }
 }
@@ -278,7 +353,8 @@ pub struct BenchRow {
     pub forward_gflops: f64,
     /// Median ms of one EnKF update.
     pub update_ms: f64,
-    /// Achieved GFLOP/s of the update's two large products.
+    /// Achieved GFLOP/s of the update's two large products (for the association the
+    /// workspace chose: `4·m·J·P` via T = AᵀU, or `2·J²·m + 2·J²·P` via S = X·Aᵀ).
     pub update_gflops: f64,
     /// Median ms of scoring the mean network on the mini-batch.
     pub score_ms: f64,
@@ -322,7 +398,6 @@ impl BackendJob for BenchJob<'_> {
     type Output = Vec<BenchRow>;
     fn run<B: Backend>(self, be: &B) -> Result<Vec<BenchRow>> {
         use rand::SeedableRng;
-        use std::time::Instant;
         let spec = self.0;
         let net = spec.net;
         let p = net.n_params();
@@ -348,31 +423,40 @@ impl BackendJob for BenchJob<'_> {
             for it in 0..spec.warmup + spec.iters {
                 // Restart from the same ensemble so every repetition does the same work.
                 be.write_f32(&u0, &mut u)?;
-                be.synchronize()?;
-                let t0 = Instant::now();
-                be.ensemble_forward(&net, &u, j, &x, b, &mut g)?;
-                be.synchronize()?;
-                let t1 = Instant::now();
-                ws.update(be, spec.update, 0.01, &mut u, &g, &y)?;
-                be.synchronize()?;
-                let t2 = Instant::now();
-                be.row_mean(&u, j, p, &mut w)?;
-                be.ensemble_forward(&net, &w, 1, &x, b, &mut small)?;
-                be.download_f32(&small)?;
-                let t3 = Instant::now();
-                be.ensemble_forward(&net, &w, 1, &test_x, n_test, &mut test_out)?;
-                be.download_f32(&test_out)?;
-                let t4 = Instant::now();
+                let f = be.time_ms(&mut || {
+                    let _r = crate::gpu::timing::range("forward");
+                    be.ensemble_forward(&net, &u, j, &x, b, &mut g)
+                })?;
+                let up = be.time_ms(&mut || {
+                    let _r = crate::gpu::timing::range("update");
+                    ws.update(be, spec.update, 0.01, &mut u, &g, &y)
+                })?;
+                let s = be.time_ms(&mut || {
+                    let _r = crate::gpu::timing::range("score");
+                    be.row_mean(&u, j, p, &mut w)?;
+                    be.ensemble_forward(&net, &w, 1, &x, b, &mut small)?;
+                    be.download_f32(&small).map(|_| ())
+                })?;
+                let e = be.time_ms(&mut || {
+                    let _r = crate::gpu::timing::range("eval");
+                    be.ensemble_forward(&net, &w, 1, &test_x, n_test, &mut test_out)?;
+                    be.download_f32(&test_out).map(|_| ())
+                })?;
                 if it >= spec.warmup {
-                    tf.push((t1 - t0).as_secs_f64() * 1e3);
-                    tu.push((t2 - t1).as_secs_f64() * 1e3);
-                    ts.push((t3 - t2).as_secs_f64() * 1e3);
-                    te.push((t4 - t3).as_secs_f64() * 1e3);
+                    tf.push(f);
+                    tu.push(up);
+                    ts.push(s);
+                    te.push(e);
                 }
             }
             let (f, up, s, e) = (median(tf), median(tu), median(ts), median(te));
             let fwd_flop = 2.0 * net.macs_per_image() as f64 * b as f64 * j as f64;
-            let upd_flop = 2.0 * 2.0 * (b * CLASSES) as f64 * j as f64 * p as f64;
+            // The two large products of the association the workspace chose.
+            let (jf, pf, mf) = (j as f64, p as f64, (b * CLASSES) as f64);
+            let upd_flop = match ws.order() {
+                crate::enkf::ApplyOrder::Members => 2.0 * jf * jf * mf + 2.0 * jf * jf * pf,
+                _ => 4.0 * mf * jf * pf,
+            };
             let it_ms = f + up + s;
             let epoch_iters = 938.0 * 8.0;
             rows.push(BenchRow {
@@ -424,4 +508,3 @@ pub fn bench_table(rows: &[BenchRow]) -> String {
     }
     s
 }
-

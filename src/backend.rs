@@ -195,8 +195,42 @@ pub trait Backend {
     /// Copies `src` into `dst` (same length).
     fn copy_f32(&self, src: &Self::F32, dst: &mut Self::F32) -> Result<()>;
 
+    /// Copies `rows` rows of `cols` values from row `src_row` of `src` to row `dst_row`
+    /// of `dst` (both row-major with `cols` columns). The default goes through the host;
+    /// backends override it with a device copy.
+    #[allow(clippy::too_many_arguments)]
+    fn copy_rows_f32(
+        &self,
+        src: &Self::F32,
+        src_row: usize,
+        dst: &mut Self::F32,
+        dst_row: usize,
+        rows: usize,
+        cols: usize,
+    ) -> Result<()> {
+        let s = self.download_f32(src)?;
+        let mut d = self.download_f32(dst)?;
+        check_rows("copy_rows_f32 source", s.len(), src_row + rows, cols)?;
+        check_rows("copy_rows_f32 destination", d.len(), dst_row + rows, cols)?;
+        d[dst_row * cols..(dst_row + rows) * cols].copy_from_slice(&s[src_row * cols..(src_row + rows) * cols]);
+        self.write_f32(&d, dst)
+    }
+
     /// Waits for queued work to finish (no-op on the CPU).
     fn synchronize(&self) -> Result<()>;
+
+    /// Milliseconds that the work `f` queues takes: by default host wall-clock time from a
+    /// synchronised start to a synchronised end; the CUDA backend measures device time
+    /// with events instead.
+    ///
+    /// Errors: those of `f` and of [`Backend::synchronize`].
+    fn time_ms(&self, f: &mut dyn FnMut() -> Result<()>) -> Result<f64> {
+        self.synchronize()?;
+        let t0 = std::time::Instant::now();
+        f()?;
+        self.synchronize()?;
+        Ok(t0.elapsed().as_secs_f64() * 1e3)
+    }
 }
 
 /// Checks that a buffer has the expected length.
@@ -208,6 +242,19 @@ pub fn check_len(what: &str, found: usize, expected: usize) -> Result<()> {
             what: what.to_string(),
             expected: format!("{expected} elements"),
             found: format!("{found} elements"),
+        })
+    }
+}
+
+/// Checks that a row-major buffer of `len` values holds at least `rows` rows of `cols`.
+pub fn check_rows(what: &str, len: usize, rows: usize, cols: usize) -> Result<()> {
+    if rows * cols <= len && cols > 0 && len.is_multiple_of(cols) {
+        Ok(())
+    } else {
+        Err(crate::Error::Shape {
+            what: what.to_string(),
+            expected: format!("at least {rows} rows of {cols}"),
+            found: format!("{len} elements"),
         })
     }
 }

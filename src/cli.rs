@@ -4,6 +4,7 @@
 use crate::backend::{BackendKind, MathMode};
 use crate::enkf::UpdateRule;
 use crate::model::{Activation, Arch};
+use crate::train::config::{Adaptation, FailurePolicy};
 use crate::train::{BatchOrder, EvalMode, PartialConfig};
 use clap::{Args, Parser, Subcommand};
 use std::path::PathBuf;
@@ -22,7 +23,7 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Train with the EnKF and write metrics.csv, config.json and mean.npy to --out.
-    Train(TrainArgs),
+    Train(Box<TrainArgs>),
     /// Time each phase of an EnKF iteration (forward, update, scoring, evaluation).
     Bench(BenchArgs),
 }
@@ -108,6 +109,38 @@ pub struct TrainArgs {
     /// Write the final ensemble (.npy, J × P, float32).
     #[arg(long, value_name = "FILE.npy")]
     pub save_ensemble: Option<PathBuf>,
+    /// Adapt J and r during training (the paper's Algorithm 1) [default: fixed].
+    #[arg(long, value_enum)]
+    pub adaptation: Option<Adaptation>,
+    /// Algorithm 1: compare test errors every τ iterations [default: 500].
+    #[arg(long, value_name = "TAU")]
+    pub adapt_every: Option<usize>,
+    /// Algorithm 1: lower bound b_l of J [default: 1000].
+    #[arg(long)]
+    pub adapt_min_members: Option<usize>,
+    /// Algorithm 1: upper bound b_u of J [default: 10000].
+    #[arg(long)]
+    pub adapt_max_members: Option<usize>,
+    /// Algorithm 1: members added or removed per change, v [default: 1000].
+    #[arg(long)]
+    pub adapt_step: Option<usize>,
+    /// Algorithm 1: improvement threshold κ in percentage points [default: 1].
+    #[arg(long)]
+    pub adapt_kappa: Option<f64>,
+    /// Algorithm 1: adapt only below this test error ε in percent [default: 10].
+    #[arg(long)]
+    pub adapt_epsilon: Option<f64>,
+    /// Members with non-finite outputs: `error` stops, `resample` redraws them from the
+    /// Gaussian of the successful members [default: error].
+    #[arg(long, value_enum)]
+    pub on_failure: Option<FailurePolicy>,
+    /// Continue the run whose output folder (with checkpoint.bin) is DIR; its settings are
+    /// the base, flags may extend the run (--iterations, --epochs) or change evaluation.
+    #[arg(long, value_name = "DIR")]
+    pub resume: Option<PathBuf>,
+    /// Write OUT/checkpoint.bin every N iterations (also on Ctrl-C).
+    #[arg(long, value_name = "N")]
+    pub checkpoint_every: Option<usize>,
 }
 
 impl TrainArgs {
@@ -137,6 +170,15 @@ impl TrainArgs {
             threads: self.threads,
             init_ensemble: self.init_ensemble.clone(),
             save_ensemble: self.save_ensemble.clone(),
+            adaptation: self.adaptation,
+            adapt_every: self.adapt_every,
+            adapt_min_members: self.adapt_min_members,
+            adapt_max_members: self.adapt_max_members,
+            adapt_step: self.adapt_step,
+            adapt_kappa: self.adapt_kappa,
+            adapt_epsilon: self.adapt_epsilon,
+            on_failure: self.on_failure,
+            checkpoint_every: self.checkpoint_every,
         }
     }
 }

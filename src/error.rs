@@ -44,6 +44,35 @@ pub enum Error {
         #[source]
         source: std::io::Error,
     },
+    /// Members produced non-finite outputs and `--on-failure error` is in force.
+    #[error(
+        "iteration {iteration}: {failed} of {members} members produced non-finite outputs \
+         (use --on-failure resample to redraw them, or lower sigma)"
+    )]
+    MembersFailed {
+        /// The iteration whose forward pass failed.
+        iteration: usize,
+        /// Members with a non-finite output.
+        failed: usize,
+        /// Ensemble size.
+        members: usize,
+    },
+    /// A checkpoint is corrupt or belongs to another run.
+    #[error("checkpoint {path}: {msg}")]
+    Checkpoint {
+        /// The checkpoint file.
+        path: PathBuf,
+        /// What is wrong with it.
+        msg: String,
+    },
+    /// The run was interrupted (Ctrl-C).
+    #[error("interrupted at iteration {iteration}; {resume}")]
+    Interrupted {
+        /// Updates done when the run stopped.
+        iteration: usize,
+        /// How to continue.
+        resume: String,
+    },
     /// Writing CSV output failed.
     #[error("writing CSV: {0}")]
     Csv(#[from] csv::Error),

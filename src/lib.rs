@@ -19,3 +19,5 @@ pub mod train;
 pub use error::{Error, Result};
 pub mod app;
 pub mod cli;
+pub mod plot;
+pub mod reproduce;

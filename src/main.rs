@@ -22,11 +22,23 @@ fn main() -> anyhow::Result<()> {
                 }
                 None => PartialConfig::default(),
             };
-            let cfg = file
+            let (base, resume) = match &args.resume {
+                Some(dir) => {
+                    let path = enkf_dnn::train::checkpoint::path_in(dir);
+                    let (state, _) = enkf_dnn::train::checkpoint::read(&path)
+                        .with_context(|| format!("reading the checkpoint in {}", dir.display()))?;
+                    let mut base = PartialConfig::from_json(&serde_json::to_string(&state.config)?)?.0;
+                    base.out = Some(dir.clone());
+                    (base, Some(path))
+                }
+                None => (PartialConfig::default(), None),
+            };
+            let cfg = base
+                .overlay(&file)
                 .overlay(&args.to_partial())
                 .resolve()
                 .context("checking the configuration")?;
-            let summary = app::train_command(&cfg).context("training")?;
+            let summary = app::train_command(&cfg, resume.as_deref()).context("training")?;
             let last = summary.rows.iter().rev().find(|r| r.test_error.is_some());
             if let Some(r) = last {
                 println!(

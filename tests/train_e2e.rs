@@ -12,12 +12,19 @@ use std::sync::OnceLock;
 
 fn mnist() -> &'static DataSplit {
     static DATA: OnceLock<DataSplit> = OnceLock::new();
-    DATA.get_or_init(|| load_dir(&default_mnist_dir()).expect("bundled MNIST (set ENKF_DATA_DIR on another machine)"))
+    DATA.get_or_init(|| {
+        load_dir(&default_mnist_dir())
+            .expect("bundled MNIST (set ENKF_DATA_DIR on another machine)")
+    })
 }
 
 fn limited(train: usize, test: usize) -> DataSplit {
     let d = mnist();
-    DataSplit { train: d.train.subset(train), test: d.test.subset(test), dir: d.dir.clone() }
+    DataSplit {
+        train: d.train.subset(train),
+        test: d.test.subset(test),
+        dir: d.dir.clone(),
+    }
 }
 
 fn tmpdir(name: &str) -> PathBuf {
@@ -51,14 +58,29 @@ fn learns_mnist_far_below_chance() {
     let mut trainer = Trainer::new(&be, &cfg, &data).expect("trainer");
     let rows = trainer.run(&mut ()).expect("run");
     assert_eq!(rows.len(), 301);
-    let evals: Vec<(usize, f64)> = rows.iter().filter_map(|r| r.test_error.map(|e| (r.iteration, e))).collect();
-    assert_eq!(evals.iter().map(|e| e.0).collect::<Vec<_>>(), [0, 100, 200, 300]);
+    let evals: Vec<(usize, f64)> = rows
+        .iter()
+        .filter_map(|r| r.test_error.map(|e| (r.iteration, e)))
+        .collect();
+    assert_eq!(
+        evals.iter().map(|e| e.0).collect::<Vec<_>>(),
+        [0, 100, 200, 300]
+    );
     let (first, last) = (evals[0].1, evals[3].1);
     eprintln!("test error: {evals:?}");
-    assert!(first > 80.0, "the initial ensemble should be near chance, got {first} %");
-    assert!(last < 60.0, "after 300 iterations the test error should be far below chance, got {last} %");
+    assert!(
+        first > 80.0,
+        "the initial ensemble should be near chance, got {first} %"
+    );
+    assert!(
+        last < 60.0,
+        "after 300 iterations the test error should be far below chance, got {last} %"
+    );
     let late_acc: f64 = rows[201..].iter().map(|r| r.train_accuracy).sum::<f64>() / 100.0;
-    assert!(late_acc > 0.35, "mean mini-batch accuracy over iterations 201–300 is {late_acc}");
+    assert!(
+        late_acc > 0.35,
+        "mean mini-batch accuracy over iterations 201–300 is {late_acc}"
+    );
 }
 
 /// The same seed and thread count give a bit-identical ensemble and metrics; another
@@ -79,9 +101,14 @@ fn runs_are_deterministic_for_a_seed() {
     for rule in [UpdateRule::Sequential, UpdateRule::Batch] {
         let (u1, r1) = run(5, rule);
         let (u2, r2) = run(5, rule);
-        assert!(u1.iter().zip(&u2).all(|(a, b)| a.to_bits() == b.to_bits()), "{rule:?}: ensembles differ");
+        assert!(
+            u1.iter().zip(&u2).all(|(a, b)| a.to_bits() == b.to_bits()),
+            "{rule:?}: ensembles differ"
+        );
         let strip = |rows: &[enkf_dnn::train::MetricsRow]| {
-            rows.iter().map(|r| (r.train_loss.to_bits(), r.test_error.map(f64::to_bits))).collect::<Vec<_>>()
+            rows.iter()
+                .map(|r| (r.train_loss.to_bits(), r.test_error.map(f64::to_bits)))
+                .collect::<Vec<_>>()
         };
         assert_eq!(strip(&r1), strip(&r2));
         let (u3, _) = run(6, rule);
@@ -102,15 +129,20 @@ fn ensemble_files_round_trip_and_wrong_shapes_are_refused() {
     cfg.train_limit = Some(256);
     cfg.test_limit = Some(100);
     cfg.out = Some(dir.join("out"));
-    let summary = app::train_command(&cfg).expect("train");
+    let summary = app::train_command(&cfg, None).expect("train");
     assert_eq!(summary.iterations, 8);
     for f in ["metrics.csv", "config.json", "mean.npy"] {
         assert!(dir.join("out").join(f).is_file(), "{f} missing");
     }
     let metrics = std::fs::read_to_string(dir.join("out/metrics.csv")).expect("metrics");
-    assert_eq!(metrics.lines().count(), 1 + 9, "header plus iterations 0..=8");
+    assert_eq!(
+        metrics.lines().count(),
+        1 + 9,
+        "header plus iterations 0..=8"
+    );
     // config.json reads back as a config file and resolves to the same run.
-    let (p, warnings) = PartialConfig::from_file(&dir.join("out/config.json")).expect("config.json");
+    let (p, warnings) =
+        PartialConfig::from_file(&dir.join("out/config.json")).expect("config.json");
     assert!(warnings.is_empty(), "{warnings:?}");
     assert_eq!(p.resolve().expect("resolve"), cfg);
 
@@ -125,12 +157,21 @@ fn ensemble_files_round_trip_and_wrong_shapes_are_refused() {
 
     let mut cfg3 = config(11, 1);
     cfg3.init_ensemble = Some(saved);
-    let err = Trainer::new(&be, &cfg3, &data).err().expect("wrong J must fail").to_string();
-    assert!(err.contains("[11, 18050]") && err.contains("[10, 18050]"), "{err}");
+    let err = Trainer::new(&be, &cfg3, &data)
+        .err()
+        .expect("wrong J must fail")
+        .to_string();
+    assert!(
+        err.contains("[11, 18050]") && err.contains("[10, 18050]"),
+        "{err}"
+    );
     let mut cfg4 = config(10, 1);
     cfg4.arch = enkf_dnn::model::Arch::Pooled;
     cfg4.init_ensemble = cfg2.init_ensemble.clone();
-    assert!(Trainer::new(&be, &cfg4, &data).is_err(), "an 18,050-weight ensemble for the 8,450-weight net");
+    assert!(
+        Trainer::new(&be, &cfg4, &data).is_err(),
+        "an 18,050-weight ensemble for the 8,450-weight net"
+    );
 }
 
 /// The last mini-batch of an epoch holds N mod B images, and shuffled runs visit a
@@ -138,7 +179,7 @@ fn ensemble_files_round_trip_and_wrong_shapes_are_refused() {
 #[test]
 fn tail_batch_and_shuffle_run() {
     let data = limited(100, 50);
-    let mut cfg = config(12, 0 + 1);
+    let mut cfg = config(12, 1);
     cfg.iterations = None;
     cfg.epochs = 2;
     cfg.repetitions = 2;
@@ -156,15 +197,26 @@ fn tail_batch_and_shuffle_run() {
 #[test]
 fn bad_settings_fail_before_work() {
     let resolve = |p: PartialConfig| p.resolve().map(|_| ()).map_err(|e| e.to_string());
-    let e = resolve(PartialConfig { members: Some(1), ..Default::default() }).unwrap_err();
+    let e = resolve(PartialConfig {
+        members: Some(1),
+        ..Default::default()
+    })
+    .unwrap_err();
     assert!(e.contains("members") && e.contains('1'), "{e}");
-    let e = resolve(PartialConfig { gamma: Some(0.0), ..Default::default() }).unwrap_err();
+    let e = resolve(PartialConfig {
+        gamma: Some(0.0),
+        ..Default::default()
+    })
+    .unwrap_err();
     assert!(e.contains("gamma"), "{e}");
-    let e = resolve(PartialConfig { init_ensemble: Some("/nonexistent/u.npy".into()), ..Default::default() })
-        .unwrap_err();
+    let e = resolve(PartialConfig {
+        init_ensemble: Some("/nonexistent/u.npy".into()),
+        ..Default::default()
+    })
+    .unwrap_err();
     assert!(e.contains("/nonexistent/u.npy"), "{e}");
     let mut cfg = config(4, 1);
     cfg.data = "/nonexistent-data-dir".into();
-    let e = app::train_command(&cfg).unwrap_err().to_string();
+    let e = app::train_command(&cfg, None).unwrap_err().to_string();
     assert!(e.contains("/nonexistent-data-dir"), "{e}");
 }

@@ -3,6 +3,7 @@
 //! Files mirror `src/gpu/`: `forward.rs` (the network), `reduce.rs` (ensemble
 //! reductions), `linalg.rs` (GEMM and the small solves).
 
+pub mod backprop;
 pub mod forward;
 pub mod linalg;
 pub mod reduce;
@@ -154,6 +155,21 @@ impl Backend for CpuBackend {
     fn copy_f32(&self, src: &Vec<f32>, dst: &mut Vec<f32>) -> Result<()> {
         check_len("copy_f32 destination", dst.len(), src.len())?;
         dst.copy_from_slice(src);
+        Ok(())
+    }
+
+    fn copy_rows_f32(
+        &self,
+        src: &Vec<f32>,
+        src_row: usize,
+        dst: &mut Vec<f32>,
+        dst_row: usize,
+        rows: usize,
+        cols: usize,
+    ) -> Result<()> {
+        crate::backend::check_rows("copy_rows_f32 source", src.len(), src_row + rows, cols)?;
+        crate::backend::check_rows("copy_rows_f32 destination", dst.len(), dst_row + rows, cols)?;
+        dst[dst_row * cols..(dst_row + rows) * cols].copy_from_slice(&src[src_row * cols..(src_row + rows) * cols]);
         Ok(())
     }
 

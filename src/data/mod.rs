@@ -11,6 +11,7 @@
 //! Every fault is a [`DataError`] that names the file and the values found.
 
 mod idx;
+pub mod letters;
 
 use std::path::{Path, PathBuf};
 

@@ -51,6 +51,7 @@
 //! (see [`ApplyOrder::cheapest`]).
 
 mod reference;
+pub mod resize;
 
 pub use reference::{batch_reference, sequential_literal};
 

@@ -2,15 +2,19 @@
 //!
 //! Files mirror `src/cpu/`: `forward.rs` (the network), `reduce.rs` (ensemble
 //! reductions), `linalg.rs` (GEMM and the solves; all cuBLAS/cuSOLVER FFI lives there),
-//! plus `module.rs` (the kernel modules embedded by `build.rs` and their loading).
+//! plus `module.rs` (the kernel modules embedded by `build.rs` and their loading),
+//! `memory.rs` (the device memory a run needs, checked before it starts) and `timing.rs`
+//! (CUDA-event timing and NVTX ranges).
 //!
 //! All work of one [`CudaBackend`] is queued on one stream, so operations run in the
 //! order they are called; downloads wait for it.
 
 pub mod forward;
 pub mod linalg;
+pub mod memory;
 pub mod module;
 pub mod reduce;
+pub mod timing;
 
 use std::sync::Arc;
 
@@ -19,10 +23,11 @@ use cudarc::cusolver::DnHandle;
 use cudarc::driver::sys::CUdevice_attribute;
 use cudarc::driver::{CudaContext, CudaSlice, CudaStream};
 
-use crate::backend::{check_len, Backend, MathMode, Trans};
+use crate::backend::{check_len, check_rows, Backend, MathMode, Trans};
 use crate::model::Net;
 use crate::{Error, Result};
 
+pub use memory::{MemoryEstimate, TrainShape};
 pub use module::{KernelKind, KernelModule, Kernels, BUILT_WITH, MODULES};
 
 /// The CUDA backend: one device, one stream, a cuBLAS and a cuSOLVER handle, and the
@@ -371,10 +376,36 @@ impl Backend for CudaBackend {
             .map_err(cuda_err("copy_f32"))
     }
 
+    fn copy_rows_f32(
+        &self,
+        src: &CudaSlice<f32>,
+        src_row: usize,
+        dst: &mut CudaSlice<f32>,
+        dst_row: usize,
+        rows: usize,
+        cols: usize,
+    ) -> Result<()> {
+        check_rows("copy_rows_f32 source", src.len(), src_row + rows, cols)?;
+        check_rows("copy_rows_f32 destination", dst.len(), dst_row + rows, cols)?;
+        if rows == 0 {
+            return Ok(());
+        }
+        let s = src.slice(src_row * cols..(src_row + rows) * cols);
+        let mut d = dst.slice_mut(dst_row * cols..(dst_row + rows) * cols);
+        self.stream
+            .memcpy_dtod(&s, &mut d)
+            .map_err(cuda_err("copy_rows_f32"))
+    }
+
     fn synchronize(&self) -> Result<()> {
         self.stream
             .synchronize()
             .map_err(cuda_err("synchronizing the stream"))
+    }
+
+    /// Device time between two CUDA events around `f` ([`CudaBackend::time_ms`]).
+    fn time_ms(&self, f: &mut dyn FnMut() -> Result<()>) -> Result<f64> {
+        CudaBackend::time_ms(self, f)
     }
 }
 

@@ -1,3 +1,4 @@
 //! File formats: `.npy` arrays.
 
 pub mod npy;
+pub mod safetensors;

@@ -36,6 +36,28 @@ pub enum BatchOrder {
     Shuffle,
 }
 
+/// Whether the ensemble size and repetitions adapt during training (the paper's Algorithm 1).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum Adaptation {
+    /// J and r stay as configured.
+    #[default]
+    Fixed,
+    /// Algorithm 1: every `adapt_every` iterations J and r move by `adapt_step` and 1.
+    Adaptive,
+}
+
+/// What to do when members produce non-finite outputs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum FailurePolicy {
+    /// Stop with the iteration and the number of failed members.
+    #[default]
+    Error,
+    /// Replace failed members by draws from the Gaussian of the successful ones.
+    Resample,
+}
+
 /// Every setting of a training run, fully resolved.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct TrainConfig {
@@ -85,6 +107,24 @@ pub struct TrainConfig {
     pub init_ensemble: Option<PathBuf>,
     /// Write the final ensemble here (J × P float32 `.npy`).
     pub save_ensemble: Option<PathBuf>,
+    /// Fixed or adaptive ensemble size and repetitions.
+    pub adaptation: Adaptation,
+    /// Algorithm 1: test-error comparison interval τ in iterations.
+    pub adapt_every: usize,
+    /// Algorithm 1: lower bound b_l of J.
+    pub adapt_min_members: usize,
+    /// Algorithm 1: upper bound b_u of J.
+    pub adapt_max_members: usize,
+    /// Algorithm 1: members added or removed per change, v.
+    pub adapt_step: usize,
+    /// Algorithm 1: improvement threshold κ in percentage points.
+    pub adapt_kappa: f64,
+    /// Algorithm 1: adapt only once the test error is below ε percent.
+    pub adapt_epsilon: f64,
+    /// Members with non-finite outputs: stop, or resample them.
+    pub on_failure: FailurePolicy,
+    /// Write a checkpoint every N iterations (into `out`/checkpoint).
+    pub checkpoint_every: Option<usize>,
 }
 
 impl Default for TrainConfig {
@@ -113,6 +153,15 @@ impl Default for TrainConfig {
             threads: None,
             init_ensemble: None,
             save_ensemble: None,
+            adaptation: Adaptation::Fixed,
+            adapt_every: 500,
+            adapt_min_members: 1000,
+            adapt_max_members: 10_000,
+            adapt_step: 1000,
+            adapt_kappa: 1.0,
+            adapt_epsilon: 10.0,
+            on_failure: FailurePolicy::Error,
+            checkpoint_every: None,
         }
     }
 }
@@ -184,6 +233,24 @@ pub struct PartialConfig {
     pub init_ensemble: Option<PathBuf>,
     #[allow(missing_docs)]
     pub save_ensemble: Option<PathBuf>,
+    #[allow(missing_docs)]
+    pub adaptation: Option<Adaptation>,
+    #[allow(missing_docs)]
+    pub adapt_every: Option<usize>,
+    #[allow(missing_docs)]
+    pub adapt_min_members: Option<usize>,
+    #[allow(missing_docs)]
+    pub adapt_max_members: Option<usize>,
+    #[allow(missing_docs)]
+    pub adapt_step: Option<usize>,
+    #[allow(missing_docs)]
+    pub adapt_kappa: Option<f64>,
+    #[allow(missing_docs)]
+    pub adapt_epsilon: Option<f64>,
+    #[allow(missing_docs)]
+    pub on_failure: Option<FailurePolicy>,
+    #[allow(missing_docs)]
+    pub checkpoint_every: Option<usize>,
 }
 
 macro_rules! fill {
@@ -376,6 +443,29 @@ impl TrainConfig {
         }
         if self.train_limit == Some(0) || self.test_limit == Some(0) {
             return bad("train_limit and test_limit must be at least 1 when given".into());
+        }
+        if self.adaptation == Adaptation::Adaptive {
+            if self.adapt_every == 0 || self.adapt_step == 0 {
+                return bad("adapt_every and adapt_step must be at least 1".into());
+            }
+            if self.adapt_min_members < 2 || self.adapt_min_members > self.adapt_max_members {
+                return bad(format!(
+                    "adaptive bounds need 2 ≤ adapt_min_members ≤ adapt_max_members, got {} and {}",
+                    self.adapt_min_members, self.adapt_max_members
+                ));
+            }
+            if !(self.adapt_kappa >= 0.0 && self.adapt_epsilon > 0.0) {
+                return bad(format!(
+                    "adapt_kappa must be ≥ 0 and adapt_epsilon > 0, got {} and {}",
+                    self.adapt_kappa, self.adapt_epsilon
+                ));
+            }
+        }
+        if self.checkpoint_every == Some(0) {
+            return bad("checkpoint_every must be at least 1".into());
+        }
+        if self.checkpoint_every.is_some() && self.out.is_none() {
+            return bad("checkpoint_every needs an output folder (--out) to write checkpoints into".into());
         }
         if let Some(p) = &self.init_ensemble {
             if !p.is_file() {

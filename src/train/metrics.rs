@@ -1,7 +1,7 @@
 //! Scoring logits on the host and the per-iteration metrics record.
 
 use crate::model::CLASSES;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 /// Mean softmax cross-entropy (natural log, as PyTorch's `CrossEntropyLoss`) and the
 /// number of correct arg-max predictions. `logits` is n × 10 row-major, `labels` n.
@@ -62,7 +62,7 @@ fn argmax(row: &[f32]) -> (usize, f32) {
 }
 
 /// One row of `metrics.csv`. Test columns are empty on iterations without an evaluation.
-#[derive(Debug, Clone, Serialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct MetricsRow {
     /// Updates done so far (0 = the initial ensemble).
     pub iteration: usize,

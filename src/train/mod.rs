@@ -1,7 +1,7 @@
 //! The EnKF training loop, written once over [`Backend`].
 //!
-//! Iteration t (counted from 1) uses mini-batch ⌊(t−1)/r⌋ mod ⌈N/B⌉ of the current epoch's
-//! order: each mini-batch is shown for r consecutive iterations, and the targets always
+//! Each mini-batch of the current epoch's order is shown for r consecutive iterations
+//! (r may change under Algorithm 1, see [`adaptive`]), and the targets always
 //! belong to the images the outputs were computed on (the authors' driver paired the
 //! previous batch's outputs with the new batch's labels once every r iterations; we do
 //! not). The last mini-batch of an epoch holds N mod B images when B does not divide N.
@@ -9,28 +9,45 @@
 //! every `eval_every` iterations and at the end, the `eval` networks are scored on the
 //! whole test set.
 
+pub mod adaptive;
+pub mod checkpoint;
 pub mod config;
+pub mod gradient;
 pub mod metrics;
+pub mod optim;
+pub mod stats;
 
-use crate::backend::{Backend, Trans};
+use crate::backend::Backend;
 use crate::data::{DataSplit, Dataset};
-use crate::enkf::{init_ensemble, one_hot, EnkfWorkspace};
+use crate::enkf::{init_ensemble, one_hot, resize, EnkfWorkspace};
 use crate::model::{Net, CLASSES, IMG, IMG_PIXELS};
 use crate::{Error, Result};
-pub use config::{BatchOrder, EvalMode, PartialConfig, TrainConfig};
+use adaptive::{AdaptiveLogRow, AdaptiveRule};
+use checkpoint::{CheckpointState, RngState};
+pub use config::{Adaptation, BatchOrder, EvalMode, FailurePolicy, PartialConfig, TrainConfig};
 pub use metrics::MetricsRow;
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
+
+/// Set (by a Ctrl-C handler) to ask a running [`Trainer`] to checkpoint and stop after
+/// the current iteration.
+pub static INTERRUPT: AtomicBool = AtomicBool::new(false);
 
 /// Random stream ids derived from the one seed (ChaCha streams of the same key).
 const STREAM_INIT: u64 = 0;
 const STREAM_SHUFFLE: u64 = 1;
+const STREAM_ADAPT: u64 = 2;
+const STREAM_RESAMPLE: u64 = 3;
 
 /// Seconds spent in each phase, with the device synchronised at phase boundaries.
 #[derive(Debug, Clone, Default, serde::Serialize)]
 pub struct PhaseTimes {
+    /// Failure checks, resizing, checkpoints.
+    pub other: f64,
     /// Ensemble forward passes.
     pub forward: f64,
     /// EnKF updates.
@@ -41,10 +58,20 @@ pub struct PhaseTimes {
     pub eval: f64,
 }
 
+
 /// Receives each metrics row as it is produced (progress bars, CSV writers).
 pub trait Observer {
-    /// Called once per iteration (and once for iteration 0), in order.
-    fn on_row(&mut self, row: &MetricsRow, total_iterations: usize) -> Result<()>;
+    /// Called once per iteration (and once for iteration 0), in order. `total` is the
+    /// current projection of the run's last iteration (it moves when r adapts).
+    fn on_row(&mut self, row: &MetricsRow, total: usize) -> Result<()>;
+    /// Called for each Algorithm 1 decision that changed J or r.
+    fn on_adapt(&mut self, _row: &AdaptiveLogRow) -> Result<()> {
+        Ok(())
+    }
+    /// Called when members were resampled after non-finite outputs.
+    fn on_resample(&mut self, _iteration: usize, _count: usize) -> Result<()> {
+        Ok(())
+    }
 }
 
 impl Observer for () {
@@ -53,7 +80,25 @@ impl Observer for () {
     }
 }
 
+/// Device buffers for mini-batches of one size.
+struct BatchSlot<B: Backend> {
+    /// Images in the mini-batch.
+    batch: usize,
+    ws: EnkfWorkspace<B>,
+    /// Outputs G, members × batch × 10.
+    g: B::F32,
+    /// Images, batch × 784.
+    x: B::F32,
+    /// One-hot targets, batch × 10.
+    y: B::F32,
+}
+
 /// An EnKF training run on one backend.
+///
+/// The position in the schedule is (`batch_global`, `rep`): the index of the current
+/// mini-batch counted over all epochs and the repetitions already done on it. The run
+/// ends after `iterations` updates when that is set, else after `epochs · ⌈N/B⌉`
+/// mini-batches.
 pub struct Trainer<'a, B: Backend> {
     backend: &'a B,
     cfg: TrainConfig,
@@ -61,19 +106,37 @@ pub struct Trainer<'a, B: Backend> {
     train: &'a Dataset,
     test: &'a Dataset,
     members: usize,
+    repetitions: usize,
     params: usize,
     /// Ensemble U, members × params.
     u: B::F32,
-    /// Outputs G of the current mini-batch, members × batch × 10 (full-batch capacity).
-    workspaces: Vec<(usize, EnkfWorkspace<B>, B::F32, B::F32, B::F32)>,
+    /// Buffers per mini-batch size (the full batch and the epoch's tail).
+    workspaces: Vec<BatchSlot<B>>,
     /// Mean (or selected) weights, params.
     weights: B::F32,
     test_x: B::F32,
     test_out: B::F32,
+    t: usize,
+    batch_global: usize,
+    rep: usize,
     order: Vec<usize>,
+    /// Batch (global index) whose images are in the slots, and its labels.
+    loaded: Option<(usize, usize, Vec<u8>)>,
     shuffle_rng: ChaCha8Rng,
+    adapt_rng: ChaCha8Rng,
+    resample_rng: ChaCha8Rng,
+    adapt_prev: Option<f64>,
+    rows: Vec<MetricsRow>,
+    adaptive_log: Vec<AdaptiveLogRow>,
+    resampled: usize,
     /// Seconds per phase so far.
     pub times: PhaseTimes,
+}
+
+fn rng(seed: u64, stream: u64) -> ChaCha8Rng {
+    let mut r = ChaCha8Rng::seed_from_u64(seed);
+    r.set_stream(stream);
+    r
 }
 
 impl<'a, B: Backend> Trainer<'a, B> {
@@ -81,6 +144,81 @@ impl<'a, B: Backend> Trainer<'a, B> {
     /// initial ensemble and uploads the test set.
     pub fn new(backend: &'a B, cfg: &TrainConfig, data: &'a DataSplit) -> Result<Self> {
         cfg.validate()?;
+        let params = cfg.net().n_params();
+        let host_u = match &cfg.init_ensemble {
+            Some(path) => load_ensemble(path, cfg.members, params)?,
+            None => init_ensemble(&mut rng(cfg.seed, STREAM_INIT), cfg.members, params, cfg.sigma),
+        };
+        let mut t = Self::build(backend, cfg, data, &host_u, cfg.members)?;
+        t.order = (0..data.train.len()).collect();
+        if cfg.order == BatchOrder::Shuffle {
+            t.order.shuffle(&mut t.shuffle_rng);
+        }
+        Ok(t)
+    }
+
+    /// Continues the run saved in `path` (see [`checkpoint`]). `cfg` is the configuration
+    /// to continue with; it must describe the same run (network, update rule, seed, data
+    /// limits, initial J); the length of the run, evaluation and output settings may differ.
+    pub fn resume(backend: &'a B, cfg: &TrainConfig, data: &'a DataSplit, path: &Path) -> Result<Self> {
+        cfg.validate()?;
+        let (state, host_u) = checkpoint::read(path)?;
+        let old = &state.config;
+        let same = old.arch == cfg.arch
+            && old.activation == cfg.activation
+            && old.update == cfg.update
+            && old.seed == cfg.seed
+            && old.members == cfg.members
+            && old.batch == cfg.batch
+            && old.gamma == cfg.gamma
+            && old.sigma == cfg.sigma
+            && old.order == cfg.order
+            && old.train_limit == cfg.train_limit
+            && old.adaptation == cfg.adaptation;
+        if !same || state.params != cfg.net().n_params() {
+            return Err(Error::Checkpoint {
+                path: path.into(),
+                msg: format!(
+                    "it belongs to another run (J = {}, {:?}/{:?}, {:?} rule, seed {}, P = {}); \
+                     this run has J = {}, {:?}/{:?}, {:?} rule, seed {}, P = {}",
+                    old.members,
+                    old.arch,
+                    old.activation,
+                    old.update,
+                    old.seed,
+                    state.params,
+                    cfg.members,
+                    cfg.arch,
+                    cfg.activation,
+                    cfg.update,
+                    cfg.seed,
+                    cfg.net().n_params()
+                ),
+            });
+        }
+        if state.order.len() != data.train.len() {
+            return Err(Error::Checkpoint {
+                path: path.into(),
+                msg: format!("it was trained on {} images, this data has {}", state.order.len(), data.train.len()),
+            });
+        }
+        let mut t = Self::build(backend, cfg, data, &host_u, state.members)?;
+        t.repetitions = state.repetitions;
+        t.t = state.t;
+        t.batch_global = state.batch_global;
+        t.rep = state.rep;
+        t.order = state.order;
+        t.shuffle_rng = state.shuffle_rng.restore(cfg.seed, path)?;
+        t.adapt_rng = state.adapt_rng.restore(cfg.seed, path)?;
+        t.resample_rng = state.resample_rng.restore(cfg.seed, path)?;
+        t.adapt_prev = state.adapt_prev;
+        t.rows = state.rows;
+        t.adaptive_log = state.adaptive_log;
+        t.resampled = state.resampled;
+        Ok(t)
+    }
+
+    fn build(backend: &'a B, cfg: &TrainConfig, data: &'a DataSplit, host_u: &[f32], members: usize) -> Result<Self> {
         for (name, set) in [("training", &data.train), ("test", &data.test)] {
             if set.rows != IMG || set.cols != IMG {
                 return Err(Error::Shape {
@@ -92,46 +230,64 @@ impl<'a, B: Backend> Trainer<'a, B> {
         }
         let net = cfg.net();
         let params = net.n_params();
-        let members = cfg.members;
-        let host_u = match &cfg.init_ensemble {
-            Some(path) => load_ensemble(path, members, params)?,
-            None => {
-                let mut rng = ChaCha8Rng::seed_from_u64(cfg.seed);
-                rng.set_stream(STREAM_INIT);
-                init_ensemble(&mut rng, members, params, cfg.sigma)
-            }
-        };
-        let u = backend.upload_f32(&host_u)?;
-        drop(host_u);
-        let train = &data.train;
-        let test = &data.test;
-        let test_x = backend.upload_f32(&test.images)?;
-        let test_out = backend.zeros_f32(test.len() * CLASSES)?;
-        let weights = backend.zeros_f32(params)?;
-        let mut shuffle_rng = ChaCha8Rng::seed_from_u64(cfg.seed);
-        shuffle_rng.set_stream(STREAM_SHUFFLE);
         Ok(Trainer {
             backend,
             cfg: cfg.clone(),
             net,
-            train,
-            test,
+            train: &data.train,
+            test: &data.test,
             members,
+            repetitions: cfg.repetitions,
             params,
-            u,
+            u: backend.upload_f32(host_u)?,
             workspaces: Vec::new(),
-            weights,
-            test_x,
-            test_out,
-            order: (0..train.len()).collect(),
-            shuffle_rng,
+            weights: backend.zeros_f32(params)?,
+            test_x: backend.upload_f32(&data.test.images)?,
+            test_out: backend.zeros_f32(data.test.len() * CLASSES)?,
+            t: 0,
+            batch_global: 0,
+            rep: 0,
+            order: Vec::new(),
+            loaded: None,
+            shuffle_rng: rng(cfg.seed, STREAM_SHUFFLE),
+            adapt_rng: rng(cfg.seed, STREAM_ADAPT),
+            resample_rng: rng(cfg.seed, STREAM_RESAMPLE),
+            adapt_prev: None,
+            rows: Vec::new(),
+            adaptive_log: Vec::new(),
+            resampled: 0,
             times: PhaseTimes::default(),
         })
     }
 
-    /// Total iterations of this run.
+    fn batches_per_epoch(&self) -> usize {
+        self.train.len().div_ceil(self.cfg.batch)
+    }
+
+    /// Iterations left from the current position with the current r.
+    pub fn remaining_iterations(&self) -> usize {
+        match self.cfg.iterations {
+            Some(cap) => cap.saturating_sub(self.t),
+            None => {
+                let total = self.cfg.epochs * self.batches_per_epoch();
+                (total.saturating_sub(self.batch_global) * self.repetitions).saturating_sub(self.rep)
+            }
+        }
+    }
+
+    /// Projected total iterations of this run (exact unless r adapts later).
     pub fn total_iterations(&self) -> usize {
-        self.cfg.total_iterations(self.train.len())
+        self.t + self.remaining_iterations()
+    }
+
+    /// Updates done so far.
+    pub fn iteration(&self) -> usize {
+        self.t
+    }
+
+    /// Current ensemble size.
+    pub fn members(&self) -> usize {
+        self.members
     }
 
     /// The ensemble, members × params, copied to the host.
@@ -141,15 +297,23 @@ impl<'a, B: Backend> Trainer<'a, B> {
 
     /// The ensemble-mean weights, copied to the host.
     pub fn mean_host(&mut self) -> Result<Vec<f32>> {
-        self.backend
-            .row_mean(&self.u, self.members, self.params, &mut self.weights)?;
+        self.backend.row_mean(&self.u, self.members, self.params, &mut self.weights)?;
         self.backend.download_f32(&self.weights)
     }
 
-    /// Index into `workspaces` for a mini-batch of `b` images (allocated on first use:
-    /// at most two sizes occur, the full batch and the epoch's tail).
+    /// Metrics rows so far (including those of a resumed run's first part).
+    pub fn rows(&self) -> &[MetricsRow] {
+        &self.rows
+    }
+
+    /// Algorithm 1 decisions so far.
+    pub fn adaptive_log(&self) -> &[AdaptiveLogRow] {
+        &self.adaptive_log
+    }
+
+    /// Index into `workspaces` for a mini-batch of `b` images (allocated on first use).
     fn workspace_for(&mut self, b: usize) -> Result<usize> {
-        if let Some(i) = self.workspaces.iter().position(|w| w.0 == b) {
+        if let Some(i) = self.workspaces.iter().position(|w| w.batch == b) {
             return Ok(i);
         }
         let be = self.backend;
@@ -157,109 +321,254 @@ impl<'a, B: Backend> Trainer<'a, B> {
         let g = be.zeros_f32(self.members * b * CLASSES)?;
         let x = be.zeros_f32(b * IMG_PIXELS)?;
         let y = be.zeros_f32(b * CLASSES)?;
-        self.workspaces.push((b, ws, g, x, y));
+        self.workspaces.push(BatchSlot { batch: b, ws, g, x, y });
         Ok(self.workspaces.len() - 1)
     }
 
-    /// Runs every iteration, reporting each metrics row to `observer`.
-    pub fn run(&mut self, observer: &mut dyn Observer) -> Result<Vec<MetricsRow>> {
-        let total = self.total_iterations();
-        let per_epoch = self.cfg.iterations_per_epoch(self.train.len());
-        let batches = self.train.len().div_ceil(self.cfg.batch);
-        let r = self.cfg.repetitions;
-        let start = Instant::now();
-        let mut rows = Vec::with_capacity(total + 1);
-        let mut host_x = Vec::new();
-        let mut labels: Vec<u8> = Vec::new();
-        let mut current = usize::MAX; // (epoch · batches + batch) of the uploaded batch
-        let mut slot = 0;
-        for t in 0..=total {
-            // Iteration t > 0 updates with the batch of step t − 1; row 0 scores batch 0.
-            let step = t.saturating_sub(1);
-            let epoch = step / per_epoch;
-            let bi = (step % per_epoch) / r;
-            if epoch * batches + bi != current {
-                if bi == 0
-                    && self.cfg.order == BatchOrder::Shuffle
-                    && (current == usize::MAX || epoch > 0)
-                {
-                    self.order = (0..self.train.len()).collect();
-                    self.order.shuffle(&mut self.shuffle_rng);
-                }
-                let lo = bi * self.cfg.batch;
-                let hi = (lo + self.cfg.batch).min(self.train.len());
-                labels = self.train.gather(&self.order[lo..hi], &mut host_x);
-                slot = self.workspace_for(hi - lo)?;
-                let be = self.backend;
-                let (_, _, _, x, y) = &mut self.workspaces[slot];
-                be.write_f32(&host_x, x)?;
-                be.write_f32(&one_hot(&labels, CLASSES), y)?;
-                current = epoch * batches + bi;
+    /// Makes sure the current mini-batch is uploaded; returns its slot.
+    fn load_batch(&mut self) -> Result<usize> {
+        let batches = self.batches_per_epoch();
+        let bi = self.batch_global % batches;
+        let lo = bi * self.cfg.batch;
+        let hi = (lo + self.cfg.batch).min(self.train.len());
+        if let Some((g, slot, _)) = &self.loaded {
+            if *g == self.batch_global && self.workspaces.get(*slot).is_some_and(|s| s.batch == hi - lo) {
+                return Ok(*slot);
             }
-            if t > 0 {
-                self.step(slot)?;
-            }
-            let (train_loss, train_accuracy) = self.score_batch(slot, &labels)?;
-            let mut row = MetricsRow {
-                iteration: t,
-                epoch: t as f64 / per_epoch as f64,
-                members: self.members,
-                repetitions: r,
-                train_loss,
-                train_accuracy,
-                test_error: None,
-                test_loss: None,
-                test_error_last: None,
-                test_loss_last: None,
-                test_error_ensemble: None,
-                test_loss_ensemble: None,
-                test_error_mean: None,
-                test_loss_mean: None,
-                elapsed_s: 0.0,
-            };
-            if t % self.cfg.eval_every == 0 || t == total {
-                let t0 = Instant::now();
-                for (i, mode) in self.cfg.eval.clone().into_iter().enumerate() {
-                    let (err, loss) = self.evaluate(mode)?;
-                    if i == 0 {
-                        row.test_error = Some(err);
-                        row.test_loss = Some(loss);
-                    }
-                    match mode {
-                        EvalMode::Mean => {
-                            (row.test_error_mean, row.test_loss_mean) = (Some(err), Some(loss))
-                        }
-                        EvalMode::Last => {
-                            (row.test_error_last, row.test_loss_last) = (Some(err), Some(loss))
-                        }
-                        EvalMode::Ensemble => {
-                            (row.test_error_ensemble, row.test_loss_ensemble) =
-                                (Some(err), Some(loss))
-                        }
-                    }
-                }
-                self.times.eval += t0.elapsed().as_secs_f64();
-            }
-            row.elapsed_s = start.elapsed().as_secs_f64();
-            observer.on_row(&row, total)?;
-            rows.push(row);
         }
-        Ok(rows)
+        let mut host_x = Vec::new();
+        let labels = self.train.gather(&self.order[lo..hi], &mut host_x);
+        let slot = self.workspace_for(hi - lo)?;
+        let be = self.backend;
+        let s = &mut self.workspaces[slot];
+        be.write_f32(&host_x, &mut s.x)?;
+        be.write_f32(&one_hot(&labels, CLASSES), &mut s.y)?;
+        self.loaded = Some((self.batch_global, slot, labels));
+        Ok(slot)
+    }
+
+    /// Moves the position past one update; draws the next epoch's order when an epoch ends.
+    fn advance(&mut self) {
+        self.t += 1;
+        self.rep += 1;
+        if self.rep >= self.repetitions {
+            self.next_batch();
+        }
+    }
+
+    /// Moves to the next mini-batch, drawing a new order at an epoch boundary.
+    fn next_batch(&mut self) {
+        self.rep = 0;
+        self.batch_global += 1;
+        if self.batch_global.is_multiple_of(self.batches_per_epoch()) && self.cfg.order == BatchOrder::Shuffle {
+            self.order.shuffle(&mut self.shuffle_rng);
+        }
+    }
+
+    /// Runs until the end (or an interruption), reporting each metrics row to
+    /// `observer`. A fresh run reports iteration 0 first; a resumed run continues after
+    /// its last row. Returns every row of the run.
+    pub fn run(&mut self, observer: &mut dyn Observer) -> Result<Vec<MetricsRow>> {
+        let start = Instant::now() - std::time::Duration::from_secs_f64(self.rows.last().map_or(0.0, |r| r.elapsed_s));
+        if self.rows.is_empty() {
+            let slot = self.load_batch()?;
+            let row = self.make_row(slot, true, start)?;
+            observer.on_row(&row, self.total_iterations())?;
+            self.adapt_prev = row.test_error;
+            self.rows.push(row);
+        }
+        while self.remaining_iterations() > 0 {
+            let slot = self.load_batch()?;
+            self.step(slot, observer)?;
+            self.advance();
+            let due_eval = self.t.is_multiple_of(self.cfg.eval_every) || self.remaining_iterations() == 0;
+            let due_adapt = self.cfg.adaptation == Adaptation::Adaptive && self.t.is_multiple_of(self.cfg.adapt_every);
+            let row = self.make_row(slot, due_eval || due_adapt, start)?;
+            if due_adapt {
+                self.adapt(row.test_error_mean.or(row.test_error).unwrap_or(f64::NAN), observer)?;
+            }
+            observer.on_row(&row, self.total_iterations())?;
+            self.rows.push(row);
+            let due_ckpt = self.cfg.checkpoint_every.is_some_and(|n| self.t.is_multiple_of(n));
+            let interrupted = INTERRUPT.load(Ordering::SeqCst);
+            if (due_ckpt || interrupted) && self.cfg.out.is_some() {
+                self.save_checkpoint()?;
+            }
+            if interrupted && self.remaining_iterations() > 0 {
+                let resume = match &self.cfg.out {
+                    Some(dir) => format!(
+                        "a checkpoint was written; continue with: enkf-dnn train --resume {}",
+                        dir.display()
+                    ),
+                    None => "no --out folder was given, so nothing was saved to resume from".into(),
+                };
+                return Err(Error::Interrupted { iteration: self.t, resume });
+            }
+        }
+        Ok(self.rows.clone())
+    }
+
+    /// Writes the full state to `out`/checkpoint.bin.
+    pub fn save_checkpoint(&mut self) -> Result<()> {
+        let Some(dir) = self.cfg.out.clone() else {
+            return Err(Error::Config("checkpoints need an output folder (--out)".into()));
+        };
+        let t0 = Instant::now();
+        let state = CheckpointState {
+            config: self.cfg.clone(),
+            params: self.params,
+            members: self.members,
+            repetitions: self.repetitions,
+            t: self.t,
+            batch_global: self.batch_global,
+            rep: self.rep,
+            order: self.order.clone(),
+            shuffle_rng: RngState::of(&self.shuffle_rng),
+            adapt_rng: RngState::of(&self.adapt_rng),
+            resample_rng: RngState::of(&self.resample_rng),
+            adapt_prev: self.adapt_prev,
+            rows: self.rows.clone(),
+            adaptive_log: self.adaptive_log.clone(),
+            resampled: self.resampled,
+        };
+        let u = self.backend.download_f32(&self.u)?;
+        checkpoint::write(&checkpoint::path_in(&dir), &state, &u)?;
+        self.times.other += t0.elapsed().as_secs_f64();
+        Ok(())
+    }
+
+    /// Algorithm 1 at a comparison point with the current test error `current`.
+    fn adapt(&mut self, current: f64, observer: &mut dyn Observer) -> Result<()> {
+        let t0 = Instant::now();
+        let previous = self.adapt_prev.unwrap_or(f64::INFINITY);
+        let rule = AdaptiveRule {
+            min_members: self.cfg.adapt_min_members,
+            max_members: self.cfg.adapt_max_members,
+            step: self.cfg.adapt_step,
+            kappa: self.cfg.adapt_kappa,
+            epsilon: self.cfg.adapt_epsilon,
+        };
+        let (j, r) = rule.decide(self.members, self.repetitions, previous, current);
+        self.adapt_prev = Some(current);
+        if (j, r) == (self.members, self.repetitions) {
+            return Ok(());
+        }
+        let be = self.backend;
+        if j < self.members {
+            let (u, _) = resize::drop_members(be, &self.u, self.members, self.params, self.members - j, &mut self.adapt_rng)?;
+            self.u = u;
+        } else if j > self.members {
+            self.u = resize::add_members(be, &self.u, self.members, self.params, j - self.members, &mut self.adapt_rng)?;
+        }
+        if j != self.members {
+            self.members = j;
+            self.workspaces.clear();
+            self.loaded = None;
+        }
+        // The new r applies at once: a mini-batch already shown r times is done.
+        self.repetitions = r;
+        if self.rep >= r {
+            self.next_batch();
+        }
+        let row = AdaptiveLogRow {
+            iteration: self.t,
+            previous_error: previous,
+            error: current,
+            members: j,
+            repetitions: r,
+            remaining_iterations: self.remaining_iterations(),
+        };
+        observer.on_adapt(&row)?;
+        self.adaptive_log.push(row);
+        self.times.other += t0.elapsed().as_secs_f64();
+        Ok(())
     }
 
     /// One EnKF iteration on the uploaded mini-batch in workspace `slot`.
-    fn step(&mut self, slot: usize) -> Result<()> {
+    fn step(&mut self, slot: usize, observer: &mut dyn Observer) -> Result<()> {
         let be = self.backend;
-        let (b, ws, g, x, y) = &mut self.workspaces[slot];
         let t0 = Instant::now();
-        be.ensemble_forward(&self.net, &self.u, self.members, x, *b, g)?;
+        {
+            let _r = crate::gpu::timing::range("forward");
+            let s = &mut self.workspaces[slot];
+            be.ensemble_forward(&self.net, &self.u, self.members, &s.x, s.batch, &mut s.g)?;
+        }
         be.synchronize()?;
         let t1 = Instant::now();
-        ws.update(be, self.cfg.update, self.cfg.gamma, &mut self.u, g, y)?;
-        be.synchronize()?;
         self.times.forward += (t1 - t0).as_secs_f64();
-        self.times.update += t1.elapsed().as_secs_f64();
+        let cols = self.workspaces[slot].batch * CLASSES;
+        let failed = resize::nonfinite_rows(be, &self.workspaces[slot].g, self.members, cols)?;
+        if !failed.is_empty() {
+            if self.cfg.on_failure == FailurePolicy::Error {
+                return Err(Error::MembersFailed { iteration: self.t + 1, failed: failed.len(), members: self.members });
+            }
+            resize::resample_members(be, &mut self.u, self.members, self.params, &failed, &mut self.resample_rng)?;
+            self.resampled += failed.len();
+            observer.on_resample(self.t + 1, failed.len())?;
+            let s = &mut self.workspaces[slot];
+            be.ensemble_forward(&self.net, &self.u, self.members, &s.x, s.batch, &mut s.g)?;
+            let still = resize::nonfinite_rows(be, &s.g, self.members, cols)?;
+            if !still.is_empty() {
+                return Err(Error::MembersFailed { iteration: self.t + 1, failed: still.len(), members: self.members });
+            }
+        }
+        let t2 = Instant::now();
+        self.times.other += (t2 - t1).as_secs_f64();
+        let _r = crate::gpu::timing::range("update");
+        let s = &mut self.workspaces[slot];
+        s.ws.update(be, self.cfg.update, self.cfg.gamma, &mut self.u, &s.g, &s.y)?;
+        be.synchronize()?;
+        self.times.update += t2.elapsed().as_secs_f64();
         Ok(())
+    }
+
+    /// The metrics row of the current state: mini-batch scores of the mean network on
+    /// the batch in `slot`, and test scores when `evaluate` is set.
+    fn make_row(&mut self, slot: usize, evaluate: bool, start: Instant) -> Result<MetricsRow> {
+        let labels = self.loaded.as_ref().map(|l| l.2.clone()).unwrap_or_default();
+        let (train_loss, train_accuracy) = self.score_batch(slot, &labels)?;
+        let batches = self.batches_per_epoch() as f64;
+        // Position just after the last update (the current batch may already be the next).
+        let done_batches = self.batch_global as f64 + self.rep as f64 / self.repetitions as f64;
+        let mut row = MetricsRow {
+            iteration: self.t,
+            epoch: done_batches / batches,
+            members: self.members,
+            repetitions: self.repetitions,
+            train_loss,
+            train_accuracy,
+            test_error: None,
+            test_loss: None,
+            test_error_last: None,
+            test_loss_last: None,
+            test_error_ensemble: None,
+            test_loss_ensemble: None,
+            test_error_mean: None,
+            test_loss_mean: None,
+            elapsed_s: 0.0,
+        };
+        if evaluate {
+            let t0 = Instant::now();
+            let mut modes = self.cfg.eval.clone();
+            if self.cfg.adaptation == Adaptation::Adaptive && !modes.contains(&EvalMode::Mean) {
+                modes.push(EvalMode::Mean);
+            }
+            for (i, mode) in modes.into_iter().enumerate() {
+                let (err, loss) = self.evaluate(mode)?;
+                if i == 0 {
+                    row.test_error = Some(err);
+                    row.test_loss = Some(loss);
+                }
+                match mode {
+                    EvalMode::Mean => (row.test_error_mean, row.test_loss_mean) = (Some(err), Some(loss)),
+                    EvalMode::Last => (row.test_error_last, row.test_loss_last) = (Some(err), Some(loss)),
+                    EvalMode::Ensemble => (row.test_error_ensemble, row.test_loss_ensemble) = (Some(err), Some(loss)),
+                }
+            }
+            self.times.eval += t0.elapsed().as_secs_f64();
+        }
+        row.elapsed_s = start.elapsed().as_secs_f64();
+        Ok(row)
     }
 
     /// Loss and accuracy of the mean network on the mini-batch in workspace `slot`.
@@ -267,13 +576,13 @@ impl<'a, B: Backend> Trainer<'a, B> {
         let t0 = Instant::now();
         let be = self.backend;
         be.row_mean(&self.u, self.members, self.params, &mut self.weights)?;
-        let (b, _, _, x, _) = &self.workspaces[slot];
-        let mut out = be.zeros_f32(b * CLASSES)?;
-        be.ensemble_forward(&self.net, &self.weights, 1, x, *b, &mut out)?;
+        let s = &self.workspaces[slot];
+        let mut out = be.zeros_f32(s.batch * CLASSES)?;
+        be.ensemble_forward(&self.net, &self.weights, 1, &s.x, s.batch, &mut out)?;
         let logits = be.download_f32(&out)?;
         let (loss, correct) = metrics::score_logits(&logits, labels);
         self.times.train_score += t0.elapsed().as_secs_f64();
-        Ok((loss, correct as f64 / labels.len() as f64))
+        Ok((loss, correct as f64 / labels.len().max(1) as f64))
     }
 
     /// Test error (%) and cross-entropy of one evaluated network on the whole test set.
@@ -285,31 +594,9 @@ impl<'a, B: Backend> Trainer<'a, B> {
                 if mode == EvalMode::Mean {
                     be.row_mean(&self.u, self.members, self.params, &mut self.weights)?;
                 } else {
-                    // Row J−1 of U, selected by a one-hot 1 × J times U (J × P).
-                    let mut sel = vec![0.0f32; self.members];
-                    sel[self.members - 1] = 1.0;
-                    let sel = be.upload_f32(&sel)?;
-                    be.gemm_f32(
-                        Trans::No,
-                        Trans::No,
-                        1,
-                        self.params,
-                        self.members,
-                        1.0,
-                        &sel,
-                        &self.u,
-                        0.0,
-                        &mut self.weights,
-                    )?;
+                    be.copy_rows_f32(&self.u, self.members - 1, &mut self.weights, 0, 1, self.params)?;
                 }
-                be.ensemble_forward(
-                    &self.net,
-                    &self.weights,
-                    1,
-                    &self.test_x,
-                    n,
-                    &mut self.test_out,
-                )?;
+                be.ensemble_forward(&self.net, &self.weights, 1, &self.test_x, n, &mut self.test_out)?;
                 let logits = be.download_f32(&self.test_out)?;
                 metrics::score_logits(&logits, &self.test.labels)
             }
@@ -317,14 +604,11 @@ impl<'a, B: Backend> Trainer<'a, B> {
                 // Chunks of test images so that the J × chunk × 10 outputs stay ≤ 16 Mi floats.
                 let chunk = ((16usize << 20) / (self.members * CLASSES)).clamp(1, n);
                 let mut probs = vec![0.0f64; n * CLASSES];
-                let mut out = be.zeros_f32(self.members * chunk * CLASSES)?;
                 let mut lo = 0;
                 while lo < n {
                     let hi = (lo + chunk).min(n);
                     let x = be.upload_f32(&self.test.images[lo * IMG_PIXELS..hi * IMG_PIXELS])?;
-                    if hi - lo != chunk {
-                        out = be.zeros_f32(self.members * (hi - lo) * CLASSES)?;
-                    }
+                    let mut out = be.zeros_f32(self.members * (hi - lo) * CLASSES)?;
                     be.ensemble_forward(&self.net, &self.u, self.members, &x, hi - lo, &mut out)?;
                     let g = be.download_f32(&out)?;
                     for j in 0..self.members {
@@ -346,7 +630,7 @@ impl<'a, B: Backend> Trainer<'a, B> {
 }
 
 /// Reads a J × P ensemble from `.npy` (float32 or float64) and checks its shape.
-pub fn load_ensemble(path: &std::path::Path, members: usize, params: usize) -> Result<Vec<f32>> {
+pub fn load_ensemble(path: &Path, members: usize, params: usize) -> Result<Vec<f32>> {
     let arr = crate::io::npy::read(path)?;
     if arr.shape != [members, params] {
         return Err(Error::Shape {

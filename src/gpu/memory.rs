@@ -1,0 +1,351 @@
+//! Device memory of a training run, estimated before anything large is allocated, so that
+//! an ensemble too large for the GPU is refused with the largest J that fits instead of a
+//! driver error in the middle of the run.
+//!
+//! What the trainer (`crate::train::Trainer`) keeps on the device, in elements
+//! (J members, P weights, b images of a mini-batch, m = 10·b, N test images):
+//! - the ensemble U: J·P f32;
+//! - per mini-batch size b in use (the full batch and, once an epoch reaches it, the tail
+//!   of N_train mod B images), an `EnkfWorkspace` plus the trainer's G, x and y:
+//!   - A = ΠG and X (J·m f64 each), C and L (m² f64 each);
+//!   - the apply phase, by [`ApplyOrder::cheapest`]: member order S in f64 and f32
+//!     (J² each) and a copy of U (J·P f32); parameter order X and A in f32 (J·m each)
+//!     and T (m·P f32);
+//!   - G (J·m f32), the images (b·784 f32), the one-hot targets (m f32);
+//! - the test set (N·784 f32) and its logits (N·10 f32), the mean weights (P f32), the
+//!   mini-batch logits of the mean network (m f32), and for `--eval last` a 1 × J
+//!   selector; `--eval ensemble` adds up to 16 Mi f32 of outputs per test chunk;
+//! - a reserve for what is not ours to count: cuBLAS and cuSOLVER workspaces (cuSOLVER's
+//!   potrf on m × m is a few MB, cuBLAS keeps up to 32 MiB per handle on Hopper), the
+//!   loaded kernel modules, and the driver's 2 MiB allocation granularity.
+
+use crate::enkf::ApplyOrder;
+use crate::model::{CLASSES, IMG_PIXELS};
+use crate::train::{EvalMode, TrainConfig};
+use crate::{Error, Result};
+
+use super::{cuda_err, CudaBackend};
+
+/// Fixed part of the reserve: library workspaces and module images (256 MiB).
+const RESERVE_FIXED: u64 = 256 << 20;
+/// Proportional part of the reserve: allocation rounding, 1/64 of the counted bytes.
+const RESERVE_FRACTION: u64 = 64;
+/// Floats of the largest ensemble-evaluation output chunk (as in `Trainer::evaluate`).
+const ENSEMBLE_EVAL_CHUNK: u64 = 16 << 20;
+
+/// The sizes that decide a training run's device memory.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TrainShape {
+    /// Ensemble size J.
+    pub members: usize,
+    /// Weights per member P.
+    pub params: usize,
+    /// Images of each mini-batch size the run uses (one or two sizes, none zero).
+    pub batches: Vec<usize>,
+    /// Test images N.
+    pub test_images: usize,
+    /// Whether the evaluation scores the last member (a 1 × J selector).
+    pub eval_last: bool,
+    /// Whether the evaluation runs the whole ensemble over the test set.
+    pub eval_ensemble: bool,
+}
+
+impl TrainShape {
+    /// The shape of a run of `cfg` on `n_train` training and `n_test` test images (after
+    /// any limits). The tail mini-batch (n_train mod B images) is counted only when the
+    /// run's iterations reach it.
+    pub fn of(cfg: &TrainConfig, n_train: usize, n_test: usize) -> TrainShape {
+        let full = cfg.batch.min(n_train).max(1);
+        let mut batches = vec![full];
+        let tail = n_train % cfg.batch;
+        let n_batches = n_train.div_ceil(cfg.batch);
+        if n_train > cfg.batch
+            && tail != 0
+            && cfg.total_iterations(n_train) > (n_batches - 1) * cfg.repetitions
+        {
+            batches.push(tail);
+        }
+        TrainShape {
+            members: cfg.members,
+            params: cfg.net().n_params(),
+            batches,
+            test_images: n_test,
+            eval_last: cfg.eval.contains(&EvalMode::Last),
+            eval_ensemble: cfg.eval.contains(&EvalMode::Ensemble),
+        }
+    }
+
+    /// The same shape with another ensemble size.
+    pub fn with_members(&self, members: usize) -> TrainShape {
+        TrainShape {
+            members,
+            ..self.clone()
+        }
+    }
+}
+
+/// Estimated device memory of a run, in bytes, by what it holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct MemoryEstimate {
+    /// The ensemble U (J × P f32).
+    pub ensemble: u64,
+    /// EnKF workspaces and the trainer's G, x, y, for every mini-batch size.
+    pub workspaces: u64,
+    /// Test set, logits, mean weights and evaluation temporaries.
+    pub evaluation: u64,
+    /// Library workspaces, modules and allocation rounding.
+    pub reserve: u64,
+}
+
+impl MemoryEstimate {
+    /// Sum of all parts, in bytes.
+    pub fn total(&self) -> u64 {
+        self.ensemble + self.workspaces + self.evaluation + self.reserve
+    }
+}
+
+/// Bytes of one EnKF workspace plus the trainer's per-batch buffers, for `members` (J),
+/// `params` (P) and a mini-batch of `batch` images (m = 10·batch).
+pub fn workspace_bytes(members: usize, params: usize, batch: usize) -> u64 {
+    let (j, p, b) = (members as u64, params as u64, batch as u64);
+    let m = b * CLASSES as u64;
+    // A, X (J × m) and C, L (m × m), f64.
+    let gain = 8 * (2 * j * m + 2 * m * m);
+    let apply = match ApplyOrder::cheapest(members, params, batch * CLASSES) {
+        // S in f64 and f32 (J × J), copy of U (J × P f32).
+        ApplyOrder::Members => 8 * j * j + 4 * j * j + 4 * j * p,
+        // X, A in f32 (J × m), T (m × P f32).
+        _ => 4 * (2 * j * m + m * p),
+    };
+    // G (J × m), images (b × 784), targets (m), f32.
+    let trainer = 4 * (j * m + b * IMG_PIXELS as u64 + m);
+    gain + apply + trainer
+}
+
+/// Estimated device memory of a training run of `shape` (see the module docs).
+pub fn estimate(shape: &TrainShape) -> MemoryEstimate {
+    let (j, p, n) = (
+        shape.members as u64,
+        shape.params as u64,
+        shape.test_images as u64,
+    );
+    let ensemble = 4 * j * p;
+    let workspaces = shape
+        .batches
+        .iter()
+        .map(|&b| workspace_bytes(shape.members, shape.params, b))
+        .sum();
+    let largest_batch = shape.batches.iter().copied().max().unwrap_or(0) as u64;
+    let mut evaluation = 4 * (n * IMG_PIXELS as u64 + n * CLASSES as u64 + p);
+    evaluation += 4 * largest_batch * CLASSES as u64;
+    if shape.eval_last {
+        evaluation += 4 * j;
+    }
+    if shape.eval_ensemble {
+        // The chunk of outputs plus that chunk's images.
+        evaluation += 4 * ENSEMBLE_EVAL_CHUNK.max(j * CLASSES as u64) + 4 * n * IMG_PIXELS as u64;
+    }
+    let counted = ensemble + workspaces + evaluation;
+    MemoryEstimate {
+        ensemble,
+        workspaces,
+        evaluation,
+        reserve: RESERVE_FIXED + counted / RESERVE_FRACTION,
+    }
+}
+
+/// The largest ensemble size J ≥ 2 whose [`estimate`] fits in `free_bytes`, or None when
+/// not even J = 2 fits. Bisection over J: the estimate grows with J except for a small
+/// drop where the apply phase switches from member to parameter order (J ≈ 1200 for the
+/// paper's net), which only matters on a device with less than ~0.5 GB free.
+pub fn largest_members(shape: &TrainShape, free_bytes: u64) -> Option<usize> {
+    let fits = |j: usize| estimate(&shape.with_members(j)).total() <= free_bytes;
+    if !fits(2) {
+        return None;
+    }
+    let mut lo = 2usize; // fits
+    let mut hi = 4usize;
+    while fits(hi) {
+        lo = hi;
+        hi = hi.checked_mul(2)?;
+    }
+    // fits(lo), !fits(hi)
+    while hi - lo > 1 {
+        let mid = lo + (hi - lo) / 2;
+        if fits(mid) {
+            lo = mid;
+        } else {
+            hi = mid;
+        }
+    }
+    Some(lo)
+}
+
+fn gib(bytes: u64) -> f64 {
+    bytes as f64 / (1u64 << 30) as f64
+}
+
+/// The error for a run of `shape` that needs more than `free` of `total` bytes, naming
+/// each part and the largest J that fits.
+pub fn too_large(shape: &TrainShape, free: u64, total: u64) -> Error {
+    let e = estimate(shape);
+    let advice = match largest_members(shape, free) {
+        Some(j) => format!("the largest ensemble that fits is J = {j} (--members {j})"),
+        None => "not even J = 2 fits; free GPU memory (other processes) first".to_string(),
+    };
+    Error::Cuda(format!(
+        "J = {} members need about {:.2} GiB of device memory (ensemble U {:.2} GiB, EnKF \
+         workspaces {:.2} GiB, test set and evaluation {:.2} GiB, library reserve {:.2} GiB) \
+         but only {:.2} GiB of {:.2} GiB are free: {advice}",
+        shape.members,
+        gib(e.total()),
+        gib(e.ensemble),
+        gib(e.workspaces),
+        gib(e.evaluation),
+        gib(e.reserve),
+        gib(free),
+        gib(total)
+    ))
+}
+
+impl CudaBackend {
+    /// Free and total device memory in bytes (`cuMemGetInfo`).
+    ///
+    /// Errors: [`Error::Cuda`] when the driver query fails.
+    pub fn memory_info(&self) -> Result<(u64, u64)> {
+        let (free, total) = self
+            .ctx
+            .mem_get_info()
+            .map_err(cuda_err("querying free device memory"))?;
+        Ok((free as u64, total as u64))
+    }
+
+    /// Checks that a training run of `shape` fits in the device's free memory.
+    ///
+    /// Errors: [`Error::Cuda`] with the estimate by part and the largest J that fits
+    /// (see [`too_large`]); driver query failures.
+    pub fn check_fits(&self, shape: &TrainShape) -> Result<()> {
+        let (free, total) = self.memory_info()?;
+        if estimate(shape).total() <= free {
+            Ok(())
+        } else {
+            Err(too_large(shape, free, total))
+        }
+    }
+
+    /// [`CudaBackend::check_fits`] for a run of `cfg` on `n_train` training and `n_test`
+    /// test images (after limits). Call before `Trainer::new`.
+    ///
+    /// Errors: as [`CudaBackend::check_fits`].
+    pub fn check_train_fits(&self, cfg: &TrainConfig, n_train: usize, n_test: usize) -> Result<()> {
+        self.check_fits(&TrainShape::of(cfg, n_train, n_test))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::train::PartialConfig;
+
+    const P: usize = 18_050;
+
+    fn shape(members: usize, batches: Vec<usize>) -> TrainShape {
+        TrainShape {
+            members,
+            params: P,
+            batches,
+            test_images: 10_000,
+            eval_last: false,
+            eval_ensemble: false,
+        }
+    }
+
+    #[test]
+    fn workspace_counts_every_buffer_of_the_parameter_order() {
+        // J = 5000 > m = 640 and flop count picks the parameter order.
+        assert_eq!(ApplyOrder::cheapest(5000, P, 640), ApplyOrder::Params);
+        let (j, p, m) = (5000u64, P as u64, 640u64);
+        let want = 8 * (2 * j * m + 2 * m * m) // a64, x64, c64, l64
+            + 4 * (2 * j * m + m * p)            // x32, a32, t32
+            + 4 * (j * m + 64 * 784 + m); // g, x, y
+        assert_eq!(workspace_bytes(5000, P, 64), want);
+    }
+
+    #[test]
+    fn workspace_counts_every_buffer_of_the_member_order() {
+        assert_eq!(ApplyOrder::cheapest(256, P, 640), ApplyOrder::Members);
+        let (j, p, m) = (256u64, P as u64, 640u64);
+        let want =
+            8 * (2 * j * m + 2 * m * m) + 12 * j * j + 4 * j * p + 4 * (j * m + 64 * 784 + m);
+        assert_eq!(workspace_bytes(256, P, 64), want);
+    }
+
+    #[test]
+    fn estimate_at_j_5000_is_the_ensemble_plus_small_parts() {
+        let e = estimate(&shape(5000, vec![64, 32]));
+        assert_eq!(e.ensemble, 4 * 5000 * P as u64); // 361 MB
+        assert_eq!(
+            e.workspaces,
+            workspace_bytes(5000, P, 64) + workspace_bytes(5000, P, 32)
+        );
+        assert_eq!(e.evaluation, 4 * (10_000 * 794 + P as u64 + 640));
+        assert_eq!(
+            e.reserve,
+            RESERVE_FIXED + (e.ensemble + e.workspaces + e.evaluation) / 64
+        );
+        // About 0.88 GB in all (U 361 MB, workspaces 212 MB, test set 32 MB, reserve
+        // 278 MB): far below any data-centre GPU.
+        assert!(e.total() > 850_000_000 && e.total() < 920_000_000, "{e:?}");
+    }
+
+    #[test]
+    fn j_50000_fits_an_h200_and_the_largest_j_is_consistent() {
+        let s = shape(50_000, vec![64, 32]);
+        let e = estimate(&s);
+        assert!(
+            e.total() < 10 << 30,
+            "J = 50000 should need < 10 GiB: {e:?}"
+        );
+        let free = 139u64 << 30;
+        let j = largest_members(&s, free).expect("fits");
+        assert!(estimate(&s.with_members(j)).total() <= free);
+        assert!(estimate(&s.with_members(j + 1)).total() > free);
+        // Dominated by U (4·P bytes per member) plus G and the f64 gain matrices.
+        assert!(j > 1_000_000 && j < 2_100_000, "{j}");
+    }
+
+    #[test]
+    fn too_large_names_the_largest_j_that_fits() {
+        let s = shape(100_000, vec![64]);
+        let free = 4u64 << 30;
+        let Error::Cuda(msg) = too_large(&s, free, 8 << 30) else {
+            panic!("not a CUDA error");
+        };
+        let j = largest_members(&s, free).expect("fits");
+        assert!(msg.contains(&format!("J = {j} (--members {j})")), "{msg}");
+        assert!(msg.contains("J = 100000 members"), "{msg}");
+        assert!(largest_members(&s, 1 << 20).is_none());
+    }
+
+    #[test]
+    fn shape_counts_the_tail_batch_only_when_reached() {
+        let cfg = |iterations: Option<usize>| {
+            PartialConfig {
+                members: Some(10),
+                iterations,
+                ..Default::default()
+            }
+            .resolve()
+            .expect("config")
+        };
+        // 60,000 images, B = 64: 938 batches, the last of 32 images, reached after 937·8.
+        assert_eq!(TrainShape::of(&cfg(None), 60_000, 10_000).batches, [64, 32]);
+        assert_eq!(TrainShape::of(&cfg(Some(20)), 60_000, 10_000).batches, [64]);
+        assert_eq!(
+            TrainShape::of(&cfg(Some(937 * 8 + 1)), 60_000, 100).batches,
+            [64, 32]
+        );
+        assert_eq!(TrainShape::of(&cfg(None), 40, 10).batches, [40]);
+        assert_eq!(TrainShape::of(&cfg(None), 640, 10).batches, [64]);
+    }
+}

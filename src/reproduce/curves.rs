@@ -1,0 +1,431 @@
+//! The test-error figures: 1, 5, 8 (activations, members), 9 and 10. Each runs a few
+//! configurations over seeds, aggregates mean ± std of the test error per evaluated
+//! iteration into `summary.csv`, draws it, and tables the final values beside the paper's.
+
+use super::render::{self, PlotSpec, RunRef};
+use super::{run_enkf, run_grad, Ctx, Experiment};
+use crate::data::DataSplit;
+use crate::model::Activation;
+use crate::train::config::Adaptation;
+use crate::train::gradient::GradConfig;
+use crate::train::optim::Optimizer;
+use crate::train::{MetricsRow, TrainConfig};
+use crate::{Error, Result};
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+
+/// How one curve is trained.
+enum Kind {
+    Enkf(Box<TrainConfig>),
+    Grad(Box<GradConfig>),
+}
+
+/// One curve of a figure.
+struct RunDef {
+    /// Folder name.
+    name: String,
+    /// Legend text.
+    label: String,
+    /// The paper's number or a pointer to its figure.
+    paper: String,
+    kind: Kind,
+}
+
+/// One row of `summary.csv`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub(crate) struct SummaryRow {
+    /// Run folder name.
+    pub run: String,
+    /// Legend text.
+    pub label: String,
+    /// Iteration of the evaluation.
+    pub iteration: usize,
+    /// Epochs done at that iteration.
+    pub epoch: f64,
+    /// Mean test error over seeds, percent.
+    pub test_error_mean: f64,
+    /// Population standard deviation over seeds, percentage points.
+    pub test_error_std: f64,
+    /// Seeds aggregated.
+    pub seeds: usize,
+}
+
+fn grad(ctx: &Ctx, opt: Optimizer, sigma: f64, epochs: usize) -> GradConfig {
+    GradConfig {
+        epochs,
+        eval_every: ctx.scale.grad_eval_every,
+        hist_every: ctx.scale.hist_every,
+        sigma,
+        ..GradConfig::new(opt)
+    }
+}
+
+fn comparison_runs(ctx: &Ctx, enkf_paper: &str, fig: &str) -> Vec<RunDef> {
+    let cfg = ctx.enkf_config();
+    let j = cfg.members;
+    vec![
+        RunDef {
+            name: "sgd".into(),
+            label: "SGD (lr 0.1, momentum 0.9)".into(),
+            paper: format!("does not learn (see paper Fig. {fig})"),
+            kind: Kind::Grad(Box::new(grad(ctx, Optimizer::Sgd, 1.0, 1))),
+        },
+        RunDef {
+            name: "adam".into(),
+            label: "Adam (lr 1e-3)".into(),
+            paper: format!("learns slowly (see paper Fig. {fig})"),
+            kind: Kind::Grad(Box::new(grad(ctx, Optimizer::Adam, 1.0, 1))),
+        },
+        RunDef {
+            name: "enkf".into(),
+            label: format!("EnKF (J = {j}, r = {})", cfg.repetitions),
+            paper: enkf_paper.into(),
+            kind: Kind::Enkf(Box::new(cfg)),
+        },
+    ]
+}
+
+/// Runs one of the test-error experiments (see the module docs).
+pub(crate) fn run(ctx: &Ctx, exp: Experiment, in_all: bool) -> Result<()> {
+    let s = &ctx.scale;
+    let mnist = || ctx.load_idx(&ctx.opts.data_root.join("mnist"));
+    let (title, x, data, runs, dataset): (String, &str, DataSplit, Vec<RunDef>, String) = match exp
+    {
+        Experiment::Fig1 => (
+            "Fig. 1: MNIST test error, one epoch, σ = 1".into(),
+            "epoch",
+            mnist()?,
+            comparison_runs(
+                ctx,
+                "3.8 % after one epoch (J = 5000, text of Sect. 3)",
+                "1",
+            ),
+            "MNIST".into(),
+        ),
+        Experiment::Fig5 => {
+            let runs = [1.0, 3.0]
+                .iter()
+                .map(|&sigma| RunDef {
+                    name: format!("adam-sigma{sigma}"),
+                    label: format!("Adam, σ = {sigma}"),
+                    paper: if sigma == 1.0 {
+                        "passes 95 % accuracy (≤ 5 % error) within 10 epochs".into()
+                    } else {
+                        "see paper Fig. 5".into()
+                    },
+                    kind: Kind::Grad(Box::new(grad(ctx, Optimizer::Adam, sigma, s.fig5_epochs))),
+                })
+                .collect();
+            (
+                format!("Fig. 5: Adam on MNIST over {} epochs", s.fig5_epochs),
+                "epoch",
+                mnist()?,
+                runs,
+                "MNIST".into(),
+            )
+        }
+        Experiment::Fig8Activations => {
+            let runs = [
+                (Activation::Logistic, "logistic"),
+                (Activation::Relu, "relu"),
+                (Activation::Tanh, "tanh"),
+            ]
+            .iter()
+            .map(|&(act, name)| {
+                let cfg = TrainConfig {
+                    activation: act,
+                    ..ctx.enkf_config()
+                };
+                RunDef {
+                    name: name.into(),
+                    label: format!("EnKF, {name} (J = {})", cfg.members),
+                    paper: "see paper Fig. 8".into(),
+                    kind: Kind::Enkf(Box::new(cfg)),
+                }
+            })
+            .collect();
+            (
+                "Fig. 8: EnKF on MNIST with different activations".into(),
+                "iteration",
+                mnist()?,
+                runs,
+                "MNIST".into(),
+            )
+        }
+        Experiment::Fig8Members => {
+            let runs = s
+                .member_sweep
+                .iter()
+                .map(|&j| {
+                    let cfg = TrainConfig {
+                        members: j,
+                        ..ctx.enkf_config()
+                    };
+                    RunDef {
+                        name: format!("J{j}"),
+                        label: format!("EnKF, J = {j}"),
+                        paper: if j == 5000 {
+                            "3.8 % after one epoch (text); curve: see paper Fig. 8".into()
+                        } else {
+                            "see paper Fig. 8".into()
+                        },
+                        kind: Kind::Enkf(Box::new(cfg)),
+                    }
+                })
+                .collect();
+            (
+                "Fig. 8: EnKF on MNIST with different ensemble sizes".into(),
+                "iteration",
+                mnist()?,
+                runs,
+                "MNIST".into(),
+            )
+        }
+        Experiment::Fig9 => {
+            let (data, dataset) = match &ctx.opts.letters {
+                Some(dir) => {
+                    let mut d = crate::data::letters::load_letters_dir(dir, 1.0 / 7.0, 0)?;
+                    ctx.limit(&mut d);
+                    (d, format!("notMNIST letters A–J ({})", dir.display()))
+                }
+                None => {
+                    let dir = ctx.opts.data_root.join("fashion-mnist");
+                    match ctx.load_idx(&dir) {
+                        Ok(d) => (d, "Fashion-MNIST (stand-in for the paper's notMNIST letters)".into()),
+                        Err(e) if in_all => {
+                            let note = format!(
+                                "# Fig. 9 skipped\n\nFashion-MNIST is not in `{}` ({e}).\n\
+                                 Fetch it with `scripts/fetch-data.sh {}` or pass `--letters DIR` \
+                                 (a notMNIST folder), then run `enkf-dnn reproduce fig9`.\n",
+                                dir.display(),
+                                dir.display()
+                            );
+                            eprintln!("reproduce fig9: skipped: Fashion-MNIST not found in {}", dir.display());
+                            let path = ctx.dir.join("table.md");
+                            return std::fs::write(&path, note).map_err(|e| Error::io(&path, e));
+                        }
+                        Err(e) => {
+                            return Err(Error::Config(format!(
+                                "fig9 needs Fashion-MNIST in {} ({e}); run scripts/fetch-data.sh {} or pass --letters DIR",
+                                dir.display(),
+                                dir.display()
+                            )))
+                        }
+                    }
+                }
+            };
+            (
+                format!("Fig. 9 (letters experiment) on {dataset}: test error, one epoch"),
+                "epoch",
+                data,
+                comparison_runs(ctx, "see paper Fig. 9 (notMNIST)", "9"),
+                dataset,
+            )
+        }
+        Experiment::Fig10 => {
+            let fixed = ctx.enkf_config();
+            let (tau, lo, hi, v, eps) = s.adapt;
+            let adaptive = TrainConfig {
+                adaptation: Adaptation::Adaptive,
+                adapt_every: tau,
+                adapt_min_members: lo.min(fixed.members),
+                adapt_max_members: hi.max(fixed.members),
+                adapt_step: v,
+                adapt_epsilon: eps,
+                ..fixed.clone()
+            };
+            let runs = vec![
+                RunDef {
+                    name: "fixed".into(),
+                    label: format!("fixed J = {}", fixed.members),
+                    paper: "see paper Fig. 10".into(),
+                    kind: Kind::Enkf(Box::new(fixed.clone())),
+                },
+                RunDef {
+                    name: "adaptive".into(),
+                    label: format!(
+                        "adaptive from J = {} (τ = {tau}, b_l = {lo}, b_u = {hi}, v = {v}, ε = {eps} %)",
+                        fixed.members
+                    ),
+                    paper: "see paper Fig. 10".into(),
+                    kind: Kind::Enkf(Box::new(adaptive)),
+                },
+            ];
+            (
+                "Fig. 10: fixed vs adaptive ensemble (Algorithm 1), MNIST".into(),
+                "iteration",
+                mnist()?,
+                runs,
+                "MNIST".into(),
+            )
+        }
+        other => {
+            return Err(Error::Config(format!(
+                "internal: {} is not a test-error experiment",
+                other.name()
+            )))
+        }
+    };
+
+    let mut summary = Vec::new();
+    let mut table_rows = Vec::new();
+    for def in &runs {
+        let mut per_seed: Vec<Vec<MetricsRow>> = Vec::new();
+        for seed in 0..ctx.opts.seeds as u64 {
+            let dir = ctx.dir.join(&def.name).join(format!("seed-{seed}"));
+            let rows = match &def.kind {
+                Kind::Enkf(cfg) => {
+                    let cfg = TrainConfig {
+                        seed,
+                        ..(**cfg).clone()
+                    };
+                    run_enkf(&cfg, &data, &dir)?
+                }
+                Kind::Grad(cfg) => {
+                    let cfg = GradConfig {
+                        seed,
+                        ..(**cfg).clone()
+                    };
+                    run_grad(&cfg, &data, &dir, None)?
+                }
+            };
+            if let Some(r) = rows.iter().rev().find(|r| r.test_error.is_some()) {
+                eprintln!(
+                    "  {}/{} seed {seed}: test error {:.2} % after {} iterations ({:.1} s)",
+                    ctx.dir.display(),
+                    def.name,
+                    r.test_error.unwrap_or(f64::NAN),
+                    r.iteration,
+                    r.elapsed_s
+                );
+            }
+            per_seed.push(rows);
+        }
+        let rows = aggregate(&def.name, &def.label, &per_seed);
+        let last = rows.last().cloned();
+        table_rows.push((def, last, first_below(&rows, 5.0)));
+        summary.extend(rows);
+    }
+    write_summary(&ctx.dir.join("summary.csv"), &summary)?;
+    let spec = PlotSpec {
+        experiment: ctx.dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default(),
+        title,
+        x: x.into(),
+        x_label: if x == "epoch" {
+            "epoch (passes over the training set)".into()
+        } else {
+            "iteration (EnKF updates)".into()
+        },
+        y_label: "test error (%)".into(),
+        log_y: false,
+        runs: runs
+            .iter()
+            .map(|d| RunRef {
+                name: d.name.clone(),
+                label: d.label.clone(),
+            })
+            .collect(),
+        stats: Vec::new(),
+    };
+    render::write_spec(&ctx.dir, &spec)?;
+    render::render(&ctx.dir)?;
+    write_table(ctx, exp, &dataset, &data, &table_rows)
+}
+
+/// Mean ± population std over seeds of the test error at every iteration that all
+/// seeds evaluated.
+pub(crate) fn aggregate(name: &str, label: &str, per_seed: &[Vec<MetricsRow>]) -> Vec<SummaryRow> {
+    let mut by_it: BTreeMap<usize, (f64, Vec<f64>)> = BTreeMap::new();
+    for rows in per_seed {
+        for r in rows {
+            if let Some(e) = r.test_error {
+                by_it.entry(r.iteration).or_insert((r.epoch, Vec::new())).1.push(e);
+            }
+        }
+    }
+    by_it
+        .into_iter()
+        .filter(|(_, (_, v))| v.len() == per_seed.len())
+        .map(|(iteration, (epoch, v))| {
+            let n = v.len() as f64;
+            let mean = v.iter().sum::<f64>() / n;
+            let var = v.iter().map(|e| (e - mean) * (e - mean)).sum::<f64>() / n;
+            SummaryRow {
+                run: name.into(),
+                label: label.into(),
+                iteration,
+                epoch,
+                test_error_mean: mean,
+                test_error_std: var.sqrt(),
+                seeds: v.len(),
+            }
+        })
+        .collect()
+}
+
+fn first_below(rows: &[SummaryRow], threshold: f64) -> Option<f64> {
+    rows.iter()
+        .find(|r| r.test_error_mean <= threshold)
+        .map(|r| r.epoch)
+}
+
+fn write_summary(path: &std::path::Path, rows: &[SummaryRow]) -> Result<()> {
+    let f = std::fs::File::create(path).map_err(|e| Error::io(path, e))?;
+    let mut w = csv::Writer::from_writer(f);
+    for r in rows {
+        w.serialize(r)?;
+    }
+    w.flush().map_err(|e| Error::io(path, e))
+}
+
+fn write_table(
+    ctx: &Ctx,
+    exp: Experiment,
+    dataset: &str,
+    data: &DataSplit,
+    rows: &[(&RunDef, Option<SummaryRow>, Option<f64>)],
+) -> Result<()> {
+    let mut t = String::new();
+    let _ = writeln!(t, "# {} — ours beside the paper\n", exp.name());
+    let _ = writeln!(
+        t,
+        "Data: {dataset}, {} training / {} test images. Size: {}. Seeds: {}. EnKF backend: {}. \
+         Ours is the final test error, mean ± std over seeds (population std).\n",
+        data.train.len(),
+        data.test.len(),
+        ctx.scale.name,
+        ctx.opts.seeds,
+        ctx.backend_words()
+    );
+    let below = exp == Experiment::Fig5;
+    if below {
+        let _ = writeln!(t, "| run | ours: final test error (%) | iterations | ours: first epoch with mean error ≤ 5 % | paper |");
+        let _ = writeln!(t, "|---|---|---|---|---|");
+    } else {
+        let _ = writeln!(t, "| run | ours: final test error (%) | iterations | paper |");
+        let _ = writeln!(t, "|---|---|---|---|");
+    }
+    for (def, last, first) in rows {
+        let ours = last.as_ref().map_or("no evaluation".into(), |r| {
+            format!("{:.2} ± {:.2}", r.test_error_mean, r.test_error_std)
+        });
+        let its = last.as_ref().map_or(String::from("–"), |r| r.iteration.to_string());
+        if below {
+            let f = first.map_or("not reached".into(), |e| format!("{e:.2}"));
+            let _ = writeln!(t, "| {} | {ours} | {its} | {f} | {} |", def.label, def.paper);
+        } else {
+            let _ = writeln!(t, "| {} | {ours} | {its} | {} |", def.label, def.paper);
+        }
+    }
+    if ctx.scale.name != "paper size" {
+        let _ = writeln!(
+            t,
+            "\nThese runs are scaled down ({}); the paper's numbers are for J = 5000 and the full \
+             data set, so compare shapes and orderings, not values.",
+            ctx.scale.name
+        );
+    }
+    let path = ctx.dir.join("table.md");
+    std::fs::write(&path, t).map_err(|e| Error::io(&path, e))
+}

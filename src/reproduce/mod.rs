@@ -1,0 +1,494 @@
+//! `enkf-dnn reproduce <experiment>`: the paper's figures, one command each.
+//!
+//! Every experiment writes into `OUT/<experiment>/`:
+//! - `<run>/seed-<s>/metrics.csv` (one row per iteration, the columns of
+//!   [`MetricsRow`]), `config.json`, and for EnKF runs `model.safetensors` (the mean
+//!   network) — or, for the statistics figures, `stats.csv` and `hist.csv`;
+//! - `summary.csv`: per run and evaluated iteration the test error's mean and
+//!   standard deviation over seeds (population std, as NumPy's default);
+//! - `plot.json` (what to draw) and the charts as PNG and SVG ([`plot_dir`] redraws
+//!   them from the CSVs);
+//! - `table.md`: our numbers beside the paper's.
+//!
+//! Sizes: the default is the paper's (J = 5000, all 60,000 / 10,000 images, one epoch);
+//! `--quick` scales every experiment down so that `reproduce all --quick` runs in
+//! minutes on a laptop CPU; `tiny` (tests only) is smaller still. [`Scale`] holds the
+//! numbers.
+
+mod curves;
+mod render;
+mod stats_figs;
+
+use crate::app::{dispatch, resolve_backend, BackendJob};
+use crate::backend::{Backend, BackendKind, MathMode};
+use crate::data::DataSplit;
+use crate::train::gradient::{train_gradient, GradConfig};
+use crate::train::stats::StatsWriter;
+use crate::train::{MetricsRow, Observer, TrainConfig, Trainer};
+use crate::{Error, Result};
+use std::path::{Path, PathBuf};
+
+pub use render::plot_dir;
+
+/// The paper's experiments.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, clap::ValueEnum)]
+pub enum Experiment {
+    /// Fig. 1: SGD vs Adam vs EnKF, one epoch, σ = 1, mean ± std over seeds.
+    Fig1,
+    /// Fig. 3: SGD, one epoch: activation mean ± std per layer, gradient histograms.
+    Fig3,
+    /// Fig. 4: as Fig. 3 over 50 epochs.
+    Fig4,
+    /// Fig. 5: Adam over epochs for σ ∈ {1, 3}.
+    Fig5,
+    /// Fig. 6: Adam, one epoch: activation mean ± std per layer, gradient histograms.
+    Fig6,
+    /// Fig. 7: as Fig. 6 over 50 epochs.
+    Fig7,
+    /// Fig. 8 (left): EnKF with logistic, ReLU and tanh activations.
+    Fig8Activations,
+    /// Fig. 8 (right): EnKF for several ensemble sizes J.
+    Fig8Members,
+    /// Fig. 9: the letters experiment (Fashion-MNIST here unless a notMNIST folder is given).
+    Fig9,
+    /// Fig. 10: fixed vs adaptive ensemble (Algorithm 1).
+    Fig10,
+    /// Every experiment above, in that order.
+    All,
+}
+
+impl Experiment {
+    /// The experiments `All` runs, in order.
+    pub const EVERY: [Experiment; 10] = [
+        Experiment::Fig1,
+        Experiment::Fig5,
+        Experiment::Fig8Activations,
+        Experiment::Fig8Members,
+        Experiment::Fig9,
+        Experiment::Fig10,
+        Experiment::Fig3,
+        Experiment::Fig6,
+        Experiment::Fig4,
+        Experiment::Fig7,
+    ];
+
+    /// Folder name and CLI name, e.g. `fig8-members`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Experiment::Fig1 => "fig1",
+            Experiment::Fig3 => "fig3",
+            Experiment::Fig4 => "fig4",
+            Experiment::Fig5 => "fig5",
+            Experiment::Fig6 => "fig6",
+            Experiment::Fig7 => "fig7",
+            Experiment::Fig8Activations => "fig8-activations",
+            Experiment::Fig8Members => "fig8-members",
+            Experiment::Fig9 => "fig9",
+            Experiment::Fig10 => "fig10",
+            Experiment::All => "all",
+        }
+    }
+}
+
+/// Settings of a reproduction.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ReproduceOptions {
+    /// Output root; experiment `e` writes into `out/e`.
+    pub out: PathBuf,
+    /// Seeds per curve (0, 1, …, seeds − 1). The paper's Fig. 1 uses 10.
+    pub seeds: usize,
+    /// Scale every experiment down (see [`Scale::quick`]).
+    pub quick: bool,
+    /// Smaller still, for tests (see [`Scale::tiny`]); overrides `quick`.
+    pub tiny: bool,
+    /// Where EnKF runs execute (gradient runs are CPU).
+    pub backend: BackendKind,
+    /// Precision of the large EnKF products.
+    pub math: MathMode,
+    /// Folder holding `mnist/` and `fashion-mnist/`.
+    pub data_root: PathBuf,
+    /// A notMNIST folder (A … J of 28 × 28 PNGs) for Fig. 9 instead of Fashion-MNIST.
+    pub letters: Option<PathBuf>,
+    /// Ensemble size J of every EnKF run except the sweep of Fig. 8 (right).
+    pub members: Option<usize>,
+    /// CPU threads (the global pool, set once).
+    pub threads: Option<usize>,
+}
+
+impl Default for ReproduceOptions {
+    fn default() -> Self {
+        ReproduceOptions {
+            out: PathBuf::from("runs/reproduce"),
+            seeds: 2,
+            quick: true,
+            tiny: false,
+            backend: BackendKind::Auto,
+            math: MathMode::Fp32,
+            data_root: crate::data::data_root(),
+            letters: None,
+            members: None,
+            threads: None,
+        }
+    }
+}
+
+/// Flags of `enkf-dnn reproduce`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct ReproduceArgs {
+    /// Which figure to reproduce (`all` runs every one).
+    #[arg(value_enum)]
+    pub experiment: Experiment,
+    /// Output root; each experiment writes into OUT/<experiment>.
+    #[arg(long, short = 'o', value_name = "DIR", default_value = "runs/reproduce")]
+    pub out: PathBuf,
+    /// Seeds per curve [default: 10 (the paper's Fig. 1), 2 with --quick].
+    #[arg(long, value_name = "N")]
+    pub seeds: Option<usize>,
+    /// Scale every run down so that `reproduce all --quick` takes minutes on a CPU.
+    #[arg(long)]
+    pub quick: bool,
+    /// Smaller than --quick (smoke tests only).
+    #[arg(long, hide = true)]
+    pub tiny: bool,
+    /// Where EnKF runs execute: cpu, cuda, or auto [default: auto].
+    #[arg(long, value_enum, default_value = "auto")]
+    pub backend: BackendKind,
+    /// Precision of the large EnKF products.
+    #[arg(long, value_enum, default_value = "fp32")]
+    pub math: MathMode,
+    /// Folder holding mnist/ and fashion-mnist/ [default: $ENKF_DATA_DIR, else data].
+    #[arg(long, value_name = "DIR")]
+    pub data_root: Option<PathBuf>,
+    /// A notMNIST folder (A … J of 28×28 PNG files) for fig9 instead of Fashion-MNIST.
+    #[arg(long, value_name = "DIR")]
+    pub letters: Option<PathBuf>,
+    /// Ensemble size J of the EnKF runs (not the J sweep of fig8-members)
+    /// [default: 5000, 50 with --quick].
+    #[arg(long, short = 'J')]
+    pub members: Option<usize>,
+    /// CPU threads [default: all cores].
+    #[arg(long)]
+    pub threads: Option<usize>,
+}
+
+impl ReproduceArgs {
+    /// The options these flags describe.
+    pub fn to_options(&self) -> ReproduceOptions {
+        let small = self.quick || self.tiny;
+        ReproduceOptions {
+            out: self.out.clone(),
+            seeds: self.seeds.unwrap_or(if small { 2 } else { 10 }),
+            quick: self.quick,
+            tiny: self.tiny,
+            backend: self.backend,
+            math: self.math,
+            data_root: self
+                .data_root
+                .clone()
+                .unwrap_or_else(crate::data::data_root),
+            letters: self.letters.clone(),
+            members: self.members,
+            threads: self.threads,
+        }
+    }
+}
+
+/// Flags of `enkf-dnn plot`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct PlotArgs {
+    /// An experiment folder (holding plot.json) or a reproduce root holding several.
+    #[arg(value_name = "DIR")]
+    pub dir: PathBuf,
+}
+
+/// The sizes of one reproduction level (paper, quick, tiny).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Scale {
+    /// Words for tables: "paper size", "quick", "tiny".
+    pub name: &'static str,
+    /// Ensemble size J of EnKF runs.
+    pub members: usize,
+    /// The J sweep of Fig. 8 (right).
+    pub member_sweep: Vec<usize>,
+    /// Training images used (None = all).
+    pub train_limit: Option<usize>,
+    /// Test images used (None = all).
+    pub test_limit: Option<usize>,
+    /// EnKF iterations (None = one epoch, ⌈N/B⌉·r).
+    pub enkf_iterations: Option<usize>,
+    /// EnKF test-evaluation interval.
+    pub enkf_eval_every: usize,
+    /// Gradient-run test-evaluation interval (also at each epoch end).
+    pub grad_eval_every: usize,
+    /// Epochs of Fig. 5.
+    pub fig5_epochs: usize,
+    /// Epochs of Figs. 4 and 7 (the paper: 50).
+    pub long_epochs: usize,
+    /// Histogram interval of the statistics runs.
+    pub hist_every: usize,
+    /// Algorithm 1 for Fig. 10: (τ, b_l, b_u, v, ε %).
+    pub adapt: (usize, usize, usize, usize, f64),
+}
+
+impl Scale {
+    /// The paper's sizes: J = 5000, all images, one epoch (7504 EnKF iterations).
+    pub fn paper() -> Scale {
+        Scale {
+            name: "paper size",
+            members: 5000,
+            member_sweep: vec![500, 1000, 5000, 10_000],
+            train_limit: None,
+            test_limit: None,
+            enkf_iterations: None,
+            enkf_eval_every: 500,
+            grad_eval_every: 100,
+            fig5_epochs: 10,
+            long_epochs: 50,
+            hist_every: 200,
+            adapt: (500, 1000, 10_000, 1000, 10.0),
+        }
+    }
+
+    /// `--quick`: J = 50, 2000 training and 1000 test images, 100 EnKF iterations,
+    /// gradient runs of 1 epoch (Fig. 5: 3 epochs; Figs. 4, 7: 3 epochs). Algorithm 1 at
+    /// this size uses τ = 25, b_l = 25, b_u = 100, v = 25 and ε = 100 % (so that the
+    /// rule can fire at all in 100 iterations; the paper's ε is 10 %).
+    pub fn quick() -> Scale {
+        Scale {
+            name: "quick",
+            members: 50,
+            member_sweep: vec![20, 50, 100],
+            train_limit: Some(2000),
+            test_limit: Some(1000),
+            enkf_iterations: Some(100),
+            enkf_eval_every: 20,
+            grad_eval_every: 8,
+            fig5_epochs: 3,
+            long_epochs: 3,
+            hist_every: 16,
+            adapt: (25, 25, 100, 25, 100.0),
+        }
+    }
+
+    /// Tests only: J = 6, 128 / 64 images, 4 EnKF iterations, 1-epoch gradient runs.
+    pub fn tiny() -> Scale {
+        Scale {
+            name: "tiny",
+            members: 6,
+            member_sweep: vec![4, 8],
+            train_limit: Some(128),
+            test_limit: Some(64),
+            enkf_iterations: Some(4),
+            enkf_eval_every: 2,
+            grad_eval_every: 1,
+            fig5_epochs: 1,
+            long_epochs: 2,
+            hist_every: 1,
+            adapt: (2, 4, 8, 2, 100.0),
+        }
+    }
+
+    /// The scale of `opts` (tiny over quick over paper).
+    pub fn of(opts: &ReproduceOptions) -> Scale {
+        if opts.tiny {
+            Scale::tiny()
+        } else if opts.quick {
+            Scale::quick()
+        } else {
+            Scale::paper()
+        }
+    }
+}
+
+/// Runs experiment `exp` (every one for [`Experiment::All`]) with `opts`.
+///
+/// Errors: [`Error::Config`] for zero seeds or a missing data set (for `All`, a missing
+/// Fashion-MNIST only skips Fig. 9 with a note in its `table.md`), and whatever a run,
+/// a CSV or a chart returns.
+pub fn run(exp: Experiment, opts: &ReproduceOptions) -> Result<()> {
+    if opts.seeds == 0 {
+        return Err(Error::Config("seeds must be at least 1".into()));
+    }
+    crate::app::set_threads(opts.threads);
+    if exp == Experiment::All {
+        for e in Experiment::EVERY {
+            run_one(e, opts, true)?;
+        }
+        return Ok(());
+    }
+    run_one(exp, opts, false)
+}
+
+fn run_one(exp: Experiment, opts: &ReproduceOptions, in_all: bool) -> Result<()> {
+    let dir = opts.out.join(exp.name());
+    std::fs::create_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
+    eprintln!("reproduce {}: writing {}", exp.name(), dir.display());
+    let ctx = Ctx {
+        opts,
+        scale: Scale::of(opts),
+        dir,
+    };
+    match exp {
+        Experiment::Fig3 => stats_figs::run(&ctx, crate::train::optim::Optimizer::Sgd, false, "3"),
+        Experiment::Fig4 => stats_figs::run(&ctx, crate::train::optim::Optimizer::Sgd, true, "4"),
+        Experiment::Fig6 => stats_figs::run(&ctx, crate::train::optim::Optimizer::Adam, false, "6"),
+        Experiment::Fig7 => stats_figs::run(&ctx, crate::train::optim::Optimizer::Adam, true, "7"),
+        Experiment::All => Ok(()),
+        curve => curves::run(&ctx, curve, in_all),
+    }
+}
+
+/// What every experiment needs: options, sizes, its folder.
+pub(crate) struct Ctx<'a> {
+    pub opts: &'a ReproduceOptions,
+    pub scale: Scale,
+    pub dir: PathBuf,
+}
+
+impl Ctx<'_> {
+    /// The EnKF configuration of this scale (J, limits, iterations), σ = 1, logistic.
+    pub fn enkf_config(&self) -> TrainConfig {
+        let s = &self.scale;
+        TrainConfig {
+            members: self.opts.members.unwrap_or(s.members),
+            iterations: s.enkf_iterations,
+            eval_every: s.enkf_eval_every,
+            train_limit: s.train_limit,
+            test_limit: s.test_limit,
+            backend: self.opts.backend,
+            math: self.opts.math,
+            threads: self.opts.threads,
+            data: self.opts.data_root.join("mnist"),
+            ..TrainConfig::default()
+        }
+    }
+
+    /// Loads the folder of `cfg.data` (IDX files) with this scale's limits.
+    pub fn load_idx(&self, dir: &Path) -> Result<DataSplit> {
+        let mut data = crate::data::load_dir(dir)?;
+        self.limit(&mut data);
+        Ok(data)
+    }
+
+    /// Applies this scale's train/test limits.
+    pub fn limit(&self, data: &mut DataSplit) {
+        if let Some(n) = self.scale.train_limit {
+            data.train = data.train.subset(n);
+        }
+        if let Some(n) = self.scale.test_limit {
+            data.test = data.test.subset(n);
+        }
+    }
+
+    /// The backend EnKF runs use, in words (for tables).
+    pub fn backend_words(&self) -> String {
+        resolve_backend(self.opts.backend)
+            .map(|(_, d)| d)
+            .unwrap_or_else(|e| e.to_string())
+    }
+}
+
+/// Writes each row to `metrics.csv` in a run folder.
+pub(crate) struct CsvObserver {
+    w: csv::Writer<std::fs::File>,
+    path: PathBuf,
+}
+
+impl CsvObserver {
+    /// Creates `dir/metrics.csv` (and `dir`).
+    pub fn create(dir: &Path) -> Result<Self> {
+        std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+        let path = dir.join("metrics.csv");
+        let f = std::fs::File::create(&path).map_err(|e| Error::io(&path, e))?;
+        Ok(CsvObserver {
+            w: csv::Writer::from_writer(f),
+            path,
+        })
+    }
+
+    /// Flushes the file.
+    pub fn finish(&mut self) -> Result<()> {
+        self.w.flush().map_err(|e| Error::io(&self.path, e))
+    }
+}
+
+impl Observer for CsvObserver {
+    fn on_row(&mut self, row: &MetricsRow, _total: usize) -> Result<()> {
+        self.w.serialize(row)?;
+        Ok(())
+    }
+}
+
+fn write_json(path: &Path, value: &impl serde::Serialize) -> Result<()> {
+    let text = serde_json::to_string_pretty(value)?;
+    std::fs::write(path, text).map_err(|e| Error::io(path, e))
+}
+
+struct EnkfJob<'a> {
+    cfg: &'a TrainConfig,
+    data: &'a DataSplit,
+    dir: &'a Path,
+}
+
+impl BackendJob for EnkfJob<'_> {
+    type Output = Vec<MetricsRow>;
+    fn run<B: Backend>(self, backend: &B) -> Result<Vec<MetricsRow>> {
+        let mut trainer = Trainer::new(backend, self.cfg, self.data)?;
+        let mut obs = CsvObserver::create(self.dir)?;
+        let rows = trainer.run(&mut obs)?;
+        obs.finish()?;
+        let mean = trainer.mean_host()?;
+        crate::io::safetensors::write_net(
+            &self.dir.join("model.safetensors"),
+            &self.cfg.net(),
+            &mean,
+        )?;
+        Ok(rows)
+    }
+}
+
+/// One EnKF run on `data` into `dir` (metrics.csv, config.json, model.safetensors).
+pub(crate) fn run_enkf(cfg: &TrainConfig, data: &DataSplit, dir: &Path) -> Result<Vec<MetricsRow>> {
+    std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+    let mut cfg = cfg.clone();
+    cfg.out = Some(dir.to_path_buf());
+    write_json(&dir.join("config.json"), &cfg)?;
+    let job = EnkfJob {
+        cfg: &cfg,
+        data,
+        dir,
+    };
+    let (rows, _) = dispatch(cfg.backend, cfg.math, job)?;
+    Ok(rows)
+}
+
+/// One gradient run on `data` into `dir` (metrics.csv, config.json, and with `stats`
+/// also stats.csv and hist.csv every `hist_every` iterations).
+pub(crate) fn run_grad(
+    cfg: &GradConfig,
+    data: &DataSplit,
+    dir: &Path,
+    stats: Option<usize>,
+) -> Result<Vec<MetricsRow>> {
+    std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+    write_json(
+        &dir.join("config.json"),
+        &serde_json::json!({
+            "optimizer": cfg.optimizer, "lr": cfg.lr.or(cfg.optimizer.default_lr()),
+            "momentum": cfg.momentum, "epochs": cfg.epochs, "iterations": cfg.iterations,
+            "batch": cfg.batch, "eval_every": cfg.eval_every, "hist_every": cfg.hist_every,
+            "seed": cfg.seed, "sigma": cfg.sigma, "arch": cfg.net.arch, "activation": cfg.net.act,
+            "train_images": data.train.len(), "test_images": data.test.len(),
+        }),
+    )?;
+    let mut obs = CsvObserver::create(dir)?;
+    let rows = match stats {
+        Some(every) => {
+            let mut w = StatsWriter::create(dir, every)?;
+            train_gradient(cfg, data, &mut obs, Some(&mut w))?
+        }
+        None => train_gradient(cfg, data, &mut obs, None)?,
+    };
+    obs.finish()?;
+    Ok(rows)
+}

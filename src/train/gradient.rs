@@ -1,0 +1,324 @@
+//! The gradient baselines: ONE network trained by backpropagation with SGD or Adam,
+//! on the CPU.
+//!
+//! Same network, data, initialisation and seed as an EnKF run: the initial weights are
+//! the first P draws of the run's init stream (`ChaCha8Rng` seeded with `seed`, stream
+//! `STREAM_INIT`, N(0, σ²) via [`crate::enkf::init_ensemble`] with one member), i.e.
+//! exactly member 0 of the EnKF ensemble of the same seed. Epochs are seeded
+//! permutations of the training set from the shuffle stream (`STREAM_SHUFFLE`), cut into
+//! ⌈N/B⌉ mini-batches (the last holds N mod B images when B does not divide N): the same
+//! batches an EnKF run sees with `--order shuffle` and r = 1.
+//!
+//! Rows: iteration t ≥ 1 takes one optimizer step on mini-batch t − 1. Its `train_loss`
+//! and `train_accuracy` are those of that mini-batch under the weights BEFORE the step
+//! (they come from the same forward pass as the gradient, so cost nothing extra); its
+//! test columns are of the weights AFTER the step. Row 0 holds the initial weights on
+//! mini-batch 0 (so its train columns equal row 1's). The test set is scored at
+//! iteration 0, every `eval_every` iterations, at each epoch end and at the last
+//! iteration. Statistics (when a [`StatsWriter`] is given) describe row t's forward
+//! pass and gradient: activations and gradients of the weights before step t.
+
+use super::metrics::{self, MetricsRow};
+use super::optim::{GradOptimizer, Optimizer};
+use super::stats::{stats_from_cache, StatsWriter, DEFAULT_HIST_EVERY};
+use super::{Observer, TrainConfig, STREAM_INIT, STREAM_SHUFFLE};
+use crate::cpu::backprop::backprop;
+use crate::cpu::forward::ensemble_forward;
+use crate::data::DataSplit;
+use crate::enkf::init_ensemble;
+use crate::model::{Net, CLASSES, IMG};
+use crate::{Error, Result};
+use rand::seq::SliceRandom;
+use rand::SeedableRng;
+use rand_chacha::ChaCha8Rng;
+use std::time::Instant;
+
+/// Settings of a gradient run. [`GradConfig::from_train`] takes the shared ones from a
+/// [`TrainConfig`] (σ, seed, batch, epochs, iterations, eval interval, network).
+#[derive(Debug, Clone, PartialEq)]
+pub struct GradConfig {
+    /// SGD or Adam ([`Optimizer::Enkf`] is rejected).
+    pub optimizer: Optimizer,
+    /// Learning rate; `None` = the optimizer's default (SGD 0.1, Adam 1e-3).
+    pub lr: Option<f64>,
+    /// SGD momentum (ignored by Adam); the paper's 0.9 by default.
+    pub momentum: f64,
+    /// Epochs (ignored when `iterations` is set).
+    pub epochs: usize,
+    /// Total optimizer steps; overrides `epochs` when set.
+    pub iterations: Option<usize>,
+    /// Images per mini-batch B.
+    pub batch: usize,
+    /// Test evaluation interval in iterations (also at each epoch end and the end).
+    pub eval_every: usize,
+    /// Histogram interval in iterations.
+    pub hist_every: usize,
+    /// Seed of the init and shuffle streams.
+    pub seed: u64,
+    /// Standard deviation σ of the N(0, σ²) initial weights.
+    pub sigma: f64,
+    /// The network.
+    pub net: Net,
+}
+
+impl GradConfig {
+    /// The gradient run matching `cfg` (same σ, seed, batch, epochs, iterations,
+    /// eval interval, network), with the optimizer-specific settings given here.
+    /// `cfg.init_ensemble`, members, γ, r and the update rule do not apply.
+    pub fn from_train(
+        cfg: &TrainConfig,
+        optimizer: Optimizer,
+        lr: Option<f64>,
+        momentum: f64,
+        hist_every: usize,
+    ) -> Self {
+        GradConfig {
+            optimizer,
+            lr,
+            momentum,
+            epochs: cfg.epochs,
+            iterations: cfg.iterations,
+            batch: cfg.batch,
+            eval_every: cfg.eval_every,
+            hist_every,
+            seed: cfg.seed,
+            sigma: cfg.sigma,
+            net: cfg.net(),
+        }
+    }
+
+    /// Defaults: Adam (lr 1e-3), momentum 0.9, 1 epoch, B = 64, eval every 500,
+    /// histograms every 200, seed 0, σ = 1, the paper's network (logistic).
+    pub fn new(optimizer: Optimizer) -> Self {
+        GradConfig {
+            optimizer,
+            lr: None,
+            momentum: super::optim::Sgd::DEFAULT_MOMENTUM,
+            epochs: 1,
+            iterations: None,
+            batch: 64,
+            eval_every: 500,
+            hist_every: DEFAULT_HIST_EVERY,
+            seed: 0,
+            sigma: 1.0,
+            net: Net::default(),
+        }
+    }
+
+    /// Steps per epoch, ⌈N / B⌉.
+    pub fn iterations_per_epoch(&self, n_train: usize) -> usize {
+        n_train.div_ceil(self.batch.max(1))
+    }
+
+    /// Total steps of the run for a training set of `n_train` images.
+    pub fn total_iterations(&self, n_train: usize) -> usize {
+        self.iterations
+            .unwrap_or(self.epochs * self.iterations_per_epoch(n_train))
+    }
+
+    /// Checks every value. Errors: [`Error::Config`] naming the setting and its value.
+    pub fn validate(&self) -> Result<()> {
+        if self.optimizer == Optimizer::Enkf {
+            return Err(Error::Config(
+                "optimizer 'enkf' is not a gradient method; choose sgd or adam".into(),
+            ));
+        }
+        for (name, v) in [
+            ("batch", self.batch),
+            ("eval_every", self.eval_every),
+            ("hist_every", self.hist_every),
+        ] {
+            if v == 0 {
+                return Err(Error::Config(format!("{name} = 0: must be ≥ 1")));
+            }
+        }
+        if !(self.sigma > 0.0 && self.sigma.is_finite()) {
+            return Err(Error::Config(format!(
+                "sigma = {}: must be finite and > 0",
+                self.sigma
+            )));
+        }
+        GradOptimizer::new(self.optimizer, self.lr, self.momentum).map(|_| ())
+    }
+}
+
+/// A gradient training run; [`train_gradient`] is the one-call form.
+pub struct GradientTrainer<'a> {
+    cfg: GradConfig,
+    data: &'a DataSplit,
+    weights: Vec<f32>,
+    opt: GradOptimizer,
+    order: Vec<usize>,
+    shuffle_rng: ChaCha8Rng,
+    test_out: Vec<f32>,
+    /// Seconds spent in backpropagation, optimizer steps and test evaluation.
+    pub times: GradTimes,
+}
+
+/// Seconds spent per phase of a gradient run.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct GradTimes {
+    /// Forward and backward passes.
+    pub backprop: f64,
+    /// Optimizer steps.
+    pub step: f64,
+    /// Statistics (computing and writing).
+    pub stats: f64,
+    /// Test-set evaluations.
+    pub eval: f64,
+}
+
+impl<'a> GradientTrainer<'a> {
+    /// Validates `cfg` and the data, and draws the initial weights (see the module docs).
+    /// Errors: [`Error::Config`] for a bad setting, [`Error::Shape`] when the images are
+    /// not 28 × 28 or the training set is empty.
+    pub fn new(cfg: &GradConfig, data: &'a DataSplit) -> Result<Self> {
+        cfg.validate()?;
+        for (name, set) in [("training", &data.train), ("test", &data.test)] {
+            if set.rows != IMG || set.cols != IMG {
+                return Err(Error::Shape {
+                    what: format!("{name} images in {}", data.dir.display()),
+                    expected: format!("{IMG}×{IMG} pixels (the network's input)"),
+                    found: format!("{}×{}", set.rows, set.cols),
+                });
+            }
+        }
+        if data.train.is_empty() {
+            return Err(Error::Shape {
+                what: format!("training set in {}", data.dir.display()),
+                expected: "at least one image".into(),
+                found: "0 images".into(),
+            });
+        }
+        let mut rng = ChaCha8Rng::seed_from_u64(cfg.seed);
+        rng.set_stream(STREAM_INIT);
+        let weights = init_ensemble(&mut rng, 1, cfg.net.n_params(), cfg.sigma);
+        let mut shuffle_rng = ChaCha8Rng::seed_from_u64(cfg.seed);
+        shuffle_rng.set_stream(STREAM_SHUFFLE);
+        Ok(GradientTrainer {
+            cfg: cfg.clone(),
+            data,
+            weights,
+            opt: GradOptimizer::new(cfg.optimizer, cfg.lr, cfg.momentum)?,
+            order: (0..data.train.len()).collect(),
+            shuffle_rng,
+            test_out: vec![0.0; data.test.len() * CLASSES],
+            times: GradTimes::default(),
+        })
+    }
+
+    /// The current weights (P, `state_dict` order).
+    pub fn weights(&self) -> &[f32] {
+        &self.weights
+    }
+
+    /// Total iterations of this run.
+    pub fn total_iterations(&self) -> usize {
+        self.cfg.total_iterations(self.data.train.len())
+    }
+
+    /// Test error (%) and mean cross-entropy of the current weights on the whole test
+    /// set. Errors: [`Error::Shape`] from the forward pass.
+    pub fn evaluate(&mut self) -> Result<(f64, f64)> {
+        let test = &self.data.test;
+        if test.is_empty() {
+            return Ok((f64::NAN, f64::NAN));
+        }
+        ensemble_forward(
+            &self.cfg.net,
+            &self.weights,
+            1,
+            &test.images,
+            test.len(),
+            &mut self.test_out,
+        )?;
+        let (loss, correct) = metrics::score_logits(&self.test_out, &test.labels);
+        Ok((100.0 * (1.0 - correct as f64 / test.len() as f64), loss))
+    }
+
+    /// Runs every iteration, reporting each row to `observer` and, when given, writing
+    /// the statistics of every iteration (histograms when `stats.wants_histograms`).
+    pub fn run(
+        &mut self,
+        observer: &mut dyn Observer,
+        mut stats: Option<&mut StatsWriter>,
+    ) -> Result<Vec<MetricsRow>> {
+        let n = self.data.train.len();
+        let total = self.total_iterations();
+        let per_epoch = self.cfg.iterations_per_epoch(n);
+        let net = self.cfg.net;
+        let start = Instant::now();
+        let mut rows = Vec::with_capacity(total + 1);
+        let mut x = Vec::new();
+        for t in 0..=total {
+            let step = t.saturating_sub(1);
+            let bi = step % per_epoch;
+            // A new permutation at each epoch's first mini-batch (row 1 reuses row 0's).
+            if bi == 0 && (t == 0 || step > 0) {
+                self.order = (0..n).collect();
+                self.order.shuffle(&mut self.shuffle_rng);
+            }
+            let lo = bi * self.cfg.batch;
+            let hi = (lo + self.cfg.batch).min(n);
+            let labels = self.data.train.gather(&self.order[lo..hi], &mut x);
+            let t0 = Instant::now();
+            let bp = backprop(&net, &self.weights, &x, &labels)?;
+            self.times.backprop += t0.elapsed().as_secs_f64();
+            if let Some(w) = stats.as_deref_mut() {
+                let t0 = Instant::now();
+                let s = stats_from_cache(&net, &bp.cache, Some(&bp.grad), w.wants_histograms(t))?;
+                w.write(t, &s)?;
+                self.times.stats += t0.elapsed().as_secs_f64();
+            }
+            if t > 0 {
+                let t0 = Instant::now();
+                self.opt.step(&mut self.weights, &bp.grad)?;
+                self.times.step += t0.elapsed().as_secs_f64();
+            }
+            let mut row = MetricsRow {
+                iteration: t,
+                epoch: t as f64 / per_epoch as f64,
+                members: 1,
+                repetitions: 1,
+                train_loss: bp.loss,
+                train_accuracy: bp.correct as f64 / labels.len() as f64,
+                test_error: None,
+                test_loss: None,
+                test_error_last: None,
+                test_loss_last: None,
+                test_error_ensemble: None,
+                test_loss_ensemble: None,
+                test_error_mean: None,
+                test_loss_mean: None,
+                elapsed_s: 0.0,
+            };
+            if t.is_multiple_of(self.cfg.eval_every) || t.is_multiple_of(per_epoch) || t == total {
+                let t0 = Instant::now();
+                let (err, loss) = self.evaluate()?;
+                row.test_error = Some(err);
+                row.test_loss = Some(loss);
+                self.times.eval += t0.elapsed().as_secs_f64();
+            }
+            row.elapsed_s = start.elapsed().as_secs_f64();
+            observer.on_row(&row, total)?;
+            rows.push(row);
+        }
+        if let Some(w) = stats {
+            w.flush()?;
+        }
+        Ok(rows)
+    }
+}
+
+/// Trains one network by backpropagation (see the module docs) and returns one metrics
+/// row per iteration (iteration 0 included; `members` and `repetitions` are 1).
+/// Errors: [`Error::Config`] for a bad setting, [`Error::Shape`] for unsuitable data,
+/// and whatever the observer or the statistics writer return.
+pub fn train_gradient(
+    cfg: &GradConfig,
+    data: &DataSplit,
+    observer: &mut dyn Observer,
+    stats: Option<&mut StatsWriter>,
+) -> Result<Vec<MetricsRow>> {
+    GradientTrainer::new(cfg, data)?.run(observer, stats)
+}

@@ -1,0 +1,385 @@
+//! Activation and gradient statistics (the paper's Figures 3–7): per iteration and per
+//! layer the mean and standard deviation, and every `hist_every` iterations a histogram
+//! with fixed, recorded bin edges.
+//!
+//! Layers: for `quantity = activation`, layer 1 is conv1's activation output before
+//! pooling (10 × 24 × 24 per image), layer 2 conv2's activation output (20 × 8 × 8, before
+//! the optional second pool), layer 3 the softmax output (10 per image), all over the
+//! images of the mini-batch. For `quantity = gradient`, layer 1, 2, 3 is the gradient of
+//! the mini-batch loss with respect to `conv1.weight`, `conv2.weight`, `fc1.weight`.
+//!
+//! Moments: mean and population standard deviation (divide by n), two-pass in f64.
+//!
+//! Histogram bins (edges fixed per activation, written with every count):
+//! - logistic and softmax: [0, 1] in 50 equal bins; tanh: [−1, 1] in 50; ReLU: [0, 10]
+//!   in 50 (values above 10 land in the overflow bin);
+//! - gradients: sign-symmetric log bins, 4 per decade from 1e-12 to 1: edges
+//!   −1, −10^(−1/4), …, −1e-12, +1e-12, …, 1 (97 bins, the middle one [−1e-12, 1e-12]
+//!   holds the vanished gradients). Log bins because the point is how many orders of
+//!   magnitude the gradients shrink.
+//!
+//! Every bin is [lo, hi) except the last, [lo, hi]. Two extra bins catch the rest:
+//! underflow (−∞, first edge) and overflow (last edge, +∞); NaN values are counted in
+//! the overflow bin (a run with NaN activations has diverged; its mean is NaN too).
+//! So the counts of one histogram always sum to the number of values.
+
+use crate::backend::check_len;
+use crate::cpu::backprop::{forward_cached, ForwardCache};
+use crate::model::{Activation, Net};
+use crate::{Error, Result};
+use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
+
+/// Default interval, in iterations, between histograms.
+pub const DEFAULT_HIST_EVERY: usize = 200;
+/// Equal-width bins of an activation histogram.
+pub const ACTIVATION_BINS: usize = 50;
+/// Upper edge of the ReLU activation histogram.
+pub const RELU_HIST_MAX: f64 = 10.0;
+/// Smallest gradient magnitude with its own bin (smaller ones share the middle bin).
+pub const GRAD_HIST_MIN_DECADE: i32 = -12;
+/// Largest gradient magnitude edge is 10^this.
+pub const GRAD_HIST_MAX_DECADE: i32 = 0;
+/// Log bins per decade of a gradient histogram.
+pub const GRAD_BINS_PER_DECADE: i32 = 4;
+
+/// What a statistics row describes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Quantity {
+    /// Layer outputs (activations, softmax).
+    Activation,
+    /// Gradients of the loss with respect to a weight tensor.
+    Gradient,
+}
+
+/// Mean and population standard deviation of n values.
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub struct Moments {
+    /// Number of values.
+    pub count: usize,
+    /// Mean (NaN when count is 0).
+    pub mean: f64,
+    /// Population standard deviation (divide by n; NaN when count is 0).
+    pub std: f64,
+}
+
+impl Moments {
+    /// Two-pass mean and standard deviation of the values of `parts` taken together.
+    pub fn of<T: Copy + Into<f64>>(parts: &[&[T]]) -> Moments {
+        let count: usize = parts.iter().map(|p| p.len()).sum();
+        if count == 0 {
+            return Moments {
+                count,
+                mean: f64::NAN,
+                std: f64::NAN,
+            };
+        }
+        let sum: f64 = parts.iter().flat_map(|p| p.iter()).map(|&v| v.into()).sum();
+        let mean = sum / count as f64;
+        let ss: f64 = parts
+            .iter()
+            .flat_map(|p| p.iter())
+            .map(|&v| {
+                let d = v.into() - mean;
+                d * d
+            })
+            .sum();
+        Moments {
+            count,
+            mean,
+            std: (ss / count as f64).sqrt(),
+        }
+    }
+}
+
+/// A histogram over fixed edges with an underflow and an overflow bin.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Histogram {
+    /// Bin edges, strictly increasing (bins + 1 values).
+    pub edges: Vec<f64>,
+    /// Counts: `counts[0]` underflow, `counts[1..=bins]` the bins, `counts[bins + 1]`
+    /// overflow (and NaN); bins + 2 values.
+    pub counts: Vec<u64>,
+}
+
+impl Histogram {
+    /// An empty histogram over `edges` (at least two, strictly increasing).
+    /// Errors: [`Error::Config`] when the edges are not like that.
+    pub fn new(edges: Vec<f64>) -> Result<Self> {
+        if edges.len() < 2
+            || edges
+                .windows(2)
+                .any(|w| w[0].partial_cmp(&w[1]) != Some(std::cmp::Ordering::Less))
+        {
+            return Err(Error::Config(format!(
+                "histogram edges must be ≥ 2 strictly increasing values, got {} values",
+                edges.len()
+            )));
+        }
+        let counts = vec![0; edges.len() + 1];
+        Ok(Histogram { edges, counts })
+    }
+
+    /// Counts every value of `values`.
+    pub fn add<T: Copy + Into<f64>>(&mut self, values: &[T]) {
+        let last = self.edges.len() - 1;
+        for &v in values {
+            let v: f64 = v.into();
+            // Index of the first edge > v: 0 = underflow, last+1 = overflow.
+            let i = if v.is_nan() || v > self.edges[last] {
+                last + 1
+            } else if v == self.edges[last] {
+                last
+            } else {
+                self.edges.partition_point(|&e| e <= v)
+            };
+            self.counts[i] += 1;
+        }
+    }
+
+    /// Total number of values counted.
+    pub fn total(&self) -> u64 {
+        self.counts.iter().sum()
+    }
+
+    /// Every bin as (lo, hi, count), underflow (−∞, first edge) first and overflow
+    /// (last edge, +∞) last.
+    pub fn bins(&self) -> Vec<(f64, f64, u64)> {
+        let n = self.edges.len();
+        (0..=n)
+            .map(|i| {
+                let lo = if i == 0 {
+                    f64::NEG_INFINITY
+                } else {
+                    self.edges[i - 1]
+                };
+                let hi = if i == n { f64::INFINITY } else { self.edges[i] };
+                (lo, hi, self.counts[i])
+            })
+            .collect()
+    }
+}
+
+/// Edges of the activation histogram of layer 1 or 2 for `act` (see the module docs).
+pub fn activation_edges(act: Activation) -> Vec<f64> {
+    let (lo, hi) = match act {
+        Activation::Logistic => (0.0, 1.0),
+        Activation::Tanh => (-1.0, 1.0),
+        Activation::Relu => (0.0, RELU_HIST_MAX),
+    };
+    uniform_edges(lo, hi, ACTIVATION_BINS)
+}
+
+/// Edges of the softmax (layer 3) histogram: [0, 1] in 50 bins.
+pub fn softmax_edges() -> Vec<f64> {
+    uniform_edges(0.0, 1.0, ACTIVATION_BINS)
+}
+
+/// Edges of a gradient histogram: ±10^(k/4) for k from −48 to 0 (see the module docs).
+pub fn gradient_edges() -> Vec<f64> {
+    let steps: Vec<f64> = (GRAD_HIST_MIN_DECADE * GRAD_BINS_PER_DECADE
+        ..=GRAD_HIST_MAX_DECADE * GRAD_BINS_PER_DECADE)
+        .map(|k| 10f64.powf(k as f64 / GRAD_BINS_PER_DECADE as f64))
+        .collect();
+    let mut edges: Vec<f64> = steps.iter().rev().map(|&v| -v).collect();
+    edges.extend(steps);
+    edges
+}
+
+fn uniform_edges(lo: f64, hi: f64, bins: usize) -> Vec<f64> {
+    (0..=bins)
+        .map(|i| lo + (hi - lo) * i as f64 / bins as f64)
+        .collect()
+}
+
+/// Statistics of one layer and quantity.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LayerStat {
+    /// Layer 1, 2 or 3 (see the module docs).
+    pub layer: usize,
+    /// Activation or gradient.
+    pub quantity: Quantity,
+    /// Mean and standard deviation.
+    pub moments: Moments,
+    /// Histogram, when one was asked for.
+    pub histogram: Option<Histogram>,
+}
+
+/// The statistics of one iteration: activations of layers 1–3, then (backprop runs)
+/// gradients of layers 1–3.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct LayerStats {
+    /// One entry per layer and quantity, in the order above.
+    pub layers: Vec<LayerStat>,
+}
+
+fn stat<T: Copy + Into<f64>>(
+    layer: usize,
+    quantity: Quantity,
+    values: &[T],
+    edges: Option<Vec<f64>>,
+) -> Result<LayerStat> {
+    let histogram = match edges {
+        Some(e) => {
+            let mut h = Histogram::new(e)?;
+            h.add(values);
+            Some(h)
+        }
+        None => None,
+    };
+    Ok(LayerStat {
+        layer,
+        quantity,
+        moments: Moments::of(&[values]),
+        histogram,
+    })
+}
+
+/// Statistics of a forward cache (activations of layers 1–3) and, when given, of a
+/// gradient (P values, `state_dict` order of `net`). Histograms when `histograms`.
+/// Errors: [`Error::Shape`] when the gradient length is not P.
+pub fn stats_from_cache(
+    net: &Net,
+    cache: &ForwardCache<f32>,
+    grad: Option<&[f32]>,
+    histograms: bool,
+) -> Result<LayerStats> {
+    let act_edges = || histograms.then(|| activation_edges(net.act));
+    let mut layers = vec![
+        stat(1, Quantity::Activation, &cache.a1, act_edges())?,
+        stat(2, Quantity::Activation, &cache.a2, act_edges())?,
+        stat(
+            3,
+            Quantity::Activation,
+            &cache.probs,
+            histograms.then(softmax_edges),
+        )?,
+    ];
+    if let Some(g) = grad {
+        check_len("stats gradient (P)", g.len(), net.n_params())?;
+        for (i, spec) in net.tensors().iter().enumerate() {
+            layers.push(stat(
+                i + 1,
+                Quantity::Gradient,
+                &g[spec.range()],
+                histograms.then(gradient_edges),
+            )?);
+        }
+    }
+    Ok(LayerStats { layers })
+}
+
+/// Activation statistics (layers 1–3) of ONE network — for the EnKF, the ensemble-mean
+/// weights — on `images` images, computed on the CPU. `weights`: P, `x`: images × 784.
+/// Histograms when `histograms`. Errors: [`Error::Shape`] on a length mismatch.
+pub fn activation_stats(
+    net: &Net,
+    weights: &[f32],
+    x: &[f32],
+    images: usize,
+    histograms: bool,
+) -> Result<LayerStats> {
+    let cache = forward_cached(net, weights, x, images)?;
+    stats_from_cache(net, &cache, None, histograms)
+}
+
+/// One row of `stats.csv`.
+#[derive(Debug, Clone, Serialize)]
+struct StatsRow {
+    iteration: usize,
+    layer: usize,
+    quantity: Quantity,
+    mean: f64,
+    std: f64,
+}
+
+/// One row of `hist.csv` (the underflow bin has `bin_lo = -inf`, overflow `bin_hi = inf`).
+#[derive(Debug, Clone, Serialize)]
+struct HistRow {
+    iteration: usize,
+    layer: usize,
+    quantity: Quantity,
+    bin_lo: f64,
+    bin_hi: f64,
+    count: u64,
+}
+
+/// Writes `stats.csv` (iteration, layer, quantity, mean, std) and `hist.csv`
+/// (iteration, layer, quantity, bin_lo, bin_hi, count) into a folder.
+pub struct StatsWriter {
+    stats: csv::Writer<std::fs::File>,
+    hist: csv::Writer<std::fs::File>,
+    hist_every: usize,
+    dir: PathBuf,
+}
+
+impl StatsWriter {
+    /// Creates (truncates) both files in `dir` (created if missing). Histograms are
+    /// wanted every `hist_every` iterations (iteration 0 included). Errors:
+    /// [`Error::Config`] when `hist_every` is 0, [`Error::Io`] when a file cannot be created.
+    pub fn create(dir: &Path, hist_every: usize) -> Result<Self> {
+        if hist_every == 0 {
+            return Err(Error::Config("hist_every = 0: must be ≥ 1".into()));
+        }
+        std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+        let open = |name: &str| -> Result<csv::Writer<std::fs::File>> {
+            let path = dir.join(name);
+            let f = std::fs::File::create(&path).map_err(|e| Error::io(&path, e))?;
+            Ok(csv::Writer::from_writer(f))
+        };
+        Ok(StatsWriter {
+            stats: open("stats.csv")?,
+            hist: open("hist.csv")?,
+            hist_every,
+            dir: dir.to_path_buf(),
+        })
+    }
+
+    /// Whether iteration `t` should carry histograms.
+    pub fn wants_histograms(&self, t: usize) -> bool {
+        t.is_multiple_of(self.hist_every)
+    }
+
+    /// The folder written into.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Appends the statistics of iteration `t` (and its histograms, if present).
+    /// Errors: [`Error::Csv`] when writing fails.
+    pub fn write(&mut self, t: usize, stats: &LayerStats) -> Result<()> {
+        for s in &stats.layers {
+            self.stats.serialize(StatsRow {
+                iteration: t,
+                layer: s.layer,
+                quantity: s.quantity,
+                mean: s.moments.mean,
+                std: s.moments.std,
+            })?;
+            if let Some(h) = &s.histogram {
+                for (bin_lo, bin_hi, count) in h.bins() {
+                    self.hist.serialize(HistRow {
+                        iteration: t,
+                        layer: s.layer,
+                        quantity: s.quantity,
+                        bin_lo,
+                        bin_hi,
+                        count,
+                    })?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Flushes both files. Errors: [`Error::Io`] when flushing fails.
+    pub fn flush(&mut self) -> Result<()> {
+        self.stats
+            .flush()
+            .map_err(|e| Error::io(self.dir.join("stats.csv"), e))?;
+        self.hist
+            .flush()
+            .map_err(|e| Error::io(self.dir.join("hist.csv"), e))
+    }
+}

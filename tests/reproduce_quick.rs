@@ -1,0 +1,134 @@
+//! `reproduce` end to end at the tiny size: CSVs, table, charts, and `plot_dir`.
+
+use enkf_dnn::backend::BackendKind;
+use enkf_dnn::reproduce::{plot_dir, run, Experiment, ReproduceOptions};
+use std::path::{Path, PathBuf};
+
+fn tmp(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("enkf-repro-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    d
+}
+
+fn tiny(out: &Path) -> ReproduceOptions {
+    ReproduceOptions {
+        out: out.to_path_buf(),
+        seeds: 2,
+        quick: true,
+        tiny: true,
+        backend: BackendKind::Cpu,
+        data_root: PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("data"),
+        ..ReproduceOptions::default()
+    }
+}
+
+fn read_csv(path: &Path) -> (Vec<String>, Vec<Vec<String>>) {
+    let mut r = csv::Reader::from_path(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    let header = r.headers().expect("header").iter().map(String::from).collect();
+    let rows = r
+        .records()
+        .map(|x| x.expect("record").iter().map(String::from).collect())
+        .collect();
+    (header, rows)
+}
+
+fn assert_chart(stem: &Path) {
+    for ext in ["png", "svg"] {
+        let p = stem.with_extension(ext);
+        let len = std::fs::metadata(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display())).len();
+        assert!(len > 1000, "{} is only {len} bytes", p.display());
+    }
+}
+
+#[test]
+fn fig1_tiny_writes_runs_summary_table_and_charts() {
+    let out = tmp("fig1");
+    run(Experiment::Fig1, &tiny(&out)).expect("fig1 tiny");
+    let dir = out.join("fig1");
+    for run in ["sgd", "adam", "enkf"] {
+        for seed in 0..2 {
+            let (h, rows) = read_csv(&dir.join(run).join(format!("seed-{seed}")).join("metrics.csv"));
+            assert_eq!(&h[..2], ["iteration", "epoch"], "{run}");
+            assert!(h.iter().any(|c| c == "test_error"));
+            // Tiny: EnKF 4 iterations, gradient 1 epoch of 128/64 = 2 steps; plus row 0.
+            let expected = if run == "enkf" { 5 } else { 3 };
+            assert_eq!(rows.len(), expected, "{run} seed {seed}");
+        }
+    }
+    assert!(dir.join("enkf/seed-0/model.safetensors").is_file());
+    let (h, rows) = read_csv(&dir.join("summary.csv"));
+    assert_eq!(
+        h,
+        ["run", "label", "iteration", "epoch", "test_error_mean", "test_error_std", "seeds"]
+    );
+    // EnKF evaluates at 0, 2, 4; gradient runs at every step (0, 1, 2).
+    let count = |name: &str| rows.iter().filter(|r| r[0] == name).count();
+    assert_eq!((count("sgd"), count("adam"), count("enkf")), (3, 3, 3));
+    for r in &rows {
+        let mean: f64 = r[4].parse().expect("mean");
+        let std: f64 = r[5].parse().expect("std");
+        assert!((0.0..=100.0).contains(&mean) && std >= 0.0, "{r:?}");
+        assert_eq!(r[6], "2");
+    }
+    let table = std::fs::read_to_string(dir.join("table.md")).expect("table");
+    assert!(table.contains("3.8 %") && table.contains("EnKF (J = 6"), "{table}");
+    assert_chart(&dir.join("test-error"));
+    let svg = std::fs::read_to_string(dir.join("test-error.svg")).expect("svg");
+    assert!(svg.contains("SGD (lr 0.1, momentum 0.9) (mean ± std, 2 seeds)"));
+
+    // plot_dir redraws from the CSVs alone, from the experiment folder or the root.
+    for stem in ["test-error.png", "test-error.svg"] {
+        std::fs::remove_file(dir.join(stem)).expect("rm");
+    }
+    plot_dir(&out).expect("plot root");
+    assert_chart(&dir.join("test-error"));
+    plot_dir(&dir).expect("plot experiment");
+    let err = plot_dir(&dir.join("sgd")).expect_err("no plot.json there");
+    assert!(err.to_string().contains("plot.json"), "{err}");
+    std::fs::remove_dir_all(&out).ok();
+}
+
+#[test]
+fn fig3_tiny_writes_statistics_and_histogram_charts() {
+    let out = tmp("fig3");
+    run(Experiment::Fig3, &tiny(&out)).expect("fig3 tiny");
+    let dir = out.join("fig3");
+    let (h, rows) = read_csv(&dir.join("sgd/seed-0/stats.csv"));
+    assert_eq!(h, ["iteration", "layer", "quantity", "mean", "std"]);
+    // 3 rows (0, 1, 2) × (3 activation + 3 gradient layers).
+    assert_eq!(rows.len(), 3 * 6);
+    let (h, _) = read_csv(&dir.join("sgd/seed-0/hist.csv"));
+    assert_eq!(h, ["iteration", "layer", "quantity", "bin_lo", "bin_hi", "count"]);
+    for chart in ["activations-sgd", "gradient-std-sgd", "hist-activations-sgd", "hist-gradients-sgd"] {
+        assert_chart(&dir.join(chart));
+    }
+    let table = std::fs::read_to_string(dir.join("table.md")).expect("table");
+    assert!(table.contains("see paper Fig. 3"), "{table}");
+    plot_dir(&dir).expect("replot");
+    std::fs::remove_dir_all(&out).ok();
+}
+
+#[test]
+fn zero_seeds_is_a_config_error() {
+    let out = tmp("zero");
+    let opts = ReproduceOptions { seeds: 0, ..tiny(&out) };
+    let err = run(Experiment::Fig8Members, &opts).expect_err("0 seeds");
+    assert!(err.to_string().contains("seeds"), "{err}");
+}
+
+/// The whole set at `--quick` size (minutes on a 2-core CPU): `REPRO_OUT=dir cargo test
+/// --release --test reproduce_quick -- --ignored`.
+#[test]
+#[ignore]
+fn all_quick() {
+    let out = std::env::var_os("REPRO_OUT").map_or_else(|| tmp("all"), PathBuf::from);
+    let opts = ReproduceOptions {
+        tiny: false,
+        backend: BackendKind::Auto,
+        ..tiny(&out)
+    };
+    run(Experiment::All, &opts).expect("all --quick");
+    for e in Experiment::EVERY {
+        assert!(out.join(e.name()).join("table.md").is_file(), "{}", e.name());
+    }
+}
