@@ -6,6 +6,9 @@ use crate::backend::{Backend, BackendKind, MathMode};
 use crate::cpu::CpuBackend;
 use crate::data::{load_dir, DataSplit};
 use crate::model::{Net, CLASSES};
+use crate::train::gradient::{GradConfig, GradientTrainer};
+use crate::train::optim::Optimizer;
+use crate::train::stats::{StatsSink, StatsWriter};
 use crate::train::{MetricsRow, Observer, TrainConfig, Trainer};
 use crate::{Error, Result};
 use std::io::{IsTerminal, Write};
@@ -118,10 +121,26 @@ impl BackendJob for TrainJob<'_> {
             Some(path) => Trainer::resume(backend, cfg, self.data, path)?,
             None => Trainer::new(backend, cfg, self.data)?,
         };
-        let mut out = RunOutput::create(cfg, &trainer, self.data, &backend.name(), self.backend_desc)?;
+        let start = RunStart {
+            total: trainer.total_iterations(),
+            iteration: trainer.iteration(),
+            members: trainer.members(),
+            rows: trainer.rows(),
+            adaptive_log: trainer.adaptive_log(),
+        };
+        let mut out = RunOutput::create(cfg, start, self.data, &backend.name(), self.backend_desc)?;
+        if let Some(dir) = &cfg.out {
+            let writer = match self.resume {
+                Some(_) => StatsWriter::append(dir, cfg.hist_every)?,
+                None => StatsWriter::create(dir, cfg.hist_every)?,
+            };
+            trainer.set_stats(StatsSink::spawn(writer, cfg.net()));
+        }
         let result = trainer.run(&mut out);
         out.finish();
+        let stats = trainer.take_stats().map(StatsSink::finish);
         let rows = result?;
+        stats.transpose()?;
         if let Some(dir) = &cfg.out {
             let mean = trainer.mean_host()?;
             let p = cfg.net().n_params();
@@ -144,12 +163,80 @@ pub fn train_command(cfg: &TrainConfig, resume: Option<&Path>) -> Result<TrainSu
     if let Some(dir) = &cfg.out {
         std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
     }
+    if cfg.optimizer != Optimizer::Enkf {
+        return gradient_command(cfg, &data);
+    }
     install_interrupt_handler();
     let (_, desc) = resolve_backend(cfg.backend)?;
-    let job = TrainJob { cfg, data: &data, backend_desc: &desc, resume };
+    let job = TrainJob {
+        cfg,
+        data: &data,
+        backend_desc: &desc,
+        resume,
+    };
     let ((rows, times), backend) = dispatch(cfg.backend, cfg.math, job)?;
     let iterations = rows.last().map_or(0, |r| r.iteration);
-    Ok(TrainSummary { rows, backend, times, iterations })
+    Ok(TrainSummary {
+        rows,
+        backend,
+        times,
+        iterations,
+    })
+}
+
+/// SGD / Adam by backpropagation on the CPU (the CUDA twins of backprop are not written
+/// yet): same data, network, initialisation, seed and outputs as an EnKF run.
+fn gradient_command(cfg: &TrainConfig, data: &DataSplit) -> Result<TrainSummary> {
+    let desc = match cfg.backend {
+        BackendKind::Cuda => {
+            return Err(Error::Cuda(
+                "--optimizer sgd/adam has no CUDA path yet: use --backend cpu (or auto)".into(),
+            ))
+        }
+        _ => "cpu (backpropagation runs on the CPU)".to_string(),
+    };
+    let gcfg = GradConfig::from_train(cfg, cfg.optimizer, cfg.lr, cfg.momentum, cfg.hist_every);
+    let mut trainer = GradientTrainer::new(&gcfg, data)?;
+    let start = RunStart {
+        total: gcfg.total_iterations(data.train.len()),
+        iteration: 0,
+        members: 1,
+        rows: &[],
+        adaptive_log: &[],
+    };
+    let mut out = RunOutput::create(cfg, start, data, "cpu", &desc)?;
+    let mut stats = match &cfg.out {
+        Some(dir) => Some(StatsWriter::create(dir, cfg.hist_every)?),
+        None => None,
+    };
+    let result = trainer.run(&mut out, stats.as_mut());
+    out.finish();
+    let rows = result?;
+    if let Some(w) = stats.as_mut() {
+        w.flush()?;
+    }
+    if let Some(dir) = &cfg.out {
+        crate::io::npy::write_f32(
+            &dir.join("mean.npy"),
+            &[cfg.net().n_params()],
+            trainer.weights(),
+        )?;
+    }
+    let g = &trainer.times;
+    let times = crate::train::PhaseTimes {
+        forward: g.backprop,
+        update: g.step,
+        train_score: 0.0,
+        eval: g.eval,
+        other: g.stats,
+    };
+    let iterations = rows.last().map_or(0, |r| r.iteration);
+    Ok(TrainSummary {
+        rows,
+        backend: desc,
+        times,
+        iterations,
+    })
 }
 
 /// Installs (once) a Ctrl-C handler that asks the trainer to checkpoint and stop.
@@ -176,30 +263,30 @@ struct RunOutput {
 }
 
 impl RunOutput {
-    fn create<B: Backend>(
+    fn create(
         cfg: &TrainConfig,
-        trainer: &Trainer<B>,
+        start: RunStart<'_>,
         data: &DataSplit,
         backend: &str,
         desc: &str,
     ) -> Result<Self> {
-        let total = trainer.total_iterations();
+        let total = start.total;
         let (csv, adaptive) = match &cfg.out {
             Some(dir) => {
                 write_config_json(&dir.join("config.json"), cfg, total, data, backend)?;
                 let path = dir.join("metrics.csv");
                 // A resumed run rewrites the rows of its first part, then appends.
                 let mut w = csv::Writer::from_path(&path)?;
-                for row in trainer.rows() {
+                for row in start.rows {
                     w.serialize(row)?;
                 }
                 w.flush().map_err(|e| Error::io(&path, e))?;
                 let adaptive = if cfg.adaptation == crate::train::Adaptation::Adaptive {
                     let mut a = csv::Writer::from_path(dir.join("adaptive.csv"))?;
-                    for row in trainer.adaptive_log() {
+                    for row in start.adaptive_log {
                         a.serialize(row)?;
                     }
-                    if trainer.adaptive_log().is_empty() {
+                    if start.adaptive_log.is_empty() {
                         a.write_record([
                             "iteration",
                             "previous_error",
@@ -209,7 +296,8 @@ impl RunOutput {
                             "remaining_iterations",
                         ])?;
                     }
-                    a.flush().map_err(|e| Error::io(dir.join("adaptive.csv"), e))?;
+                    a.flush()
+                        .map_err(|e| Error::io(dir.join("adaptive.csv"), e))?;
                     Some(a)
                 } else {
                     None
@@ -221,11 +309,11 @@ impl RunOutput {
         eprintln!(
             "enkf-dnn {}: J = {}, P = {}, {} iterations{} with the {} ({} train / {} test images from {}), backend {desc}",
             env!("CARGO_PKG_VERSION"),
-            trainer.members(),
+            start.members,
             cfg.net().n_params(),
             total,
-            if trainer.iteration() > 0 { format!(" (resuming after {})", trainer.iteration()) } else { String::new() },
-            cfg.update_name(),
+            if start.iteration > 0 { format!(" (resuming after {})", start.iteration) } else { String::new() },
+            cfg.method_name(),
             data.train.len(),
             data.test.len(),
             data.dir.display(),
@@ -237,10 +325,15 @@ impl RunOutput {
             )
             .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar());
             bar.set_style(style);
-            bar.set_position(trainer.iteration() as u64);
+            bar.set_position(start.iteration as u64);
             bar
         });
-        Ok(RunOutput { csv, adaptive, bar, last_test: None })
+        Ok(RunOutput {
+            csv,
+            adaptive,
+            bar,
+            last_test: None,
+        })
     }
 
     fn finish(&mut self) {
@@ -301,15 +394,29 @@ impl Observer for RunOutput {
     }
 
     fn on_resample(&mut self, iteration: usize, count: usize) -> Result<()> {
-        self.log(format!("iteration {iteration}: {count} members had non-finite outputs and were resampled"));
+        self.log(format!(
+            "iteration {iteration}: {count} members had non-finite outputs and were resampled"
+        ));
         Ok(())
     }
 }
 
 impl TrainConfig {
-    fn update_name(&self) -> String {
-        format!("{:?} rule", self.update).to_lowercase()
+    fn method_name(&self) -> String {
+        match self.optimizer {
+            Optimizer::Enkf => format!("EnKF, {:?} rule", self.update).to_lowercase(),
+            other => format!("{other:?} by backpropagation").to_lowercase(),
+        }
     }
+}
+
+/// Where a run starts: what metrics.csv and the log need to know.
+struct RunStart<'a> {
+    total: usize,
+    iteration: usize,
+    members: usize,
+    rows: &'a [MetricsRow],
+    adaptive_log: &'a [crate::train::adaptive::AdaptiveLogRow],
 }
 
 /// Writes the resolved configuration plus what describes the run (program, version,

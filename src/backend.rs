@@ -212,7 +212,8 @@ pub trait Backend {
         let mut d = self.download_f32(dst)?;
         check_rows("copy_rows_f32 source", s.len(), src_row + rows, cols)?;
         check_rows("copy_rows_f32 destination", d.len(), dst_row + rows, cols)?;
-        d[dst_row * cols..(dst_row + rows) * cols].copy_from_slice(&s[src_row * cols..(src_row + rows) * cols]);
+        d[dst_row * cols..(dst_row + rows) * cols]
+            .copy_from_slice(&s[src_row * cols..(src_row + rows) * cols]);
         self.write_f32(&d, dst)
     }
 

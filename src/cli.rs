@@ -5,6 +5,7 @@ use crate::backend::{BackendKind, MathMode};
 use crate::enkf::UpdateRule;
 use crate::model::{Activation, Arch};
 use crate::train::config::{Adaptation, FailurePolicy};
+use crate::train::optim::Optimizer;
 use crate::train::{BatchOrder, EvalMode, PartialConfig};
 use clap::{Args, Parser, Subcommand};
 use std::path::PathBuf;
@@ -134,6 +135,24 @@ pub struct TrainArgs {
     /// Gaussian of the successful members [default: error].
     #[arg(long, value_enum)]
     pub on_failure: Option<FailurePolicy>,
+    /// Training method: enkf (the default), or sgd / adam by backpropagation (same
+    /// network, data, initialisation and seed; one network, shuffled mini-batches,
+    /// one step per mini-batch; runs on the CPU).
+    #[arg(long, value_enum)]
+    pub optimizer: Option<Optimizer>,
+    /// Learning rate of sgd / adam [default: 0.1 for sgd, 1e-3 for adam].
+    #[arg(long)]
+    pub lr: Option<f64>,
+    /// SGD momentum [default: 0.9].
+    #[arg(long)]
+    pub momentum: Option<f64>,
+    /// Activation statistics (and, for sgd/adam, gradient statistics) every N
+    /// iterations into stats.csv, when --out is given [default: 1].
+    #[arg(long, value_name = "N")]
+    pub stats_every: Option<usize>,
+    /// Histograms of activations (and gradients) every N iterations into hist.csv [default: 200].
+    #[arg(long, value_name = "N")]
+    pub hist_every: Option<usize>,
     /// Continue the run whose output folder (with checkpoint.bin) is DIR; its settings are
     /// the base, flags may extend the run (--iterations, --epochs) or change evaluation.
     #[arg(long, value_name = "DIR")]
@@ -179,6 +198,11 @@ impl TrainArgs {
             adapt_epsilon: self.adapt_epsilon,
             on_failure: self.on_failure,
             checkpoint_every: self.checkpoint_every,
+            optimizer: self.optimizer,
+            lr: self.lr,
+            momentum: self.momentum,
+            stats_every: self.stats_every,
+            hist_every: self.hist_every,
         }
     }
 }

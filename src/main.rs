@@ -27,7 +27,8 @@ fn main() -> anyhow::Result<()> {
                     let path = enkf_dnn::train::checkpoint::path_in(dir);
                     let (state, _) = enkf_dnn::train::checkpoint::read(&path)
                         .with_context(|| format!("reading the checkpoint in {}", dir.display()))?;
-                    let mut base = PartialConfig::from_json(&serde_json::to_string(&state.config)?)?.0;
+                    let mut base =
+                        PartialConfig::from_json(&serde_json::to_string(&state.config)?)?.0;
                     base.out = Some(dir.clone());
                     (base, Some(path))
                 }

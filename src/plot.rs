@@ -143,14 +143,13 @@ fn band_polygon(s: &Series, floor: f64) -> Vec<(f64, f64)> {
     let Some(b) = &s.band else {
         return Vec::new();
     };
-    let pts: Vec<(f64, f64, f64)> = s
-        .x
-        .iter()
-        .zip(&s.y)
-        .zip(b)
-        .filter(|((x, y), b)| x.is_finite() && y.is_finite() && b.is_finite())
-        .map(|((&x, &y), &b)| (x, y, b.abs()))
-        .collect();
+    let pts: Vec<(f64, f64, f64)> =
+        s.x.iter()
+            .zip(&s.y)
+            .zip(b)
+            .filter(|((x, y), b)| x.is_finite() && y.is_finite() && b.is_finite())
+            .map(|((&x, &y), &b)| (x, y, b.abs()))
+            .collect();
     let mut poly: Vec<(f64, f64)> = pts.iter().map(|&(x, y, b)| (x, y + b)).collect();
     poly.extend(pts.iter().rev().map(|&(x, y, b)| (x, (y - b).max(floor))));
     poly
@@ -183,7 +182,11 @@ fn line_ranges(series: &[Series], log_y: bool) -> Option<((f64, f64), (f64, f64)
     }
     if log_y {
         let (lo, hi) = (ys.0 / 1.3, ys.1 * 1.3);
-        ys = if hi > lo { (lo, hi) } else { (lo / 10.0, lo * 10.0) };
+        ys = if hi > lo {
+            (lo, hi)
+        } else {
+            (lo / 10.0, lo * 10.0)
+        };
     } else {
         let pad = ((ys.1 - ys.0) * 0.03).max(1e-9 * ys.1.abs().max(1.0));
         ys = (ys.0 - pad, ys.1 + pad);
@@ -220,8 +223,8 @@ pub fn line_chart(
             });
         }
     }
-    let ((x0, x1), (y0, y1)) =
-        line_ranges(series, log_y).unwrap_or(((0.0, 1.0), if log_y { (0.1, 1.0) } else { (0.0, 1.0) }));
+    let ((x0, x1), (y0, y1)) = line_ranges(series, log_y)
+        .unwrap_or(((0.0, 1.0), if log_y { (0.1, 1.0) } else { (0.0, 1.0) }));
     let d = LineDrawing {
         title,
         x_label,
@@ -256,13 +259,18 @@ impl Drawing for LineDrawing<'_> {
     }
 }
 
-fn draw_lines<DB, Y>(root: &DrawingArea<DB, Shift>, d: &LineDrawing, y_spec: Y) -> Result<(), String>
+fn draw_lines<DB, Y>(
+    root: &DrawingArea<DB, Shift>,
+    d: &LineDrawing,
+    y_spec: Y,
+) -> Result<(), String>
 where
     DB: DrawingBackend,
     Y: AsRangedCoord<Value = f64>,
     Y::CoordDescType: ValueFormatter<f64>,
 {
-    let (title, x_label, y_label, series, log_y) = (d.title, d.x_label, d.y_label, d.series, d.log_y);
+    let (title, x_label, y_label, series, log_y) =
+        (d.title, d.x_label, d.y_label, d.series, d.log_y);
     let y_floor = d.y.0;
     let mut chart = ChartBuilder::on(root)
         .caption(title, (FONT, 26))
@@ -399,7 +407,12 @@ fn draw_hist_panel<DB: DrawingBackend>(
     let mut ymax = 0.0f64;
     for s in &panel.series {
         x = (x.0.min(s.edges[0]), x.1.max(s.edges[s.edges.len() - 1]));
-        ymax = s.counts.iter().copied().filter(|c| c.is_finite()).fold(ymax, f64::max);
+        ymax = s
+            .counts
+            .iter()
+            .copied()
+            .filter(|c| c.is_finite())
+            .fold(ymax, f64::max);
     }
     if !(x.0.is_finite() && x.1 > x.0) {
         x = (0.0, 1.0);
@@ -434,7 +447,10 @@ fn draw_hist_panel<DB: DrawingBackend>(
         }
         step.push((s.edges[s.edges.len() - 1], 0.0));
         chart
-            .draw_series(std::iter::once(Polygon::new(step.clone(), color.mix(0.15).filled())))
+            .draw_series(std::iter::once(Polygon::new(
+                step.clone(),
+                color.mix(0.15).filled(),
+            )))
             .map_err(|e| e.to_string())?;
         chart
             .draw_series(LineSeries::new(step, color.stroke_width(2)))

@@ -29,9 +29,13 @@ fn make_dataset(root: &Path, per: usize) {
         let d = root.join(letter);
         std::fs::create_dir_all(&d).expect("letter dir");
         for k in 0..per {
-            write_png(&d.join(format!("img{k}.png")), 28, 28, png::ColorType::Grayscale, |i| {
-                vec![((l * 20 + k + i) % 256) as u8]
-            });
+            write_png(
+                &d.join(format!("img{k}.png")),
+                28,
+                28,
+                png::ColorType::Grayscale,
+                |i| vec![((l * 20 + k + i) % 256) as u8],
+            );
         }
     }
 }
@@ -66,9 +70,13 @@ fn rgb_is_converted_by_luminance_and_corrupt_files_are_skipped() {
     let root = tmp("rgb");
     make_dataset(&root, 1);
     // An RGB(A) image in B: (R, G, B) = (200, 100, 50) → (299·200 + 587·100 + 114·50 + 500)/1000 = 124.
-    write_png(&root.join("B").join("rgb.png"), 28, 28, png::ColorType::Rgba, |_| {
-        vec![200, 100, 50, 255]
-    });
+    write_png(
+        &root.join("B").join("rgb.png"),
+        28,
+        28,
+        png::ColorType::Rgba,
+        |_| vec![200, 100, 50, 255],
+    );
     std::fs::write(root.join("C").join("broken.png"), b"\x89PNG not really").expect("write");
     std::fs::write(root.join("C").join("notes.txt"), b"ignored").expect("write");
     let dir = root.join("train");
@@ -81,7 +89,10 @@ fn rgb_is_converted_by_luminance_and_corrupt_files_are_skipped() {
         .iter()
         .flat_map(|s| (0..s.len()).map(move |i| (s.labels[i], s.image(i)[5])))
         .collect();
-    let rgb: Vec<_> = all.iter().filter(|(_, p)| (p * 255.0).round() == 124.0).collect();
+    let rgb: Vec<_> = all
+        .iter()
+        .filter(|(_, p)| (p * 255.0).round() == 124.0)
+        .collect();
     assert_eq!(rgb.len(), 1, "{all:?}");
     assert_eq!(rgb[0].0, 1, "the RGB image is in folder B");
     std::fs::remove_dir_all(&root).ok();
@@ -94,10 +105,19 @@ fn wrong_size_names_the_file_and_presplit_folders_are_kept() {
     make_dataset(&root.join("test"), 1);
     let (split, _) = load_letters(&root, 0.9, 0).expect("presplit");
     assert_eq!((split.train.len(), split.test.len()), (20, 10));
-    write_png(&root.join("test").join("J").join("big.png"), 32, 28, png::ColorType::Grayscale, |_| vec![0]);
+    write_png(
+        &root.join("test").join("J").join("big.png"),
+        32,
+        28,
+        png::ColorType::Grayscale,
+        |_| vec![0],
+    );
     let err = load_letters(&root, 0.5, 0).expect_err("32×28 image");
     assert!(matches!(err, Error::Shape { .. }), "{err}");
-    assert!(err.to_string().contains("big.png") && err.to_string().contains("32×28"), "{err}");
+    assert!(
+        err.to_string().contains("big.png") && err.to_string().contains("32×28"),
+        "{err}"
+    );
     std::fs::remove_dir_all(root.join("test").join("J")).expect("rm");
     let err = load_letters(&root, 0.5, 0).expect_err("missing J");
     assert!(err.to_string().contains("J"), "{err}");

@@ -1,7 +1,9 @@
 //! Charts: files are written, the PNG decodes at the documented size with drawn
 //! content, and the SVG carries the title and legend text.
 
-use enkf_dnn::plot::{histogram_chart, line_chart, HistPanel, HistSeries, Series, HIST_PANEL_SIZE, LINE_SIZE};
+use enkf_dnn::plot::{
+    histogram_chart, line_chart, HistPanel, HistSeries, Series, HIST_PANEL_SIZE, LINE_SIZE,
+};
 use std::path::{Path, PathBuf};
 
 fn tmp(name: &str) -> PathBuf {
@@ -14,7 +16,9 @@ fn tmp(name: &str) -> PathBuf {
 /// (width, height, RGB(A) bytes, channels) of a PNG.
 fn decode(path: &Path) -> (u32, u32, Vec<u8>, usize) {
     let f = std::fs::File::open(path).expect("png exists");
-    let mut r = png::Decoder::new(std::io::BufReader::new(f)).read_info().expect("png header");
+    let mut r = png::Decoder::new(std::io::BufReader::new(f))
+        .read_info()
+        .expect("png header");
     let mut buf = vec![0; r.output_buffer_size()];
     let info = r.next_frame(&mut buf).expect("png data");
     let ch = match info.color_type {
@@ -50,15 +54,35 @@ fn line_chart_writes_png_and_svg_with_band_and_legend() {
         },
     ];
     let stem = dir.join("sub").join("fig1");
-    line_chart(&stem, "Test error, MNIST", "iteration", "test error (%)", &s, false).expect("chart");
+    line_chart(
+        &stem,
+        "Test error, MNIST",
+        "iteration",
+        "test error (%)",
+        &s,
+        false,
+    )
+    .expect("chart");
     let (w, h, buf, ch) = decode(&stem.with_extension("png"));
     assert_eq!((w, h), LINE_SIZE);
     let white = count(&buf, ch, [255, 255, 255]);
-    assert!(white < (w * h) as usize * 97 / 100, "chart is nearly blank: {white} white pixels");
+    assert!(
+        white < (w * h) as usize * 97 / 100,
+        "chart is nearly blank: {white} white pixels"
+    );
     // The first series' colour (Tableau blue 31,119,180) is drawn.
-    assert!(count(&buf, ch, [31, 119, 180]) > 100, "no line pixels of series 1");
+    assert!(
+        count(&buf, ch, [31, 119, 180]) > 100,
+        "no line pixels of series 1"
+    );
     let svg = std::fs::read_to_string(stem.with_extension("svg")).expect("svg");
-    for text in ["Test error, MNIST", "EnKF (J = 50)", "SGD", "test error (%)", "iteration"] {
+    for text in [
+        "Test error, MNIST",
+        "EnKF (J = 50)",
+        "SGD",
+        "test error (%)",
+        "iteration",
+    ] {
         assert!(svg.contains(text), "SVG lacks {text:?}");
     }
     // The band is a filled polygon at 20 % opacity.
@@ -110,13 +134,28 @@ fn histogram_chart_stacks_one_panel_per_layer() {
         })
         .collect();
     let stem = dir.join("hist");
-    histogram_chart(&stem, "Activations, SGD", "activation", "fraction of values", &panels).expect("hist");
+    histogram_chart(
+        &stem,
+        "Activations, SGD",
+        "activation",
+        "fraction of values",
+        &panels,
+    )
+    .expect("hist");
     let (w, h, buf, ch) = decode(&stem.with_extension("png"));
     assert_eq!(w, HIST_PANEL_SIZE.0);
     assert_eq!(h, 40 + 3 * HIST_PANEL_SIZE.1);
-    assert!(count(&buf, ch, [255, 127, 14]) > 50, "no outline of series 2");
+    assert!(
+        count(&buf, ch, [255, 127, 14]) > 50,
+        "no outline of series 2"
+    );
     let svg = std::fs::read_to_string(stem.with_extension("svg")).expect("svg");
-    for text in ["Activations, SGD", "layer 3", "iteration 200", "fraction of values"] {
+    for text in [
+        "Activations, SGD",
+        "layer 3",
+        "iteration 200",
+        "fraction of values",
+    ] {
         assert!(svg.contains(text), "SVG lacks {text:?}");
     }
     let mut broken = panels.clone();

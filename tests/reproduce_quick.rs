@@ -24,7 +24,12 @@ fn tiny(out: &Path) -> ReproduceOptions {
 
 fn read_csv(path: &Path) -> (Vec<String>, Vec<Vec<String>>) {
     let mut r = csv::Reader::from_path(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-    let header = r.headers().expect("header").iter().map(String::from).collect();
+    let header = r
+        .headers()
+        .expect("header")
+        .iter()
+        .map(String::from)
+        .collect();
     let rows = r
         .records()
         .map(|x| x.expect("record").iter().map(String::from).collect())
@@ -35,7 +40,9 @@ fn read_csv(path: &Path) -> (Vec<String>, Vec<Vec<String>>) {
 fn assert_chart(stem: &Path) {
     for ext in ["png", "svg"] {
         let p = stem.with_extension(ext);
-        let len = std::fs::metadata(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display())).len();
+        let len = std::fs::metadata(&p)
+            .unwrap_or_else(|e| panic!("{}: {e}", p.display()))
+            .len();
         assert!(len > 1000, "{} is only {len} bytes", p.display());
     }
 }
@@ -47,7 +54,11 @@ fn fig1_tiny_writes_runs_summary_table_and_charts() {
     let dir = out.join("fig1");
     for run in ["sgd", "adam", "enkf"] {
         for seed in 0..2 {
-            let (h, rows) = read_csv(&dir.join(run).join(format!("seed-{seed}")).join("metrics.csv"));
+            let (h, rows) = read_csv(
+                &dir.join(run)
+                    .join(format!("seed-{seed}"))
+                    .join("metrics.csv"),
+            );
             assert_eq!(&h[..2], ["iteration", "epoch"], "{run}");
             assert!(h.iter().any(|c| c == "test_error"));
             // Tiny: EnKF 4 iterations, gradient 1 epoch of 128/64 = 2 steps; plus row 0.
@@ -59,7 +70,15 @@ fn fig1_tiny_writes_runs_summary_table_and_charts() {
     let (h, rows) = read_csv(&dir.join("summary.csv"));
     assert_eq!(
         h,
-        ["run", "label", "iteration", "epoch", "test_error_mean", "test_error_std", "seeds"]
+        [
+            "run",
+            "label",
+            "iteration",
+            "epoch",
+            "test_error_mean",
+            "test_error_std",
+            "seeds"
+        ]
     );
     // EnKF evaluates at 0, 2, 4; gradient runs at every step (0, 1, 2).
     let count = |name: &str| rows.iter().filter(|r| r[0] == name).count();
@@ -71,7 +90,10 @@ fn fig1_tiny_writes_runs_summary_table_and_charts() {
         assert_eq!(r[6], "2");
     }
     let table = std::fs::read_to_string(dir.join("table.md")).expect("table");
-    assert!(table.contains("3.8 %") && table.contains("EnKF (J = 6"), "{table}");
+    assert!(
+        table.contains("3.8 %") && table.contains("EnKF (J = 6"),
+        "{table}"
+    );
     assert_chart(&dir.join("test-error"));
     let svg = std::fs::read_to_string(dir.join("test-error.svg")).expect("svg");
     assert!(svg.contains("SGD (lr 0.1, momentum 0.9) (mean ± std, 2 seeds)"));
@@ -98,8 +120,23 @@ fn fig3_tiny_writes_statistics_and_histogram_charts() {
     // 3 rows (0, 1, 2) × (3 activation + 3 gradient layers).
     assert_eq!(rows.len(), 3 * 6);
     let (h, _) = read_csv(&dir.join("sgd/seed-0/hist.csv"));
-    assert_eq!(h, ["iteration", "layer", "quantity", "bin_lo", "bin_hi", "count"]);
-    for chart in ["activations-sgd", "gradient-std-sgd", "hist-activations-sgd", "hist-gradients-sgd"] {
+    assert_eq!(
+        h,
+        [
+            "iteration",
+            "layer",
+            "quantity",
+            "bin_lo",
+            "bin_hi",
+            "count"
+        ]
+    );
+    for chart in [
+        "activations-sgd",
+        "gradient-std-sgd",
+        "hist-activations-sgd",
+        "hist-gradients-sgd",
+    ] {
         assert_chart(&dir.join(chart));
     }
     let table = std::fs::read_to_string(dir.join("table.md")).expect("table");
@@ -111,7 +148,10 @@ fn fig3_tiny_writes_statistics_and_histogram_charts() {
 #[test]
 fn zero_seeds_is_a_config_error() {
     let out = tmp("zero");
-    let opts = ReproduceOptions { seeds: 0, ..tiny(&out) };
+    let opts = ReproduceOptions {
+        seeds: 0,
+        ..tiny(&out)
+    };
     let err = run(Experiment::Fig8Members, &opts).expect_err("0 seeds");
     assert!(err.to_string().contains("seeds"), "{err}");
 }
@@ -129,6 +169,10 @@ fn all_quick() {
     };
     run(Experiment::All, &opts).expect("all --quick");
     for e in Experiment::EVERY {
-        assert!(out.join(e.name()).join("table.md").is_file(), "{}", e.name());
+        assert!(
+            out.join(e.name()).join("table.md").is_file(),
+            "{}",
+            e.name()
+        );
     }
 }

@@ -169,7 +169,8 @@ impl Backend for CpuBackend {
     ) -> Result<()> {
         crate::backend::check_rows("copy_rows_f32 source", src.len(), src_row + rows, cols)?;
         crate::backend::check_rows("copy_rows_f32 destination", dst.len(), dst_row + rows, cols)?;
-        dst[dst_row * cols..(dst_row + rows) * cols].copy_from_slice(&src[src_row * cols..(src_row + rows) * cols]);
+        dst[dst_row * cols..(dst_row + rows) * cols]
+            .copy_from_slice(&src[src_row * cols..(src_row + rows) * cols]);
         Ok(())
     }
 

@@ -60,7 +60,11 @@ pub fn load_letters_dir(dir: &Path, test_fraction: f64, seed: u64) -> Result<Dat
 /// without `train`/`test`, a letter folder is missing, or a split ends up empty;
 /// [`Error::Io`] when a folder or file cannot be read; [`Error::Shape`] naming the
 /// file for an image that is not 28 × 28.
-pub fn load_letters(dir: &Path, test_fraction: f64, seed: u64) -> Result<(DataSplit, LettersReport)> {
+pub fn load_letters(
+    dir: &Path,
+    test_fraction: f64,
+    seed: u64,
+) -> Result<(DataSplit, LettersReport)> {
     let mut report = LettersReport::default();
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
     let (train, test) = if dir.join("train").is_dir() && dir.join("test").is_dir() {
@@ -136,11 +140,7 @@ fn read_letter_folders(dir: &Path, report: &mut LettersReport) -> Result<Vec<(u8
         let mut files: Vec<PathBuf> = std::fs::read_dir(&folder)
             .map_err(|e| Error::io(&folder, e))?
             .filter_map(|e| e.ok().map(|e| e.path()))
-            .filter(|p| {
-                p.is_file()
-                    && p.extension()
-                        .is_some_and(|x| x.eq_ignore_ascii_case("png"))
-            })
+            .filter(|p| p.is_file() && p.extension().is_some_and(|x| x.eq_ignore_ascii_case("png")))
             .collect();
         files.sort();
         for path in files {
@@ -193,7 +193,9 @@ pub fn read_png_gray(path: &Path) -> Result<Option<Vec<u8>>> {
             px.push(match channels {
                 1 | 2 => p[0],
                 _ => {
-                    let l = (299 * u32::from(p[0]) + 587 * u32::from(p[1]) + 114 * u32::from(p[2])
+                    let l = (299 * u32::from(p[0])
+                        + 587 * u32::from(p[1])
+                        + 114 * u32::from(p[2])
                         + 500)
                         / 1000;
                     l as u8

@@ -20,13 +20,21 @@ pub fn gaussian_draw_coefficients<R: Rng>(rng: &mut R, count: usize, n: usize) -
     for _ in 0..count {
         let z: Vec<f64> = (0..n).map(|_| StandardNormal.sample(rng)).collect();
         let zbar = z.iter().sum::<f64>() / n as f64;
-        out.extend(z.iter().map(|&zk| (1.0 / n as f64 + (zk - zbar) * scale) as f32));
+        out.extend(
+            z.iter()
+                .map(|&zk| (1.0 / n as f64 + (zk - zbar) * scale) as f32),
+        );
     }
     out
 }
 
 /// Copies the rows of `u` (members × params) listed in `keep` (ascending) into a new buffer.
-pub fn select_members<B: Backend>(be: &B, u: &B::F32, params: usize, keep: &[usize]) -> Result<B::F32> {
+pub fn select_members<B: Backend>(
+    be: &B,
+    u: &B::F32,
+    params: usize,
+    keep: &[usize],
+) -> Result<B::F32> {
     let mut out = be.zeros_f32(keep.len() * params)?;
     let mut i = 0;
     while i < keep.len() {
@@ -52,11 +60,15 @@ pub fn drop_members<B: Backend, R: Rng>(
     rng: &mut R,
 ) -> Result<(B::F32, Vec<usize>)> {
     if count + 2 > members {
-        return Err(Error::Config(format!("cannot drop {count} of {members} members: at least 2 must remain")));
+        return Err(Error::Config(format!(
+            "cannot drop {count} of {members} members: at least 2 must remain"
+        )));
     }
     let mut dropped = rand::seq::index::sample(rng, members, count).into_vec();
     dropped.sort_unstable();
-    let keep: Vec<usize> = (0..members).filter(|j| dropped.binary_search(j).is_err()).collect();
+    let keep: Vec<usize> = (0..members)
+        .filter(|j| dropped.binary_search(j).is_err())
+        .collect();
     Ok((select_members(be, u, params, &keep)?, dropped))
 }
 
@@ -72,7 +84,18 @@ pub fn add_members<B: Backend, R: Rng>(
 ) -> Result<B::F32> {
     let r = be.upload_f32(&gaussian_draw_coefficients(rng, count, members))?;
     let mut fresh = be.zeros_f32(count * params)?;
-    be.gemm_f32(Trans::No, Trans::No, count, params, members, 1.0, &r, u, 0.0, &mut fresh)?;
+    be.gemm_f32(
+        Trans::No,
+        Trans::No,
+        count,
+        params,
+        members,
+        1.0,
+        &r,
+        u,
+        0.0,
+        &mut fresh,
+    )?;
     let mut out = be.zeros_f32((members + count) * params)?;
     be.copy_rows_f32(u, 0, &mut out, 0, members, params)?;
     be.copy_rows_f32(&fresh, 0, &mut out, members, count, params)?;
@@ -82,12 +105,33 @@ pub fn add_members<B: Backend, R: Rng>(
 /// Members whose row of `g` (members × cols) holds a non-finite value. Computed as the
 /// row sums G·1 (a NaN or ±∞ anywhere in a row makes its sum non-finite), so only
 /// `members` values come back to the host.
-pub fn nonfinite_rows<B: Backend>(be: &B, g: &B::F32, members: usize, cols: usize) -> Result<Vec<usize>> {
+pub fn nonfinite_rows<B: Backend>(
+    be: &B,
+    g: &B::F32,
+    members: usize,
+    cols: usize,
+) -> Result<Vec<usize>> {
     let ones = be.upload_f32(&vec![1.0; cols])?;
     let mut sums = be.zeros_f32(members)?;
-    be.gemm_f32(Trans::No, Trans::No, members, 1, cols, 1.0, g, &ones, 0.0, &mut sums)?;
+    be.gemm_f32(
+        Trans::No,
+        Trans::No,
+        members,
+        1,
+        cols,
+        1.0,
+        g,
+        &ones,
+        0.0,
+        &mut sums,
+    )?;
     let sums = be.download_f32(&sums)?;
-    Ok(sums.iter().enumerate().filter(|(_, s)| !s.is_finite()).map(|(j, _)| j).collect())
+    Ok(sums
+        .iter()
+        .enumerate()
+        .filter(|(_, s)| !s.is_finite())
+        .map(|(j, _)| j)
+        .collect())
 }
 
 /// Replaces the rows `failed` (ascending) of `u` by draws from the Gaussian of the other
@@ -100,7 +144,9 @@ pub fn resample_members<B: Backend, R: Rng>(
     failed: &[usize],
     rng: &mut R,
 ) -> Result<()> {
-    let ok: Vec<usize> = (0..members).filter(|j| failed.binary_search(j).is_err()).collect();
+    let ok: Vec<usize> = (0..members)
+        .filter(|j| failed.binary_search(j).is_err())
+        .collect();
     if ok.len() < 2 {
         return Err(Error::Config(format!(
             "{} of {members} members failed: too few remain to resample from",
@@ -110,7 +156,18 @@ pub fn resample_members<B: Backend, R: Rng>(
     let good = select_members(be, u, params, &ok)?;
     let r = be.upload_f32(&gaussian_draw_coefficients(rng, failed.len(), ok.len()))?;
     let mut fresh = be.zeros_f32(failed.len() * params)?;
-    be.gemm_f32(Trans::No, Trans::No, failed.len(), params, ok.len(), 1.0, &r, &good, 0.0, &mut fresh)?;
+    be.gemm_f32(
+        Trans::No,
+        Trans::No,
+        failed.len(),
+        params,
+        ok.len(),
+        1.0,
+        &r,
+        &good,
+        0.0,
+        &mut fresh,
+    )?;
     for (i, &j) in failed.iter().enumerate() {
         be.copy_rows_f32(&fresh, i, u, j, 1, params)?;
     }

@@ -56,10 +56,7 @@ pub fn to_bytes(net: &Net, weights: &[f32]) -> Result<Vec<u8>> {
         });
     }
     let mut header = serde_json::Map::new();
-    header.insert(
-        "__metadata__".into(),
-        serde_json::json!({ "format": "pt" }),
-    );
+    header.insert("__metadata__".into(), serde_json::json!({ "format": "pt" }));
     for t in net.tensors() {
         let begin = t.offset * 4;
         let end = begin + t.len() * 4;
@@ -106,7 +103,11 @@ pub fn write_net(path: &Path, net: &Net, weights: &[f32]) -> Result<()> {
 /// shape, or the tensors do not tile the data buffer exactly.
 pub fn from_bytes(bytes: &[u8], path: &Path) -> Result<Vec<Tensor>> {
     if bytes.len() < 8 {
-        return Err(bad(path, "at least 8 bytes (header length)", format!("{} bytes", bytes.len())));
+        return Err(bad(
+            path,
+            "at least 8 bytes (header length)",
+            format!("{} bytes", bytes.len()),
+        ));
     }
     let mut n8 = [0u8; 8];
     n8.copy_from_slice(&bytes[..8]);
@@ -120,8 +121,13 @@ pub fn from_bytes(bytes: &[u8], path: &Path) -> Result<Vec<Tensor>> {
         ));
     }
     let n = n as usize;
-    let header: serde_json::Value = serde_json::from_slice(&bytes[8..8 + n])
-        .map_err(|e| bad(path, "a JSON object as header", format!("invalid JSON: {e}")))?;
+    let header: serde_json::Value = serde_json::from_slice(&bytes[8..8 + n]).map_err(|e| {
+        bad(
+            path,
+            "a JSON object as header",
+            format!("invalid JSON: {e}"),
+        )
+    })?;
     let serde_json::Value::Object(map) = header else {
         return Err(bad(path, "a JSON object as header", "another JSON value"));
     };
@@ -133,7 +139,11 @@ pub fn from_bytes(bytes: &[u8], path: &Path) -> Result<Vec<Tensor>> {
         }
         let dtype = info.get("dtype").and_then(|v| v.as_str()).unwrap_or("");
         if dtype != "F32" {
-            return Err(bad(path, format!("dtype F32 for {name}"), format!("dtype '{dtype}'")));
+            return Err(bad(
+                path,
+                format!("dtype F32 for {name}"),
+                format!("dtype '{dtype}'"),
+            ));
         }
         let shape: Vec<usize> = info
             .get("shape")
@@ -142,7 +152,13 @@ pub fn from_bytes(bytes: &[u8], path: &Path) -> Result<Vec<Tensor>> {
         let offs: [usize; 2] = info
             .get("data_offsets")
             .and_then(|v| serde_json::from_value(v.clone()).ok())
-            .ok_or_else(|| bad(path, format!("data_offsets [begin, end] for {name}"), "none"))?;
+            .ok_or_else(|| {
+                bad(
+                    path,
+                    format!("data_offsets [begin, end] for {name}"),
+                    "none",
+                )
+            })?;
         let count: usize = shape.iter().product();
         if offs[1] < offs[0] || offs[1] - offs[0] != count * 4 || offs[1] > data.len() {
             return Err(bad(
@@ -277,11 +293,23 @@ mod tests {
         assert_eq!(v["__metadata__"]["format"], "pt");
         assert_eq!(v["conv1.weight"]["dtype"], "F32");
         assert_eq!(v["conv1.weight"]["shape"], serde_json::json!([10, 1, 5, 5]));
-        assert_eq!(v["conv1.weight"]["data_offsets"], serde_json::json!([0, 1000]));
-        assert_eq!(v["conv2.weight"]["shape"], serde_json::json!([20, 10, 5, 5]));
-        assert_eq!(v["conv2.weight"]["data_offsets"], serde_json::json!([1000, 21000]));
+        assert_eq!(
+            v["conv1.weight"]["data_offsets"],
+            serde_json::json!([0, 1000])
+        );
+        assert_eq!(
+            v["conv2.weight"]["shape"],
+            serde_json::json!([20, 10, 5, 5])
+        );
+        assert_eq!(
+            v["conv2.weight"]["data_offsets"],
+            serde_json::json!([1000, 21000])
+        );
         assert_eq!(v["fc1.weight"]["shape"], serde_json::json!([10, 1280]));
-        assert_eq!(v["fc1.weight"]["data_offsets"], serde_json::json!([21000, 72200]));
+        assert_eq!(
+            v["fc1.weight"]["data_offsets"],
+            serde_json::json!([21000, 72200])
+        );
         assert_eq!(bytes.len(), 8 + n + 18_050 * 4);
         // First data value, little-endian.
         assert_eq!(&bytes[8 + n..8 + n + 4], &w[0].to_le_bytes());

@@ -309,7 +309,11 @@ pub(crate) fn run(ctx: &Ctx, exp: Experiment, in_all: bool) -> Result<()> {
     }
     write_summary(&ctx.dir.join("summary.csv"), &summary)?;
     let spec = PlotSpec {
-        experiment: ctx.dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default(),
+        experiment: ctx
+            .dir
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default(),
         title,
         x: x.into(),
         x_label: if x == "epoch" {
@@ -340,7 +344,11 @@ pub(crate) fn aggregate(name: &str, label: &str, per_seed: &[Vec<MetricsRow>]) -
     for rows in per_seed {
         for r in rows {
             if let Some(e) = r.test_error {
-                by_it.entry(r.iteration).or_insert((r.epoch, Vec::new())).1.push(e);
+                by_it
+                    .entry(r.iteration)
+                    .or_insert((r.epoch, Vec::new()))
+                    .1
+                    .push(e);
             }
         }
     }
@@ -403,17 +411,26 @@ fn write_table(
         let _ = writeln!(t, "| run | ours: final test error (%) | iterations | ours: first epoch with mean error ≤ 5 % | paper |");
         let _ = writeln!(t, "|---|---|---|---|---|");
     } else {
-        let _ = writeln!(t, "| run | ours: final test error (%) | iterations | paper |");
+        let _ = writeln!(
+            t,
+            "| run | ours: final test error (%) | iterations | paper |"
+        );
         let _ = writeln!(t, "|---|---|---|---|");
     }
     for (def, last, first) in rows {
         let ours = last.as_ref().map_or("no evaluation".into(), |r| {
             format!("{:.2} ± {:.2}", r.test_error_mean, r.test_error_std)
         });
-        let its = last.as_ref().map_or(String::from("–"), |r| r.iteration.to_string());
+        let its = last
+            .as_ref()
+            .map_or(String::from("–"), |r| r.iteration.to_string());
         if below {
             let f = first.map_or("not reached".into(), |e| format!("{e:.2}"));
-            let _ = writeln!(t, "| {} | {ours} | {its} | {f} | {} |", def.label, def.paper);
+            let _ = writeln!(
+                t,
+                "| {} | {ours} | {its} | {f} | {} |",
+                def.label, def.paper
+            );
         } else {
             let _ = writeln!(t, "| {} | {ours} | {its} | {} |", def.label, def.paper);
         }

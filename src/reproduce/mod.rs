@@ -139,7 +139,12 @@ pub struct ReproduceArgs {
     #[arg(value_enum)]
     pub experiment: Experiment,
     /// Output root; each experiment writes into OUT/<experiment>.
-    #[arg(long, short = 'o', value_name = "DIR", default_value = "runs/reproduce")]
+    #[arg(
+        long,
+        short = 'o',
+        value_name = "DIR",
+        default_value = "runs/reproduce"
+    )]
     pub out: PathBuf,
     /// Seeds per curve [default: 10 (the paper's Fig. 1), 2 with --quick].
     #[arg(long, value_name = "N")]
@@ -163,7 +168,7 @@ pub struct ReproduceArgs {
     #[arg(long, value_name = "DIR")]
     pub letters: Option<PathBuf>,
     /// Ensemble size J of the EnKF runs (not the J sweep of fig8-members)
-    /// [default: 5000, 50 with --quick].
+    /// [default: 5000, 100 with --quick].
     #[arg(long, short = 'J')]
     pub members: Option<usize>,
     /// CPU threads [default: all cores].
@@ -249,15 +254,15 @@ impl Scale {
         }
     }
 
-    /// `--quick`: J = 50, 2000 training and 1000 test images, 100 EnKF iterations,
+    /// `--quick`: J = 100, 2000 training and 1000 test images, 100 EnKF iterations,
     /// gradient runs of 1 epoch (Fig. 5: 3 epochs; Figs. 4, 7: 3 epochs). Algorithm 1 at
-    /// this size uses τ = 25, b_l = 25, b_u = 100, v = 25 and ε = 100 % (so that the
+    /// this size uses τ = 25, b_l = 50, b_u = 200, v = 50 and ε = 100 % (so that the
     /// rule can fire at all in 100 iterations; the paper's ε is 10 %).
     pub fn quick() -> Scale {
         Scale {
             name: "quick",
-            members: 50,
-            member_sweep: vec![20, 50, 100],
+            members: 100,
+            member_sweep: vec![25, 50, 100],
             train_limit: Some(2000),
             test_limit: Some(1000),
             enkf_iterations: Some(100),
@@ -266,7 +271,7 @@ impl Scale {
             fig5_epochs: 3,
             long_epochs: 3,
             hist_every: 16,
-            adapt: (25, 25, 100, 25, 100.0),
+            adapt: (25, 50, 200, 50, 100.0),
         }
     }
 
@@ -382,9 +387,11 @@ impl Ctx<'_> {
 
     /// The backend EnKF runs use, in words (for tables).
     pub fn backend_words(&self) -> String {
-        resolve_backend(self.opts.backend)
-            .map(|(_, d)| d)
-            .unwrap_or_else(|e| e.to_string())
+        match resolve_backend(self.opts.backend) {
+            Ok((BackendKind::Cuda, desc)) => desc,
+            Ok(_) => format!("CPU, {} threads", rayon::current_num_threads()),
+            Err(e) => e.to_string(),
+        }
     }
 }
 

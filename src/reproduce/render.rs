@@ -187,7 +187,8 @@ fn render_stats(dir: &Path, spec: &PlotSpec, s: &StatsRef) -> Result<()> {
     let path = run_dir.join("stats.csv");
     let mut rdr = csv::Reader::from_path(&path)?;
     // (quantity, layer) → (iterations, means, stds)
-    let mut curves: BTreeMap<(String, usize), (Vec<f64>, Vec<f64>, Vec<f64>)> = BTreeMap::new();
+    type Curve = (Vec<f64>, Vec<f64>, Vec<f64>);
+    let mut curves: BTreeMap<(String, usize), Curve> = BTreeMap::new();
     for r in rdr.deserialize() {
         let r: StatsCsvRow = r?;
         let c = curves.entry((r.quantity, r.layer)).or_default();
@@ -207,7 +208,10 @@ fn render_stats(dir: &Path, spec: &PlotSpec, s: &StatsRef) -> Result<()> {
         .collect();
     line_chart(
         &dir.join(format!("activations-{}", s.name)),
-        &format!("{}: activations per layer, mean ± std ({})", spec.title, s.label),
+        &format!(
+            "{}: activations per layer, mean ± std ({})",
+            spec.title, s.label
+        ),
         "iteration (optimizer steps)",
         "activation value (mean ± std over the mini-batch)",
         &act,
@@ -226,7 +230,10 @@ fn render_stats(dir: &Path, spec: &PlotSpec, s: &StatsRef) -> Result<()> {
     if !grad.is_empty() {
         line_chart(
             &dir.join(format!("gradient-std-{}", s.name)),
-            &format!("{}: gradient spread per weight tensor ({})", spec.title, s.label),
+            &format!(
+                "{}: gradient spread per weight tensor ({})",
+                spec.title, s.label
+            ),
             "iteration (optimizer steps)",
             "std of the gradient entries (log scale)",
             &grad,

@@ -91,7 +91,10 @@ fn write_table(
         t,
         "| final test error (%) | {} | see paper Fig. {fig} |",
         last.and_then(|r| r.test_error)
-            .map_or("no evaluation".into(), |e| format!("{e:.2} after {} steps", last.map_or(0, |r| r.iteration)))
+            .map_or("no evaluation".into(), |e| format!(
+                "{e:.2} after {} steps",
+                last.map_or(0, |r| r.iteration)
+            ))
     );
     let _ = writeln!(
         t,

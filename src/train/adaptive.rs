@@ -44,13 +44,22 @@ pub struct AdaptiveRule {
 
 impl AdaptiveRule {
     /// The new (J, r) after comparing `previous` with `current` test errors (percent).
-    pub fn decide(&self, members: usize, repetitions: usize, previous: f64, current: f64) -> (usize, usize) {
+    pub fn decide(
+        &self,
+        members: usize,
+        repetitions: usize,
+        previous: f64,
+        current: f64,
+    ) -> (usize, usize) {
         if !(current < self.epsilon && current < previous) {
             return (members, repetitions);
         }
         let gain = previous - current;
         if members > self.min_members && gain <= self.kappa {
-            ((members - self.step).max(self.min_members), (repetitions - 1).max(1))
+            (
+                (members - self.step).max(self.min_members),
+                (repetitions - 1).max(1),
+            )
         } else if gain > self.kappa && members < self.max_members {
             ((members + self.step).min(self.max_members), repetitions + 1)
         } else {
@@ -63,7 +72,13 @@ impl AdaptiveRule {
 mod tests {
     use super::*;
 
-    const RULE: AdaptiveRule = AdaptiveRule { min_members: 1000, max_members: 10_000, step: 1000, kappa: 1.0, epsilon: 10.0 };
+    const RULE: AdaptiveRule = AdaptiveRule {
+        min_members: 1000,
+        max_members: 10_000,
+        step: 1000,
+        kappa: 1.0,
+        epsilon: 10.0,
+    };
 
     #[test]
     fn follows_algorithm_1() {

@@ -72,7 +72,12 @@ pub fn write(path: &Path, state: &CheckpointState, ensemble: &[f32]) -> Result<(
     if ensemble.len() != state.members * state.params {
         return Err(Error::Checkpoint {
             path: path.into(),
-            msg: format!("ensemble has {} values, expected {} × {}", ensemble.len(), state.members, state.params),
+            msg: format!(
+                "ensemble has {} values, expected {} × {}",
+                ensemble.len(),
+                state.members,
+                state.params
+            ),
         });
     }
     let json = serde_json::to_vec(state)?;
@@ -104,10 +109,15 @@ pub fn write(path: &Path, state: &CheckpointState, ensemble: &[f32]) -> Result<(
 
 /// Reads and verifies a checkpoint: magic, lengths, CRC, and the ensemble's shape.
 pub fn read(path: &Path) -> Result<(CheckpointState, Vec<f32>)> {
-    let bad = |msg: String| Error::Checkpoint { path: path.into(), msg };
+    let bad = |msg: String| Error::Checkpoint {
+        path: path.into(),
+        msg,
+    };
     let buf = std::fs::read(path).map_err(|e| Error::io(path, e))?;
     if buf.len() < 20 || &buf[..8] != MAGIC {
-        return Err(bad("not an enkf-dnn checkpoint (magic ENKFCKP1 missing)".into()));
+        return Err(bad(
+            "not an enkf-dnn checkpoint (magic ENKFCKP1 missing)".into()
+        ));
     }
     let body = buf.len() - 4;
     let mut crc = flate2::Crc::new();
@@ -122,7 +132,9 @@ pub fn read(path: &Path) -> Result<(CheckpointState, Vec<f32>)> {
     let mut len8 = [0u8; 8];
     len8.copy_from_slice(&buf[8..16]);
     let jlen = u64::from_le_bytes(len8) as usize;
-    let json = buf.get(16..16 + jlen).ok_or_else(|| bad("header length exceeds the file".into()))?;
+    let json = buf
+        .get(16..16 + jlen)
+        .ok_or_else(|| bad("header length exceeds the file".into()))?;
     let state: CheckpointState =
         serde_json::from_slice(json).map_err(|e| bad(format!("unreadable state: {e}")))?;
     let data = &buf[16 + jlen..body];
@@ -134,14 +146,20 @@ pub fn read(path: &Path) -> Result<(CheckpointState, Vec<f32>)> {
             state.params
         )));
     }
-    let ensemble = data.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();
+    let ensemble = data
+        .chunks_exact(4)
+        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+        .collect();
     Ok((state, ensemble))
 }
 
 impl RngState {
     /// Captures a ChaCha8 generator's position.
     pub fn of(rng: &rand_chacha::ChaCha8Rng) -> Self {
-        RngState { stream: rng.get_stream(), word_pos: rng.get_word_pos().to_string() }
+        RngState {
+            stream: rng.get_stream(),
+            word_pos: rng.get_word_pos().to_string(),
+        }
     }
 
     /// Re-creates the generator of `seed` at this position.

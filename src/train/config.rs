@@ -8,6 +8,7 @@
 use crate::backend::{BackendKind, MathMode};
 use crate::enkf::UpdateRule;
 use crate::model::{Activation, Arch, Net};
+use crate::train::optim::Optimizer;
 use crate::{Error, Result};
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
@@ -125,6 +126,16 @@ pub struct TrainConfig {
     pub on_failure: FailurePolicy,
     /// Write a checkpoint every N iterations (into `out`/checkpoint).
     pub checkpoint_every: Option<usize>,
+    /// The training method: the EnKF, or SGD / Adam by backpropagation.
+    pub optimizer: Optimizer,
+    /// Learning rate of SGD / Adam (their defaults 0.1 / 1e-3 when unset).
+    pub lr: Option<f64>,
+    /// SGD momentum.
+    pub momentum: f64,
+    /// Activation (and gradient) statistics every N iterations, into stats.csv.
+    pub stats_every: usize,
+    /// Histograms every N iterations, into hist.csv.
+    pub hist_every: usize,
 }
 
 impl Default for TrainConfig {
@@ -162,6 +173,11 @@ impl Default for TrainConfig {
             adapt_epsilon: 10.0,
             on_failure: FailurePolicy::Error,
             checkpoint_every: None,
+            optimizer: Optimizer::Enkf,
+            lr: None,
+            momentum: 0.9,
+            stats_every: 1,
+            hist_every: crate::train::stats::DEFAULT_HIST_EVERY,
         }
     }
 }
@@ -185,7 +201,7 @@ const INFORMATIONAL_KEYS: &[&str] = &[
 ];
 
 /// A partial configuration: what a file or the command line sets.
-#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct PartialConfig {
     #[allow(missing_docs)]
     pub members: Option<usize>,
@@ -251,14 +267,16 @@ pub struct PartialConfig {
     pub on_failure: Option<FailurePolicy>,
     #[allow(missing_docs)]
     pub checkpoint_every: Option<usize>,
-}
-
-macro_rules! fill {
-    ($dst:expr, $src:expr, $($f:ident),*) => { $( if let Some(v) = &$src.$f { $dst.$f = v.clone(); } )* };
-}
-
-macro_rules! overlay {
-    ($dst:expr, $src:expr, $($f:ident),*) => { $( if $src.$f.is_some() { $dst.$f = $src.$f.clone(); } )* };
+    #[allow(missing_docs)]
+    pub optimizer: Option<Optimizer>,
+    #[allow(missing_docs)]
+    pub lr: Option<f64>,
+    #[allow(missing_docs)]
+    pub momentum: Option<f64>,
+    #[allow(missing_docs)]
+    pub stats_every: Option<usize>,
+    #[allow(missing_docs)]
+    pub hist_every: Option<usize>,
 }
 
 impl PartialConfig {
@@ -323,73 +341,29 @@ impl PartialConfig {
     }
 
     /// Settings of `other` replace those of `self` where `other` has them.
-    pub fn overlay(mut self, other: &PartialConfig) -> PartialConfig {
-        overlay!(
-            self,
-            other,
-            members,
-            gamma,
-            sigma,
-            batch,
-            repetitions,
-            epochs,
-            iterations,
-            eval_every,
-            eval,
-            activation,
-            arch,
-            update,
-            seed,
-            data,
-            train_limit,
-            test_limit,
-            out,
-            order,
-            backend,
-            math,
-            threads,
-            init_ensemble,
-            save_ensemble
-        );
-        self
+    pub fn overlay(self, other: &PartialConfig) -> PartialConfig {
+        let mut map = to_map(&self);
+        map.extend(to_map(other));
+        // Both maps come from PartialConfig values, so this cannot fail.
+        serde_json::from_value(serde_json::Value::Object(map)).unwrap_or(self)
     }
 
     /// Fills unset values with defaults and validates the result.
     pub fn resolve(&self) -> Result<TrainConfig> {
-        let mut c = TrainConfig::default();
-        fill!(
-            c,
-            self,
-            members,
-            gamma,
-            sigma,
-            batch,
-            repetitions,
-            epochs,
-            eval_every,
-            eval,
-            activation,
-            arch,
-            update,
-            seed,
-            data,
-            order,
-            backend,
-            math
-        );
-        overlay!(
-            c,
-            self,
-            iterations,
-            train_limit,
-            test_limit,
-            out,
-            threads,
-            init_ensemble,
-            save_ensemble
-        );
+        let mut map = to_map(&TrainConfig::default());
+        map.extend(to_map(self));
+        let c: TrainConfig = serde_json::from_value(serde_json::Value::Object(map))
+            .map_err(|e| Error::Config(format!("bad value: {e}")))?;
         c.validate()?;
         Ok(c)
+    }
+}
+
+/// The set fields of a config as a JSON object (unset `Option`s are left out).
+fn to_map<T: Serialize>(value: &T) -> serde_json::Map<String, serde_json::Value> {
+    match serde_json::to_value(value) {
+        Ok(serde_json::Value::Object(m)) => m.into_iter().filter(|(_, v)| !v.is_null()).collect(),
+        _ => serde_json::Map::new(),
     }
 }
 
@@ -461,11 +435,36 @@ impl TrainConfig {
                 ));
             }
         }
+        if self.stats_every == 0 || self.hist_every == 0 {
+            return bad("stats_every and hist_every must be at least 1".into());
+        }
+        if let Some(lr) = self.lr {
+            if !(lr.is_finite() && lr > 0.0) {
+                return bad(format!("lr must be a positive number, got {lr}"));
+            }
+        }
+        if !(self.momentum.is_finite() && self.momentum >= 0.0) {
+            return bad(format!("momentum must be ≥ 0, got {}", self.momentum));
+        }
+        if self.optimizer != Optimizer::Enkf
+            && (self.adaptation == Adaptation::Adaptive
+                || self.checkpoint_every.is_some()
+                || self.init_ensemble.is_some())
+        {
+            return bad(format!(
+                "--optimizer {:?} trains one network by backpropagation: adaptation, checkpoints and \
+                 --init-ensemble apply to the EnKF only",
+                self.optimizer
+            )
+            .to_lowercase());
+        }
         if self.checkpoint_every == Some(0) {
             return bad("checkpoint_every must be at least 1".into());
         }
         if self.checkpoint_every.is_some() && self.out.is_none() {
-            return bad("checkpoint_every needs an output folder (--out) to write checkpoints into".into());
+            return bad(
+                "checkpoint_every needs an output folder (--out) to write checkpoints into".into(),
+            );
         }
         if let Some(p) = &self.init_ensemble {
             if !p.is_file() {
@@ -532,6 +531,57 @@ mod tests {
         let (p, warnings) = PartialConfig::from_json(&text).expect("parse");
         assert!(warnings.is_empty(), "{warnings:?}");
         assert_eq!(p.resolve().expect("resolve"), c);
+    }
+
+    /// Every field survives config.json → `--config` → resolve, and overlaying a partial
+    /// config onto an empty one keeps it: a field missing from either struct fails here.
+    #[test]
+    fn every_field_round_trips() {
+        let c = TrainConfig {
+            members: 33,
+            gamma: 0.5,
+            sigma: 2.0,
+            batch: 16,
+            repetitions: 3,
+            epochs: 4,
+            iterations: Some(99),
+            eval_every: 7,
+            eval: vec![EvalMode::Last, EvalMode::Mean],
+            activation: Activation::Tanh,
+            arch: Arch::Pooled,
+            update: UpdateRule::Batch,
+            seed: 42,
+            data: "/some/where".into(),
+            train_limit: Some(1000),
+            test_limit: Some(500),
+            out: Some("/tmp/out".into()),
+            order: BatchOrder::Shuffle,
+            backend: BackendKind::Cpu,
+            math: MathMode::Tf32,
+            threads: Some(3),
+            init_ensemble: None,
+            save_ensemble: Some("/tmp/u.npy".into()),
+            adaptation: Adaptation::Adaptive,
+            adapt_every: 11,
+            adapt_min_members: 10,
+            adapt_max_members: 90,
+            adapt_step: 5,
+            adapt_kappa: 0.25,
+            adapt_epsilon: 20.0,
+            on_failure: FailurePolicy::Resample,
+            checkpoint_every: Some(13),
+            optimizer: Optimizer::Enkf,
+            lr: Some(0.01),
+            momentum: 0.5,
+            stats_every: 4,
+            hist_every: 8,
+        };
+        let text = serde_json::to_string(&c).expect("json");
+        let (p, warnings) = PartialConfig::from_json(&text).expect("parse");
+        assert!(warnings.is_empty(), "{warnings:?}");
+        assert_eq!(p.resolve().expect("resolve"), c);
+        assert_eq!(PartialConfig::default().overlay(&p), p);
+        assert_eq!(p.clone().overlay(&PartialConfig::default()), p);
     }
 
     #[test]

@@ -58,7 +58,6 @@ pub struct PhaseTimes {
     pub eval: f64,
 }
 
-
 /// Receives each metrics row as it is produced (progress bars, CSV writers).
 pub trait Observer {
     /// Called once per iteration (and once for iteration 0), in order. `total` is the
@@ -93,6 +92,14 @@ struct BatchSlot<B: Backend> {
     y: B::F32,
 }
 
+/// The uploaded mini-batch: its global index, workspace slot, labels and host images.
+struct LoadedBatch {
+    global: usize,
+    slot: usize,
+    labels: Vec<u8>,
+    x: Vec<f32>,
+}
+
 /// An EnKF training run on one backend.
 ///
 /// The position in the schedule is (`batch_global`, `rep`): the index of the current
@@ -120,8 +127,10 @@ pub struct Trainer<'a, B: Backend> {
     batch_global: usize,
     rep: usize,
     order: Vec<usize>,
-    /// Batch (global index) whose images are in the slots, and its labels.
-    loaded: Option<(usize, usize, Vec<u8>)>,
+    /// The mini-batch whose images are in the slots.
+    loaded: Option<LoadedBatch>,
+    /// Writes activation statistics of the mean network, when set.
+    stats: Option<stats::StatsSink>,
     shuffle_rng: ChaCha8Rng,
     adapt_rng: ChaCha8Rng,
     resample_rng: ChaCha8Rng,
@@ -147,7 +156,12 @@ impl<'a, B: Backend> Trainer<'a, B> {
         let params = cfg.net().n_params();
         let host_u = match &cfg.init_ensemble {
             Some(path) => load_ensemble(path, cfg.members, params)?,
-            None => init_ensemble(&mut rng(cfg.seed, STREAM_INIT), cfg.members, params, cfg.sigma),
+            None => init_ensemble(
+                &mut rng(cfg.seed, STREAM_INIT),
+                cfg.members,
+                params,
+                cfg.sigma,
+            ),
         };
         let mut t = Self::build(backend, cfg, data, &host_u, cfg.members)?;
         t.order = (0..data.train.len()).collect();
@@ -160,7 +174,12 @@ impl<'a, B: Backend> Trainer<'a, B> {
     /// Continues the run saved in `path` (see [`checkpoint`]). `cfg` is the configuration
     /// to continue with; it must describe the same run (network, update rule, seed, data
     /// limits, initial J); the length of the run, evaluation and output settings may differ.
-    pub fn resume(backend: &'a B, cfg: &TrainConfig, data: &'a DataSplit, path: &Path) -> Result<Self> {
+    pub fn resume(
+        backend: &'a B,
+        cfg: &TrainConfig,
+        data: &'a DataSplit,
+        path: &Path,
+    ) -> Result<Self> {
         cfg.validate()?;
         let (state, host_u) = checkpoint::read(path)?;
         let old = &state.config;
@@ -199,7 +218,11 @@ impl<'a, B: Backend> Trainer<'a, B> {
         if state.order.len() != data.train.len() {
             return Err(Error::Checkpoint {
                 path: path.into(),
-                msg: format!("it was trained on {} images, this data has {}", state.order.len(), data.train.len()),
+                msg: format!(
+                    "it was trained on {} images, this data has {}",
+                    state.order.len(),
+                    data.train.len()
+                ),
             });
         }
         let mut t = Self::build(backend, cfg, data, &host_u, state.members)?;
@@ -218,7 +241,13 @@ impl<'a, B: Backend> Trainer<'a, B> {
         Ok(t)
     }
 
-    fn build(backend: &'a B, cfg: &TrainConfig, data: &'a DataSplit, host_u: &[f32], members: usize) -> Result<Self> {
+    fn build(
+        backend: &'a B,
+        cfg: &TrainConfig,
+        data: &'a DataSplit,
+        host_u: &[f32],
+        members: usize,
+    ) -> Result<Self> {
         for (name, set) in [("training", &data.train), ("test", &data.test)] {
             if set.rows != IMG || set.cols != IMG {
                 return Err(Error::Shape {
@@ -249,6 +278,7 @@ impl<'a, B: Backend> Trainer<'a, B> {
             rep: 0,
             order: Vec::new(),
             loaded: None,
+            stats: None,
             shuffle_rng: rng(cfg.seed, STREAM_SHUFFLE),
             adapt_rng: rng(cfg.seed, STREAM_ADAPT),
             resample_rng: rng(cfg.seed, STREAM_RESAMPLE),
@@ -270,7 +300,8 @@ impl<'a, B: Backend> Trainer<'a, B> {
             Some(cap) => cap.saturating_sub(self.t),
             None => {
                 let total = self.cfg.epochs * self.batches_per_epoch();
-                (total.saturating_sub(self.batch_global) * self.repetitions).saturating_sub(self.rep)
+                (total.saturating_sub(self.batch_global) * self.repetitions)
+                    .saturating_sub(self.rep)
             }
         }
     }
@@ -297,8 +328,36 @@ impl<'a, B: Backend> Trainer<'a, B> {
 
     /// The ensemble-mean weights, copied to the host.
     pub fn mean_host(&mut self) -> Result<Vec<f32>> {
-        self.backend.row_mean(&self.u, self.members, self.params, &mut self.weights)?;
+        self.backend
+            .row_mean(&self.u, self.members, self.params, &mut self.weights)?;
         self.backend.download_f32(&self.weights)
+    }
+
+    /// Sends the activation statistics of the mean network to `sink` every
+    /// `stats_every` iterations (computed off the training thread).
+    pub fn set_stats(&mut self, sink: stats::StatsSink) {
+        self.stats = Some(sink);
+    }
+
+    /// Takes the statistics sink back (to [`stats::StatsSink::finish`] it).
+    pub fn take_stats(&mut self) -> Option<stats::StatsSink> {
+        self.stats.take()
+    }
+
+    /// Queues the statistics of iteration `t` when due. Uses the mean weights left in
+    /// `self.weights` by the mini-batch scoring of the same iteration.
+    fn send_stats(&mut self) -> Result<()> {
+        let (Some(sink), Some(batch)) = (&self.stats, &self.loaded) else {
+            return Ok(());
+        };
+        if !self.t.is_multiple_of(self.cfg.stats_every) {
+            return Ok(());
+        }
+        let t0 = Instant::now();
+        let w = self.backend.download_f32(&self.weights)?;
+        sink.send(self.t, w, batch.x.clone(), batch.labels.len())?;
+        self.times.other += t0.elapsed().as_secs_f64();
+        Ok(())
     }
 
     /// Metrics rows so far (including those of a resumed run's first part).
@@ -321,7 +380,13 @@ impl<'a, B: Backend> Trainer<'a, B> {
         let g = be.zeros_f32(self.members * b * CLASSES)?;
         let x = be.zeros_f32(b * IMG_PIXELS)?;
         let y = be.zeros_f32(b * CLASSES)?;
-        self.workspaces.push(BatchSlot { batch: b, ws, g, x, y });
+        self.workspaces.push(BatchSlot {
+            batch: b,
+            ws,
+            g,
+            x,
+            y,
+        });
         Ok(self.workspaces.len() - 1)
     }
 
@@ -331,9 +396,14 @@ impl<'a, B: Backend> Trainer<'a, B> {
         let bi = self.batch_global % batches;
         let lo = bi * self.cfg.batch;
         let hi = (lo + self.cfg.batch).min(self.train.len());
-        if let Some((g, slot, _)) = &self.loaded {
-            if *g == self.batch_global && self.workspaces.get(*slot).is_some_and(|s| s.batch == hi - lo) {
-                return Ok(*slot);
+        if let Some(l) = &self.loaded {
+            if l.global == self.batch_global
+                && self
+                    .workspaces
+                    .get(l.slot)
+                    .is_some_and(|s| s.batch == hi - lo)
+            {
+                return Ok(l.slot);
             }
         }
         let mut host_x = Vec::new();
@@ -343,7 +413,12 @@ impl<'a, B: Backend> Trainer<'a, B> {
         let s = &mut self.workspaces[slot];
         be.write_f32(&host_x, &mut s.x)?;
         be.write_f32(&one_hot(&labels, CLASSES), &mut s.y)?;
-        self.loaded = Some((self.batch_global, slot, labels));
+        self.loaded = Some(LoadedBatch {
+            global: self.batch_global,
+            slot,
+            labels,
+            x: host_x,
+        });
         Ok(slot)
     }
 
@@ -360,7 +435,9 @@ impl<'a, B: Backend> Trainer<'a, B> {
     fn next_batch(&mut self) {
         self.rep = 0;
         self.batch_global += 1;
-        if self.batch_global.is_multiple_of(self.batches_per_epoch()) && self.cfg.order == BatchOrder::Shuffle {
+        if self.batch_global.is_multiple_of(self.batches_per_epoch())
+            && self.cfg.order == BatchOrder::Shuffle
+        {
             self.order.shuffle(&mut self.shuffle_rng);
         }
     }
@@ -369,27 +446,38 @@ impl<'a, B: Backend> Trainer<'a, B> {
     /// `observer`. A fresh run reports iteration 0 first; a resumed run continues after
     /// its last row. Returns every row of the run.
     pub fn run(&mut self, observer: &mut dyn Observer) -> Result<Vec<MetricsRow>> {
-        let start = Instant::now() - std::time::Duration::from_secs_f64(self.rows.last().map_or(0.0, |r| r.elapsed_s));
+        let start = Instant::now()
+            - std::time::Duration::from_secs_f64(self.rows.last().map_or(0.0, |r| r.elapsed_s));
         if self.rows.is_empty() {
             let slot = self.load_batch()?;
             let row = self.make_row(slot, true, start)?;
             observer.on_row(&row, self.total_iterations())?;
-            self.adapt_prev = row.test_error;
+            self.adapt_prev = row.test_error_mean.or(row.test_error);
             self.rows.push(row);
+            self.send_stats()?;
         }
         while self.remaining_iterations() > 0 {
             let slot = self.load_batch()?;
             self.step(slot, observer)?;
             self.advance();
-            let due_eval = self.t.is_multiple_of(self.cfg.eval_every) || self.remaining_iterations() == 0;
-            let due_adapt = self.cfg.adaptation == Adaptation::Adaptive && self.t.is_multiple_of(self.cfg.adapt_every);
+            let due_eval =
+                self.t.is_multiple_of(self.cfg.eval_every) || self.remaining_iterations() == 0;
+            let due_adapt = self.cfg.adaptation == Adaptation::Adaptive
+                && self.t.is_multiple_of(self.cfg.adapt_every);
             let row = self.make_row(slot, due_eval || due_adapt, start)?;
+            self.send_stats()?;
             if due_adapt {
-                self.adapt(row.test_error_mean.or(row.test_error).unwrap_or(f64::NAN), observer)?;
+                self.adapt(
+                    row.test_error_mean.or(row.test_error).unwrap_or(f64::NAN),
+                    observer,
+                )?;
             }
             observer.on_row(&row, self.total_iterations())?;
             self.rows.push(row);
-            let due_ckpt = self.cfg.checkpoint_every.is_some_and(|n| self.t.is_multiple_of(n));
+            let due_ckpt = self
+                .cfg
+                .checkpoint_every
+                .is_some_and(|n| self.t.is_multiple_of(n));
             let interrupted = INTERRUPT.load(Ordering::SeqCst);
             if (due_ckpt || interrupted) && self.cfg.out.is_some() {
                 self.save_checkpoint()?;
@@ -402,7 +490,10 @@ impl<'a, B: Backend> Trainer<'a, B> {
                     ),
                     None => "no --out folder was given, so nothing was saved to resume from".into(),
                 };
-                return Err(Error::Interrupted { iteration: self.t, resume });
+                return Err(Error::Interrupted {
+                    iteration: self.t,
+                    resume,
+                });
             }
         }
         Ok(self.rows.clone())
@@ -411,7 +502,9 @@ impl<'a, B: Backend> Trainer<'a, B> {
     /// Writes the full state to `out`/checkpoint.bin.
     pub fn save_checkpoint(&mut self) -> Result<()> {
         let Some(dir) = self.cfg.out.clone() else {
-            return Err(Error::Config("checkpoints need an output folder (--out)".into()));
+            return Err(Error::Config(
+                "checkpoints need an output folder (--out)".into(),
+            ));
         };
         let t0 = Instant::now();
         let state = CheckpointState {
@@ -455,10 +548,24 @@ impl<'a, B: Backend> Trainer<'a, B> {
         }
         let be = self.backend;
         if j < self.members {
-            let (u, _) = resize::drop_members(be, &self.u, self.members, self.params, self.members - j, &mut self.adapt_rng)?;
+            let (u, _) = resize::drop_members(
+                be,
+                &self.u,
+                self.members,
+                self.params,
+                self.members - j,
+                &mut self.adapt_rng,
+            )?;
             self.u = u;
         } else if j > self.members {
-            self.u = resize::add_members(be, &self.u, self.members, self.params, j - self.members, &mut self.adapt_rng)?;
+            self.u = resize::add_members(
+                be,
+                &self.u,
+                self.members,
+                self.params,
+                j - self.members,
+                &mut self.adapt_rng,
+            )?;
         }
         if j != self.members {
             self.members = j;
@@ -500,16 +607,31 @@ impl<'a, B: Backend> Trainer<'a, B> {
         let failed = resize::nonfinite_rows(be, &self.workspaces[slot].g, self.members, cols)?;
         if !failed.is_empty() {
             if self.cfg.on_failure == FailurePolicy::Error {
-                return Err(Error::MembersFailed { iteration: self.t + 1, failed: failed.len(), members: self.members });
+                return Err(Error::MembersFailed {
+                    iteration: self.t + 1,
+                    failed: failed.len(),
+                    members: self.members,
+                });
             }
-            resize::resample_members(be, &mut self.u, self.members, self.params, &failed, &mut self.resample_rng)?;
+            resize::resample_members(
+                be,
+                &mut self.u,
+                self.members,
+                self.params,
+                &failed,
+                &mut self.resample_rng,
+            )?;
             self.resampled += failed.len();
             observer.on_resample(self.t + 1, failed.len())?;
             let s = &mut self.workspaces[slot];
             be.ensemble_forward(&self.net, &self.u, self.members, &s.x, s.batch, &mut s.g)?;
             let still = resize::nonfinite_rows(be, &s.g, self.members, cols)?;
             if !still.is_empty() {
-                return Err(Error::MembersFailed { iteration: self.t + 1, failed: still.len(), members: self.members });
+                return Err(Error::MembersFailed {
+                    iteration: self.t + 1,
+                    failed: still.len(),
+                    members: self.members,
+                });
             }
         }
         let t2 = Instant::now();
@@ -525,7 +647,11 @@ impl<'a, B: Backend> Trainer<'a, B> {
     /// The metrics row of the current state: mini-batch scores of the mean network on
     /// the batch in `slot`, and test scores when `evaluate` is set.
     fn make_row(&mut self, slot: usize, evaluate: bool, start: Instant) -> Result<MetricsRow> {
-        let labels = self.loaded.as_ref().map(|l| l.2.clone()).unwrap_or_default();
+        let labels = self
+            .loaded
+            .as_ref()
+            .map(|l| l.labels.clone())
+            .unwrap_or_default();
         let (train_loss, train_accuracy) = self.score_batch(slot, &labels)?;
         let batches = self.batches_per_epoch() as f64;
         // Position just after the last update (the current batch may already be the next).
@@ -560,9 +686,15 @@ impl<'a, B: Backend> Trainer<'a, B> {
                     row.test_loss = Some(loss);
                 }
                 match mode {
-                    EvalMode::Mean => (row.test_error_mean, row.test_loss_mean) = (Some(err), Some(loss)),
-                    EvalMode::Last => (row.test_error_last, row.test_loss_last) = (Some(err), Some(loss)),
-                    EvalMode::Ensemble => (row.test_error_ensemble, row.test_loss_ensemble) = (Some(err), Some(loss)),
+                    EvalMode::Mean => {
+                        (row.test_error_mean, row.test_loss_mean) = (Some(err), Some(loss))
+                    }
+                    EvalMode::Last => {
+                        (row.test_error_last, row.test_loss_last) = (Some(err), Some(loss))
+                    }
+                    EvalMode::Ensemble => {
+                        (row.test_error_ensemble, row.test_loss_ensemble) = (Some(err), Some(loss))
+                    }
                 }
             }
             self.times.eval += t0.elapsed().as_secs_f64();
@@ -594,9 +726,23 @@ impl<'a, B: Backend> Trainer<'a, B> {
                 if mode == EvalMode::Mean {
                     be.row_mean(&self.u, self.members, self.params, &mut self.weights)?;
                 } else {
-                    be.copy_rows_f32(&self.u, self.members - 1, &mut self.weights, 0, 1, self.params)?;
+                    be.copy_rows_f32(
+                        &self.u,
+                        self.members - 1,
+                        &mut self.weights,
+                        0,
+                        1,
+                        self.params,
+                    )?;
                 }
-                be.ensemble_forward(&self.net, &self.weights, 1, &self.test_x, n, &mut self.test_out)?;
+                be.ensemble_forward(
+                    &self.net,
+                    &self.weights,
+                    1,
+                    &self.test_x,
+                    n,
+                    &mut self.test_out,
+                )?;
                 let logits = be.download_f32(&self.test_out)?;
                 metrics::score_logits(&logits, &self.test.labels)
             }

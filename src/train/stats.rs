@@ -336,6 +336,31 @@ impl StatsWriter {
         })
     }
 
+    /// Opens both files in `dir` for appending, without headers (a resumed run).
+    /// Files that do not exist yet are created with headers.
+    pub fn append(dir: &Path, hist_every: usize) -> Result<Self> {
+        if !dir.join("stats.csv").is_file() || !dir.join("hist.csv").is_file() {
+            return Self::create(dir, hist_every);
+        }
+        if hist_every == 0 {
+            return Err(Error::Config("hist_every = 0: must be ≥ 1".into()));
+        }
+        let open = |name: &str| -> Result<csv::Writer<std::fs::File>> {
+            let path = dir.join(name);
+            let f = std::fs::OpenOptions::new()
+                .append(true)
+                .open(&path)
+                .map_err(|e| Error::io(&path, e))?;
+            Ok(csv::WriterBuilder::new().has_headers(false).from_writer(f))
+        };
+        Ok(StatsWriter {
+            stats: open("stats.csv")?,
+            hist: open("hist.csv")?,
+            hist_every,
+            dir: dir.to_path_buf(),
+        })
+    }
+
     /// Whether iteration `t` should carry histograms.
     pub fn wants_histograms(&self, t: usize) -> bool {
         t.is_multiple_of(self.hist_every)
@@ -381,5 +406,79 @@ impl StatsWriter {
         self.hist
             .flush()
             .map_err(|e| Error::io(self.dir.join("hist.csv"), e))
+    }
+}
+
+/// Computes and writes the activation statistics of the EnKF mean network on a worker
+/// thread, so that they overlap the next iterations instead of lengthening them.
+/// Jobs are processed in order; a bounded queue applies back-pressure.
+pub struct StatsSink {
+    tx: Option<std::sync::mpsc::SyncSender<StatsJob>>,
+    handle: Option<std::thread::JoinHandle<Result<()>>>,
+}
+
+/// One statistics job: iteration, mean weights, the mini-batch images.
+struct StatsJob {
+    t: usize,
+    weights: Vec<f32>,
+    x: Vec<f32>,
+    images: usize,
+}
+
+impl StatsSink {
+    /// Starts the worker writing through `writer` for network `net`.
+    pub fn spawn(mut writer: StatsWriter, net: Net) -> Self {
+        let (tx, rx) = std::sync::mpsc::sync_channel::<StatsJob>(4);
+        let handle = std::thread::spawn(move || -> Result<()> {
+            for job in rx {
+                let hist = writer.wants_histograms(job.t);
+                let stats = activation_stats(&net, &job.weights, &job.x, job.images, hist)?;
+                writer.write(job.t, &stats)?;
+            }
+            writer.flush()
+        });
+        StatsSink {
+            tx: Some(tx),
+            handle: Some(handle),
+        }
+    }
+
+    /// Queues iteration `t` (blocks while four jobs are pending). Errors when the worker
+    /// has stopped (its own error is returned by [`StatsSink::finish`]).
+    pub fn send(&self, t: usize, weights: Vec<f32>, x: Vec<f32>, images: usize) -> Result<()> {
+        match &self.tx {
+            Some(tx) => tx
+                .send(StatsJob {
+                    t,
+                    weights,
+                    x,
+                    images,
+                })
+                .map_err(|_| {
+                    Error::Config(
+                        "the statistics worker stopped; see the error at the end of the run".into(),
+                    )
+                }),
+            None => Ok(()),
+        }
+    }
+
+    /// Waits for the queued jobs, flushes the files, and returns the worker's result.
+    pub fn finish(mut self) -> Result<()> {
+        self.tx.take();
+        match self.handle.take().map(|h| h.join()) {
+            Some(Ok(result)) => result,
+            Some(Err(_)) => Err(Error::Config("the statistics worker panicked".into())),
+            None => Ok(()),
+        }
+    }
+}
+
+impl Drop for StatsSink {
+    fn drop(&mut self) {
+        self.tx.take();
+        if let Some(h) = self.handle.take() {
+            let _ = h.join();
+        }
     }
 }
