@@ -145,6 +145,7 @@ impl BackendJob for TrainJob<'_> {
             let mean = trainer.mean_host()?;
             let p = cfg.net().n_params();
             crate::io::npy::write_f32(&dir.join("mean.npy"), &[p], &mean)?;
+            crate::io::safetensors::write_net(&dir.join("model.safetensors"), &cfg.net(), &mean)?;
         }
         if let Some(path) = &cfg.save_ensemble {
             let u = trainer.ensemble_host()?;
@@ -219,6 +220,11 @@ fn gradient_command(cfg: &TrainConfig, data: &DataSplit) -> Result<TrainSummary>
         crate::io::npy::write_f32(
             &dir.join("mean.npy"),
             &[cfg.net().n_params()],
+            trainer.weights(),
+        )?;
+        crate::io::safetensors::write_net(
+            &dir.join("model.safetensors"),
+            &cfg.net(),
             trainer.weights(),
         )?;
     }

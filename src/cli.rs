@@ -23,10 +23,16 @@ pub struct Cli {
 /// Sub-commands.
 #[derive(Debug, Subcommand)]
 pub enum Command {
-    /// Train with the EnKF and write metrics.csv, config.json and mean.npy to --out.
+    /// Train with the EnKF (or SGD / Adam baselines) and write metrics.csv, config.json,
+    /// stats.csv, hist.csv, mean.npy and model.safetensors to --out.
     Train(Box<TrainArgs>),
     /// Time each phase of an EnKF iteration (forward, update, scoring, evaluation).
     Bench(BenchArgs),
+    /// Reproduce a figure of the paper: runs, CSVs, charts (PNG, SVG) and a table beside
+    /// the paper's numbers.
+    Reproduce(crate::reproduce::ReproduceArgs),
+    /// Redraw the charts of a reproduce folder from its CSVs.
+    Plot(crate::reproduce::PlotArgs),
 }
 
 /// Flags of `enkf-dnn train`.

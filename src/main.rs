@@ -64,6 +64,15 @@ fn main() -> anyhow::Result<()> {
                 println!("wrote {}", dir.display());
             }
         }
+        Command::Reproduce(args) => {
+            enkf_dnn::reproduce::run(args.experiment, &args.to_options())
+                .with_context(|| format!("reproducing {}", args.experiment.name()))?;
+            println!("wrote {}", args.out.display());
+        }
+        Command::Plot(args) => {
+            enkf_dnn::reproduce::plot_dir(&args.dir)
+                .with_context(|| format!("plotting {}", args.dir.display()))?;
+        }
         Command::Bench(args) => {
             app::set_threads(args.threads);
             let dir = args

@@ -146,6 +146,23 @@ fn fig3_tiny_writes_statistics_and_histogram_charts() {
 }
 
 #[test]
+fn fig10_tiny_runs_fixed_and_adaptive_with_a_decision_log() {
+    let out = tmp("fig10");
+    let opts = ReproduceOptions {
+        seeds: 1,
+        ..tiny(&out)
+    };
+    run(Experiment::Fig10, &opts).expect("fig10 tiny");
+    let dir = out.join("fig10");
+    assert!(dir.join("adaptive/seed-0/adaptive.csv").is_file());
+    assert!(!dir.join("fixed/seed-0/adaptive.csv").exists());
+    let (_, rows) = read_csv(&dir.join("summary.csv"));
+    assert!(rows.iter().any(|r| r[0] == "fixed") && rows.iter().any(|r| r[0] == "adaptive"));
+    assert_chart(&dir.join("test-error"));
+    std::fs::remove_dir_all(&out).ok();
+}
+
+#[test]
 fn zero_seeds_is_a_config_error() {
     let out = tmp("zero");
     let opts = ReproduceOptions {
@@ -156,8 +173,8 @@ fn zero_seeds_is_a_config_error() {
     assert!(err.to_string().contains("seeds"), "{err}");
 }
 
-/// The whole set at `--quick` size (minutes on a 2-core CPU): `REPRO_OUT=dir cargo test
-/// --release --test reproduce_quick -- --ignored`.
+/// The whole set at `--quick` size (minutes on a 2-core CPU), data from `$ENKF_DATA_DIR`
+/// (else `data/`): `REPRO_OUT=dir cargo test --test reproduce_quick -- --ignored`.
 #[test]
 #[ignore]
 fn all_quick() {
@@ -165,6 +182,7 @@ fn all_quick() {
     let opts = ReproduceOptions {
         tiny: false,
         backend: BackendKind::Auto,
+        data_root: enkf_dnn::data::data_root(),
         ..tiny(&out)
     };
     run(Experiment::All, &opts).expect("all --quick");

@@ -131,7 +131,14 @@ fn ensemble_files_round_trip_and_wrong_shapes_are_refused() {
     cfg.out = Some(dir.join("out"));
     let summary = app::train_command(&cfg, None).expect("train");
     assert_eq!(summary.iterations, 8);
-    for f in ["metrics.csv", "config.json", "mean.npy"] {
+    for f in [
+        "metrics.csv",
+        "config.json",
+        "mean.npy",
+        "model.safetensors",
+        "stats.csv",
+        "hist.csv",
+    ] {
         assert!(dir.join("out").join(f).is_file(), "{f} missing");
     }
     let metrics = std::fs::read_to_string(dir.join("out/metrics.csv")).expect("metrics");

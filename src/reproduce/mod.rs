@@ -3,7 +3,7 @@
 //! Every experiment writes into `OUT/<experiment>/`:
 //! - `<run>/seed-<s>/metrics.csv` (one row per iteration, the columns of
 //!   [`MetricsRow`]), `config.json`, and for EnKF runs `model.safetensors` (the mean
-//!   network) — or, for the statistics figures, `stats.csv` and `hist.csv`;
+//!   network) and, when adaptive, `adaptive.csv` (Algorithm 1's decisions) — or, for the statistics figures, `stats.csv` and `hist.csv`;
 //! - `summary.csv`: per run and evaluated iteration the test error's mean and
 //!   standard deviation over seeds (population std, as NumPy's default);
 //! - `plot.json` (what to draw) and the charts as PNG and SVG ([`plot_dir`] redraws
@@ -444,6 +444,14 @@ impl BackendJob for EnkfJob<'_> {
         let mut obs = CsvObserver::create(self.dir)?;
         let rows = trainer.run(&mut obs)?;
         obs.finish()?;
+        if self.cfg.adaptation == crate::train::config::Adaptation::Adaptive {
+            let path = self.dir.join("adaptive.csv");
+            let mut w = csv::Writer::from_path(&path)?;
+            for r in trainer.adaptive_log() {
+                w.serialize(r)?;
+            }
+            w.flush().map_err(|e| Error::io(&path, e))?;
+        }
         let mean = trainer.mean_host()?;
         crate::io::safetensors::write_net(
             &self.dir.join("model.safetensors"),
