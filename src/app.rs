@@ -185,19 +185,18 @@ pub fn train_command(cfg: &TrainConfig, resume: Option<&Path>) -> Result<TrainSu
     })
 }
 
-/// SGD / Adam by backpropagation on the CPU (the CUDA twins of backprop are not written
-/// yet): same data, network, initialisation, seed and outputs as an EnKF run.
+/// SGD / Adam by backpropagation: same data, network, initialisation, seed and outputs as
+/// an EnKF run. `--backend cuda` runs on the GPU (an error when none is usable), `auto`
+/// on the GPU when [`crate::gpu::CudaBackend::probe`] succeeds, else on the CPU.
 fn gradient_command(cfg: &TrainConfig, data: &DataSplit) -> Result<TrainSummary> {
-    let desc = match cfg.backend {
-        BackendKind::Cuda => {
-            return Err(Error::Cuda(
-                "--optimizer sgd/adam has no CUDA path yet: use --backend cpu (or auto)".into(),
-            ))
-        }
-        _ => "cpu (backpropagation runs on the CPU)".to_string(),
+    use crate::train::gradient::GradDevice;
+    let (kind, desc) = resolve_backend(cfg.backend)?;
+    let device = match kind {
+        BackendKind::Cuda => GradDevice::Cuda(Box::new(crate::gpu::CudaBackend::new(0, cfg.math)?)),
+        _ => GradDevice::Cpu,
     };
     let gcfg = GradConfig::from_train(cfg, cfg.optimizer, cfg.lr, cfg.momentum, cfg.hist_every);
-    let mut trainer = GradientTrainer::new(&gcfg, data)?;
+    let mut trainer = GradientTrainer::with_device(&gcfg, data, device)?;
     let start = RunStart {
         total: gcfg.total_iterations(data.train.len()),
         iteration: 0,
@@ -205,7 +204,7 @@ fn gradient_command(cfg: &TrainConfig, data: &DataSplit) -> Result<TrainSummary>
         rows: &[],
         adaptive_log: &[],
     };
-    let mut out = RunOutput::create(cfg, start, data, "cpu", &desc)?;
+    let mut out = RunOutput::create(cfg, start, data, &trainer.device_name(), &desc)?;
     let mut stats = match &cfg.out {
         Some(dir) => Some(StatsWriter::create(dir, cfg.hist_every)?),
         None => None,

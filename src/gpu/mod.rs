@@ -1,6 +1,7 @@
 //! The CUDA backend: hand-written kernels (`kernels/*.cu`), cuBLAS and cuSOLVER.
 //!
-//! Files mirror `src/cpu/`: `forward.rs` (the network), `reduce.rs` (ensemble
+//! Files mirror `src/cpu/`: `forward.rs` (the network), `backprop.rs` (gradients of one
+//! network and the SGD/Adam steps), `reduce.rs` (ensemble
 //! reductions), `linalg.rs` (GEMM and the solves; all cuBLAS/cuSOLVER FFI lives there),
 //! plus `module.rs` (the kernel modules embedded by `build.rs` and their loading),
 //! `memory.rs` (the device memory a run needs, checked before it starts) and `timing.rs`
@@ -9,6 +10,7 @@
 //! All work of one [`CudaBackend`] is queued on one stream, so operations run in the
 //! order they are called; downloads wait for it.
 
+pub mod backprop;
 pub mod forward;
 pub mod linalg;
 pub mod memory;

@@ -1,5 +1,7 @@
 //! The gradient baselines: ONE network trained by backpropagation with SGD or Adam,
-//! on the CPU.
+//! on the CPU or, with [`GradDevice::Cuda`], on the GPU (`crate::gpu::backprop`: the
+//! weights, optimizer state, mini-batch and test set live on the device; the two paths
+//! draw the same initial weights and batches and agree to the twins' tolerances).
 //!
 //! Same network, data, initialisation and seed as an EnKF run: the initial weights are
 //! the first P draws of the run's init stream (`ChaCha8Rng` seeded with `seed`, stream
@@ -16,18 +18,24 @@
 //! mini-batch 0 (so its train columns equal row 1's). The test set is scored at
 //! iteration 0, every `eval_every` iterations, at each epoch end and at the last
 //! iteration. Statistics (when a [`StatsWriter`] is given) describe row t's forward
-//! pass and gradient: activations and gradients of the weights before step t.
+//! pass and gradient: activations and gradients of the weights before step t. On the
+//! GPU they are computed on the host from the downloaded cache and gradient (only when a
+//! [`StatsWriter`] is given).
 
 use super::metrics::{self, MetricsRow};
 use super::optim::{GradOptimizer, Optimizer};
 use super::stats::{stats_from_cache, StatsWriter, DEFAULT_HIST_EVERY};
 use super::{Observer, TrainConfig, STREAM_INIT, STREAM_SHUFFLE};
+use crate::backend::Backend;
 use crate::cpu::backprop::backprop;
 use crate::cpu::forward::ensemble_forward;
 use crate::data::DataSplit;
 use crate::enkf::init_ensemble;
+use crate::gpu::backprop::GpuOptimizer;
+use crate::gpu::CudaBackend;
 use crate::model::{Net, CLASSES, IMG};
 use crate::{Error, Result};
+use cudarc::driver::CudaSlice;
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
@@ -142,12 +150,37 @@ impl GradConfig {
     }
 }
 
+/// Where a gradient run computes.
+#[derive(Debug, Default)]
+pub enum GradDevice {
+    /// The CPU reference path (`crate::cpu::backprop`, [`GradOptimizer`]).
+    #[default]
+    Cpu,
+    /// The CUDA path (`crate::gpu::backprop`, [`GpuOptimizer`]) on this backend.
+    Cuda(Box<CudaBackend>),
+}
+
+/// The device state of a CUDA gradient run.
+struct CudaRun {
+    be: Box<CudaBackend>,
+    /// Current weights (P).
+    weights: CudaSlice<f32>,
+    opt: GpuOptimizer,
+    /// The current mini-batch (B × 784; reallocated when B changes).
+    x: CudaSlice<f32>,
+    /// The whole test set (N_test × 784) and its logits (N_test × 10).
+    test_x: CudaSlice<f32>,
+    test_out: CudaSlice<f32>,
+}
+
 /// A gradient training run; [`train_gradient`] is the one-call form.
 pub struct GradientTrainer<'a> {
     cfg: GradConfig,
     data: &'a DataSplit,
+    /// Host weights: the state on the CPU; on the GPU a copy refreshed by [`Self::run`].
     weights: Vec<f32>,
     opt: GradOptimizer,
+    cuda: Option<CudaRun>,
     order: Vec<usize>,
     shuffle_rng: ChaCha8Rng,
     test_out: Vec<f32>,
@@ -169,10 +202,19 @@ pub struct GradTimes {
 }
 
 impl<'a> GradientTrainer<'a> {
-    /// Validates `cfg` and the data, and draws the initial weights (see the module docs).
+    /// Validates `cfg` and the data, and draws the initial weights (see the module docs);
+    /// runs on the CPU.
     /// Errors: [`Error::Config`] for a bad setting, [`Error::Shape`] when the images are
     /// not 28 × 28 or the training set is empty.
     pub fn new(cfg: &GradConfig, data: &'a DataSplit) -> Result<Self> {
+        Self::with_device(cfg, data, GradDevice::Cpu)
+    }
+
+    /// As [`GradientTrainer::new`], computing on `device` (the same initial weights and
+    /// batches on either). On CUDA the weights, the optimizer state and the test set are
+    /// uploaded here.
+    /// Errors: those of [`GradientTrainer::new`], and [`Error::Cuda`] when an upload fails.
+    pub fn with_device(cfg: &GradConfig, data: &'a DataSplit, device: GradDevice) -> Result<Self> {
         cfg.validate()?;
         for (name, set) in [("training", &data.train), ("test", &data.test)] {
             if set.rows != IMG || set.cols != IMG {
@@ -195,11 +237,27 @@ impl<'a> GradientTrainer<'a> {
         let weights = init_ensemble(&mut rng, 1, cfg.net.n_params(), cfg.sigma);
         let mut shuffle_rng = ChaCha8Rng::seed_from_u64(cfg.seed);
         shuffle_rng.set_stream(STREAM_SHUFFLE);
+        let opt = GradOptimizer::new(cfg.optimizer, cfg.lr, cfg.momentum)?;
+        let cuda = match device {
+            GradDevice::Cpu => None,
+            GradDevice::Cuda(be) => {
+                let test = &data.test;
+                Some(CudaRun {
+                    weights: be.upload_f32(&weights)?,
+                    opt: GpuOptimizer::from_host(&be, &opt)?,
+                    x: be.zeros_f32(0)?,
+                    test_x: be.upload_f32(&test.images)?,
+                    test_out: be.zeros_f32(test.len() * CLASSES)?,
+                    be,
+                })
+            }
+        };
         Ok(GradientTrainer {
             cfg: cfg.clone(),
             data,
             weights,
-            opt: GradOptimizer::new(cfg.optimizer, cfg.lr, cfg.momentum)?,
+            opt,
+            cuda,
             order: (0..data.train.len()).collect(),
             shuffle_rng,
             test_out: vec![0.0; data.test.len() * CLASSES],
@@ -207,9 +265,18 @@ impl<'a> GradientTrainer<'a> {
         })
     }
 
-    /// The current weights (P, `state_dict` order).
+    /// The current weights (P, `state_dict` order). On the GPU: as of the end of the
+    /// last [`Self::run`] (or the initial weights before it).
     pub fn weights(&self) -> &[f32] {
         &self.weights
+    }
+
+    /// The device in words: "cpu", or the CUDA backend's description.
+    pub fn device_name(&self) -> String {
+        match &self.cuda {
+            None => "cpu".to_string(),
+            Some(c) => c.be.name(),
+        }
     }
 
     /// Total iterations of this run.
@@ -224,14 +291,27 @@ impl<'a> GradientTrainer<'a> {
         if test.is_empty() {
             return Ok((f64::NAN, f64::NAN));
         }
-        ensemble_forward(
-            &self.cfg.net,
-            &self.weights,
-            1,
-            &test.images,
-            test.len(),
-            &mut self.test_out,
-        )?;
+        if let Some(c) = self.cuda.as_mut() {
+            crate::gpu::forward::ensemble_forward(
+                &c.be,
+                &self.cfg.net,
+                &c.weights,
+                1,
+                &c.test_x,
+                test.len(),
+                &mut c.test_out,
+            )?;
+            self.test_out = c.be.download_f32(&c.test_out)?;
+        } else {
+            ensemble_forward(
+                &self.cfg.net,
+                &self.weights,
+                1,
+                &test.images,
+                test.len(),
+                &mut self.test_out,
+            )?;
+        }
         let (loss, correct) = metrics::score_logits(&self.test_out, &test.labels);
         Ok((100.0 * (1.0 - correct as f64 / test.len() as f64), loss))
     }
@@ -261,27 +341,32 @@ impl<'a> GradientTrainer<'a> {
             let lo = bi * self.cfg.batch;
             let hi = (lo + self.cfg.batch).min(n);
             let labels = self.data.train.gather(&self.order[lo..hi], &mut x);
-            let t0 = Instant::now();
-            let bp = backprop(&net, &self.weights, &x, &labels)?;
-            self.times.backprop += t0.elapsed().as_secs_f64();
-            if let Some(w) = stats.as_deref_mut() {
-                let t0 = Instant::now();
-                let s = stats_from_cache(&net, &bp.cache, Some(&bp.grad), w.wants_histograms(t))?;
-                w.write(t, &s)?;
-                self.times.stats += t0.elapsed().as_secs_f64();
-            }
-            if t > 0 {
-                let t0 = Instant::now();
-                self.opt.step(&mut self.weights, &bp.grad)?;
-                self.times.step += t0.elapsed().as_secs_f64();
-            }
+            let (loss, correct) = match self.cuda.as_mut() {
+                None => cpu_iteration(
+                    &net,
+                    &mut self.weights,
+                    &mut self.opt,
+                    &mut self.times,
+                    (&x, &labels),
+                    t,
+                    stats.as_deref_mut(),
+                )?,
+                Some(c) => cuda_iteration(
+                    &net,
+                    c,
+                    &mut self.times,
+                    (&x, &labels),
+                    t,
+                    stats.as_deref_mut(),
+                )?,
+            };
             let mut row = MetricsRow {
                 iteration: t,
                 epoch: t as f64 / per_epoch as f64,
                 members: 1,
                 repetitions: 1,
-                train_loss: bp.loss,
-                train_accuracy: bp.correct as f64 / labels.len() as f64,
+                train_loss: loss,
+                train_accuracy: correct as f64 / labels.len() as f64,
                 test_error: None,
                 test_loss: None,
                 test_error_last: None,
@@ -306,8 +391,76 @@ impl<'a> GradientTrainer<'a> {
         if let Some(w) = stats {
             w.flush()?;
         }
+        if let Some(c) = &self.cuda {
+            self.weights = c.be.download_f32(&c.weights)?;
+        }
         Ok(rows)
     }
+}
+
+/// Row t on the CPU: backpropagation on the mini-batch `(x, labels)`, the statistics
+/// when asked, and (t > 0) one optimizer step. Returns the batch's loss and correct count.
+fn cpu_iteration(
+    net: &Net,
+    weights: &mut [f32],
+    opt: &mut GradOptimizer,
+    times: &mut GradTimes,
+    (x, labels): (&[f32], &[u8]),
+    t: usize,
+    stats: Option<&mut StatsWriter>,
+) -> Result<(f64, usize)> {
+    let t0 = Instant::now();
+    let bp = backprop(net, weights, x, labels)?;
+    times.backprop += t0.elapsed().as_secs_f64();
+    if let Some(w) = stats {
+        let t0 = Instant::now();
+        let s = stats_from_cache(net, &bp.cache, Some(&bp.grad), w.wants_histograms(t))?;
+        w.write(t, &s)?;
+        times.stats += t0.elapsed().as_secs_f64();
+    }
+    if t > 0 {
+        let t0 = Instant::now();
+        opt.step(weights, &bp.grad)?;
+        times.step += t0.elapsed().as_secs_f64();
+    }
+    Ok((bp.loss, bp.correct))
+}
+
+/// Row t on the GPU, as [`cpu_iteration`]: the mini-batch is uploaded, the statistics
+/// are computed on the host from the downloaded cache and gradient. Each phase waits for
+/// the stream, so the times are device times.
+fn cuda_iteration(
+    net: &Net,
+    c: &mut CudaRun,
+    times: &mut GradTimes,
+    (x, labels): (&[f32], &[u8]),
+    t: usize,
+    stats: Option<&mut StatsWriter>,
+) -> Result<(f64, usize)> {
+    let t0 = Instant::now();
+    if c.be.len_f32(&c.x) == x.len() {
+        c.be.write_f32(x, &mut c.x)?;
+    } else {
+        c.x = c.be.upload_f32(x)?;
+    }
+    // backprop waits for the stream (the loss comes back to the host).
+    let bp = crate::gpu::backprop::backprop(&c.be, net, &c.weights, &c.x, labels)?;
+    times.backprop += t0.elapsed().as_secs_f64();
+    if let Some(w) = stats {
+        let t0 = Instant::now();
+        let cache = bp.cache.download(&c.be)?;
+        let grad = c.be.download_f32(&bp.grad)?;
+        let s = stats_from_cache(net, &cache, Some(&grad), w.wants_histograms(t))?;
+        w.write(t, &s)?;
+        times.stats += t0.elapsed().as_secs_f64();
+    }
+    if t > 0 {
+        let t0 = Instant::now();
+        c.opt.step(&c.be, &mut c.weights, &bp.grad)?;
+        c.be.synchronize()?;
+        times.step += t0.elapsed().as_secs_f64();
+    }
+    Ok((bp.loss, bp.correct))
 }
 
 /// Trains one network by backpropagation (see the module docs) and returns one metrics

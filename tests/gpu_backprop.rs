@@ -1,0 +1,561 @@
+//! CUDA backpropagation and optimizer steps against their CPU twins
+//! (`gpu::backprop` vs `cpu::backprop`, `GpuOptimizer` vs `Sgd`/`Adam`), and a short
+//! GPU gradient run against the CPU run. GPU tests skip with a printed reason when no
+//! usable GPU is present (the probe fails) and fail instead when `REQUIRE_GPU=1`.
+//!
+//! Inputs are quantized so that the comparison is not at the mercy of ties: pixels are
+//! multiples of 1/16, conv1 weights multiples of 1/64 in [−1/4, 1/4] and conv2 weights
+//! multiples of 1/64 in [−1/2, 1/2]. Then conv1's pre-activations are exact in f32 on
+//! both sides whatever the summation order (products are multiples of 2^−10, partial sums
+//! stay far below 2^14), and with ReLU so are conv2's (multiples of 2^−16, partial sums
+//! below 2^8; the CPU test checks it against f64): the two sides see the very same
+//! max-pool ties and ReLU kinks. With the smooth activations the pool inputs differ in
+//! the last bits, so [`twin_case`] takes the first seed whose inputs have no near tie (a
+//! gap below [`TIE_GAP`]) in any pool window, which such bits could flip.
+
+use enkf_dnn::backend::{Backend, MathMode};
+use enkf_dnn::cpu::backprop::{backprop, ForwardCache};
+use enkf_dnn::data::{default_mnist_dir, load_dir, DataSplit};
+use enkf_dnn::gpu::backprop::{self as gbp, GpuOptimizer};
+use enkf_dnn::gpu::CudaBackend;
+use enkf_dnn::model::{Activation, Arch, Net, C1, C2, CLASSES, H1, H2, IMG_PIXELS};
+use enkf_dnn::train::gradient::{GradConfig, GradDevice, GradientTrainer};
+use enkf_dnn::train::optim::{Adam, GradOptimizer, Optimizer, Sgd};
+use enkf_dnn::train::stats::StatsWriter;
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use rand_distr::{Distribution, StandardNormal};
+
+/// Images per test batch (few, so that seeds without near ties are common).
+const B: usize = 8;
+
+/// Near ties: a window's maximum y₀ and runner-up y₁ (unless exactly equal) must differ by
+/// at least `TIE_GAP · act'(y₀) + TIE_ULPS`. The pool inputs of the two sides differ by
+/// act'·Δz + a few ulp of the activation, where Δz, the pre-activation difference, is
+/// about twice the CPU's f32-vs-f64 error at most (the CPU test bounds that error by
+/// TIE_GAP / 10; measured ≤ 1.2e-6), so a window cannot pick another arg-max on the GPU.
+/// Scaling by act' matters near saturation, where many values crowd below 1.
+const TIE_GAP: f32 = 3e-5;
+/// The activation-rounding part of the near-tie gap: expf/tanhf and the division differ
+/// by ≤ 2 ulp (≤ 2.4e-7 below 1); 1e-6 is 4× that.
+const TIE_ULPS: f32 = 1e-6;
+
+/// Activations and probabilities: conv1 pre-activations are exact on both sides, then
+/// expf/tanhf differ by ≤ 2 ulp; conv2 sums 250 products of those in another order. The
+/// CPU test measures the f32-vs-f64 error of a1, a2 (≤ 1.2e-6, bounded there by
+/// ACT_TOL / 10); the GPU differs from the CPU by at most about twice that. 3e-5 absolute
+/// plus 3e-5 relative leaves ≥ 10×; a wrong index or activation moves values by O(0.1).
+const ACT_TOL: f64 = 3e-5;
+
+/// Logits and loss: fc1 sums 1280 products (different order and FMA on the GPU), each
+/// ~1e-7 relative to the sum of |terms|; 1e-4 of the largest |logit| absolute plus 1e-5
+/// relative (loss) leaves ≥ 10× margin over the measured f32-vs-f64 error.
+const LOGIT_TOL: f64 = 1e-4;
+
+/// Weight gradients per tensor: sums over B images of up to 576 positions (conv1) after
+/// backward sums of up to 500 terms, in a different order (and with FMA) on the GPU than
+/// on the CPU. Both sides are within ~1e-6·max|g| of the f64 gradient on these inputs
+/// (printed by the CPU test), so they differ by at most twice that; allowed:
+/// 1e-4·max|g| of the tensor absolute plus 1e-4 relative, ≥ 10× margin. A wrong index,
+/// a missing activation derivative or a wrong pool arg-max moves elements by O(max|g|).
+const GRAD_TOL: f64 = 1e-4;
+
+/// Short GPU vs CPU training runs: the trajectories differ only by the rounding of the
+/// gradients (≲ 1e-5 relative) propagated through 4 steps; the train loss of each row
+/// must agree to 1e-3 relative, ≥ 100× the expected difference, while one wrong step
+/// (a sign, a missing momentum term) changes it by ≥ 1e-2.
+const RUN_TOL: f64 = 1e-3;
+
+/// The GPU backend, or None (printing why) when there is no usable GPU.
+fn gpu() -> Option<CudaBackend> {
+    match CudaBackend::probe() {
+        Ok(desc) => {
+            println!("GPU: {desc}");
+            Some(CudaBackend::new(0, MathMode::Fp32).expect("probe succeeded, so new must"))
+        }
+        Err(why) => {
+            if std::env::var("REQUIRE_GPU").is_ok_and(|v| v == "1") {
+                panic!("REQUIRE_GPU=1 but no usable GPU: {why}");
+            }
+            println!("skipped: no usable GPU: {why}");
+            None
+        }
+    }
+}
+
+/// Asserts `|got − want| ≤ atol + rtol·|want|` element-wise, reporting the worst element;
+/// returns the worst ratio of error to allowance.
+fn assert_close(what: &str, got: &[f64], want: &[f64], atol: f64, rtol: f64) -> f64 {
+    assert_eq!(got.len(), want.len(), "{what}: length");
+    let mut worst = (0usize, -1.0f64);
+    for (i, (&g, &w)) in got.iter().zip(want).enumerate() {
+        let allow = atol + rtol * w.abs();
+        let err = (g - w).abs();
+        let ratio = if allow > 0.0 {
+            err / allow
+        } else if err == 0.0 {
+            0.0
+        } else {
+            f64::INFINITY
+        };
+        if ratio.is_nan() || ratio > worst.1 {
+            worst = (i, ratio);
+        }
+    }
+    if got.is_empty() {
+        return 0.0;
+    }
+    let i = worst.0;
+    assert!(
+        worst.1 <= 1.0,
+        "{what}: worst element {i}: got {}, want {}, |err| = {:e} > {:e} (atol {atol:e}, rtol {rtol:e})",
+        got[i],
+        want[i],
+        (got[i] - want[i]).abs(),
+        atol + rtol * want[i].abs()
+    );
+    println!("{what}: worst error / allowance = {:.3}", worst.1);
+    worst.1
+}
+
+fn up(x: &[f32]) -> Vec<f64> {
+    x.iter().map(|&v| v as f64).collect()
+}
+
+fn max_abs(x: &[f64]) -> f64 {
+    x.iter().fold(0.0, |m, v| m.max(v.abs()))
+}
+
+/// Seeded quantized inputs (see the module docs): weights P, images B × 784, labels B.
+fn case_inputs(net: &Net, seed: u64) -> (Vec<f32>, Vec<f32>, Vec<u8>) {
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    let mut w = vec![0.0f32; net.n_params()];
+    for (i, v) in w.iter_mut().enumerate() {
+        *v = if i < Net::CONV2_OFFSET {
+            rng.random_range(-16i32..=16) as f32 / 64.0
+        } else if i < Net::FC_OFFSET {
+            rng.random_range(-32i32..=32) as f32 / 64.0
+        } else {
+            let z: f64 = StandardNormal.sample(&mut rng);
+            (0.1 * z) as f32
+        };
+    }
+    let x: Vec<f32> = (0..B * IMG_PIXELS)
+        .map(|_| rng.random_range(0..=16u8) as f32 / 16.0)
+        .collect();
+    let labels: Vec<u8> = (0..B).map(|_| rng.random_range(0..CLASSES as u8)).collect();
+    (w, x, labels)
+}
+
+/// Number of 2×2 windows over the `c × h × w` planes of `images` images in `a` whose
+/// maximum and runner-up are a near tie (see [`TIE_GAP`]) for activation `act`. ReLU
+/// inputs are exact on both sides (the CPU test checks it), so they have none.
+fn near_ties(act: Activation, a: &[f32], images: usize, c: usize, h: usize, w: usize) -> usize {
+    if act == Activation::Relu {
+        return 0;
+    }
+    let mut n = 0;
+    for plane in a[..images * c * h * w].chunks_exact(h * w) {
+        for y in (0..h).step_by(2) {
+            for x in (0..w).step_by(2) {
+                let mut v = [
+                    plane[y * w + x],
+                    plane[y * w + x + 1],
+                    plane[(y + 1) * w + x],
+                    plane[(y + 1) * w + x + 1],
+                ];
+                v.sort_by(|a, b| b.total_cmp(a));
+                let g = v[0] - v[1];
+                let slope = act.derivative_from_output(v[0]);
+                if g > 0.0 && g < TIE_GAP * slope + TIE_ULPS {
+                    n += 1;
+                }
+            }
+        }
+    }
+    n
+}
+
+fn nets() -> Vec<Net> {
+    let mut v = Vec::new();
+    for arch in [Arch::Paper, Arch::Pooled] {
+        for act in [Activation::Logistic, Activation::Relu, Activation::Tanh] {
+            v.push(Net::new(arch, act));
+        }
+    }
+    v
+}
+
+/// The inputs of case `i` (network `net`): those of the first seed from 1000·i on whose
+/// CPU f32 forward pass has no near tie in any pool window (see [`TIE_GAP`]).
+fn twin_case(net: &Net, i: usize) -> (Vec<f32>, Vec<f32>, Vec<u8>) {
+    let mut fewest = usize::MAX;
+    for seed in 1000 * i as u64..1000 * i as u64 + 200 {
+        let (w, x, labels) = case_inputs(net, seed);
+        let f = backprop(net, &w, &x, &labels).expect("f32 backprop");
+        let mut ties = near_ties(net.act, &f.cache.a1, B, C1, H1, H1);
+        if net.arch == Arch::Pooled {
+            ties += near_ties(net.act, &f.cache.a2, B, C2, H2, H2);
+        }
+        if ties == 0 {
+            println!("{net:?}: seed {seed}");
+            return (w, x, labels);
+        }
+        fewest = fewest.min(ties);
+    }
+    panic!("{net:?}: every seed among 200 has ≥ {fewest} near ties; lower B or TIE_GAP");
+}
+
+/// CPU only (runs everywhere): the seeded inputs of the GPU twins have no near ties in
+/// any pool window, and the CPU f32 gradient is within a small fraction of GRAD_TOL of
+/// the f64 gradient, which is what the tolerances above assume.
+#[test]
+fn twin_inputs_have_no_near_ties_and_small_f32_error() {
+    for (i, net) in nets().into_iter().enumerate() {
+        let (w, x, labels) = twin_case(&net, i);
+        let f = backprop(&net, &w, &x, &labels).expect("f32 backprop");
+        let w64: Vec<f64> = up(&w);
+        let x64: Vec<f64> = up(&x);
+        let d = backprop(&net, &w64, &x64, &labels).expect("f64 backprop");
+        for (name, a32, a64) in [
+            ("a1", &f.cache.a1, &d.cache.a1),
+            ("a2", &f.cache.a2, &d.cache.a2),
+        ] {
+            let err = up(a32)
+                .iter()
+                .zip(a64)
+                .fold(0.0f64, |m, (a, b)| m.max((a - b).abs()));
+            println!("{net:?} {name}: f32 vs f64 max error {err:.2e}");
+            if net.act == Activation::Relu {
+                assert_eq!(
+                    err, 0.0,
+                    "{net:?} {name}: ReLU pre-activations must be exact"
+                );
+            }
+            assert!(
+                err <= 0.1 * (TIE_GAP as f64).min(ACT_TOL),
+                "{net:?} {name}: f32 error {err:e} leaves TIE_GAP and ACT_TOL no margin"
+            );
+        }
+        assert_eq!(
+            f.cache.arg1, d.cache.arg1,
+            "{net:?}: f32 and f64 pool1 arg-max"
+        );
+        assert_eq!(
+            f.cache.arg2, d.cache.arg2,
+            "{net:?}: f32 and f64 pool2 arg-max"
+        );
+        assert!(
+            (f.loss - d.loss).abs() <= 0.1 * LOGIT_TOL * d.loss.abs(),
+            "{net:?}: f32 loss {} vs f64 {}",
+            f.loss,
+            d.loss
+        );
+        for spec in net.tensors() {
+            let g32 = up(&f.grad[spec.range()]);
+            let g64 = &d.grad[spec.range()];
+            let m = max_abs(g64);
+            assert!(m > 0.0, "{net:?} {}: zero gradient", spec.name);
+            let worst = g32
+                .iter()
+                .zip(g64)
+                .fold(0.0f64, |acc, (a, b)| acc.max((a - b).abs()));
+            println!(
+                "{net:?} {}: max|g| = {m:.3e}, f32 vs f64 max error = {:.2e} of max|g|",
+                spec.name,
+                worst / m
+            );
+            assert!(
+                worst <= 0.1 * GRAD_TOL * m,
+                "{net:?} {}: f32 vs f64 error {worst:e} leaves the GPU tolerance no margin",
+                spec.name
+            );
+        }
+    }
+}
+
+fn compare_cache(what: &str, got: &ForwardCache<f32>, want: &ForwardCache<f32>) {
+    assert_eq!(got.images, want.images, "{what}: images");
+    assert_eq!(got.arg1, want.arg1, "{what}: pool1 arg-max");
+    assert_eq!(got.arg2, want.arg2, "{what}: pool2 arg-max");
+    for (name, g, w) in [
+        ("a1", &got.a1, &want.a1),
+        ("p1", &got.p1, &want.p1),
+        ("a2", &got.a2, &want.a2),
+        ("p2", &got.p2, &want.p2),
+        ("probs", &got.probs, &want.probs),
+    ] {
+        assert_close(&format!("{what} {name}"), &up(g), &up(w), ACT_TOL, ACT_TOL);
+    }
+    let wl = up(&want.logits);
+    assert_close(
+        &format!("{what} logits"),
+        &up(&got.logits),
+        &wl,
+        LOGIT_TOL * max_abs(&wl),
+        LOGIT_TOL,
+    );
+}
+
+#[test]
+fn backprop_matches_cpu_for_every_arch_and_activation() {
+    let Some(be) = gpu() else {
+        return;
+    };
+    for (i, net) in nets().into_iter().enumerate() {
+        let what = format!("{net:?}");
+        let (w, x, labels) = twin_case(&net, i);
+        let want = backprop(&net, &w, &x, &labels).expect("cpu backprop");
+        let (wd, xd) = (be.upload_f32(&w).unwrap(), be.upload_f32(&x).unwrap());
+        let got = gbp::backprop(&be, &net, &wd, &xd, &labels).expect("gpu backprop");
+        assert!(
+            (got.loss - want.loss).abs() <= LOGIT_TOL * 0.1 * want.loss.abs(),
+            "{what}: loss {} vs cpu {}",
+            got.loss,
+            want.loss
+        );
+        assert_eq!(got.correct, want.correct, "{what}: correct count");
+        compare_cache(&what, &got.cache.download(&be).unwrap(), &want.cache);
+        let g = be.download_f32(&got.grad).unwrap();
+        for spec in net.tensors() {
+            let wg = up(&want.grad[spec.range()]);
+            assert_close(
+                &format!("{what} d/d {}", spec.name),
+                &up(&g[spec.range()]),
+                &wg,
+                GRAD_TOL * max_abs(&wg),
+                GRAD_TOL,
+            );
+        }
+        // The forward-only entry point gives the same cache as the backprop pass.
+        let fwd = gbp::forward_cached(&be, &net, &wd, &xd, B).expect("gpu forward_cached");
+        let a = fwd.download(&be).unwrap();
+        let b = got.cache.download(&be).unwrap();
+        assert_eq!(a, b, "{what}: forward_cached vs backprop cache");
+    }
+}
+
+#[test]
+fn backprop_is_deterministic_and_checks_its_inputs() {
+    let Some(be) = gpu() else {
+        return;
+    };
+    let net = Net::new(Arch::Paper, Activation::Logistic);
+    let (w, x, labels) = case_inputs(&net, 7);
+    let (wd, xd) = (be.upload_f32(&w).unwrap(), be.upload_f32(&x).unwrap());
+    let a = gbp::backprop(&be, &net, &wd, &xd, &labels).unwrap();
+    let b = gbp::backprop(&be, &net, &wd, &xd, &labels).unwrap();
+    let (ga, gb) = (
+        be.download_f32(&a.grad).unwrap(),
+        be.download_f32(&b.grad).unwrap(),
+    );
+    assert!(
+        ga.iter().zip(&gb).all(|(p, q)| p.to_bits() == q.to_bits()),
+        "two identical GPU passes gave different gradients"
+    );
+    assert_eq!(a.loss.to_bits(), b.loss.to_bits());
+    let mut bad = labels.clone();
+    bad[3] = 10;
+    assert!(
+        gbp::backprop(&be, &net, &wd, &xd, &bad).is_err(),
+        "label 10"
+    );
+    assert!(
+        gbp::backprop(&be, &net, &wd, &xd, &labels[..B - 1]).is_err(),
+        "x longer than labels × 784"
+    );
+    assert!(gbp::backprop(
+        &be,
+        &Net::new(Arch::Pooled, Activation::Logistic),
+        &wd,
+        &xd,
+        &labels
+    )
+    .is_err());
+}
+
+/// Runs `steps` updates of the CPU optimizer and its GPU twin on the same seeded
+/// parameters and gradients, and requires bit-identical parameters (and state) after
+/// each: the kernels round exactly as the CPU code (no FMA contraction, IEEE √ and ÷).
+fn optimizer_case(be: &CudaBackend, what: &str, mut cpu: GradOptimizer, seed: u64) {
+    let n = 1000;
+    let steps = 4;
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    let mut normal = |s: f64| -> f32 {
+        let z: f64 = StandardNormal.sample(&mut rng);
+        (s * z) as f32
+    };
+    let mut p: Vec<f32> = (0..n).map(|_| normal(1.0)).collect();
+    let mut gpu_opt = GpuOptimizer::from_host(be, &cpu).expect("gpu optimizer");
+    let mut pd = be.upload_f32(&p).unwrap();
+    for s in 0..steps {
+        // Gradients over several magnitudes, some exactly zero.
+        let g: Vec<f32> = (0..n)
+            .map(|i| {
+                if i % 17 == 0 {
+                    0.0
+                } else {
+                    normal(10f64.powi(-(i as i32 % 6)))
+                }
+            })
+            .collect();
+        let gd = be.upload_f32(&g).unwrap();
+        cpu.step(&mut p, &g).expect("cpu step");
+        gpu_opt.step(be, &mut pd, &gd).expect("gpu step");
+        let got = be.download_f32(&pd).unwrap();
+        let diff = got
+            .iter()
+            .zip(&p)
+            .position(|(a, b)| a.to_bits() != b.to_bits());
+        if let Some(i) = diff {
+            panic!(
+                "{what} step {s}: element {i}: gpu {} vs cpu {}",
+                got[i], p[i]
+            );
+        }
+    }
+    // The steps moved the parameters (a no-op kernel would not pass).
+    let start: Vec<f32> = {
+        let mut rng = ChaCha8Rng::seed_from_u64(seed);
+        (0..n)
+            .map(|_| {
+                let z: f64 = StandardNormal.sample(&mut rng);
+                z as f32
+            })
+            .collect()
+    };
+    assert!(
+        p.iter().zip(&start).filter(|(a, b)| a != b).count() > n / 2,
+        "{what}: the steps left the parameters unchanged"
+    );
+}
+
+#[test]
+fn optimizer_steps_are_bit_identical_to_cpu() {
+    let Some(be) = gpu() else {
+        return;
+    };
+    optimizer_case(
+        &be,
+        "sgd momentum 0.9",
+        GradOptimizer::Sgd(Sgd::new(0.1, 0.9).unwrap()),
+        1,
+    );
+    optimizer_case(
+        &be,
+        "sgd no momentum",
+        GradOptimizer::Sgd(Sgd::new(0.05, 0.0).unwrap()),
+        2,
+    );
+    optimizer_case(
+        &be,
+        "adam defaults",
+        GradOptimizer::Adam(Adam::new(1e-3).unwrap()),
+        3,
+    );
+    optimizer_case(
+        &be,
+        "adam custom",
+        GradOptimizer::Adam(Adam::with_params(3e-2, 0.8, 0.99, 1e-6).unwrap()),
+        4,
+    );
+    let mut sgd =
+        GpuOptimizer::from_host(&be, &GradOptimizer::Sgd(Sgd::new(0.1, 0.9).unwrap())).unwrap();
+    let mut p = be.zeros_f32(10).unwrap();
+    let g = be.zeros_f32(9).unwrap();
+    assert!(sgd.step(&be, &mut p, &g).is_err(), "grad length 9 vs 10");
+}
+
+fn mnist_subset(train: usize, test: usize) -> Option<DataSplit> {
+    let d = match load_dir(&default_mnist_dir()) {
+        Ok(d) => d,
+        Err(e) => {
+            if std::env::var("REQUIRE_GPU").is_ok_and(|v| v == "1") {
+                panic!("REQUIRE_GPU=1 but MNIST is missing: {e}");
+            }
+            println!("skipped: no MNIST: {e}");
+            return None;
+        }
+    };
+    Some(DataSplit {
+        train: d.train.subset(train),
+        test: d.test.subset(test),
+        dir: d.dir.clone(),
+    })
+}
+
+fn tmpdir(name: &str) -> std::path::PathBuf {
+    let dir = std::env::temp_dir().join(format!("enkf-gpubp-{}-{name}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    dir
+}
+
+#[test]
+fn gpu_gradient_run_tracks_the_cpu_run_and_writes_statistics() {
+    if gpu().is_none() {
+        return;
+    }
+    let Some(data) = mnist_subset(200, 100) else {
+        return;
+    };
+    for (opt, act) in [
+        (Optimizer::Sgd, Activation::Relu),
+        (Optimizer::Adam, Activation::Logistic),
+    ] {
+        let mut cfg = GradConfig::new(opt);
+        cfg.net = Net::new(Arch::Paper, act);
+        cfg.sigma = 0.1;
+        cfg.iterations = Some(4);
+        cfg.batch = 64;
+        cfg.eval_every = 2;
+        cfg.hist_every = 2;
+        let what = format!("{opt:?} {act:?}");
+        let (dc, dg) = (tmpdir("cpu"), tmpdir("gpu"));
+        let mut wc = StatsWriter::create(&dc, cfg.hist_every).expect("writer");
+        let mut wg = StatsWriter::create(&dg, cfg.hist_every).expect("writer");
+        let mut cpu = GradientTrainer::new(&cfg, &data).expect("cpu trainer");
+        let rc = cpu.run(&mut (), Some(&mut wc)).expect("cpu run");
+        let dev = CudaBackend::new(0, MathMode::Fp32).expect("second backend");
+        let mut g = GradientTrainer::with_device(&cfg, &data, GradDevice::Cuda(Box::new(dev)))
+            .expect("gpu trainer");
+        assert!(g.device_name().starts_with("cuda"), "{}", g.device_name());
+        let rg = g.run(&mut (), Some(&mut wg)).expect("gpu run");
+        drop((wc, wg));
+        assert_eq!(rc.len(), rg.len(), "{what}: rows");
+        for (a, b) in rc.iter().zip(&rg) {
+            assert!(
+                (a.train_loss - b.train_loss).abs() <= RUN_TOL * a.train_loss.abs(),
+                "{what} row {}: gpu loss {} vs cpu {}",
+                a.iteration,
+                b.train_loss,
+                a.train_loss
+            );
+            assert_eq!(a.test_error.is_some(), b.test_error.is_some());
+            if let (Some(x), Some(y)) = (a.test_loss, b.test_loss) {
+                assert!(
+                    (x - y).abs() <= RUN_TOL * x.abs(),
+                    "{what}: test loss {y} vs {x}"
+                );
+            }
+        }
+        assert_close(
+            &format!("{what} final weights"),
+            &up(g.weights()),
+            &up(cpu.weights()),
+            RUN_TOL * max_abs(&up(cpu.weights())),
+            RUN_TOL,
+        );
+        for file in ["stats.csv", "hist.csv"] {
+            let a = std::fs::read_to_string(dc.join(file)).expect("cpu stats");
+            let b = std::fs::read_to_string(dg.join(file)).expect("gpu stats");
+            assert_eq!(
+                a.lines().count(),
+                b.lines().count(),
+                "{what}: {file} line count"
+            );
+            assert!(a.lines().count() > 1, "{what}: {file} is empty");
+        }
+        let _ = std::fs::remove_dir_all(&dc);
+        let _ = std::fs::remove_dir_all(&dg);
+    }
+}
