@@ -53,13 +53,24 @@ fn main() -> anyhow::Result<()> {
             }
             let t = &summary.times;
             let n = summary.iterations.max(1) as f64;
-            println!(
-                "per iteration: forward {:.1} ms, update {:.1} ms, scoring {:.1} ms; evaluations {:.1} s in total",
-                1e3 * t.forward / n,
-                1e3 * t.update / n,
-                1e3 * t.train_score / n,
-                t.eval
-            );
+            if cfg.optimizer == enkf_dnn::train::optim::Optimizer::Enkf {
+                println!(
+                    "per iteration: forward {:.1} ms, update {:.1} ms, scoring {:.1} ms, other {:.1} ms; evaluations {:.1} s in total",
+                    1e3 * t.forward / n,
+                    1e3 * t.update / n,
+                    1e3 * t.train_score / n,
+                    1e3 * t.other / n,
+                    t.eval
+                );
+            } else {
+                println!(
+                    "per iteration: backprop {:.1} ms, optimizer step {:.2} ms, statistics {:.2} ms; evaluations {:.1} s in total",
+                    1e3 * t.forward / n,
+                    1e3 * t.update / n,
+                    1e3 * t.other / n,
+                    t.eval
+                );
+            }
             if let Some(dir) = &cfg.out {
                 println!("wrote {}", dir.display());
             }
