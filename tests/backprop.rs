@@ -2,6 +2,9 @@
 //! the max-pool tie rule, f32 against f64, the forward pass against the inference path,
 //! determinism, and shape errors.
 
+mod common;
+use common::assert_close;
+
 use enkf_dnn::cpu::backprop::{
     backprop, forward_cached, maxpool2_argmax_forward, maxpool2_backward, ForwardCache,
 };
@@ -34,29 +37,6 @@ const FD_RTOL: f64 = 1e-5;
 /// branch breaks it by orders of magnitude.
 const F32_ATOL_REL_TO_MAX: f64 = 1e-5;
 const F32_RTOL: f64 = 1e-4;
-
-/// Two-sided `|a − b| ≤ atol + rtol·|b|` over paired values; panics naming the worst
-/// element; returns the worst ratio.
-fn assert_close(what: &str, got: &[f64], want: &[f64], atol: f64, rtol: f64) -> f64 {
-    assert_eq!(got.len(), want.len(), "{what}: length");
-    let mut worst = (0usize, 0.0f64);
-    for (i, (&g, &w)) in got.iter().zip(want).enumerate() {
-        let ratio = (g - w).abs() / (atol + rtol * w.abs());
-        assert!(!ratio.is_nan(), "{what}[{i}]: got {g}, want {w}");
-        if ratio > worst.1 {
-            worst = (i, ratio);
-        }
-    }
-    let (i, ratio) = worst;
-    assert!(
-        ratio <= 1.0,
-        "{what}: worst element {i}: got {:e}, want {:e}, |err| = {:e} exceeds atol {atol:e} + rtol {rtol:e}·|want| by {ratio:.2}×",
-        got[i],
-        want[i],
-        (got[i] - want[i]).abs()
-    );
-    ratio
-}
 
 // ---------------------------------------------------------------- data
 

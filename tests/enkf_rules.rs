@@ -1,6 +1,9 @@
 //! The EnKF update rules through `CpuBackend` + `EnkfWorkspace`, against the host f64
 //! oracles, on a linear inverse problem, and the ensemble helpers.
 
+mod common;
+use common::{assert_close, up};
+
 use enkf_dnn::backend::{Backend, Trans};
 use enkf_dnn::cpu::{linalg, CpuBackend};
 use enkf_dnn::enkf::{
@@ -22,30 +25,6 @@ use rand_distr::{Distribution, StandardNormal};
 /// A wrong block of L or a sign error moves U by O(max|ΔU|), 10⁵ times more.
 const UPDATE_C: f64 = 4.0;
 
-/// Asserts `|got − want| ≤ atol + rtol·|want|` element-wise, reporting the worst element.
-/// Returns the worst ratio of error to allowance.
-fn assert_close(what: &str, got: &[f64], want: &[f64], atol: f64, rtol: f64) -> f64 {
-    assert_eq!(got.len(), want.len(), "{what}: length");
-    let mut worst = (0usize, -1.0f64);
-    for (i, (&g, &w)) in got.iter().zip(want).enumerate() {
-        let ratio = (g - w).abs() / (atol + rtol * w.abs());
-        // A NaN ratio (NaN output) must win: it fails the final check.
-        if ratio.is_nan() || ratio > worst.1 {
-            worst = (i, ratio);
-        }
-    }
-    let i = worst.0;
-    assert!(
-        worst.1 <= 1.0,
-        "{what}: worst element {i}: got {}, want {}, |err| = {:e} > {:e} (atol {atol:e}, rtol {rtol:e})",
-        got[i],
-        want[i],
-        (got[i] - want[i]).abs(),
-        atol + rtol * want[i].abs()
-    );
-    worst.1
-}
-
 fn normals(rng: &mut ChaCha8Rng, n: usize, scale: f64) -> Vec<f32> {
     (0..n)
         .map(|_| {
@@ -53,10 +32,6 @@ fn normals(rng: &mut ChaCha8Rng, n: usize, scale: f64) -> Vec<f32> {
             (scale * z) as f32
         })
         .collect()
-}
-
-fn up(x: &[f32]) -> Vec<f64> {
-    x.iter().map(|&v| v as f64).collect()
 }
 
 /// Runs one update through the CPU workspace and the given oracle; compares.

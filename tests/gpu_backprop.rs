@@ -13,6 +13,9 @@
 //! the last bits, so [`twin_case`] takes the first seed whose inputs have no near tie (a
 //! gap below [`TIE_GAP`]) in any pool window, which such bits could flip.
 
+mod common;
+use common::{assert_close, gpu, max_abs, up};
+
 use enkf_dnn::backend::{Backend, MathMode};
 use enkf_dnn::cpu::backprop::{backprop, ForwardCache};
 use enkf_dnn::data::{default_mnist_dir, load_dir, DataSplit};
@@ -65,66 +68,6 @@ const GRAD_TOL: f64 = 1e-4;
 /// must agree to 1e-3 relative, ≥ 100× the expected difference, while one wrong step
 /// (a sign, a missing momentum term) changes it by ≥ 1e-2.
 const RUN_TOL: f64 = 1e-3;
-
-/// The GPU backend, or None (printing why) when there is no usable GPU.
-fn gpu() -> Option<CudaBackend> {
-    match CudaBackend::probe() {
-        Ok(desc) => {
-            println!("GPU: {desc}");
-            Some(CudaBackend::new(0, MathMode::Fp32).expect("probe succeeded, so new must"))
-        }
-        Err(why) => {
-            if std::env::var("REQUIRE_GPU").is_ok_and(|v| v == "1") {
-                panic!("REQUIRE_GPU=1 but no usable GPU: {why}");
-            }
-            println!("skipped: no usable GPU: {why}");
-            None
-        }
-    }
-}
-
-/// Asserts `|got − want| ≤ atol + rtol·|want|` element-wise, reporting the worst element;
-/// returns the worst ratio of error to allowance.
-fn assert_close(what: &str, got: &[f64], want: &[f64], atol: f64, rtol: f64) -> f64 {
-    assert_eq!(got.len(), want.len(), "{what}: length");
-    let mut worst = (0usize, -1.0f64);
-    for (i, (&g, &w)) in got.iter().zip(want).enumerate() {
-        let allow = atol + rtol * w.abs();
-        let err = (g - w).abs();
-        let ratio = if allow > 0.0 {
-            err / allow
-        } else if err == 0.0 {
-            0.0
-        } else {
-            f64::INFINITY
-        };
-        if ratio.is_nan() || ratio > worst.1 {
-            worst = (i, ratio);
-        }
-    }
-    if got.is_empty() {
-        return 0.0;
-    }
-    let i = worst.0;
-    assert!(
-        worst.1 <= 1.0,
-        "{what}: worst element {i}: got {}, want {}, |err| = {:e} > {:e} (atol {atol:e}, rtol {rtol:e})",
-        got[i],
-        want[i],
-        (got[i] - want[i]).abs(),
-        atol + rtol * want[i].abs()
-    );
-    println!("{what}: worst error / allowance = {:.3}", worst.1);
-    worst.1
-}
-
-fn up(x: &[f32]) -> Vec<f64> {
-    x.iter().map(|&v| v as f64).collect()
-}
-
-fn max_abs(x: &[f64]) -> f64 {
-    x.iter().fold(0.0, |m, v| m.max(v.abs()))
-}
 
 /// Seeded quantized inputs (see the module docs): weights P, images B × 784, labels B.
 fn case_inputs(net: &Net, seed: u64) -> (Vec<f32>, Vec<f32>, Vec<u8>) {
@@ -299,7 +242,7 @@ fn compare_cache(what: &str, got: &ForwardCache<f32>, want: &ForwardCache<f32>) 
 
 #[test]
 fn backprop_matches_cpu_for_every_arch_and_activation() {
-    let Some(be) = gpu() else {
+    let Some(be) = gpu(MathMode::Fp32) else {
         return;
     };
     for (i, net) in nets().into_iter().enumerate() {
@@ -337,7 +280,7 @@ fn backprop_matches_cpu_for_every_arch_and_activation() {
 
 #[test]
 fn backprop_is_deterministic_and_checks_its_inputs() {
-    let Some(be) = gpu() else {
+    let Some(be) = gpu(MathMode::Fp32) else {
         return;
     };
     let net = Net::new(Arch::Paper, Activation::Logistic);
@@ -432,7 +375,7 @@ fn optimizer_case(be: &CudaBackend, what: &str, mut cpu: GradOptimizer, seed: u6
 
 #[test]
 fn optimizer_steps_are_bit_identical_to_cpu() {
-    let Some(be) = gpu() else {
+    let Some(be) = gpu(MathMode::Fp32) else {
         return;
     };
     optimizer_case(
@@ -492,7 +435,7 @@ fn tmpdir(name: &str) -> std::path::PathBuf {
 
 #[test]
 fn gpu_gradient_run_tracks_the_cpu_run_and_writes_statistics() {
-    if gpu().is_none() {
+    if gpu(MathMode::Fp32).is_none() {
         return;
     }
     let Some(data) = mnist_subset(200, 100) else {

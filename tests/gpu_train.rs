@@ -8,17 +8,18 @@
 //! when `REQUIRE_GPU=1`. Data: `enkf_dnn::data::default_mnist_dir()` (honours
 //! `ENKF_DATA_DIR`).
 
+mod common;
+use common::{gpu, limited, max_abs};
+
 use enkf_dnn::backend::{Backend, BackendKind, MathMode};
 use enkf_dnn::cpu::CpuBackend;
-use enkf_dnn::data::{default_mnist_dir, load_dir, DataSplit};
+use enkf_dnn::data::DataSplit;
 use enkf_dnn::enkf::{init_ensemble, one_hot, EnkfWorkspace, UpdateRule};
-use enkf_dnn::gpu::CudaBackend;
 use enkf_dnn::model::CLASSES;
 use enkf_dnn::train::{MetricsRow, PartialConfig, TrainConfig, Trainer};
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use rand_distr::{Distribution, StandardNormal};
-use std::sync::OnceLock;
 
 /// Ensemble size of both comparisons (J < m = 640: the member-order apply phase, and
 /// the regime where C + γI is most ill-conditioned, so the hardest case for agreement).
@@ -59,45 +60,6 @@ const CURVE_BOUND: f64 = 4.0;
 /// CPU path reaches ~45 % after 300 iterations at J = 200 on 3000 images).
 const LEARNED_BOUND: f64 = 60.0;
 
-fn mnist() -> &'static DataSplit {
-    static DATA: OnceLock<DataSplit> = OnceLock::new();
-    DATA.get_or_init(|| {
-        let dir = default_mnist_dir();
-        load_dir(&dir).unwrap_or_else(|e| {
-            panic!(
-                "MNIST at {} (set ENKF_DATA_DIR to the folder holding mnist/): {e}",
-                dir.display()
-            )
-        })
-    })
-}
-
-fn limited(train: usize, test: usize) -> DataSplit {
-    let d = mnist();
-    DataSplit {
-        train: d.train.subset(train),
-        test: d.test.subset(test),
-        dir: d.dir.clone(),
-    }
-}
-
-/// The GPU backend, or None (printing why) when there is no usable GPU.
-fn gpu(math: MathMode) -> Option<CudaBackend> {
-    match CudaBackend::probe() {
-        Ok(desc) => {
-            println!("GPU: {desc}");
-            Some(CudaBackend::new(0, math).expect("probe succeeded, so new must"))
-        }
-        Err(why) => {
-            if std::env::var("REQUIRE_GPU").is_ok_and(|v| v == "1") {
-                panic!("REQUIRE_GPU=1 but no usable GPU: {why}");
-            }
-            println!("skipped: no usable GPU: {why}");
-            None
-        }
-    }
-}
-
 /// Asserts `|got − want| ≤ atol + rtol·|rel|` element-wise (`rel` gives the scale of the
 /// relative part), reporting the worst element; returns the worst ratio error/allowance.
 fn assert_close(what: &str, got: &[f64], want: &[f64], rel: &[f64], atol: f64, rtol: f64) -> f64 {
@@ -129,10 +91,6 @@ fn assert_close(what: &str, got: &[f64], want: &[f64], rel: &[f64], atol: f64, r
     );
     println!("{what}: worst error / allowance = {:.3}", worst.1);
     worst.1
-}
-
-fn max_abs(x: &[f64]) -> f64 {
-    x.iter().fold(0.0, |m, v| m.max(v.abs()))
 }
 
 fn config(

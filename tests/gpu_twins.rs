@@ -2,6 +2,9 @@
 //! random inputs. Skips with a printed reason when no usable GPU is present (probe
 //! fails); fails instead when `REQUIRE_GPU=1`.
 
+mod common;
+use common::{assert_close, gpu, max_abs, up};
+
 use enkf_dnn::backend::{Backend, MathMode, Trans};
 use enkf_dnn::cpu::CpuBackend;
 use enkf_dnn::enkf::{one_hot, ApplyOrder, EnkfWorkspace, UpdateRule};
@@ -32,66 +35,6 @@ const SOLVE_TOL: f64 = 1e-11;
 /// the sum of |terms|, which cancellation can make 100× larger than |ΔU|), plus the final
 /// f32 rounding of U. Tolerance: 1e-3·max|ΔU| absolute, 2·eps32 relative to |U|.
 const UPDATE_TOL: f64 = 1e-3;
-
-/// The GPU backend, or None (printing why) when there is no usable GPU.
-fn gpu(math: MathMode) -> Option<CudaBackend> {
-    match CudaBackend::probe() {
-        Ok(desc) => {
-            println!("GPU: {desc}");
-            Some(CudaBackend::new(0, math).expect("probe succeeded, so new must"))
-        }
-        Err(why) => {
-            if std::env::var("REQUIRE_GPU").is_ok_and(|v| v == "1") {
-                panic!("REQUIRE_GPU=1 but no usable GPU: {why}");
-            }
-            println!("skipped: no usable GPU: {why}");
-            None
-        }
-    }
-}
-
-/// Asserts `|got − want| ≤ atol + rtol·|want|` element-wise, reporting the worst element;
-/// returns the worst ratio of error to allowance.
-fn assert_close(what: &str, got: &[f64], want: &[f64], atol: f64, rtol: f64) -> f64 {
-    assert_eq!(got.len(), want.len(), "{what}: length");
-    let mut worst = (0usize, -1.0f64);
-    for (i, (&g, &w)) in got.iter().zip(want).enumerate() {
-        let allow = atol + rtol * w.abs();
-        let err = (g - w).abs();
-        let ratio = if allow > 0.0 {
-            err / allow
-        } else if err == 0.0 {
-            0.0
-        } else {
-            f64::INFINITY
-        };
-        if ratio.is_nan() || ratio > worst.1 {
-            worst = (i, ratio);
-        }
-    }
-    if got.is_empty() {
-        return 0.0;
-    }
-    let i = worst.0;
-    assert!(
-        worst.1 <= 1.0,
-        "{what}: worst element {i}: got {}, want {}, |err| = {:e} > {:e} (atol {atol:e}, rtol {rtol:e})",
-        got[i],
-        want[i],
-        (got[i] - want[i]).abs(),
-        atol + rtol * want[i].abs()
-    );
-    println!("{what}: worst error / allowance = {:.3}", worst.1);
-    worst.1
-}
-
-fn up(x: &[f32]) -> Vec<f64> {
-    x.iter().map(|&v| v as f64).collect()
-}
-
-fn max_abs(x: &[f64]) -> f64 {
-    x.iter().fold(0.0, |m, v| m.max(v.abs()))
-}
 
 fn normals(rng: &mut ChaCha8Rng, n: usize, scale: f64) -> Vec<f64> {
     (0..n)

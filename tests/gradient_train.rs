@@ -2,7 +2,9 @@
 //! training run that must learn, determinism and initialisation, and the statistics
 //! files (histogram counts and recorded edges).
 
-use enkf_dnn::data::{default_mnist_dir, load_dir, DataSplit};
+mod common;
+use common::{limited, tmpdir};
+
 use enkf_dnn::enkf::init_ensemble;
 use enkf_dnn::model::{Activation, Arch, Net};
 use enkf_dnn::train::gradient::{train_gradient, GradConfig, GradientTrainer};
@@ -16,31 +18,6 @@ use enkf_dnn::Error;
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use std::collections::BTreeMap;
-use std::path::PathBuf;
-use std::sync::OnceLock;
-
-fn mnist() -> &'static DataSplit {
-    static DATA: OnceLock<DataSplit> = OnceLock::new();
-    DATA.get_or_init(|| {
-        load_dir(&default_mnist_dir())
-            .expect("bundled MNIST (set ENKF_DATA_DIR on another machine)")
-    })
-}
-
-fn limited(train: usize, test: usize) -> DataSplit {
-    let d = mnist();
-    DataSplit {
-        train: d.train.subset(train),
-        test: d.test.subset(test),
-        dir: d.dir.clone(),
-    }
-}
-
-fn tmpdir(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("enkf-grad-{}-{name}", std::process::id()));
-    std::fs::create_dir_all(&dir).expect("temp dir");
-    dir
-}
 
 /// Optimizer results in f32 against f64 hand values: parameters of magnitude ≤ 2 after
 /// a handful of f32 operations carry a few ulp (2.4e-7 each) of rounding; 1e-6 absolute

@@ -1,37 +1,15 @@
 //! End-to-end training on the bundled MNIST through the CPU backend, determinism, and
 //! the configuration checks that must fail before any work starts.
 
+mod common;
+use common::{limited, tmpdir};
+
 use enkf_dnn::app;
 use enkf_dnn::backend::BackendKind;
 use enkf_dnn::cpu::CpuBackend;
-use enkf_dnn::data::{default_mnist_dir, load_dir, DataSplit};
+use enkf_dnn::data::default_mnist_dir;
 use enkf_dnn::enkf::UpdateRule;
 use enkf_dnn::train::{PartialConfig, TrainConfig, Trainer};
-use std::path::PathBuf;
-use std::sync::OnceLock;
-
-fn mnist() -> &'static DataSplit {
-    static DATA: OnceLock<DataSplit> = OnceLock::new();
-    DATA.get_or_init(|| {
-        load_dir(&default_mnist_dir())
-            .expect("bundled MNIST (set ENKF_DATA_DIR on another machine)")
-    })
-}
-
-fn limited(train: usize, test: usize) -> DataSplit {
-    let d = mnist();
-    DataSplit {
-        train: d.train.subset(train),
-        test: d.test.subset(test),
-        dir: d.dir.clone(),
-    }
-}
-
-fn tmpdir(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("enkf-e2e-{}-{name}", std::process::id()));
-    std::fs::create_dir_all(&dir).expect("temp dir");
-    dir
-}
 
 fn config(members: usize, iterations: usize) -> TrainConfig {
     PartialConfig {

@@ -1,0 +1,101 @@
+//! Helpers shared by the integration tests: the two-sided closeness check that every
+//! tolerance goes through, the GPU skip rule, and the bundled data.
+//!
+//! Each test file states its tolerances (with their reasons) next to the tests that use
+//! them; this file only applies them.
+#![allow(dead_code)]
+
+use enkf_dnn::backend::MathMode;
+use enkf_dnn::data::{default_mnist_dir, load_dir, DataSplit};
+use enkf_dnn::gpu::CudaBackend;
+use std::path::PathBuf;
+use std::sync::OnceLock;
+
+/// Asserts `|got − want| ≤ atol + rtol·|want|` element-wise, reporting the worst element;
+/// returns the worst ratio of error to allowance. A NaN anywhere fails.
+pub fn assert_close(what: &str, got: &[f64], want: &[f64], atol: f64, rtol: f64) -> f64 {
+    assert_eq!(got.len(), want.len(), "{what}: length");
+    let mut worst = (0usize, -1.0f64);
+    for (i, (&g, &w)) in got.iter().zip(want).enumerate() {
+        let allow = atol + rtol * w.abs();
+        let err = (g - w).abs();
+        let ratio = if allow > 0.0 {
+            err / allow
+        } else if err == 0.0 {
+            0.0
+        } else {
+            f64::INFINITY
+        };
+        if ratio.is_nan() || ratio > worst.1 {
+            worst = (i, ratio);
+        }
+    }
+    if got.is_empty() {
+        return 0.0;
+    }
+    let i = worst.0;
+    assert!(
+        worst.1 <= 1.0,
+        "{what}: worst element {i}: got {}, want {}, |err| = {:e} > {:e} (atol {atol:e}, rtol {rtol:e})",
+        got[i],
+        want[i],
+        (got[i] - want[i]).abs(),
+        atol + rtol * want[i].abs()
+    );
+    println!("{what}: worst error / allowance = {:.3}", worst.1);
+    worst.1
+}
+
+/// f32 values as f64.
+pub fn up(x: &[f32]) -> Vec<f64> {
+    x.iter().map(|&v| v as f64).collect()
+}
+
+/// Largest absolute value.
+pub fn max_abs(x: &[f64]) -> f64 {
+    x.iter().fold(0.0, |m, v| m.max(v.abs()))
+}
+
+/// The GPU backend, or None (printing why) when there is no usable GPU; with
+/// `REQUIRE_GPU=1` a missing GPU fails the test instead.
+pub fn gpu(math: MathMode) -> Option<CudaBackend> {
+    match CudaBackend::probe() {
+        Ok(desc) => {
+            println!("GPU: {desc}");
+            Some(CudaBackend::new(0, math).expect("probe succeeded, so new must"))
+        }
+        Err(why) => {
+            if std::env::var("REQUIRE_GPU").is_ok_and(|v| v == "1") {
+                panic!("REQUIRE_GPU=1 but no usable GPU: {why}");
+            }
+            println!("skipped: no usable GPU: {why}");
+            None
+        }
+    }
+}
+
+/// The bundled MNIST (or `$ENKF_DATA_DIR/mnist`), loaded once per test binary.
+pub fn mnist() -> &'static DataSplit {
+    static DATA: OnceLock<DataSplit> = OnceLock::new();
+    DATA.get_or_init(|| {
+        load_dir(&default_mnist_dir())
+            .expect("bundled MNIST (set ENKF_DATA_DIR on another machine)")
+    })
+}
+
+/// The first `train` training and `test` test images of MNIST.
+pub fn limited(train: usize, test: usize) -> DataSplit {
+    let d = mnist();
+    DataSplit {
+        train: d.train.subset(train),
+        test: d.test.subset(test),
+        dir: d.dir.clone(),
+    }
+}
+
+/// A fresh temporary folder for this test process.
+pub fn tmpdir(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("enkf-test-{}-{name}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    dir
+}
