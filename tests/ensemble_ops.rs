@@ -89,10 +89,9 @@ fn nonfinite_rows_are_found() {
     g[4 + 2] = f32::NAN;
     g[3 * 4] = f32::INFINITY;
     g[5 * 4 + 3] = f32::NEG_INFINITY;
-    assert_eq!(
-        resize::nonfinite_rows(&be, &g, 6, 4).expect("rows"),
-        vec![1, 3, 5]
-    );
+    let (ones, mut sums) = (vec![1.0f32; 4], vec![0.0f32; 6]);
+    let rows = resize::nonfinite_rows(&be, &g, 6, 4, &ones, &mut sums).expect("rows");
+    assert_eq!(rows, vec![1, 3, 5]);
 }
 
 struct CountResamples(usize);

@@ -104,15 +104,16 @@ pub fn add_members<B: Backend, R: Rng>(
 
 /// Members whose row of `g` (members × cols) holds a non-finite value. Computed as the
 /// row sums G·1 (a NaN or ±∞ anywhere in a row makes its sum non-finite), so only
-/// `members` values come back to the host.
+/// `members` values come back to the host. `ones` (cols ones) and `sums` (members) are
+/// caller-owned buffers so that nothing is allocated per iteration.
 pub fn nonfinite_rows<B: Backend>(
     be: &B,
     g: &B::F32,
     members: usize,
     cols: usize,
+    ones: &B::F32,
+    sums: &mut B::F32,
 ) -> Result<Vec<usize>> {
-    let ones = be.upload_f32(&vec![1.0; cols])?;
-    let mut sums = be.zeros_f32(members)?;
     be.gemm_f32(
         Trans::No,
         Trans::No,
@@ -121,11 +122,11 @@ pub fn nonfinite_rows<B: Backend>(
         cols,
         1.0,
         g,
-        &ones,
+        ones,
         0.0,
-        &mut sums,
+        sums,
     )?;
-    let sums = be.download_f32(&sums)?;
+    let sums = be.download_f32(sums)?;
     Ok(sums
         .iter()
         .enumerate()

@@ -90,6 +90,12 @@ struct BatchSlot<B: Backend> {
     x: B::F32,
     /// One-hot targets, batch × 10.
     y: B::F32,
+    /// Logits of the mean network on the mini-batch, batch × 10.
+    logits: B::F32,
+    /// Row sums of G (members), to find members with non-finite outputs.
+    row_sums: B::F32,
+    /// Ones (batch × 10), the right operand of those row sums.
+    ones: B::F32,
 }
 
 /// The uploaded mini-batch: its global index, workspace slot, labels and host images.
@@ -380,12 +386,18 @@ impl<'a, B: Backend> Trainer<'a, B> {
         let g = be.zeros_f32(self.members * b * CLASSES)?;
         let x = be.zeros_f32(b * IMG_PIXELS)?;
         let y = be.zeros_f32(b * CLASSES)?;
+        let logits = be.zeros_f32(b * CLASSES)?;
+        let row_sums = be.zeros_f32(self.members)?;
+        let ones = be.upload_f32(&vec![1.0; b * CLASSES])?;
         self.workspaces.push(BatchSlot {
             batch: b,
             ws,
             g,
             x,
             y,
+            logits,
+            row_sums,
+            ones,
         });
         Ok(self.workspaces.len() - 1)
     }
@@ -446,8 +458,11 @@ impl<'a, B: Backend> Trainer<'a, B> {
     /// `observer`. A fresh run reports iteration 0 first; a resumed run continues after
     /// its last row. Returns every row of the run.
     pub fn run(&mut self, observer: &mut dyn Observer) -> Result<Vec<MetricsRow>> {
-        let start = Instant::now()
-            - std::time::Duration::from_secs_f64(self.rows.last().map_or(0.0, |r| r.elapsed_s));
+        // Elapsed time continues from a resumed run's last row.
+        let start = (
+            Instant::now(),
+            self.rows.last().map_or(0.0, |r| r.elapsed_s),
+        );
         if self.rows.is_empty() {
             let slot = self.load_batch()?;
             let row = self.make_row(slot, true, start)?;
@@ -604,7 +619,10 @@ impl<'a, B: Backend> Trainer<'a, B> {
         let t1 = Instant::now();
         self.times.forward += (t1 - t0).as_secs_f64();
         let cols = self.workspaces[slot].batch * CLASSES;
-        let failed = resize::nonfinite_rows(be, &self.workspaces[slot].g, self.members, cols)?;
+        let failed = {
+            let s = &mut self.workspaces[slot];
+            resize::nonfinite_rows(be, &s.g, self.members, cols, &s.ones, &mut s.row_sums)?
+        };
         if !failed.is_empty() {
             if self.cfg.on_failure == FailurePolicy::Error {
                 return Err(Error::MembersFailed {
@@ -625,7 +643,8 @@ impl<'a, B: Backend> Trainer<'a, B> {
             observer.on_resample(self.t + 1, failed.len())?;
             let s = &mut self.workspaces[slot];
             be.ensemble_forward(&self.net, &self.u, self.members, &s.x, s.batch, &mut s.g)?;
-            let still = resize::nonfinite_rows(be, &s.g, self.members, cols)?;
+            let still =
+                resize::nonfinite_rows(be, &s.g, self.members, cols, &s.ones, &mut s.row_sums)?;
             if !still.is_empty() {
                 return Err(Error::MembersFailed {
                     iteration: self.t + 1,
@@ -646,7 +665,12 @@ impl<'a, B: Backend> Trainer<'a, B> {
 
     /// The metrics row of the current state: mini-batch scores of the mean network on
     /// the batch in `slot`, and test scores when `evaluate` is set.
-    fn make_row(&mut self, slot: usize, evaluate: bool, start: Instant) -> Result<MetricsRow> {
+    fn make_row(
+        &mut self,
+        slot: usize,
+        evaluate: bool,
+        start: (Instant, f64),
+    ) -> Result<MetricsRow> {
         let labels = self
             .loaded
             .as_ref()
@@ -699,7 +723,7 @@ impl<'a, B: Backend> Trainer<'a, B> {
             }
             self.times.eval += t0.elapsed().as_secs_f64();
         }
-        row.elapsed_s = start.elapsed().as_secs_f64();
+        row.elapsed_s = start.1 + start.0.elapsed().as_secs_f64();
         Ok(row)
     }
 
@@ -708,10 +732,9 @@ impl<'a, B: Backend> Trainer<'a, B> {
         let t0 = Instant::now();
         let be = self.backend;
         be.row_mean(&self.u, self.members, self.params, &mut self.weights)?;
-        let s = &self.workspaces[slot];
-        let mut out = be.zeros_f32(s.batch * CLASSES)?;
-        be.ensemble_forward(&self.net, &self.weights, 1, &s.x, s.batch, &mut out)?;
-        let logits = be.download_f32(&out)?;
+        let s = &mut self.workspaces[slot];
+        be.ensemble_forward(&self.net, &self.weights, 1, &s.x, s.batch, &mut s.logits)?;
+        let logits = be.download_f32(&s.logits)?;
         let (loss, correct) = metrics::score_logits(&logits, labels);
         self.times.train_score += t0.elapsed().as_secs_f64();
         Ok((loss, correct as f64 / labels.len().max(1) as f64))
