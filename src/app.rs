@@ -18,8 +18,8 @@ use std::path::{Path, PathBuf};
 pub trait BackendJob {
     /// What the job returns.
     type Output;
-    /// Runs the job on `backend`.
-    fn run<B: Backend>(self, backend: &B) -> Result<Self::Output>;
+    /// Runs the job on `backend`; `desc` says which backend was chosen and why.
+    fn run<B: Backend>(self, backend: &B, desc: &str) -> Result<Self::Output>;
     /// Checks, before any work, that the job fits on the GPU (device memory).
     fn check_cuda(&self, _backend: &crate::gpu::CudaBackend) -> Result<()> {
         Ok(())
@@ -62,9 +62,9 @@ pub fn dispatch<J: BackendJob>(
         BackendKind::Cuda => {
             let backend = crate::gpu::CudaBackend::new(0, math)?;
             job.check_cuda(&backend)?;
-            Ok((job.run(&backend)?, desc))
+            Ok((job.run(&backend, &desc)?, desc))
         }
-        _ => Ok((job.run(&CpuBackend { math })?, desc)),
+        _ => Ok((job.run(&CpuBackend { math }, &desc)?, desc)),
     }
 }
 
@@ -106,7 +106,6 @@ pub struct TrainSummary {
 struct TrainJob<'a> {
     cfg: &'a TrainConfig,
     data: &'a DataSplit,
-    backend_desc: &'a str,
     resume: Option<&'a Path>,
 }
 
@@ -115,7 +114,7 @@ impl BackendJob for TrainJob<'_> {
     fn check_cuda(&self, be: &crate::gpu::CudaBackend) -> Result<()> {
         be.check_train_fits(self.cfg, self.data.train.len(), self.data.test.len())
     }
-    fn run<B: Backend>(self, backend: &B) -> Result<Self::Output> {
+    fn run<B: Backend>(self, backend: &B, desc: &str) -> Result<Self::Output> {
         let cfg = self.cfg;
         let mut trainer = match self.resume {
             Some(path) => Trainer::resume(backend, cfg, self.data, path)?,
@@ -128,7 +127,7 @@ impl BackendJob for TrainJob<'_> {
             rows: trainer.rows(),
             adaptive_log: trainer.adaptive_log(),
         };
-        let mut out = RunOutput::create(cfg, start, self.data, &backend.name(), self.backend_desc)?;
+        let mut out = RunOutput::create(cfg, start, self.data, &backend.name(), desc)?;
         if let Some(dir) = &cfg.out {
             let writer = match self.resume {
                 Some(_) => StatsWriter::append(dir, cfg.hist_every)?,
@@ -168,11 +167,9 @@ pub fn train_command(cfg: &TrainConfig, resume: Option<&Path>) -> Result<TrainSu
         return gradient_command(cfg, &data);
     }
     install_interrupt_handler();
-    let (_, desc) = resolve_backend(cfg.backend)?;
     let job = TrainJob {
         cfg,
         data: &data,
-        backend_desc: &desc,
         resume,
     };
     let ((rows, times), backend) = dispatch(cfg.backend, cfg.math, job)?;
@@ -508,7 +505,7 @@ fn median(mut v: Vec<f64>) -> f64 {
 
 impl BackendJob for BenchJob<'_> {
     type Output = Vec<BenchRow>;
-    fn run<B: Backend>(self, be: &B) -> Result<Vec<BenchRow>> {
+    fn run<B: Backend>(self, be: &B, _desc: &str) -> Result<Vec<BenchRow>> {
         use rand::SeedableRng;
         let spec = self.0;
         let net = spec.net;

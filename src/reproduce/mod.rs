@@ -439,7 +439,7 @@ struct EnkfJob<'a> {
 
 impl BackendJob for EnkfJob<'_> {
     type Output = Vec<MetricsRow>;
-    fn run<B: Backend>(self, backend: &B) -> Result<Vec<MetricsRow>> {
+    fn run<B: Backend>(self, backend: &B, _desc: &str) -> Result<Vec<MetricsRow>> {
         let mut trainer = Trainer::new(backend, self.cfg, self.data)?;
         let mut obs = CsvObserver::create(self.dir)?;
         let rows = trainer.run(&mut obs)?;
