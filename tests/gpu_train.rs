@@ -9,7 +9,7 @@
 //! `ENKF_DATA_DIR`).
 
 mod common;
-use common::{gpu, limited, max_abs};
+use common::{assert_close_scaled as assert_close, gpu, limited, max_abs};
 
 use enkf_dnn::backend::{Backend, BackendKind, MathMode};
 use enkf_dnn::cpu::CpuBackend;
@@ -59,39 +59,6 @@ const CURVE_BOUND: f64 = 4.0;
 /// Both runs must have learned, so that agreement is not that of two failed runs (the
 /// CPU path reaches ~45 % after 300 iterations at J = 200 on 3000 images).
 const LEARNED_BOUND: f64 = 60.0;
-
-/// Asserts `|got − want| ≤ atol + rtol·|rel|` element-wise (`rel` gives the scale of the
-/// relative part), reporting the worst element; returns the worst ratio error/allowance.
-fn assert_close(what: &str, got: &[f64], want: &[f64], rel: &[f64], atol: f64, rtol: f64) -> f64 {
-    assert_eq!(got.len(), want.len(), "{what}: length");
-    assert_eq!(rel.len(), want.len(), "{what}: length of the scale");
-    let mut worst = (0usize, -1.0f64);
-    for (i, ((&g, &w), &r)) in got.iter().zip(want).zip(rel).enumerate() {
-        let allow = atol + rtol * r.abs();
-        let err = (g - w).abs();
-        let ratio = if allow > 0.0 {
-            err / allow
-        } else if err == 0.0 {
-            0.0
-        } else {
-            f64::INFINITY
-        };
-        if ratio.is_nan() || ratio > worst.1 {
-            worst = (i, ratio);
-        }
-    }
-    let i = worst.0;
-    assert!(
-        worst.1 <= 1.0,
-        "{what}: worst element {i}: got {}, want {}, |err| = {:e} > {:e} (atol {atol:e}, rtol {rtol:e})",
-        got[i],
-        want[i],
-        (got[i] - want[i]).abs(),
-        atol + rtol * rel[i].abs()
-    );
-    println!("{what}: worst error / allowance = {:.3}", worst.1);
-    worst.1
-}
 
 fn config(
     members: usize,

@@ -14,10 +14,25 @@ use std::sync::OnceLock;
 /// Asserts `|got − want| ≤ atol + rtol·|want|` element-wise, reporting the worst element;
 /// returns the worst ratio of error to allowance. A NaN anywhere fails.
 pub fn assert_close(what: &str, got: &[f64], want: &[f64], atol: f64, rtol: f64) -> f64 {
+    assert_close_scaled(what, got, want, want, atol, rtol)
+}
+
+/// Asserts `|got − want| ≤ atol + rtol·|scale|` element-wise (`scale` sets the size of
+/// the relative part per element), reporting the worst element; returns the worst ratio
+/// of error to allowance. A NaN anywhere fails.
+pub fn assert_close_scaled(
+    what: &str,
+    got: &[f64],
+    want: &[f64],
+    scale: &[f64],
+    atol: f64,
+    rtol: f64,
+) -> f64 {
     assert_eq!(got.len(), want.len(), "{what}: length");
+    assert_eq!(scale.len(), want.len(), "{what}: length of the scale");
     let mut worst = (0usize, -1.0f64);
-    for (i, (&g, &w)) in got.iter().zip(want).enumerate() {
-        let allow = atol + rtol * w.abs();
+    for (i, ((&g, &w), &r)) in got.iter().zip(want).zip(scale).enumerate() {
+        let allow = atol + rtol * r.abs();
         let err = (g - w).abs();
         let ratio = if allow > 0.0 {
             err / allow
@@ -40,7 +55,7 @@ pub fn assert_close(what: &str, got: &[f64], want: &[f64], atol: f64, rtol: f64)
         got[i],
         want[i],
         (got[i] - want[i]).abs(),
-        atol + rtol * want[i].abs()
+        atol + rtol * scale[i].abs()
     );
     println!("{what}: worst error / allowance = {:.3}", worst.1);
     worst.1
