@@ -8,6 +8,12 @@
 // cols of the EnKF matrices) is done in `long long`.
 #pragma once
 
+// The dynamic shared memory array of a kernel. The CPU emulation of the kernels
+// (tests/emu/cuda_emu.hpp) defines its own before including this file.
+#ifndef ENKF_DYNAMIC_SHARED
+#define ENKF_DYNAMIC_SHARED(type, name) extern __shared__ type name[]
+#endif
+
 // Activation codes, equal to `Activation::code()` in src/model/mod.rs.
 #define ENKF_ACT_LOGISTIC 0
 #define ENKF_ACT_RELU 1

@@ -40,7 +40,7 @@
 extern "C" __global__ void __launch_bounds__(256, 2) ensemble_forward_f32(
     const float* __restrict__ weights, const float* __restrict__ x, float* __restrict__ out,
     int members, int images, int n_params, int arch, int act, int images_per_block) {
-    extern __shared__ float4 fwd_smem4[];
+    ENKF_DYNAMIC_SHARED(float4, fwd_smem4);
     float* smem = reinterpret_cast<float*>(fwd_smem4);
     const int warps = blockDim.x >> 5;
     const int warp = threadIdx.x >> 5;

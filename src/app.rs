@@ -284,19 +284,21 @@ impl RunOutput {
                 }
                 w.flush().map_err(|e| Error::io(&path, e))?;
                 let adaptive = if cfg.adaptation == crate::train::Adaptation::Adaptive {
-                    let mut a = csv::Writer::from_path(dir.join("adaptive.csv"))?;
+                    // The header is written here, so that a run without any decision
+                    // still has one; rows never write it (has_headers(false)).
+                    let mut a = csv::WriterBuilder::new()
+                        .has_headers(false)
+                        .from_path(dir.join("adaptive.csv"))?;
+                    a.write_record([
+                        "iteration",
+                        "previous_error",
+                        "error",
+                        "members",
+                        "repetitions",
+                        "remaining_iterations",
+                    ])?;
                     for row in start.adaptive_log {
                         a.serialize(row)?;
-                    }
-                    if start.adaptive_log.is_empty() {
-                        a.write_record([
-                            "iteration",
-                            "previous_error",
-                            "error",
-                            "members",
-                            "repetitions",
-                            "remaining_iterations",
-                        ])?;
                     }
                     a.flush()
                         .map_err(|e| Error::io(dir.join("adaptive.csv"), e))?;

@@ -2,152 +2,34 @@
 //! (`gpu::backprop` vs `cpu::backprop`, `GpuOptimizer` vs `Sgd`/`Adam`), and a short
 //! GPU gradient run against the CPU run. GPU tests skip with a printed reason when no
 //! usable GPU is present (the probe fails) and fail instead when `REQUIRE_GPU=1`.
+
 //!
-//! Inputs are quantized so that the comparison is not at the mercy of ties: pixels are
-//! multiples of 1/16, conv1 weights multiples of 1/64 in [−1/4, 1/4] and conv2 weights
-//! multiples of 1/64 in [−1/2, 1/2]. Then conv1's pre-activations are exact in f32 on
-//! both sides whatever the summation order (products are multiples of 2^−10, partial sums
-//! stay far below 2^14), and with ReLU so are conv2's (multiples of 2^−16, partial sums
-//! below 2^8; the CPU test checks it against f64): the two sides see the very same
-//! max-pool ties and ReLU kinks. With the smooth activations the pool inputs differ in
-//! the last bits, so [`twin_case`] takes the first seed whose inputs have no near tie (a
-//! gap below [`TIE_GAP`]) in any pool window, which such bits could flip.
+//! Inputs and tolerances are those of `tests/common/twins.rs`.
 
 mod common;
+use common::twins::{
+    case_inputs, compare_cache, nets, twin_case, ACT_TOL, B, GRAD_TOL, LOGIT_TOL, TIE_GAP,
+};
 use common::{assert_close, gpu, max_abs, up};
 
 use enkf_dnn::backend::{Backend, MathMode};
-use enkf_dnn::cpu::backprop::{backprop, ForwardCache};
+use enkf_dnn::cpu::backprop::backprop;
 use enkf_dnn::data::{default_mnist_dir, load_dir, DataSplit};
 use enkf_dnn::gpu::backprop::{self as gbp, GpuOptimizer};
 use enkf_dnn::gpu::CudaBackend;
-use enkf_dnn::model::{Activation, Arch, Net, C1, C2, CLASSES, H1, H2, IMG_PIXELS};
+use enkf_dnn::model::{Activation, Arch, Net};
 use enkf_dnn::train::gradient::{GradConfig, GradDevice, GradientTrainer};
 use enkf_dnn::train::optim::{Adam, GradOptimizer, Optimizer, Sgd};
 use enkf_dnn::train::stats::StatsWriter;
-use rand::{Rng, SeedableRng};
+use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use rand_distr::{Distribution, StandardNormal};
-
-/// Images per test batch (few, so that seeds without near ties are common).
-const B: usize = 8;
-
-/// Near ties: a window's maximum y₀ and runner-up y₁ (unless exactly equal) must differ by
-/// at least `TIE_GAP · act'(y₀) + TIE_ULPS`. The pool inputs of the two sides differ by
-/// act'·Δz + a few ulp of the activation, where Δz, the pre-activation difference, is
-/// about twice the CPU's f32-vs-f64 error at most (the CPU test bounds that error by
-/// TIE_GAP / 10; measured ≤ 1.2e-6), so a window cannot pick another arg-max on the GPU.
-/// Scaling by act' matters near saturation, where many values crowd below 1.
-const TIE_GAP: f32 = 3e-5;
-/// The activation-rounding part of the near-tie gap: expf/tanhf and the division differ
-/// by ≤ 2 ulp (≤ 2.4e-7 below 1); 1e-6 is 4× that.
-const TIE_ULPS: f32 = 1e-6;
-
-/// Activations and probabilities: conv1 pre-activations are exact on both sides, then
-/// expf/tanhf differ by ≤ 2 ulp; conv2 sums 250 products of those in another order. The
-/// CPU test measures the f32-vs-f64 error of a1, a2 (≤ 1.2e-6, bounded there by
-/// ACT_TOL / 10); the GPU differs from the CPU by at most about twice that. 3e-5 absolute
-/// plus 3e-5 relative leaves ≥ 10×; a wrong index or activation moves values by O(0.1).
-const ACT_TOL: f64 = 3e-5;
-
-/// Logits and loss: fc1 sums 1280 products (different order and FMA on the GPU), each
-/// ~1e-7 relative to the sum of |terms|; 1e-4 of the largest |logit| absolute plus 1e-5
-/// relative (loss) leaves ≥ 10× margin over the measured f32-vs-f64 error.
-const LOGIT_TOL: f64 = 1e-4;
-
-/// Weight gradients per tensor: sums over B images of up to 576 positions (conv1) after
-/// backward sums of up to 500 terms, in a different order (and with FMA) on the GPU than
-/// on the CPU. Both sides are within ~1e-6·max|g| of the f64 gradient on these inputs
-/// (printed by the CPU test), so they differ by at most twice that; allowed:
-/// 1e-4·max|g| of the tensor absolute plus 1e-4 relative, ≥ 10× margin. A wrong index,
-/// a missing activation derivative or a wrong pool arg-max moves elements by O(max|g|).
-const GRAD_TOL: f64 = 1e-4;
 
 /// Short GPU vs CPU training runs: the trajectories differ only by the rounding of the
 /// gradients (≲ 1e-5 relative) propagated through 4 steps; the train loss of each row
 /// must agree to 1e-3 relative, ≥ 100× the expected difference, while one wrong step
 /// (a sign, a missing momentum term) changes it by ≥ 1e-2.
 const RUN_TOL: f64 = 1e-3;
-
-/// Seeded quantized inputs (see the module docs): weights P, images B × 784, labels B.
-fn case_inputs(net: &Net, seed: u64) -> (Vec<f32>, Vec<f32>, Vec<u8>) {
-    let mut rng = ChaCha8Rng::seed_from_u64(seed);
-    let mut w = vec![0.0f32; net.n_params()];
-    for (i, v) in w.iter_mut().enumerate() {
-        *v = if i < Net::CONV2_OFFSET {
-            rng.random_range(-16i32..=16) as f32 / 64.0
-        } else if i < Net::FC_OFFSET {
-            rng.random_range(-32i32..=32) as f32 / 64.0
-        } else {
-            let z: f64 = StandardNormal.sample(&mut rng);
-            (0.1 * z) as f32
-        };
-    }
-    let x: Vec<f32> = (0..B * IMG_PIXELS)
-        .map(|_| rng.random_range(0..=16u8) as f32 / 16.0)
-        .collect();
-    let labels: Vec<u8> = (0..B).map(|_| rng.random_range(0..CLASSES as u8)).collect();
-    (w, x, labels)
-}
-
-/// Number of 2×2 windows over the `c × h × w` planes of `images` images in `a` whose
-/// maximum and runner-up are a near tie (see [`TIE_GAP`]) for activation `act`. ReLU
-/// inputs are exact on both sides (the CPU test checks it), so they have none.
-fn near_ties(act: Activation, a: &[f32], images: usize, c: usize, h: usize, w: usize) -> usize {
-    if act == Activation::Relu {
-        return 0;
-    }
-    let mut n = 0;
-    for plane in a[..images * c * h * w].chunks_exact(h * w) {
-        for y in (0..h).step_by(2) {
-            for x in (0..w).step_by(2) {
-                let mut v = [
-                    plane[y * w + x],
-                    plane[y * w + x + 1],
-                    plane[(y + 1) * w + x],
-                    plane[(y + 1) * w + x + 1],
-                ];
-                v.sort_by(|a, b| b.total_cmp(a));
-                let g = v[0] - v[1];
-                let slope = act.derivative_from_output(v[0]);
-                if g > 0.0 && g < TIE_GAP * slope + TIE_ULPS {
-                    n += 1;
-                }
-            }
-        }
-    }
-    n
-}
-
-fn nets() -> Vec<Net> {
-    let mut v = Vec::new();
-    for arch in [Arch::Paper, Arch::Pooled] {
-        for act in [Activation::Logistic, Activation::Relu, Activation::Tanh] {
-            v.push(Net::new(arch, act));
-        }
-    }
-    v
-}
-
-/// The inputs of case `i` (network `net`): those of the first seed from 1000·i on whose
-/// CPU f32 forward pass has no near tie in any pool window (see [`TIE_GAP`]).
-fn twin_case(net: &Net, i: usize) -> (Vec<f32>, Vec<f32>, Vec<u8>) {
-    let mut fewest = usize::MAX;
-    for seed in 1000 * i as u64..1000 * i as u64 + 200 {
-        let (w, x, labels) = case_inputs(net, seed);
-        let f = backprop(net, &w, &x, &labels).expect("f32 backprop");
-        let mut ties = near_ties(net.act, &f.cache.a1, B, C1, H1, H1);
-        if net.arch == Arch::Pooled {
-            ties += near_ties(net.act, &f.cache.a2, B, C2, H2, H2);
-        }
-        if ties == 0 {
-            println!("{net:?}: seed {seed}");
-            return (w, x, labels);
-        }
-        fewest = fewest.min(ties);
-    }
-    panic!("{net:?}: every seed among 200 has ≥ {fewest} near ties; lower B or TIE_GAP");
-}
 
 /// CPU only (runs everywhere): the seeded inputs of the GPU twins have no near ties in
 /// any pool window, and the CPU f32 gradient is within a small fraction of GRAD_TOL of
@@ -215,29 +97,6 @@ fn twin_inputs_have_no_near_ties_and_small_f32_error() {
             );
         }
     }
-}
-
-fn compare_cache(what: &str, got: &ForwardCache<f32>, want: &ForwardCache<f32>) {
-    assert_eq!(got.images, want.images, "{what}: images");
-    assert_eq!(got.arg1, want.arg1, "{what}: pool1 arg-max");
-    assert_eq!(got.arg2, want.arg2, "{what}: pool2 arg-max");
-    for (name, g, w) in [
-        ("a1", &got.a1, &want.a1),
-        ("p1", &got.p1, &want.p1),
-        ("a2", &got.a2, &want.a2),
-        ("p2", &got.p2, &want.p2),
-        ("probs", &got.probs, &want.probs),
-    ] {
-        assert_close(&format!("{what} {name}"), &up(g), &up(w), ACT_TOL, ACT_TOL);
-    }
-    let wl = up(&want.logits);
-    assert_close(
-        &format!("{what} logits"),
-        &up(&got.logits),
-        &wl,
-        LOGIT_TOL * max_abs(&wl),
-        LOGIT_TOL,
-    );
 }
 
 #[test]

@@ -3,6 +3,7 @@
 //! fails); fails instead when `REQUIRE_GPU=1`.
 
 mod common;
+use common::twins::{block_spd, normals, normals32, EPS32, EPS64, FORWARD_TOL, SOLVE_TOL};
 use common::{assert_close, gpu, max_abs, up};
 
 use enkf_dnn::backend::{Backend, MathMode, Trans};
@@ -14,43 +15,12 @@ use enkf_dnn::model::{Activation, Arch, Net, CLASSES, IMG_PIXELS};
 use enkf_dnn::Error;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
-use rand_distr::{Distribution, StandardNormal};
-
-const EPS32: f64 = f32::EPSILON as f64;
-const EPS64: f64 = f64::EPSILON;
-
-/// Forward pass: both sides are f32 with the same layer order but different summation
-/// order (conv2 sums 250 terms, fc1 1280) and different expf/tanhf (≤ 2 ulp each). Each
-/// layer then differs by ~1e-6 relative to the sum of |terms|, which exceeds the logit
-/// itself by cancellation (up to ~50× with N(0, 1) weights). 1e-4 of the largest logit
-/// absolute, plus 1e-4 relative, leaves a margin of about 2 orders of magnitude.
-const FORWARD_TOL: f64 = 1e-4;
-
-/// f64 solves of well-conditioned (cond ≲ 10) systems of size ≤ 200: the error is about
-/// n·eps64·cond relative to the solution's size, ≤ 2e-12; 1e-11 leaves 5× margin.
-const SOLVE_TOL: f64 = 1e-11;
 
 /// Full EnKF update: both backends compute the same f64 gain and differ only in the f32
 /// summation order of the two large products (≤ max(J, m) = 64 terms: ~4e-6 relative to
 /// the sum of |terms|, which cancellation can make 100× larger than |ΔU|), plus the final
 /// f32 rounding of U. Tolerance: 1e-3·max|ΔU| absolute, 2·eps32 relative to |U|.
 const UPDATE_TOL: f64 = 1e-3;
-
-fn normals(rng: &mut ChaCha8Rng, n: usize, scale: f64) -> Vec<f64> {
-    (0..n)
-        .map(|_| {
-            let z: f64 = StandardNormal.sample(rng);
-            scale * z
-        })
-        .collect()
-}
-
-fn normals32(rng: &mut ChaCha8Rng, n: usize, scale: f64) -> Vec<f32> {
-    normals(rng, n, scale)
-        .into_iter()
-        .map(|v| v as f32)
-        .collect()
-}
 
 fn upload64(be: &CudaBackend, host: &[f64]) -> <CudaBackend as Backend>::F64 {
     be.stream().clone_htod(host).expect("upload f64")
@@ -261,23 +231,6 @@ fn gemm_matches_cpu_for_all_transposes() {
             }
         }
     }
-}
-
-/// An n × n matrix (n = blocks·bs) whose diagonal blocks are SPD (M Mᵀ/bs + I, so
-/// eigenvalues in [1, ~5]) and whose off-block entries are garbage the solve must ignore.
-fn block_spd(rng: &mut ChaCha8Rng, blocks: usize, bs: usize) -> Vec<f64> {
-    let n = blocks * bs;
-    let mut a = normals(rng, n * n, 100.0);
-    for d in 0..blocks {
-        let mm = normals(rng, bs * bs, 1.0);
-        for i in 0..bs {
-            for j in 0..bs {
-                let s: f64 = (0..bs).map(|l| mm[i * bs + l] * mm[j * bs + l]).sum();
-                a[(d * bs + i) * n + d * bs + j] = s / bs as f64 + if i == j { 1.0 } else { 0.0 };
-            }
-        }
-    }
-    a
 }
 
 fn cholesky_case(be: &CudaBackend, blocks: usize, bs: usize, nrhs: usize, seed: u64) {

@@ -12,19 +12,15 @@
 //! `tests/gpu_backprop.rs` for the tolerances. The optimizer steps round exactly as the
 //! CPU twins do and are bit-identical to them.
 
-use cudarc::driver::{CudaSlice, DeviceRepr, LaunchConfig, PushKernelArg, ValidAsZeroBits};
+use cudarc::driver::{CudaSlice, DeviceRepr, PushKernelArg, ValidAsZeroBits};
 
+use super::geometry::{elementwise_launch, per_image_launch};
 use super::{cuda_err, to_i32, CudaBackend};
 use crate::backend::check_len;
 use crate::cpu::backprop::ForwardCache;
 use crate::model::{Arch, Net, C1, C2, CLASSES, H1, H2, IMG_PIXELS, P1};
-use crate::train::optim::{Adam, GradOptimizer};
+use crate::train::optim::{Adam, AdamScalars, GradOptimizer};
 use crate::{Error, Result};
-
-/// Threads per block of the per-image kernels (`BP_THREADS` in `kernels/backprop.cu`).
-const BP_THREADS: u32 = 256;
-/// Threads per block of the element-wise kernels (reduction, optimizer steps).
-const EW_THREADS: u32 = 256;
 
 /// Forward intermediates of one network over `images` images, on the device: the twin
 /// of [`ForwardCache`] with the same fields and layouts (image-major).
@@ -163,31 +159,6 @@ pub struct GpuBackprop {
     pub cache: GpuForwardCache,
 }
 
-/// One block per image, [`BP_THREADS`] threads (the per-image kernels).
-fn per_image_cfg(images: usize) -> LaunchConfig {
-    LaunchConfig {
-        grid_dim: (images as u32, 1, 1),
-        block_dim: (BP_THREADS, 1, 1),
-        shared_mem_bytes: 0,
-    }
-}
-
-/// One thread per element of `n` (n ≤ i32::MAX, checked by the callers).
-fn elementwise_cfg(n: usize) -> LaunchConfig {
-    LaunchConfig {
-        grid_dim: (n.div_ceil(EW_THREADS as usize).max(1) as u32, 1, 1),
-        block_dim: (EW_THREADS, 1, 1),
-        shared_mem_bytes: 0,
-    }
-}
-
-fn arch_code(net: &Net) -> i32 {
-    match net.arch {
-        Arch::Paper => 0,
-        Arch::Pooled => 1,
-    }
-}
-
 /// Forward pass of one network (`weights`: P) over `images` images (`x`: images × 784),
 /// keeping every intermediate: the twin of [`crate::cpu::backprop::forward_cached`].
 ///
@@ -231,7 +202,7 @@ fn forward_into(
     // Element offsets of the cache (images × 5760 the largest) and of x must fit the
     // kernel's long long index; the block count must fit an int.
     let images_i = to_i32("gpu forward_cached images", images)?;
-    let (arch, act) = (arch_code(net), net.act.code());
+    let (arch, act) = (net.arch.code(), net.act.code());
     let f = be.kernels().get("backprop_forward_f32")?;
     let mut launch = be.stream().launch_builder(f);
     launch
@@ -252,7 +223,7 @@ fn forward_into(
     // 10 × fc_in fc1 weights of `net`, P in all), x = images·784, and cache.check every
     // cache buffer at its per-image size × images; block d < images touches image d only;
     // p2 and arg2 are written only for Arch::Pooled, where they hold images·320 elements.
-    unsafe { launch.launch(per_image_cfg(images)) }
+    unsafe { launch.launch(per_image_launch(images)) }
         .map(|_| ())
         .map_err(cuda_err("launching backprop_forward_f32"))
 }
@@ -296,7 +267,7 @@ pub fn backprop(
     }
     let images_i = to_i32("gpu backprop images", images)?;
     let p_i = to_i32("gpu backprop P", p)?;
-    let (arch, act) = (arch_code(net), net.act.code());
+    let (arch, act) = (net.arch.code(), net.act.code());
     // The CPU twin's scale: 1/B computed in the gradient's type.
     let scale = 1.0f32 / images as f32;
 
@@ -324,7 +295,7 @@ pub fn backprop(
         .arg(&mut dlogits);
     // SAFETY: logits, probs (checked by forward_into) and dlogits hold images·10, labels,
     // loss and correct `images` elements; thread d < images touches row d only.
-    unsafe { launch.launch(elementwise_cfg(images)) }
+    unsafe { launch.launch(elementwise_launch(images)) }
         .map_err(cuda_err("launching softmax_xent_backward_f32"))?;
 
     let gimg_len = images.checked_mul(p).ok_or_else(|| Error::Shape {
@@ -354,7 +325,7 @@ pub fn backprop(
     // per-image sizes × images (forward_into), dlogits = images·10 and gimg = images·P
     // (allocated so); block d < images reads image d and writes row d of gimg only; p2
     // and arg2 are read only for Arch::Pooled.
-    unsafe { launch.launch(per_image_cfg(images)) }
+    unsafe { launch.launch(per_image_launch(images)) }
         .map_err(cuda_err("launching backprop_backward_f32"))?;
 
     let mut grad = zeros::<f32>(be, p)?;
@@ -362,7 +333,8 @@ pub fn backprop(
     let mut launch = be.stream().launch_builder(f);
     launch.arg(&gimg).arg(&images_i).arg(&p_i).arg(&mut grad);
     // SAFETY: gimg holds images·P elements and grad P; thread i < P reads column i only.
-    unsafe { launch.launch(elementwise_cfg(p)) }.map_err(cuda_err("launching grad_reduce_f32"))?;
+    unsafe { launch.launch(elementwise_launch(p)) }
+        .map_err(cuda_err("launching grad_reduce_f32"))?;
 
     let losses = download(be, &loss)?;
     let hits = download(be, &correct)?;
@@ -457,6 +429,18 @@ impl GpuOptimizer {
 }
 
 /// Launches `sgd_step_f32` (see [`crate::train::optim::Sgd::step`]).
+/// The `mode` argument of `sgd_step_f32`: 0 plain SGD (momentum 0), 1 first momentum
+/// step (the buffer starts as the gradient, as PyTorch), 2 later momentum steps.
+pub fn sgd_mode(momentum: f32, has_buffer: bool) -> i32 {
+    if momentum == 0.0 {
+        0
+    } else if has_buffer {
+        2
+    } else {
+        1
+    }
+}
+
 fn sgd_step(
     be: &CudaBackend,
     s: &mut SgdState,
@@ -470,13 +454,7 @@ fn sgd_step(
         return Ok(());
     }
     // mode 0: no momentum (buffer unused); 1: first step (buffer = grad); 2: later.
-    let mode: i32 = if s.momentum == 0.0 {
-        0
-    } else if s.buf.is_none() {
-        1
-    } else {
-        2
-    };
+    let mode = sgd_mode(s.momentum, s.buf.is_some());
     if let Some(b) = &s.buf {
         check_len("gpu Sgd::step momentum buffer", b.len(), n)?;
     }
@@ -498,7 +476,7 @@ fn sgd_step(
     // SAFETY: params and grad hold n elements (checked); buf holds n elements whenever
     // mode ≠ 0 (checked, or allocated with n in mode 1; in mode 0 the kernel never
     // touches it); thread i < n touches element i only.
-    let res = unsafe { launch.launch(elementwise_cfg(n)) };
+    let res = unsafe { launch.launch(elementwise_launch(n)) };
     if mode != 0 {
         s.buf = Some(buf);
     }
@@ -534,16 +512,15 @@ fn adam_step(
         Some(v) => v,
         None => zeros::<f32>(be, n)?,
     };
-    let h = &mut a.host;
-    h.t += 1;
-    let t = i32::try_from(h.t).unwrap_or(i32::MAX);
-    let bc1 = 1.0 - h.beta1.powi(t);
-    let bc2_sqrt = ((1.0 - h.beta2.powi(t)).sqrt()) as f32;
-    let step_size = (h.lr / bc1) as f32;
-    let w1 = (1.0 - h.beta1) as f32;
-    let b2 = h.beta2 as f32;
-    let w2 = (1.0 - h.beta2) as f32;
-    let eps = h.eps as f32;
+    a.host.t += 1;
+    let AdamScalars {
+        step_size,
+        bc2_sqrt,
+        w1,
+        b2,
+        w2,
+        eps,
+    } = a.host.scalars();
     if n == 0 {
         a.m = Some(m);
         a.v = Some(v);
@@ -565,21 +542,8 @@ fn adam_step(
         .arg(&eps);
     // SAFETY: params, grad, m and v hold n elements (checked); thread i < n touches
     // element i only.
-    let res = unsafe { launch.launch(elementwise_cfg(n)) };
+    let res = unsafe { launch.launch(elementwise_launch(n)) };
     a.m = Some(m);
     a.v = Some(v);
     res.map(|_| ()).map_err(cuda_err("launching adam_step_f32"))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn launch_geometry_covers_every_element() {
-        assert_eq!(elementwise_cfg(18_050).grid_dim.0, 71);
-        assert_eq!(elementwise_cfg(1).grid_dim.0, 1);
-        assert_eq!(per_image_cfg(64).grid_dim.0, 64);
-        assert_eq!(per_image_cfg(64).block_dim.0, BP_THREADS);
-    }
 }

@@ -11,17 +11,19 @@ use cudarc::cublas::sys::{
 };
 use cudarc::cublas::{CudaBlas, Gemm, GemmConfig};
 use cudarc::cusolver::{sys as sol, DnHandle};
-use cudarc::driver::{CudaSlice, DevicePtr, DevicePtrMut, LaunchConfig, PushKernelArg};
+use cudarc::driver::{CudaSlice, DevicePtr, DevicePtrMut, PushKernelArg};
 
-use super::{cuda_err, grid_1d, to_i32, CudaBackend};
+use super::geometry::{
+    add_diagonal_launch, elementwise_stride_launch, small_cholesky_launch, CHOL_MAX_ROW_GROUPS,
+    CHOL_THREADS,
+};
+use super::{cuda_err, to_i32, CudaBackend};
 use crate::backend::{check_len, MathMode, Trans};
 use crate::error::LinalgError;
 use crate::{Error, Result};
 
 /// Largest block size handled by `block_cholesky_solve_small_f64` (its shared tile).
 pub const SMALL_BLOCK_MAX: usize = 32;
-/// Threads per block of the small Cholesky kernel: one rhs row each.
-const CHOL_THREADS: u32 = 128;
 
 /// Sets the cuBLAS math mode: TF32 tensor cores for SGEMM under [`MathMode::Tf32`], the
 /// default (strict FP32; DGEMM is unaffected either way) under [`MathMode::Fp32`].
@@ -130,7 +132,7 @@ pub fn add_diagonal_f64(
     let mut launch = be.stream().launch_builder(f);
     launch.arg(a).arg(&n_i).arg(&shift);
     // SAFETY: check_len proved a = n² elements; thread i < n writes a[i·n + i] only.
-    unsafe { launch.launch(grid_1d(n, 256, u32::MAX >> 1)) }
+    unsafe { launch.launch(add_diagonal_launch(n)) }
         .map(|_| ())
         .map_err(cuda_err("launching add_diagonal_f64"))
 }
@@ -157,7 +159,7 @@ pub fn unit_block_lower_f64(
     let mut launch = be.stream().launch_builder(f);
     launch.arg(a).arg(&n_i).arg(&bs_i);
     // SAFETY: check_len proved a = n² elements; the grid-stride loop stops at n².
-    unsafe { launch.launch(grid_1d(n * n, 256, 1 << 16)) }
+    unsafe { launch.launch(elementwise_stride_launch(n * n)) }
         .map(|_| ())
         .map_err(cuda_err("launching unit_block_lower_f64"))
 }
@@ -206,14 +208,13 @@ fn small_blocks(
     rhs: &mut CudaSlice<f64>,
     nrhs: i32,
 ) -> Result<()> {
-    let row_groups = (nrhs as u32).div_ceil(CHOL_THREADS).max(1);
-    if row_groups > 65_535 {
-        return Err(Error::Config(format!(
+    let cfg = small_cholesky_launch(blocks, nrhs as usize).ok_or_else(|| {
+        Error::Config(format!(
             "block_cholesky_solve_f64: {nrhs} right-hand sides exceed the kernel's grid \
              (at most {})",
-            65_535 * CHOL_THREADS
-        )));
-    }
+            CHOL_MAX_ROW_GROUPS * CHOL_THREADS
+        ))
+    })?;
     let stream = be.stream();
     let mut info = stream
         .alloc_zeros::<i32>(blocks)
@@ -231,11 +232,6 @@ fn small_blocks(
         .arg(&nrhs)
         .arg(&mut info)
         .arg(&mut bad);
-    let cfg = LaunchConfig {
-        grid_dim: (blocks as u32, row_groups, 1),
-        block_dim: (CHOL_THREADS, 1, 1),
-        shared_mem_bytes: 0,
-    };
     // SAFETY: the caller checked a = n² and rhs = nrhs·n elements with n = blocks·bs and
     // bs ≤ 32 (the kernel's shared tile); info and bad were allocated with `blocks`
     // entries, one per grid column; rows ≥ nrhs are skipped by the kernel.

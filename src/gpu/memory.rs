@@ -18,10 +18,14 @@
 //! - a reserve for what is not ours to count: cuBLAS and cuSOLVER workspaces (cuSOLVER's
 //!   potrf on m × m is a few MB, cuBLAS keeps up to 32 MiB per handle on Hopper), the
 //!   loaded kernel modules, and the driver's 2 MiB allocation granularity.
+//!
+//! Under Algorithm 1 (`--adaptation adaptive`) J moves during the run, so the check is
+//! made at the largest J it can reach, max(J, b_u), plus the peak of a resize: the new
+//! ensemble is built while the old one is still alive (see [`resize_bytes`]).
 
 use crate::enkf::ApplyOrder;
 use crate::model::{CLASSES, IMG_PIXELS};
-use crate::train::{EvalMode, TrainConfig};
+use crate::train::{Adaptation, EvalMode, TrainConfig};
 use crate::{Error, Result};
 
 use super::{cuda_err, CudaBackend};
@@ -36,7 +40,7 @@ const ENSEMBLE_EVAL_CHUNK: u64 = 16 << 20;
 /// The sizes that decide a training run's device memory.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TrainShape {
-    /// Ensemble size J.
+    /// Ensemble size J: the largest the run can reach (max(J, b_u) under Algorithm 1).
     pub members: usize,
     /// Weights per member P.
     pub params: usize,
@@ -53,20 +57,29 @@ pub struct TrainShape {
 impl TrainShape {
     /// The shape of a run of `cfg` on `n_train` training and `n_test` test images (after
     /// any limits). The tail mini-batch (n_train mod B images) is counted only when the
-    /// run's iterations reach it.
+    /// run's iterations reach it. Under Algorithm 1 the members are the largest J the run
+    /// can reach, max(J, b_u), and the tail is counted when r = 1 would reach it (r may
+    /// shrink to 1, and a run capped by `iterations` then sees more mini-batches).
     pub fn of(cfg: &TrainConfig, n_train: usize, n_test: usize) -> TrainShape {
+        let adaptive = cfg.adaptation == Adaptation::Adaptive;
         let full = cfg.batch.min(n_train).max(1);
         let mut batches = vec![full];
         let tail = n_train % cfg.batch;
         let n_batches = n_train.div_ceil(cfg.batch);
+        let fewest_repetitions = if adaptive { 1 } else { cfg.repetitions };
         if n_train > cfg.batch
             && tail != 0
-            && cfg.total_iterations(n_train) > (n_batches - 1) * cfg.repetitions
+            && cfg.total_iterations(n_train) > (n_batches - 1) * fewest_repetitions
         {
             batches.push(tail);
         }
+        let members = if adaptive {
+            cfg.members.max(cfg.adapt_max_members)
+        } else {
+            cfg.members
+        };
         TrainShape {
-            members: cfg.members,
+            members,
             params: cfg.net().n_params(),
             batches,
             test_images: n_test,
@@ -154,12 +167,39 @@ pub fn estimate(shape: &TrainShape) -> MemoryEstimate {
     }
 }
 
+/// Extra bytes while Algorithm 1 resizes the ensemble of `shape` (J = `shape.members`,
+/// the largest size it reaches): `resize::add_members` builds the new J × P ensemble from
+/// the old (J − v) × P one and v fresh rows, all alive at once, and `drop_members` the
+/// new (J − v) × P beside the old J × P; either way at most one more J × P f32 than the
+/// steady state counted by [`estimate`].
+pub fn resize_bytes(shape: &TrainShape) -> u64 {
+    4 * shape.members as u64 * shape.params as u64
+}
+
+/// Peak device bytes of a run of `shape`: [`estimate`], plus [`resize_bytes`] when the
+/// ensemble is resized during the run (`adaptive`, Algorithm 1).
+pub fn peak_bytes(shape: &TrainShape, adaptive: bool) -> u64 {
+    let resize = if adaptive { resize_bytes(shape) } else { 0 };
+    estimate(shape).total() + resize
+}
+
 /// The largest ensemble size J ≥ 2 whose [`estimate`] fits in `free_bytes`, or None when
 /// not even J = 2 fits. Bisection over J: the estimate grows with J except for a small
 /// drop where the apply phase switches from member to parameter order (J ≈ 1200 for the
 /// paper's net), which only matters on a device with less than ~0.5 GB free.
 pub fn largest_members(shape: &TrainShape, free_bytes: u64) -> Option<usize> {
-    let fits = |j: usize| estimate(&shape.with_members(j)).total() <= free_bytes;
+    largest_fitting(shape, free_bytes, false)
+}
+
+/// The largest J ≥ 2 that Algorithm 1 may grow the ensemble of `shape` to (its
+/// [`peak_bytes`] with a resize fits in `free_bytes`), or None when not even 2 fits.
+/// Bisection as in [`largest_members`].
+pub fn largest_adaptive_members(shape: &TrainShape, free_bytes: u64) -> Option<usize> {
+    largest_fitting(shape, free_bytes, true)
+}
+
+fn largest_fitting(shape: &TrainShape, free_bytes: u64, adaptive: bool) -> Option<usize> {
+    let fits = |j: usize| peak_bytes(&shape.with_members(j), adaptive) <= free_bytes;
     if !fits(2) {
         return None;
     }
@@ -208,6 +248,69 @@ pub fn too_large(shape: &TrainShape, free: u64, total: u64) -> Error {
     ))
 }
 
+/// The error for a run under Algorithm 1 whose largest ensemble, `shape.members` =
+/// max(J, b_u) with J = `initial_members`, needs more than `free` of `total` bytes at the
+/// peak of a resize; it names the parts and the largest upper bound b_u that fits.
+pub fn adaptive_too_large(
+    shape: &TrainShape,
+    initial_members: usize,
+    free: u64,
+    total: u64,
+) -> Error {
+    let e = estimate(shape);
+    let advice = match largest_adaptive_members(shape, free) {
+        Some(j) if initial_members > j => format!(
+            "the largest ensemble Algorithm 1 may reach is J = {j} \
+             (--adapt-max-members {j} and --members at most {j})"
+        ),
+        Some(j) => {
+            format!("the largest upper bound that fits is b_u = {j} (--adapt-max-members {j})")
+        }
+        None => "not even J = 2 fits; free GPU memory (other processes) first".to_string(),
+    };
+    Error::Cuda(format!(
+        "the adaptive schedule (Algorithm 1) may grow the ensemble to its upper bound \
+         J = {} members (the larger of --members {initial_members} and --adapt-max-members), \
+         which needs about {:.2} GiB of device memory at the peak of a resize (ensemble U \
+         {:.2} GiB and the resize's second copy {:.2} GiB, EnKF workspaces {:.2} GiB, test set \
+         and evaluation {:.2} GiB, library reserve {:.2} GiB) but only {:.2} GiB of {:.2} GiB \
+         are free: {advice}",
+        shape.members,
+        gib(peak_bytes(shape, true)),
+        gib(e.ensemble),
+        gib(resize_bytes(shape)),
+        gib(e.workspaces),
+        gib(e.evaluation),
+        gib(e.reserve),
+        gib(free),
+        gib(total)
+    ))
+}
+
+/// Whether a run of `cfg` on `n_train` training and `n_test` test images fits in `free` of
+/// `total` device bytes: the [`estimate`] of its J, or under Algorithm 1 the
+/// [`peak_bytes`] of the largest J it can reach, max(J, b_u).
+///
+/// Errors: [`Error::Cuda`] from [`too_large`] (fixed J) or [`adaptive_too_large`]
+/// (the adaptive upper bound does not fit).
+pub fn train_fits(
+    cfg: &TrainConfig,
+    n_train: usize,
+    n_test: usize,
+    free: u64,
+    total: u64,
+) -> Result<()> {
+    let shape = TrainShape::of(cfg, n_train, n_test);
+    let adaptive = cfg.adaptation == Adaptation::Adaptive;
+    if peak_bytes(&shape, adaptive) <= free {
+        Ok(())
+    } else if adaptive {
+        Err(adaptive_too_large(&shape, cfg.members, free, total))
+    } else {
+        Err(too_large(&shape, free, total))
+    }
+}
+
 impl CudaBackend {
     /// Free and total device memory in bytes (`cuMemGetInfo`).
     ///
@@ -233,12 +336,14 @@ impl CudaBackend {
         }
     }
 
-    /// [`CudaBackend::check_fits`] for a run of `cfg` on `n_train` training and `n_test`
-    /// test images (after limits). Call before `Trainer::new`.
+    /// Checks that a run of `cfg` on `n_train` training and `n_test` test images (after
+    /// limits) fits in the device's free memory (see [`train_fits`]: under Algorithm 1 at
+    /// the largest J it can reach, max(J, b_u)). Call before `Trainer::new`.
     ///
-    /// Errors: as [`CudaBackend::check_fits`].
+    /// Errors: as [`train_fits`]; driver query failures.
     pub fn check_train_fits(&self, cfg: &TrainConfig, n_train: usize, n_test: usize) -> Result<()> {
-        self.check_fits(&TrainShape::of(cfg, n_train, n_test))
+        let (free, total) = self.memory_info()?;
+        train_fits(cfg, n_train, n_test, free, total)
     }
 }
 
@@ -325,6 +430,92 @@ mod tests {
         assert!(msg.contains(&format!("J = {j} (--members {j})")), "{msg}");
         assert!(msg.contains("J = 100000 members"), "{msg}");
         assert!(largest_members(&s, 1 << 20).is_none());
+    }
+
+    fn adaptive_cfg(members: usize, upper: usize, iterations: Option<usize>) -> TrainConfig {
+        let mut cfg = PartialConfig {
+            members: Some(members),
+            iterations,
+            adaptation: Some(Adaptation::Adaptive),
+            adapt_min_members: Some(2),
+            adapt_max_members: Some(upper),
+            ..Default::default()
+        }
+        .resolve()
+        .expect("config");
+        cfg.validate().expect("valid");
+        cfg.repetitions = 8;
+        cfg
+    }
+
+    #[test]
+    fn adaptive_shape_is_sized_for_the_upper_bound() {
+        let cfg = adaptive_cfg(1000, 10_000, Some(20));
+        assert_eq!(TrainShape::of(&cfg, 60_000, 10_000).members, 10_000);
+        // Started above b_u, the ensemble can only shrink: J itself is the largest.
+        assert_eq!(
+            TrainShape::of(&adaptive_cfg(12_000, 10_000, Some(20)), 60_000, 100).members,
+            12_000
+        );
+        let mut fixed = cfg.clone();
+        fixed.adaptation = Adaptation::Fixed;
+        assert_eq!(TrainShape::of(&fixed, 60_000, 10_000).members, 1000);
+        // 937·8 − 1 iterations with r = 8 stop before the 32-image tail; r may drop to 1
+        // under Algorithm 1, and then 937 batches are done long before the cap.
+        let cap = Some(937 * 8 - 1);
+        fixed.iterations = cap;
+        assert_eq!(TrainShape::of(&fixed, 60_000, 100).batches, [64]);
+        assert_eq!(
+            TrainShape::of(&adaptive_cfg(1000, 10_000, cap), 60_000, 100).batches,
+            [64, 32]
+        );
+    }
+
+    #[test]
+    fn adaptive_peak_counts_a_second_ensemble_during_a_resize() {
+        let s = shape(10_000, vec![64]);
+        assert_eq!(peak_bytes(&s, false), estimate(&s).total());
+        assert_eq!(
+            peak_bytes(&s, true),
+            estimate(&s).total() + 4 * 10_000 * P as u64
+        );
+        let free = 4u64 << 30;
+        let fixed = largest_members(&s, free).expect("fits");
+        let grown = largest_adaptive_members(&s, free).expect("fits");
+        assert!(peak_bytes(&s.with_members(grown), true) <= free);
+        assert!(peak_bytes(&s.with_members(grown + 1), true) > free);
+        // The resize copy is the size of U, the largest part: far fewer members fit.
+        assert!(grown < fixed * 3 / 4, "{grown} vs {fixed}");
+    }
+
+    #[test]
+    fn adaptive_run_is_refused_when_its_upper_bound_does_not_fit() {
+        // 4 GiB free: J = 1000 fits easily, b_u = 10^6 (72 GB of U alone) does not.
+        let (free, total) = (4u64 << 30, 8u64 << 30);
+        let cfg = adaptive_cfg(1000, 1_000_000, Some(20));
+        let mut fixed = cfg.clone();
+        fixed.adaptation = Adaptation::Fixed;
+        train_fits(&fixed, 60_000, 10_000, free, total).expect("J = 1000 fits 4 GiB");
+        let Err(Error::Cuda(msg)) = train_fits(&cfg, 60_000, 10_000, free, total) else {
+            panic!("b_u = 10^6 must not fit 4 GiB");
+        };
+        let s = TrainShape::of(&cfg, 60_000, 10_000);
+        let j = largest_adaptive_members(&s, free).expect("fits");
+        assert!(msg.contains("upper bound"), "{msg}");
+        assert!(msg.contains("J = 1000000 members"), "{msg}");
+        assert!(
+            msg.contains(&format!("b_u = {j} (--adapt-max-members {j})")),
+            "{msg}"
+        );
+        // A J that does not fit by itself is named too.
+        let big = adaptive_cfg(1_000_000, 1_000_000, Some(20));
+        let Err(Error::Cuda(msg)) = train_fits(&big, 60_000, 10_000, free, total) else {
+            panic!("J = 10^6 must not fit 4 GiB");
+        };
+        assert!(msg.contains(&format!("--members at most {j}")), "{msg}");
+        // The upper bound the message names does fit.
+        let ok = adaptive_cfg(1000, j, Some(20));
+        train_fits(&ok, 60_000, 10_000, free, total).expect("the advised b_u fits");
     }
 
     #[test]

@@ -12,6 +12,7 @@
 
 pub mod backprop;
 pub mod forward;
+pub mod geometry;
 pub mod linalg;
 pub mod memory;
 pub mod module;
@@ -408,17 +409,6 @@ impl Backend for CudaBackend {
     /// Device time between two CUDA events around `f` ([`CudaBackend::time_ms`]).
     fn time_ms(&self, f: &mut dyn FnMut() -> Result<()>) -> Result<f64> {
         CudaBackend::time_ms(self, f)
-    }
-}
-
-/// A 1-D launch covering `n` items with `threads` per block, at most `max_blocks` blocks
-/// (kernels using it are grid-stride loops or guard `i < n`).
-pub(crate) fn grid_1d(n: usize, threads: u32, max_blocks: u32) -> cudarc::driver::LaunchConfig {
-    let blocks = n.div_ceil(threads as usize).clamp(1, max_blocks as usize) as u32;
-    cudarc::driver::LaunchConfig {
-        grid_dim: (blocks, 1, 1),
-        block_dim: (threads, 1, 1),
-        shared_mem_bytes: 0,
     }
 }
 

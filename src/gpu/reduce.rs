@@ -1,28 +1,12 @@
 //! Ensemble reductions on the GPU (twins of `src/cpu/reduce.rs`), launching the kernels
 //! of `kernels/reduce.cu`.
 
-use cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
+use cudarc::driver::{CudaSlice, PushKernelArg};
 
-use super::{cuda_err, grid_1d, to_i32, CudaBackend};
+use super::geometry::{elementwise_stride_launch, mean_launch};
+use super::{cuda_err, to_i32, CudaBackend};
 use crate::backend::check_len;
 use crate::Result;
-
-/// Columns per block of the column-mean kernels (threadIdx.x).
-const MEAN_TX: u32 = 32;
-/// Row slices per block of the column-mean kernels (threadIdx.y).
-const MEAN_TY: u32 = 16;
-/// Threads per block of the element-wise kernels.
-const EW_THREADS: u32 = 256;
-/// Blocks of the element-wise grid-stride kernels at most (enough to fill any GPU).
-const EW_MAX_BLOCKS: u32 = 1 << 16;
-
-fn mean_cfg(cols: usize) -> LaunchConfig {
-    LaunchConfig {
-        grid_dim: (cols.div_ceil(MEAN_TX as usize) as u32, 1, 1),
-        block_dim: (MEAN_TX, MEAN_TY, 1),
-        shared_mem_bytes: 0,
-    }
-}
 
 /// Mean over rows in f64, rounded to f32: `out[c] = (1/rows) Σ_r a[r, c]`.
 ///
@@ -48,7 +32,7 @@ pub fn row_mean(
     launch.arg(a).arg(&rows_i).arg(&cols_i).arg(out);
     // SAFETY: check_len proved a = rows·cols and out = cols elements; threads with
     // column ≥ cols neither read nor write.
-    unsafe { launch.launch(mean_cfg(cols)) }
+    unsafe { launch.launch(mean_launch(cols)) }
         .map(|_| ())
         .map_err(cuda_err("launching row_mean_f32"))
 }
@@ -85,7 +69,7 @@ pub fn center_and_innovate(
     let mut launch = be.stream().launch_builder(f);
     launch.arg(g).arg(&rows_i).arg(&cols_i).arg(&mut mean);
     // SAFETY: check_len proved g = rows·cols; `mean` was allocated with cols elements.
-    unsafe { launch.launch(mean_cfg(cols)) }.map_err(cuda_err("launching row_mean_f64"))?;
+    unsafe { launch.launch(mean_launch(cols)) }.map_err(cuda_err("launching row_mean_f64"))?;
 
     let f = be.kernels().get("center_and_innovate_f64")?;
     let mut launch = be.stream().launch_builder(f);
@@ -99,7 +83,7 @@ pub fn center_and_innovate(
         .arg(innov);
     // SAFETY: check_len proved g, centred, innov = rows·cols and y = cols elements; mean has
     // cols; the grid-stride loop stops at rows·cols.
-    unsafe { launch.launch(grid_1d(rows * cols, EW_THREADS, EW_MAX_BLOCKS)) }
+    unsafe { launch.launch(elementwise_stride_launch(rows * cols)) }
         .map(|_| ())
         .map_err(cuda_err("launching center_and_innovate_f64"))
 }
@@ -117,7 +101,7 @@ pub fn f64_to_f32(be: &CudaBackend, src: &CudaSlice<f64>, dst: &mut CudaSlice<f3
     let mut launch = be.stream().launch_builder(f);
     launch.arg(src).arg(dst).arg(&n_i);
     // SAFETY: check_len proved dst and src both hold n elements; the loop stops at n.
-    unsafe { launch.launch(grid_1d(n, EW_THREADS, EW_MAX_BLOCKS)) }
+    unsafe { launch.launch(elementwise_stride_launch(n)) }
         .map(|_| ())
         .map_err(cuda_err("launching f64_to_f32"))
 }

@@ -47,6 +47,16 @@ pub enum Arch {
     Pooled,
 }
 
+impl Arch {
+    /// Integer code shared with the CUDA kernels (`ENKF_ARCH_*` in `common.cuh`).
+    pub fn code(self) -> i32 {
+        match self {
+            Arch::Paper => 0,
+            Arch::Pooled => 1,
+        }
+    }
+}
+
 /// Element-wise activation after each convolution.
 #[derive(
     Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, clap::ValueEnum, Default,

@@ -4,13 +4,21 @@
 //! the JSON [`CheckpointState`], the ensemble (members × params f32 LE), and a CRC-32 of
 //! everything before it (u32 LE). It is written to `checkpoint.bin.tmp`, fsynced, and
 //! renamed over `checkpoint.bin`, so a crash leaves either the old or the new file.
+//!
+//! Output files on resume. `metrics.csv` and `adaptive.csv` are rewritten whole from the
+//! rows stored in the checkpoint (`crate::app`), which are the run's in-memory rows from
+//! then on. `stats.csv` and `hist.csv` (the statistics worker's) are appended to; a
+//! process killed after the checkpoint at iteration c has already written rows past c
+//! (possibly a torn last line), so [`rewind_outputs`] cuts them back to c first. The
+//! rows up to c are on disk: the trainer waits for the worker to write and sync them
+//! before it writes a checkpoint (`StatsSink::sync`).
 
 use super::adaptive::AdaptiveLogRow;
 use super::config::TrainConfig;
 use super::metrics::MetricsRow;
 use crate::{Error, Result};
 use serde::{Deserialize, Serialize};
-use std::io::Write;
+use std::io::{BufRead, Write};
 use std::path::{Path, PathBuf};
 
 const MAGIC: &[u8; 8] = b"ENKFCKP1";
@@ -153,6 +161,95 @@ pub fn read(path: &Path) -> Result<(CheckpointState, Vec<f32>)> {
     Ok((state, ensemble))
 }
 
+/// Output files, in the output folder, that a resumed run appends to.
+pub const APPENDED_OUTPUTS: [&str; 2] = ["stats.csv", "hist.csv"];
+
+/// Cuts each of [`APPENDED_OUTPUTS`] that exists in `dir` back to the rows of iterations
+/// ≤ `last` (see [`truncate_csv_after`]); missing files are left for the writer to create.
+///
+/// Errors: as [`truncate_csv_after`].
+pub fn rewind_outputs(dir: &Path, last: usize) -> Result<()> {
+    for name in APPENDED_OUTPUTS {
+        let path = dir.join(name);
+        if path.is_file() {
+            truncate_csv_after(&path, last)?;
+        }
+    }
+    Ok(())
+}
+
+/// Truncates, in place, a CSV file whose first column is `iteration` (non-decreasing
+/// down the file) to its header and the rows with iteration ≤ `last`, and syncs it.
+/// Everything from the first row past `last` goes, as does an unterminated last line
+/// (a row torn by a kill) and an unterminated header (the file is emptied; the writer
+/// then writes a new header). Returns the number of bytes removed.
+///
+/// Errors: [`Error::Io`] when the file cannot be read or truncated, or (kind
+/// `InvalidData`) when the header does not start with `iteration`, a row's first field
+/// is not an integer, or iterations decrease: the file is not one this run wrote.
+pub fn truncate_csv_after(path: &Path, last: usize) -> Result<u64> {
+    let invalid = |msg: String| {
+        Error::io(
+            path,
+            std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                format!("{msg}; move the file away to resume (a new one is started)"),
+            ),
+        )
+    };
+    let file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
+    let len = file.metadata().map_err(|e| Error::io(path, e))?.len();
+    let mut reader = std::io::BufReader::new(file);
+    let mut line = Vec::new();
+    // Byte offset of the end of the last line kept.
+    let mut keep = 0u64;
+    let mut previous = 0usize;
+    for number in 1.. {
+        line.clear();
+        let n = reader
+            .read_until(b'\n', &mut line)
+            .map_err(|e| Error::io(path, e))?;
+        if n == 0 || line.last() != Some(&b'\n') {
+            break;
+        }
+        let first = line.split(|&b| b == b',').next().unwrap_or_default();
+        let first = String::from_utf8_lossy(first);
+        let first = first.trim();
+        if number == 1 {
+            if first != "iteration" {
+                return Err(invalid(format!(
+                    "header starts with {first:?}, expected \"iteration\""
+                )));
+            }
+        } else {
+            let t: usize = first.parse().map_err(|_| {
+                invalid(format!(
+                    "line {number}: first field {first:?} is not an iteration number"
+                ))
+            })?;
+            if t > last {
+                break;
+            }
+            if t < previous {
+                return Err(invalid(format!(
+                    "line {number}: iteration {t} follows iteration {previous}"
+                )));
+            }
+            previous = t;
+        }
+        keep += n as u64;
+    }
+    if keep < len {
+        let f = std::fs::OpenOptions::new()
+            .write(true)
+            .open(path)
+            .map_err(|e| Error::io(path, e))?;
+        f.set_len(keep).map_err(|e| Error::io(path, e))?;
+        f.sync_all().map_err(|e| Error::io(path, e))?;
+    }
+    Ok(len - keep)
+}
+
 impl RngState {
     /// Captures a ChaCha8 generator's position.
     pub fn of(rng: &rand_chacha::ChaCha8Rng) -> Self {
@@ -173,5 +270,70 @@ impl RngState {
         rng.set_stream(self.stream);
         rng.set_word_pos(pos);
         Ok(rng)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn scratch(name: &str, text: &str) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("enkf-trunc-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("dir");
+        let path = dir.join(name);
+        std::fs::write(&path, text).expect("write");
+        path
+    }
+
+    const HEAD: &str = "iteration,layer,mean\n";
+
+    #[test]
+    fn cuts_rows_past_the_checkpoint_and_torn_lines() {
+        let kept = format!("{HEAD}0,1,0.5\n0,2,0.25\n5,1,0.5\n5,2,0.1\n");
+        let path = scratch("rows.csv", &format!("{kept}6,1,0.5\n6,2,0.1\n7,1,0.3"));
+        assert_eq!(truncate_csv_after(&path, 5).expect("cut"), 8 + 8 + 7);
+        assert_eq!(std::fs::read_to_string(&path).expect("read"), kept);
+        // Idempotent; a cut at an iteration between rows keeps those before it.
+        assert_eq!(truncate_csv_after(&path, 5).expect("again"), 0);
+        truncate_csv_after(&path, 4).expect("cut");
+        assert_eq!(
+            std::fs::read_to_string(&path).expect("read"),
+            format!("{HEAD}0,1,0.5\n0,2,0.25\n")
+        );
+        // The rows of an earlier, duplicated resume go with the rest.
+        let path = scratch(
+            "dup.csv",
+            &format!("{HEAD}0,1,1\n3,1,1\n4,1,1\n3,1,1\n4,1,1\n"),
+        );
+        truncate_csv_after(&path, 3).expect("cut");
+        assert_eq!(
+            std::fs::read_to_string(&path).expect("read"),
+            format!("{HEAD}0,1,1\n3,1,1\n")
+        );
+        // A torn header empties the file.
+        let path = scratch("torn.csv", "iterat");
+        truncate_csv_after(&path, 3).expect("cut");
+        assert_eq!(std::fs::read(&path).expect("read").len(), 0);
+    }
+
+    #[test]
+    fn foreign_files_are_refused_untouched() {
+        for (name, text, why) in [
+            ("head.csv", "step,mean\n0,1\n", "header starts with"),
+            ("field.csv", "iteration,mean\n0,1\nx,2\n9,1\n", "line 3"),
+            (
+                "order.csv",
+                "iteration,mean\n2,1\n1,2\n9,1\n",
+                "follows iteration 2",
+            ),
+        ] {
+            let path = scratch(name, text);
+            let e = truncate_csv_after(&path, 5).expect_err(name).to_string();
+            assert!(
+                e.contains(why) && e.contains("move the file away"),
+                "{name}: {e}"
+            );
+            assert_eq!(std::fs::read_to_string(&path).expect("read"), text);
+        }
     }
 }

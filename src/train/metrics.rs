@@ -23,7 +23,7 @@ pub fn score_logits(logits: &[f32], labels: &[u8]) -> (f64, usize) {
     (loss / labels.len().max(1) as f64, correct)
 }
 
-/// Scores averaged class probabilities (n × 10, rows summing to 1): mean −ln p[label]
+/// Scores averaged class probabilities (n × 10, rows summing to 1): mean −ln p\[label\]
 /// and correct arg-max count. Probabilities are floored at 1e-300 to keep the loss finite.
 pub fn score_probabilities(probs: &[f64], labels: &[u8]) -> (f64, usize) {
     let mut loss = 0.0f64;

@@ -180,6 +180,13 @@ impl<'a, B: Backend> Trainer<'a, B> {
     /// Continues the run saved in `path` (see [`checkpoint`]). `cfg` is the configuration
     /// to continue with; it must describe the same run (network, update rule, seed, data
     /// limits, initial J); the length of the run, evaluation and output settings may differ.
+    /// The metrics rows and Algorithm 1 decisions are those stored in the checkpoint (up
+    /// to its iteration c); the appended outputs in `cfg.out` (stats.csv, hist.csv) are
+    /// cut back to iteration c, dropping the rows a run killed after the checkpoint wrote
+    /// (see [`checkpoint::rewind_outputs`]).
+    ///
+    /// Errors: [`Error::Checkpoint`] for a corrupt or foreign checkpoint, [`Error::Io`]
+    /// for output files that cannot be cut back.
     pub fn resume(
         backend: &'a B,
         cfg: &TrainConfig,
@@ -230,6 +237,9 @@ impl<'a, B: Backend> Trainer<'a, B> {
                     data.train.len()
                 ),
             });
+        }
+        if let Some(dir) = &cfg.out {
+            checkpoint::rewind_outputs(dir, state.t)?;
         }
         let mut t = Self::build(backend, cfg, data, &host_u, state.members)?;
         t.repetitions = state.repetitions;
@@ -514,7 +524,8 @@ impl<'a, B: Backend> Trainer<'a, B> {
         Ok(self.rows.clone())
     }
 
-    /// Writes the full state to `out`/checkpoint.bin.
+    /// Writes the full state to `out`/checkpoint.bin, after the statistics queued so far
+    /// are written and synced.
     pub fn save_checkpoint(&mut self) -> Result<()> {
         let Some(dir) = self.cfg.out.clone() else {
             return Err(Error::Config(
@@ -522,6 +533,10 @@ impl<'a, B: Backend> Trainer<'a, B> {
             ));
         };
         let t0 = Instant::now();
+        // The statistics rows up to this iteration must be on disk before the checkpoint.
+        if let Some(sink) = &self.stats {
+            sink.sync()?;
+        }
         let state = CheckpointState {
             config: self.cfg.clone(),
             params: self.params,

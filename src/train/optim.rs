@@ -166,6 +166,21 @@ impl Adam {
         })
     }
 
+    /// The f32 scalars of step `self.t` (t ≥ 1), each computed in f64 and rounded once:
+    /// shared by [`Adam::step`] and the CUDA twin (`adam_step_f32`), so both round alike.
+    pub fn scalars(&self) -> AdamScalars {
+        let t = i32::try_from(self.t).unwrap_or(i32::MAX);
+        let bc1 = 1.0 - self.beta1.powi(t);
+        AdamScalars {
+            step_size: (self.lr / bc1) as f32,
+            bc2_sqrt: ((1.0 - self.beta2.powi(t)).sqrt()) as f32,
+            w1: (1.0 - self.beta1) as f32,
+            b2: self.beta2 as f32,
+            w2: (1.0 - self.beta2) as f32,
+            eps: self.eps as f32,
+        }
+    }
+
     /// One update of `params` (P) with `grad` (P). Errors: [`Error::Shape`] when the
     /// lengths differ (or differ from the first step's).
     pub fn step(&mut self, params: &mut [f32], grad: &[f32]) -> Result<()> {
@@ -177,15 +192,14 @@ impl Adam {
         check_len("Adam::step first moment", self.m.len(), params.len())?;
         check_len("Adam::step second moment", self.v.len(), params.len())?;
         self.t += 1;
-        let t = i32::try_from(self.t).unwrap_or(i32::MAX);
-        let bc1 = 1.0 - self.beta1.powi(t);
-        let bc2_sqrt = (1.0 - self.beta2.powi(t)).sqrt();
-        let step_size = (self.lr / bc1) as f32;
-        let bc2_sqrt = bc2_sqrt as f32;
-        let w1 = (1.0 - self.beta1) as f32;
-        let b2 = self.beta2 as f32;
-        let w2 = (1.0 - self.beta2) as f32;
-        let eps = self.eps as f32;
+        let AdamScalars {
+            step_size,
+            bc2_sqrt,
+            w1,
+            b2,
+            w2,
+            eps,
+        } = self.scalars();
         for (((p, &g), m), v) in params
             .iter_mut()
             .zip(grad)
@@ -201,6 +215,23 @@ impl Adam {
         }
         Ok(())
     }
+}
+
+/// The per-step scalars of an Adam update, see [`Adam::scalars`].
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct AdamScalars {
+    /// lr / (1 − β₁ᵗ).
+    pub step_size: f32,
+    /// √(1 − β₂ᵗ).
+    pub bc2_sqrt: f32,
+    /// 1 − β₁.
+    pub w1: f32,
+    /// β₂.
+    pub b2: f32,
+    /// 1 − β₂.
+    pub w2: f32,
+    /// ε.
+    pub eps: f32,
 }
 
 /// A gradient optimizer chosen at run time.

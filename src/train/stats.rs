@@ -336,22 +336,23 @@ impl StatsWriter {
         })
     }
 
-    /// Opens both files in `dir` for appending, without headers (a resumed run).
-    /// Files that do not exist yet are created with headers.
+    /// Opens both files in `dir` for appending, without headers (a resumed run, after
+    /// `checkpoint::rewind_outputs`). A file that is missing or empty is created with
+    /// its header. Errors: as [`StatsWriter::create`].
     pub fn append(dir: &Path, hist_every: usize) -> Result<Self> {
-        if !dir.join("stats.csv").is_file() || !dir.join("hist.csv").is_file() {
-            return Self::create(dir, hist_every);
-        }
         if hist_every == 0 {
             return Err(Error::Config("hist_every = 0: must be ≥ 1".into()));
         }
+        std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
         let open = |name: &str| -> Result<csv::Writer<std::fs::File>> {
             let path = dir.join(name);
             let f = std::fs::OpenOptions::new()
+                .create(true)
                 .append(true)
                 .open(&path)
                 .map_err(|e| Error::io(&path, e))?;
-            Ok(csv::WriterBuilder::new().has_headers(false).from_writer(f))
+            let empty = f.metadata().map_err(|e| Error::io(&path, e))?.len() == 0;
+            Ok(csv::WriterBuilder::new().has_headers(empty).from_writer(f))
         };
         Ok(StatsWriter {
             stats: open("stats.csv")?,
@@ -407,33 +408,69 @@ impl StatsWriter {
             .flush()
             .map_err(|e| Error::io(self.dir.join("hist.csv"), e))
     }
+    /// Flushes both files and waits until they are on disk (`fsync`).
+    /// Errors: [`Error::Io`] when flushing or syncing fails.
+    pub fn sync(&mut self) -> Result<()> {
+        self.flush()?;
+        self.stats
+            .get_ref()
+            .sync_data()
+            .map_err(|e| Error::io(self.dir.join("stats.csv"), e))?;
+        self.hist
+            .get_ref()
+            .sync_data()
+            .map_err(|e| Error::io(self.dir.join("hist.csv"), e))
+    }
 }
 
 /// Computes and writes the activation statistics of the EnKF mean network on a worker
 /// thread, so that they overlap the next iterations instead of lengthening them.
 /// Jobs are processed in order; a bounded queue applies back-pressure.
 pub struct StatsSink {
-    tx: Option<std::sync::mpsc::SyncSender<StatsJob>>,
+    tx: Option<std::sync::mpsc::SyncSender<Job>>,
     handle: Option<std::thread::JoinHandle<Result<()>>>,
 }
 
-/// One statistics job: iteration, mean weights, the mini-batch images.
-struct StatsJob {
-    t: usize,
-    weights: Vec<f32>,
-    x: Vec<f32>,
-    images: usize,
+/// Work for the statistics thread.
+enum Job {
+    /// Statistics of iteration `t`: mean weights (P), the mini-batch (images × 784).
+    Stats {
+        t: usize,
+        weights: Vec<f32>,
+        x: Vec<f32>,
+        images: usize,
+    },
+    /// Write and sync everything queued before, then answer on the channel.
+    Sync(std::sync::mpsc::SyncSender<()>),
+}
+
+fn worker_stopped() -> Error {
+    Error::Config("the statistics worker stopped; see the error at the end of the run".into())
 }
 
 impl StatsSink {
     /// Starts the worker writing through `writer` for network `net`.
     pub fn spawn(mut writer: StatsWriter, net: Net) -> Self {
-        let (tx, rx) = std::sync::mpsc::sync_channel::<StatsJob>(4);
+        let (tx, rx) = std::sync::mpsc::sync_channel::<Job>(4);
         let handle = std::thread::spawn(move || -> Result<()> {
             for job in rx {
-                let hist = writer.wants_histograms(job.t);
-                let stats = activation_stats(&net, &job.weights, &job.x, job.images, hist)?;
-                writer.write(job.t, &stats)?;
+                match job {
+                    Job::Stats {
+                        t,
+                        weights,
+                        x,
+                        images,
+                    } => {
+                        let hist = writer.wants_histograms(t);
+                        let stats = activation_stats(&net, &weights, &x, images, hist)?;
+                        writer.write(t, &stats)?;
+                    }
+                    Job::Sync(done) => {
+                        writer.sync()?;
+                        // The caller may have given up waiting; nothing to do then.
+                        let _ = done.send(());
+                    }
+                }
             }
             writer.flush()
         });
@@ -448,19 +485,28 @@ impl StatsSink {
     pub fn send(&self, t: usize, weights: Vec<f32>, x: Vec<f32>, images: usize) -> Result<()> {
         match &self.tx {
             Some(tx) => tx
-                .send(StatsJob {
+                .send(Job::Stats {
                     t,
                     weights,
                     x,
                     images,
                 })
-                .map_err(|_| {
-                    Error::Config(
-                        "the statistics worker stopped; see the error at the end of the run".into(),
-                    )
-                }),
+                .map_err(|_| worker_stopped()),
             None => Ok(()),
         }
+    }
+
+    /// Waits until every iteration queued so far is written and synced to disk (the
+    /// trainer calls this before writing a checkpoint, so that the files hold every row
+    /// up to the checkpoint). Errors when the worker has stopped (its own error is
+    /// returned by [`StatsSink::finish`]).
+    pub fn sync(&self) -> Result<()> {
+        let Some(tx) = &self.tx else {
+            return Ok(());
+        };
+        let (done, wait) = std::sync::mpsc::sync_channel(1);
+        tx.send(Job::Sync(done)).map_err(|_| worker_stopped())?;
+        wait.recv().map_err(|_| worker_stopped())
     }
 
     /// Waits for the queued jobs, flushes the files, and returns the worker's result.

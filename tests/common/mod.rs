@@ -5,6 +5,8 @@
 //! them; this file only applies them.
 #![allow(dead_code)]
 
+pub mod twins;
+
 use enkf_dnn::backend::MathMode;
 use enkf_dnn::data::{default_mnist_dir, load_dir, DataSplit};
 use enkf_dnn::gpu::CudaBackend;

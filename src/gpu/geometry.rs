@@ -1,0 +1,178 @@
+//! The launch geometry of every kernel in `kernels/*.cu`, in one place.
+//!
+//! Pure functions of the problem size, with no device behind them: the CUDA host code
+//! launches with them, and `tests/kernel_emu.rs` runs the very same kernel sources with
+//! the very same geometry on the CPU through the emulation shim of `tests/emu/`, so a
+//! kernel's indexing and its host's launch are checked together even where no GPU is.
+
+use cudarc::driver::LaunchConfig;
+
+use crate::model::{Net, C1, IMG_PIXELS, P1};
+
+/// Warps per block of the forward kernel (its `__launch_bounds__(256, 2)`).
+pub const FORWARD_WARPS: u32 = 8;
+/// Images per block of the forward kernel at most (each warp runs 8 images).
+const MAX_IMAGES_PER_BLOCK: usize = 64;
+/// Images per block at least (below, the weight loads are no longer amortised).
+const MIN_IMAGES_PER_BLOCK: usize = 8;
+
+/// Columns per block of the column-mean kernels (threadIdx.x, `MEAN_TX` in reduce.cu).
+pub const MEAN_TX: u32 = 32;
+/// Row slices per block of the column-mean kernels (threadIdx.y, `MEAN_TY`).
+pub const MEAN_TY: u32 = 16;
+/// Threads per block of the element-wise kernels.
+pub const EW_THREADS: u32 = 256;
+/// Blocks of the grid-stride element-wise kernels at most (enough to fill any GPU).
+pub const EW_MAX_BLOCKS: u32 = 1 << 16;
+
+/// Threads per block of the small Cholesky kernel: one right-hand-side row each.
+pub const CHOL_THREADS: u32 = 128;
+/// Largest grid y extent (row groups) of the small Cholesky kernel.
+pub const CHOL_MAX_ROW_GROUPS: u32 = 65_535;
+
+/// Threads per block of the per-image backprop kernels (`BP_THREADS` in backprop.cu).
+pub const BP_THREADS: u32 = 256;
+
+/// A 1-D grid of `threads`-thread blocks covering `n` items, at most `max_blocks`
+/// blocks (grid-stride kernels loop over the rest), at least one block.
+pub fn grid_1d(n: usize, threads: u32, max_blocks: u32) -> LaunchConfig {
+    let blocks = n.div_ceil(threads as usize).clamp(1, max_blocks as usize) as u32;
+    LaunchConfig {
+        grid_dim: (blocks, 1, 1),
+        block_dim: (threads, 1, 1),
+        shared_mem_bytes: 0,
+    }
+}
+
+/// Dynamic shared memory of one forward block: per warp the pooled conv1 map (10·12·12)
+/// and the image (784), then conv1 and conv2 weights (250 + 5000), as
+/// `kernels/forward.cu` lays them out. 92,168 bytes for 8 warps.
+pub const fn forward_smem_bytes(warps: u32) -> u32 {
+    let per_warp = (C1 * P1 * P1 + IMG_PIXELS) as u32;
+    (warps * per_warp + Net::FC_OFFSET as u32) * 4
+}
+
+/// Images per forward block: 64 when there are enough (member, image-group) blocks to
+/// fill the GPU several times over (training: J ≥ a few hundred), halved down to 8
+/// otherwise (evaluation: 1 member × 10,000 images → 625 blocks of 16 images).
+pub fn images_per_block(members: usize, images: usize, sm_count: u32) -> usize {
+    let target_blocks = 4 * sm_count as usize;
+    let mut ipb = MAX_IMAGES_PER_BLOCK;
+    while ipb > MIN_IMAGES_PER_BLOCK && members * images.div_ceil(ipb) < target_blocks {
+        ipb /= 2;
+    }
+    ipb
+}
+
+/// Launch of `ensemble_forward_f32` for `members` × `images` on a GPU with `sm_count`
+/// SMs: `members · ceil(images / ipb)` blocks of [`FORWARD_WARPS`] warps, and the ipb
+/// the kernel takes as its last argument. `None` when the grid exceeds 2^31 − 1 blocks.
+pub fn forward_launch(
+    members: usize,
+    images: usize,
+    sm_count: u32,
+) -> Option<(LaunchConfig, usize)> {
+    let ipb = images_per_block(members, images, sm_count);
+    let blocks = members
+        .checked_mul(images.div_ceil(ipb))
+        .filter(|&b| b <= i32::MAX as usize)?;
+    let cfg = LaunchConfig {
+        grid_dim: (blocks as u32, 1, 1),
+        block_dim: (32 * FORWARD_WARPS, 1, 1),
+        shared_mem_bytes: forward_smem_bytes(FORWARD_WARPS),
+    };
+    Some((cfg, ipb))
+}
+
+/// Column-mean kernels (`row_mean_f32`, `row_mean_f64`): blocks of (32, 16) threads,
+/// one block per 32 columns.
+pub fn mean_launch(cols: usize) -> LaunchConfig {
+    LaunchConfig {
+        grid_dim: (cols.div_ceil(MEAN_TX as usize) as u32, 1, 1),
+        block_dim: (MEAN_TX, MEAN_TY, 1),
+        shared_mem_bytes: 0,
+    }
+}
+
+/// Grid-stride element-wise kernels over `n` items (`center_and_innovate_f64`,
+/// `f64_to_f32`, `unit_block_lower_f64` over n² entries).
+pub fn elementwise_stride_launch(n: usize) -> LaunchConfig {
+    grid_1d(n, EW_THREADS, EW_MAX_BLOCKS)
+}
+
+/// `add_diagonal_f64` on an n × n matrix: one thread per diagonal entry.
+pub fn add_diagonal_launch(n: usize) -> LaunchConfig {
+    grid_1d(n, EW_THREADS, u32::MAX >> 1)
+}
+
+/// `block_cholesky_solve_small_f64`: grid (blocks, ceil(nrhs / 128)), 128 threads.
+/// `None` when the rows need more than [`CHOL_MAX_ROW_GROUPS`] row groups.
+pub fn small_cholesky_launch(blocks: usize, nrhs: usize) -> Option<LaunchConfig> {
+    let row_groups = nrhs.div_ceil(CHOL_THREADS as usize).max(1);
+    if row_groups > CHOL_MAX_ROW_GROUPS as usize {
+        return None;
+    }
+    Some(LaunchConfig {
+        grid_dim: (blocks as u32, row_groups as u32, 1),
+        block_dim: (CHOL_THREADS, 1, 1),
+        shared_mem_bytes: 0,
+    })
+}
+
+/// The per-image backprop kernels: one block of [`BP_THREADS`] threads per image.
+pub fn per_image_launch(images: usize) -> LaunchConfig {
+    LaunchConfig {
+        grid_dim: (images as u32, 1, 1),
+        block_dim: (BP_THREADS, 1, 1),
+        shared_mem_bytes: 0,
+    }
+}
+
+/// One thread per element of `n` (n ≤ i32::MAX, checked by the callers): the gradient
+/// reduction, the softmax backward and the optimizer steps.
+pub fn elementwise_launch(n: usize) -> LaunchConfig {
+    LaunchConfig {
+        grid_dim: (n.div_ceil(EW_THREADS as usize).max(1) as u32, 1, 1),
+        block_dim: (EW_THREADS, 1, 1),
+        shared_mem_bytes: 0,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shared_memory_layout_matches_the_kernel() {
+        // 8 warps × (1440 + 784) + 250 + 5000 floats, as documented in kernels/forward.cu.
+        assert_eq!(forward_smem_bytes(8), 92_168);
+        // 2 blocks must fit the 228 KB of an H100/H200 SM (227 KB per block at most).
+        assert!(2 * forward_smem_bytes(FORWARD_WARPS) <= 228 * 1024);
+    }
+
+    #[test]
+    fn images_per_block_fills_the_gpu() {
+        assert_eq!(images_per_block(5000, 64, 132), 64);
+        assert_eq!(images_per_block(1, 10_000, 132), 16);
+        assert_eq!(images_per_block(1, 10, 132), 8);
+        let (cfg, ipb) = forward_launch(5000, 64, 132).expect("fits");
+        assert_eq!((cfg.grid_dim.0, ipb), (5000, 64));
+        let (cfg, ipb) = forward_launch(1, 10_000, 132).expect("fits");
+        assert_eq!((cfg.grid_dim.0, ipb), (625, 16));
+        assert!(forward_launch(usize::MAX / 2, 64, 132).is_none());
+    }
+
+    #[test]
+    fn one_dimensional_grids_cover_their_items() {
+        assert_eq!(elementwise_launch(18_050).grid_dim.0, 71);
+        assert_eq!(elementwise_launch(1).grid_dim.0, 1);
+        assert_eq!(elementwise_launch(0).grid_dim.0, 1);
+        assert_eq!(per_image_launch(64).grid_dim.0, 64);
+        assert_eq!(per_image_launch(64).block_dim.0, BP_THREADS);
+        assert_eq!(elementwise_stride_launch(1 << 30).grid_dim.0, EW_MAX_BLOCKS);
+        assert_eq!(mean_launch(640).grid_dim.0, 20);
+        let c = small_cholesky_launch(64, 5000).expect("fits");
+        assert_eq!((c.grid_dim.0, c.grid_dim.1), (64, 40));
+        assert!(small_cholesky_launch(1, 65_536 * 128).is_none());
+    }
+}

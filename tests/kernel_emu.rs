@@ -1,0 +1,1183 @@
+//! The CUDA kernels of `kernels/*.cu`, unchanged, run on the CPU by the emulation of
+//! `tests/emu/cuda_emu.hpp`, launched with the geometry the CUDA backend uses
+//! (`enkf_dnn::gpu::geometry`), against their CPU twins at the tolerances of the GPU twin
+//! tests (`tests/common/twins.rs`). This runs everywhere, GPU or not, so a kernel's
+//! indexing, loop bounds, shared-memory layout, barriers and shuffles are checked in CI.
+//!
+//! Every launch runs twice, with threads and blocks scheduled in ascending and in
+//! descending order, and both results must be bit-identical: a missing barrier or an
+//! order-dependent write shows up as a difference (or as NaN, the fill of fresh shared
+//! memory and of output buffers). Every buffer is fenced by guard elements that must be
+//! untouched afterwards. The last tests run deliberately faulty kernels
+//! (`tests/emu/selftest.cu`) to show that each such fault is caught.
+//!
+//! Not covered here (GPU only, `tests/gpu_*.rs`): cuBLAS, cuSOLVER, the driver, the
+//! device's expf/tanhf rounding, timing, resource limits.
+//!
+//! Needs a C++17 compiler (`CXX`, else `c++`, `g++`, `clang++`): without one the tests
+//! skip with a printed reason, or fail when `REQUIRE_EMU=1` (CI sets it). A kernel that
+//! does not compile as C++ fails the tests.
+
+mod common;
+use common::twins::{
+    block_spd, case_inputs, compare_cache, nets, normals, normals32, twin_case, B, EPS32, EPS64,
+    FORWARD_TOL, GRAD_TOL, LOGIT_TOL, SOLVE_TOL,
+};
+use common::{assert_close, max_abs, up};
+
+use std::path::PathBuf;
+use std::process::Command;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::OnceLock;
+
+use cudarc::driver::LaunchConfig;
+use enkf_dnn::backend::Backend;
+use enkf_dnn::cpu::backprop::{backprop, ForwardCache};
+use enkf_dnn::cpu::CpuBackend;
+use enkf_dnn::enkf::one_hot;
+use enkf_dnn::error::LinalgError;
+use enkf_dnn::gpu::backprop::sgd_mode;
+use enkf_dnn::gpu::geometry::{self, grid_1d};
+use enkf_dnn::model::{Activation, Arch, Net, CLASSES, IMG_PIXELS};
+use enkf_dnn::train::optim::{Adam, GradOptimizer, Sgd};
+use enkf_dnn::Error;
+use rand::SeedableRng;
+use rand_chacha::ChaCha8Rng;
+use rand_distr::{Distribution, StandardNormal};
+
+// ---------------------------------------------------------------------------------------
+// The emulation library
+
+/// `emu::Launch` of cuda_emu.hpp.
+#[repr(C)]
+#[derive(Debug, Clone, Copy)]
+struct Launch {
+    grid: [u32; 3],
+    block: [u32; 3],
+    shared_mem_bytes: u32,
+    reverse: i32,
+}
+
+/// The order in which the emulation schedules threads and blocks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Order {
+    Ascending,
+    Descending,
+}
+
+const ORDERS: [Order; 2] = [Order::Ascending, Order::Descending];
+
+fn launch(cfg: &LaunchConfig, order: Order) -> Launch {
+    Launch {
+        grid: [cfg.grid_dim.0, cfg.grid_dim.1, cfg.grid_dim.2],
+        block: [cfg.block_dim.0, cfg.block_dim.1, cfg.block_dim.2],
+        shared_mem_bytes: cfg.shared_mem_bytes,
+        reverse: i32::from(order == Order::Descending),
+    }
+}
+
+struct Emu {
+    lib: libloading::Library,
+}
+
+impl Emu {
+    /// The entry point `emu_<kernel>`, typed by the caller.
+    fn entry<T>(&self, kernel: &str) -> libloading::Symbol<'_, T> {
+        let name = format!("emu_{kernel}\0");
+        // SAFETY: every caller names an entry point of tests/emu/kernels_emu.cpp with the
+        // C signature written there.
+        unsafe { self.lib.get(name.as_bytes()) }.unwrap_or_else(|e| panic!("{name}: {e}"))
+    }
+
+    /// 0 → Ok; otherwise the emulation's message (kept per thread, as the launch was).
+    fn result(&self, rc: i32) -> Result<(), String> {
+        if rc == 0 {
+            return Ok(());
+        }
+        let f = self.entry::<unsafe extern "C" fn() -> *const std::ffi::c_char>("last_error");
+        // SAFETY: emu_last_error returns the calling thread's NUL-terminated message,
+        // valid until its next launch.
+        let msg = unsafe { std::ffi::CStr::from_ptr(f()) };
+        Err(msg.to_string_lossy().into_owned())
+    }
+}
+
+/// The compiled emulation, or None (printed) when no C++ compiler is found; with
+/// `REQUIRE_EMU=1` that fails instead. A compile error always fails.
+fn emu() -> Option<&'static Emu> {
+    static EMU: OnceLock<Result<Emu, String>> = OnceLock::new();
+    match EMU.get_or_init(build) {
+        Ok(e) => Some(e),
+        Err(why) => {
+            assert!(
+                std::env::var("REQUIRE_EMU").as_deref() != Ok("1"),
+                "REQUIRE_EMU=1 but the kernel emulation is unavailable: {why}"
+            );
+            println!("skipped: {why}");
+            None
+        }
+    }
+}
+
+fn build() -> Result<Emu, String> {
+    static BUILDS: AtomicUsize = AtomicUsize::new(0);
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    let out = std::env::temp_dir().join(format!(
+        "enkf-kernels-emu-{}-{}.so",
+        std::process::id(),
+        BUILDS.fetch_add(1, Ordering::Relaxed)
+    ));
+    let candidates: Vec<String> = match std::env::var("CXX") {
+        Ok(c) if !c.is_empty() => vec![c],
+        _ => ["c++", "g++", "clang++"].map(String::from).to_vec(),
+    };
+    for cxx in &candidates {
+        let res = Command::new(cxx)
+            .args(["-std=c++17", "-O2", "-ffp-contract=off", "-fno-fast-math"])
+            .args(["-fPIC", "-shared", "-Wall", "-Wno-unknown-pragmas"])
+            .arg("-I")
+            .arg(root.join("kernels"))
+            .arg("-I")
+            .arg(root.join("tests/emu"))
+            .arg(root.join("tests/emu/kernels_emu.cpp"))
+            .arg("-o")
+            .arg(&out)
+            .output();
+        match res {
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+            Err(e) => return Err(format!("running {cxx}: {e}")),
+            Ok(o) if !o.status.success() => panic!(
+                "the kernels do not compile for the emulation ({cxx}):\n{}",
+                String::from_utf8_lossy(&o.stderr)
+            ),
+            Ok(_) => {
+                // SAFETY: the library was just built from tests/emu; its initialisers
+                // only set up empty per-thread state.
+                let lib = unsafe { libloading::Library::new(&out) }
+                    .map_err(|e| format!("loading {}: {e}", out.display()))?;
+                let _ = std::fs::remove_file(&out); // stays mapped
+                return Ok(Emu { lib });
+            }
+        }
+    }
+    Err(format!(
+        "no C++ compiler found (tried {}; set CXX)",
+        candidates.join(", ")
+    ))
+}
+
+// ---------------------------------------------------------------------------------------
+// Guarded buffers
+
+/// Guard elements on each side of every buffer handed to a kernel.
+const GUARD: usize = 64;
+
+/// A value a kernel never produces, recognisable by its bits: the guard and the fill of
+/// outputs the kernel must overwrite (NaN with a payload for floats).
+trait Sentinel: Copy + std::fmt::Debug {
+    const MARK: Self;
+    fn bits(self) -> u64;
+}
+impl Sentinel for f32 {
+    const MARK: Self = f32::from_bits(0x7fc0_5eed);
+    fn bits(self) -> u64 {
+        u64::from(self.to_bits())
+    }
+}
+impl Sentinel for f64 {
+    const MARK: Self = f64::from_bits(0x7ff8_0000_0000_5eed);
+    fn bits(self) -> u64 {
+        self.to_bits()
+    }
+}
+impl Sentinel for i32 {
+    const MARK: Self = i32::MIN + 0x5eed;
+    fn bits(self) -> u64 {
+        u64::from(self as u32)
+    }
+}
+impl Sentinel for u32 {
+    const MARK: Self = 0xdead_5eed;
+    fn bits(self) -> u64 {
+        u64::from(self)
+    }
+}
+
+/// `data` between two runs of [`GUARD`] sentinels.
+struct Guarded<T: Sentinel> {
+    v: Vec<T>,
+    n: usize,
+}
+
+impl<T: Sentinel> Guarded<T> {
+    fn new(data: &[T]) -> Self {
+        let mut v = vec![T::MARK; GUARD];
+        v.extend_from_slice(data);
+        v.extend(std::iter::repeat_n(T::MARK, GUARD));
+        Guarded { v, n: data.len() }
+    }
+
+    /// An output of `n` elements the kernel must overwrite, filled with the sentinel.
+    fn output(n: usize) -> Self {
+        Guarded {
+            v: vec![T::MARK; n + 2 * GUARD],
+            n,
+        }
+    }
+
+    fn ptr(&self) -> *const T {
+        self.v[GUARD..].as_ptr()
+    }
+
+    fn mut_ptr(&mut self) -> *mut T {
+        self.v[GUARD..].as_mut_ptr()
+    }
+
+    /// The contents, after checking that the guards are intact.
+    fn get(&self, what: &str) -> Vec<T> {
+        let (lo, rest) = self.v.split_at(GUARD);
+        let (data, hi) = rest.split_at(self.n);
+        for (side, g) in [("before", lo), ("after", hi)] {
+            if let Some(i) = g.iter().position(|x| x.bits() != T::MARK.bits()) {
+                panic!("{what}: element {i} of the guard {side} the buffer was overwritten");
+            }
+        }
+        data.to_vec()
+    }
+
+    /// [`Guarded::get`], also requiring that no element still holds the sentinel.
+    fn written(&self, what: &str) -> Vec<T> {
+        let d = self.get(what);
+        if let Some(i) = d.iter().position(|x| x.bits() == T::MARK.bits()) {
+            panic!("{what}: element {i} of {} was never written", d.len());
+        }
+        d
+    }
+}
+
+/// Requires the results of the two schedules to be bit-identical; returns the first.
+fn same_in_both_orders<T: Sentinel>(what: &str, runs: Vec<Vec<T>>) -> Vec<T> {
+    let (a, b) = (&runs[0], &runs[1]);
+    assert_eq!(a.len(), b.len(), "{what}: lengths");
+    if let Some(i) = a.iter().zip(b).position(|(x, y)| x.bits() != y.bits()) {
+        panic!(
+            "{what}: element {i} depends on the schedule: {:?} (ascending) vs {:?} \
+             (descending): a missing barrier or a race",
+            a[i], b[i]
+        );
+    }
+    runs.into_iter().next().unwrap_or_default()
+}
+
+fn to_i32(v: usize) -> i32 {
+    i32::try_from(v).expect("test sizes fit an int")
+}
+
+// ---------------------------------------------------------------------------------------
+// forward.cu
+
+type ForwardFn = unsafe extern "C" fn(
+    *const Launch,
+    *const f32,
+    *const f32,
+    *mut f32,
+    i32,
+    i32,
+    i32,
+    i32,
+    i32,
+    i32,
+) -> i32;
+
+/// Emulated `ensemble_forward_f32` against `CpuBackend::ensemble_forward` on a GPU with
+/// `sm_count` SMs (which sets the images per block, so the image-group split).
+fn forward_case(e: &Emu, net: Net, members: usize, images: usize, sm_count: u32, seed: u64) {
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    let w = normals32(&mut rng, members * net.n_params(), 1.0);
+    let x: Vec<f32> = normals(&mut rng, images * IMG_PIXELS, 1.0)
+        .iter()
+        .map(|v| (v.abs() as f32).min(1.0))
+        .collect();
+    let mut want = vec![0.0f32; members * images * CLASSES];
+    CpuBackend::new()
+        .ensemble_forward(&net, &w, members, &x, images, &mut want)
+        .expect("cpu forward");
+    let (cfg, ipb) = geometry::forward_launch(members, images, sm_count).expect("geometry");
+    let what = format!("forward {net:?} J={members} B={images} ipb={ipb}");
+    let f = e.entry::<ForwardFn>("ensemble_forward_f32");
+    let runs = ORDERS
+        .iter()
+        .map(|&order| {
+            let (wg, xg) = (Guarded::new(&w), Guarded::new(&x));
+            let mut out = Guarded::<f32>::output(want.len());
+            // SAFETY: the buffers hold members·P, images·784 and members·images·10
+            // elements, the extents the kernel indexes under this geometry.
+            let rc = unsafe {
+                f(
+                    &launch(&cfg, order),
+                    wg.ptr(),
+                    xg.ptr(),
+                    out.mut_ptr(),
+                    to_i32(members),
+                    to_i32(images),
+                    to_i32(net.n_params()),
+                    net.arch.code(),
+                    net.act.code(),
+                    to_i32(ipb),
+                )
+            };
+            e.result(rc).unwrap_or_else(|m| panic!("{what}: {m}"));
+            wg.get("weights");
+            xg.get("images");
+            out.written(&what)
+        })
+        .collect();
+    let got = same_in_both_orders(&what, runs);
+    let want = up(&want);
+    assert_close(
+        &what,
+        &up(&got),
+        &want,
+        FORWARD_TOL * max_abs(&want),
+        FORWARD_TOL,
+    );
+}
+
+#[test]
+fn forward_kernel_matches_cpu_for_every_arch_and_activation() {
+    let Some(e) = emu() else { return };
+    let mut seed = 1;
+    for arch in [Arch::Paper, Arch::Pooled] {
+        for act in [Activation::Logistic, Activation::Relu, Activation::Tanh] {
+            // H200 (132 SMs) at 3 members: 8 images per block, 3 groups, the last one
+            // holding 4 images (warps 4–7 idle).
+            forward_case(e, Net::new(arch, act), 3, 20, 132, seed);
+            seed += 1;
+        }
+    }
+}
+
+#[test]
+fn forward_kernel_runs_several_images_per_warp_and_partial_groups() {
+    let Some(e) = emu() else { return };
+    // One SM: 64 images per block, so each warp loops over images (d += 8); 70 images
+    // make a full group of 64 and one of 6.
+    forward_case(e, Net::new(Arch::Paper, Activation::Logistic), 2, 70, 1, 11);
+    forward_case(e, Net::new(Arch::Pooled, Activation::Relu), 2, 13, 1, 12);
+}
+
+// ---------------------------------------------------------------------------------------
+// reduce.cu
+
+type RowMeanF32Fn = unsafe extern "C" fn(*const Launch, *const f32, i32, i32, *mut f32) -> i32;
+type RowMeanF64Fn = unsafe extern "C" fn(*const Launch, *const f32, i32, i32, *mut f64) -> i32;
+type CenterFn = unsafe extern "C" fn(
+    *const Launch,
+    *const f32,
+    *const f32,
+    *const f64,
+    i32,
+    i32,
+    *mut f64,
+    *mut f64,
+) -> i32;
+type ToF32Fn = unsafe extern "C" fn(*const Launch, *const f64, *mut f32, i64) -> i32;
+
+#[test]
+fn reduction_kernels_match_cpu() {
+    let Some(e) = emu() else { return };
+    let cpu = CpuBackend::new();
+    let mut rng = ChaCha8Rng::seed_from_u64(21);
+    // Neither a multiple of the 16 row slices nor of the 32 columns of a block.
+    let (rows, cols) = (37, 70);
+    let g = normals32(&mut rng, rows * cols, 5.0);
+    let y = one_hot(
+        &(0..cols / CLASSES)
+            .map(|i| (i % CLASSES) as u8)
+            .collect::<Vec<_>>(),
+        CLASSES,
+    );
+    let (ri, ci) = (to_i32(rows), to_i32(cols));
+
+    let mut want = vec![0.0f32; cols];
+    cpu.row_mean(&g, rows, cols, &mut want).unwrap();
+    let f32_mean = e.entry::<RowMeanF32Fn>("row_mean_f32");
+    let f64_mean = e.entry::<RowMeanF64Fn>("row_mean_f64");
+    let center = e.entry::<CenterFn>("center_and_innovate_f64");
+    let runs = ORDERS
+        .iter()
+        .map(|&order| {
+            let gg = Guarded::new(&g);
+            let mut out = Guarded::<f32>::output(cols);
+            // SAFETY: g holds rows·cols and out cols elements.
+            let rc = unsafe {
+                f32_mean(
+                    &launch(&geometry::mean_launch(cols), order),
+                    gg.ptr(),
+                    ri,
+                    ci,
+                    out.mut_ptr(),
+                )
+            };
+            e.result(rc).expect("row_mean_f32");
+            out.written("row_mean_f32")
+        })
+        .collect();
+    let got = same_in_both_orders("row_mean_f32", runs);
+    // Both sum in f64 and round once to f32: the last f32 bit at most.
+    assert_close("row_mean_f32", &up(&got), &up(&want), 0.0, EPS32);
+
+    let (mut cc, mut ic) = (vec![0.0; rows * cols], vec![0.0; rows * cols]);
+    cpu.center_and_innovate(&g, &y, rows, cols, &mut cc, &mut ic)
+        .unwrap();
+    // The element-wise kernel with its own geometry and with a 2-block grid that makes
+    // the grid-stride loop go round (the kernel must be right for any grid).
+    let strided = grid_1d(rows * cols, 64, 2);
+    for cfg in [geometry::elementwise_stride_launch(rows * cols), strided] {
+        let runs: Vec<(Vec<f64>, Vec<f64>)> = ORDERS
+            .iter()
+            .map(|&order| {
+                let (gg, yg) = (Guarded::new(&g), Guarded::new(&y));
+                let mut mean = Guarded::<f64>::output(cols);
+                let mut c = Guarded::<f64>::output(rows * cols);
+                let mut i = Guarded::<f64>::output(rows * cols);
+                // SAFETY: g, c, i hold rows·cols, y and mean cols elements.
+                let rc = unsafe {
+                    f64_mean(
+                        &launch(&geometry::mean_launch(cols), order),
+                        gg.ptr(),
+                        ri,
+                        ci,
+                        mean.mut_ptr(),
+                    )
+                };
+                e.result(rc).expect("row_mean_f64");
+                // SAFETY: as above.
+                let rc = unsafe {
+                    center(
+                        &launch(&cfg, order),
+                        gg.ptr(),
+                        yg.ptr(),
+                        mean.ptr(),
+                        ri,
+                        ci,
+                        c.mut_ptr(),
+                        i.mut_ptr(),
+                    )
+                };
+                e.result(rc).expect("center_and_innovate_f64");
+                mean.written("row_mean_f64");
+                (c.written("centred"), i.written("innovations"))
+            })
+            .collect();
+        let (c, i): (Vec<_>, Vec<_>) = runs.into_iter().unzip();
+        let c = same_in_both_orders("centred", c);
+        let i = same_in_both_orders("innovations", i);
+        // The f64 means differ only by summation order: rows·eps64·max|g| bounds it.
+        let g_max = max_abs(&up(&g));
+        assert_close("centred", &c, &cc, rows as f64 * EPS64 * g_max, 0.0);
+        // y − g of two f32 values in f64 is one correctly rounded operation: exact.
+        assert_close("innovations", &i, &ic, 0.0, 0.0);
+    }
+
+    let src = normals(&mut rng, 1000, 1e3);
+    let mut want = vec![0.0f32; src.len()];
+    cpu.f64_to_f32(&src, &mut want).unwrap();
+    let conv = e.entry::<ToF32Fn>("f64_to_f32");
+    for cfg in [
+        geometry::elementwise_stride_launch(src.len()),
+        grid_1d(src.len(), 32, 3),
+    ] {
+        let sg = Guarded::new(&src);
+        let mut dg = Guarded::<f32>::output(src.len());
+        // SAFETY: both hold src.len() elements.
+        let rc = unsafe {
+            conv(
+                &launch(&cfg, Order::Descending),
+                sg.ptr(),
+                dg.mut_ptr(),
+                1000,
+            )
+        };
+        e.result(rc).expect("f64_to_f32");
+        let got = dg.written("f64_to_f32");
+        assert!(
+            got.iter()
+                .zip(&want)
+                .all(|(a, b)| a.to_bits() == b.to_bits()),
+            "f64_to_f32 rounds to nearest on both"
+        );
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// linalg.cu
+
+type AddDiagFn = unsafe extern "C" fn(*const Launch, *mut f64, i32, f64) -> i32;
+type UnitLowerFn = unsafe extern "C" fn(*const Launch, *mut f64, i32, i32) -> i32;
+type CholFn = unsafe extern "C" fn(
+    *const Launch,
+    *const f64,
+    i32,
+    i32,
+    *mut f64,
+    i32,
+    *mut i32,
+    *mut f64,
+) -> i32;
+
+#[test]
+fn diagonal_and_block_lower_kernels_are_exact() {
+    let Some(e) = emu() else { return };
+    let cpu = CpuBackend::new();
+    let mut rng = ChaCha8Rng::seed_from_u64(71);
+    let n = 33;
+    let a = normals(&mut rng, n * n, 1.0);
+    let mut want = a.clone();
+    cpu.add_diagonal_f64(&mut want, n, 0.25).unwrap();
+    let add = e.entry::<AddDiagFn>("add_diagonal_f64");
+    let mut ag = Guarded::new(&a);
+    // SAFETY: a holds n² elements.
+    let rc = unsafe {
+        add(
+            &launch(&geometry::add_diagonal_launch(n), Order::Ascending),
+            ag.mut_ptr(),
+            33,
+            0.25,
+        )
+    };
+    e.result(rc).expect("add_diagonal_f64");
+    assert_eq!(ag.get("add_diagonal_f64"), want);
+
+    let (n, bs) = (60, 10);
+    let a = normals(&mut rng, n * n, 1.0);
+    let mut want = a.clone();
+    cpu.unit_block_lower_f64(&mut want, n, bs).unwrap();
+    let lower = e.entry::<UnitLowerFn>("unit_block_lower_f64");
+    for cfg in [
+        geometry::elementwise_stride_launch(n * n),
+        grid_1d(n * n, 128, 5),
+    ] {
+        let mut ag = Guarded::new(&a);
+        // SAFETY: a holds n² elements.
+        let rc = unsafe { lower(&launch(&cfg, Order::Descending), ag.mut_ptr(), 60, 10) };
+        e.result(rc).expect("unit_block_lower_f64");
+        // Negation and constants only: bit-identical.
+        assert_eq!(ag.get("unit_block_lower_f64"), want);
+    }
+}
+
+/// Emulated small-block Cholesky solve against the CPU's, then with block `blocks / 2`
+/// made indefinite: the kernel must report that block and the CPU's pivot.
+fn cholesky_case(e: &Emu, blocks: usize, bs: usize, nrhs: usize, seed: u64) {
+    let cpu = CpuBackend::new();
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    let n = blocks * bs;
+    let a = block_spd(&mut rng, blocks, bs);
+    let rhs = normals(&mut rng, nrhs * n, 1.0);
+    let what = format!("block_cholesky_solve_small blocks={blocks} bs={bs} nrhs={nrhs}");
+    let cfg = geometry::small_cholesky_launch(blocks, nrhs).expect("geometry");
+    let f = e.entry::<CholFn>("block_cholesky_solve_small_f64");
+    let run = |a: &[f64], order: Order| -> (Vec<f64>, Vec<i32>, Vec<f64>) {
+        let ag = Guarded::new(a);
+        let mut rg = Guarded::new(&rhs);
+        let mut info = Guarded::<i32>::output(blocks);
+        let mut bad = Guarded::<f64>::output(blocks);
+        // SAFETY: a holds n², rhs nrhs·n, info and bad `blocks` elements.
+        let rc = unsafe {
+            f(
+                &launch(&cfg, order),
+                ag.ptr(),
+                to_i32(n),
+                to_i32(bs),
+                rg.mut_ptr(),
+                to_i32(nrhs),
+                info.mut_ptr(),
+                bad.mut_ptr(),
+            )
+        };
+        e.result(rc).unwrap_or_else(|m| panic!("{what}: {m}"));
+        assert_eq!(ag.get("a"), a, "{what}: the kernel leaves `a` unchanged");
+        (rg.get("rhs"), info.written("info"), bad.written("pivots"))
+    };
+
+    let (mut ac, mut want) = (a.clone(), rhs.clone());
+    cpu.block_cholesky_solve_f64(&mut ac, blocks, bs, &mut want, nrhs)
+        .unwrap();
+    let runs: Vec<_> = ORDERS.iter().map(|&o| run(&a, o)).collect();
+    let (r, info): (Vec<_>, Vec<_>) = runs.into_iter().map(|(r, i, _)| (r, i)).unzip();
+    let got = same_in_both_orders(&what, r);
+    assert!(
+        info[0].iter().all(|&i| i == 0),
+        "{what}: info {:?}",
+        info[0]
+    );
+    let scale = max_abs(&want);
+    assert_close(&what, &got, &want, SOLVE_TOL * scale, SOLVE_TOL);
+
+    let bad_block = blocks / 2;
+    let mut a_bad = a.clone();
+    a_bad[(bad_block * bs + 1) * n + bad_block * bs + 1] = -1.0;
+    let (mut ac, mut rc) = (a_bad.clone(), rhs.clone());
+    let Err(Error::Linalg(LinalgError::NotPositiveDefinite {
+        block,
+        pivot,
+        value,
+        ..
+    })) = cpu.block_cholesky_solve_f64(&mut ac, blocks, bs, &mut rc, nrhs)
+    else {
+        panic!("{what}: the CPU accepted an indefinite block");
+    };
+    for order in ORDERS {
+        let (r, info, bad) = run(&a_bad, order);
+        // The failing block's columns stay as they were in every row.
+        let touched = (0..nrhs * n)
+            .filter(|i| (i % n) / bs == block)
+            .find(|&i| r[i].to_bits() != rhs[i].to_bits());
+        assert_eq!(
+            touched, None,
+            "{what}: the indefinite block's columns were written"
+        );
+        for (d, &i) in info.iter().enumerate() {
+            let expect = if d == block { pivot as i32 + 1 } else { 0 };
+            assert_eq!(
+                i, expect,
+                "{what}: info of block {d} (indefinite: {bad_block})"
+            );
+        }
+        assert!(
+            (bad[block] - value).abs() <= SOLVE_TOL * value.abs().max(1.0),
+            "{what}: failing pivot {} vs cpu {value}",
+            bad[block]
+        );
+    }
+}
+
+#[test]
+fn small_block_cholesky_kernel_matches_cpu() {
+    let Some(e) = emu() else { return };
+    cholesky_case(e, 64, 10, 300, 41); // the sequential rule's shape (J = 300): 3 CTAs a block
+    cholesky_case(e, 3, 32, 129, 42); // largest kernel block, rows spill into 2 CTAs
+    cholesky_case(e, 1, 7, 5, 43);
+}
+
+// ---------------------------------------------------------------------------------------
+// backprop.cu
+
+type BpForwardFn = unsafe extern "C" fn(
+    *const Launch,
+    *const f32,
+    *const f32,
+    i32,
+    i32,
+    i32,
+    *mut f32,
+    *mut f32,
+    *mut u32,
+    *mut f32,
+    *mut f32,
+    *mut u32,
+    *mut f32,
+    *mut f32,
+) -> i32;
+type SoftmaxFn = unsafe extern "C" fn(
+    *const Launch,
+    *const f32,
+    *const f32,
+    *const i32,
+    i32,
+    f32,
+    *mut f64,
+    *mut i32,
+    *mut f32,
+) -> i32;
+type BpBackwardFn = unsafe extern "C" fn(
+    *const Launch,
+    *const f32,
+    *const f32,
+    i32,
+    i32,
+    i32,
+    i32,
+    *const f32,
+    *const f32,
+    *const u32,
+    *const f32,
+    *const f32,
+    *const u32,
+    *const f32,
+    *mut f32,
+) -> i32;
+type GradReduceFn = unsafe extern "C" fn(*const Launch, *const f32, i32, i32, *mut f32) -> i32;
+
+/// The forward cache as guarded device-side buffers.
+struct CacheBufs {
+    a1: Guarded<f32>,
+    p1: Guarded<f32>,
+    arg1: Guarded<u32>,
+    a2: Guarded<f32>,
+    p2: Guarded<f32>,
+    arg2: Guarded<u32>,
+    logits: Guarded<f32>,
+    probs: Guarded<f32>,
+}
+
+impl CacheBufs {
+    fn new(net: &Net, images: usize) -> Self {
+        let z = ForwardCache::<f32>::zeros(net, images);
+        CacheBufs {
+            a1: Guarded::output(z.a1.len()),
+            p1: Guarded::output(z.p1.len()),
+            arg1: Guarded::output(z.arg1.len()),
+            a2: Guarded::output(z.a2.len()),
+            p2: Guarded::output(z.p2.len()),
+            arg2: Guarded::output(z.arg2.len()),
+            logits: Guarded::output(z.logits.len()),
+            probs: Guarded::output(z.probs.len()),
+        }
+    }
+
+    fn cache(&self, images: usize) -> ForwardCache<f32> {
+        ForwardCache {
+            images,
+            a1: self.a1.written("a1"),
+            p1: self.p1.written("p1"),
+            arg1: self.arg1.written("arg1"),
+            a2: self.a2.written("a2"),
+            p2: self.p2.written("p2"),
+            arg2: self.arg2.written("arg2"),
+            logits: self.logits.written("logits"),
+            probs: self.probs.written("probs"),
+        }
+    }
+}
+
+/// What the emulated backprop kernels produce for one schedule.
+struct BpRun {
+    cache: ForwardCache<f32>,
+    loss: Vec<f64>,
+    correct: Vec<i32>,
+    grad: Vec<f32>,
+}
+
+/// The kernel sequence of `gpu::backprop::backprop`: forward with caches, softmax
+/// backward (scale 1/B), per-image backward, gradient reduction.
+fn emulated_backprop(
+    e: &Emu,
+    net: &Net,
+    w: &[f32],
+    x: &[f32],
+    labels: &[u8],
+    order: Order,
+) -> BpRun {
+    let images = labels.len();
+    let (ii, pi) = (to_i32(images), to_i32(net.n_params()));
+    let (arch, act) = (net.arch.code(), net.act.code());
+    let (wg, xg) = (Guarded::new(w), Guarded::new(x));
+    let mut c = CacheBufs::new(net, images);
+    let per_image = launch(&geometry::per_image_launch(images), order);
+    let fwd = e.entry::<BpForwardFn>("backprop_forward_f32");
+    // SAFETY: the cache buffers have the CPU cache's sizes for `images` images, which are
+    // the kernel's per-image extents; w holds P and x images·784 elements.
+    let rc = unsafe {
+        fwd(
+            &per_image,
+            wg.ptr(),
+            xg.ptr(),
+            ii,
+            arch,
+            act,
+            c.a1.mut_ptr(),
+            c.p1.mut_ptr(),
+            c.arg1.mut_ptr(),
+            c.a2.mut_ptr(),
+            c.p2.mut_ptr(),
+            c.arg2.mut_ptr(),
+            c.logits.mut_ptr(),
+            c.probs.mut_ptr(),
+        )
+    };
+    e.result(rc).expect("backprop_forward_f32");
+
+    let labels_i: Vec<i32> = labels.iter().map(|&l| i32::from(l)).collect();
+    let lg = Guarded::new(&labels_i);
+    let mut loss = Guarded::<f64>::output(images);
+    let mut correct = Guarded::<i32>::output(images);
+    let mut dlogits = Guarded::<f32>::output(images * CLASSES);
+    let soft = e.entry::<SoftmaxFn>("softmax_xent_backward_f32");
+    // SAFETY: logits, probs, dlogits hold images·10; labels, loss, correct `images`.
+    let rc = unsafe {
+        soft(
+            &launch(&geometry::elementwise_launch(images), order),
+            c.logits.ptr(),
+            c.probs.ptr(),
+            lg.ptr(),
+            ii,
+            1.0f32 / images as f32,
+            loss.mut_ptr(),
+            correct.mut_ptr(),
+            dlogits.mut_ptr(),
+        )
+    };
+    e.result(rc).expect("softmax_xent_backward_f32");
+
+    let mut gimg = Guarded::<f32>::output(images * net.n_params());
+    let bwd = e.entry::<BpBackwardFn>("backprop_backward_f32");
+    // SAFETY: as for the forward kernel; dlogits images·10, gimg images·P.
+    let rc = unsafe {
+        bwd(
+            &per_image,
+            wg.ptr(),
+            xg.ptr(),
+            ii,
+            pi,
+            arch,
+            act,
+            c.a1.ptr(),
+            c.p1.ptr(),
+            c.arg1.ptr(),
+            c.a2.ptr(),
+            c.p2.ptr(),
+            c.arg2.ptr(),
+            dlogits.ptr(),
+            gimg.mut_ptr(),
+        )
+    };
+    e.result(rc).expect("backprop_backward_f32");
+    let mut grad = Guarded::<f32>::output(net.n_params());
+    let red = e.entry::<GradReduceFn>("grad_reduce_f32");
+    // SAFETY: gimg holds images·P and grad P elements.
+    let rc = unsafe {
+        red(
+            &launch(&geometry::elementwise_launch(net.n_params()), order),
+            gimg.ptr(),
+            ii,
+            pi,
+            grad.mut_ptr(),
+        )
+    };
+    e.result(rc).expect("grad_reduce_f32");
+    gimg.written("per-image gradients");
+    dlogits.written("dlogits");
+    BpRun {
+        cache: c.cache(images),
+        loss: loss.written("loss"),
+        correct: correct.written("correct"),
+        grad: grad.written("gradient"),
+    }
+}
+
+/// [`same_in_both_orders`] for every buffer of two caches.
+fn same_cache_in_both_orders(what: &str, a: &ForwardCache<f32>, b: &ForwardCache<f32>) {
+    for (name, x, y) in [
+        ("a1", &a.a1, &b.a1),
+        ("p1", &a.p1, &b.p1),
+        ("a2", &a.a2, &b.a2),
+        ("p2", &a.p2, &b.p2),
+        ("logits", &a.logits, &b.logits),
+        ("probs", &a.probs, &b.probs),
+    ] {
+        same_in_both_orders(&format!("{what} {name}"), vec![x.clone(), y.clone()]);
+    }
+    same_in_both_orders(
+        &format!("{what} arg1"),
+        vec![a.arg1.clone(), b.arg1.clone()],
+    );
+    same_in_both_orders(
+        &format!("{what} arg2"),
+        vec![a.arg2.clone(), b.arg2.clone()],
+    );
+}
+
+#[test]
+fn backprop_kernels_match_cpu_for_every_arch_and_activation() {
+    let Some(e) = emu() else { return };
+    for (i, net) in nets().into_iter().enumerate() {
+        let what = format!("{net:?}");
+        let (w, x, labels) = twin_case(&net, i);
+        let want = backprop(&net, &w, &x, &labels).expect("cpu backprop");
+        let runs: Vec<BpRun> = ORDERS
+            .iter()
+            .map(|&o| emulated_backprop(e, &net, &w, &x, &labels, o))
+            .collect();
+        same_cache_in_both_orders(&what, &runs[0].cache, &runs[1].cache);
+        let grad = same_in_both_orders(&what, runs.iter().map(|r| r.grad.clone()).collect());
+        let r = &runs[0];
+        // As the host: the mean of the per-image losses, the count of correct images.
+        let loss = r.loss.iter().sum::<f64>() / B as f64;
+        assert!(
+            (loss - want.loss).abs() <= LOGIT_TOL * 0.1 * want.loss.abs(),
+            "{what}: loss {loss} vs cpu {}",
+            want.loss
+        );
+        assert_eq!(
+            r.correct.iter().filter(|&&c| c != 0).count(),
+            want.correct,
+            "{what}: correct count"
+        );
+        compare_cache(&what, &r.cache, &want.cache);
+        for spec in net.tensors() {
+            let wg = up(&want.grad[spec.range()]);
+            assert_close(
+                &format!("{what} d/d {}", spec.name),
+                &up(&grad[spec.range()]),
+                &wg,
+                GRAD_TOL * max_abs(&wg),
+                GRAD_TOL,
+            );
+        }
+    }
+}
+
+#[test]
+fn backprop_kernels_handle_a_batch_of_one_and_of_many() {
+    let Some(e) = emu() else { return };
+    // Inputs of case_inputs (B images); the sub-batches below use their first images.
+    let net = Net::new(Arch::Pooled, Activation::Relu);
+    let (w, x, labels) = case_inputs(&net, 5);
+    for images in [1, B] {
+        let (x, labels) = (&x[..images * IMG_PIXELS], &labels[..images]);
+        let want = backprop(&net, &w, x, labels).expect("cpu backprop");
+        let got = emulated_backprop(e, &net, &w, x, labels, Order::Descending);
+        let loss = got.loss.iter().sum::<f64>() / images as f64;
+        assert!((loss - want.loss).abs() <= LOGIT_TOL * 0.1 * want.loss.abs());
+        let wg = up(&want.grad);
+        assert_close(
+            &format!("{net:?} gradient over {images} image(s)"),
+            &up(&got.grad),
+            &wg,
+            GRAD_TOL * max_abs(&wg),
+            GRAD_TOL,
+        );
+    }
+}
+
+type SgdFn =
+    unsafe extern "C" fn(*const Launch, *mut f32, *const f32, *mut f32, i32, f32, f32, i32) -> i32;
+type AdamFn = unsafe extern "C" fn(
+    *const Launch,
+    *mut f32,
+    *const f32,
+    *mut f32,
+    *mut f32,
+    i32,
+    f32,
+    f32,
+    f32,
+    f32,
+    f32,
+    f32,
+) -> i32;
+
+/// `steps` updates of the CPU optimizer and the emulated kernel on the same seeded
+/// parameters and gradients: bit-identical after each (the kernels round as the CPU).
+fn optimizer_case(e: &Emu, what: &str, mut cpu: GradOptimizer, seed: u64) {
+    let n = 1000;
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    let mut normal = |s: f64| -> f32 {
+        let z: f64 = StandardNormal.sample(&mut rng);
+        (s * z) as f32
+    };
+    let start: Vec<f32> = (0..n).map(|_| normal(1.0)).collect();
+    let mut p = start.clone();
+    let mut pg = Guarded::new(&start);
+    let (mut m, mut v) = (
+        Guarded::new(&vec![0.0f32; n]),
+        Guarded::new(&vec![0.0f32; n]),
+    );
+    let mut has_buf = false;
+    let cfg = launch(&geometry::elementwise_launch(n), Order::Descending);
+    for s in 0..4 {
+        // Gradients over several magnitudes, some exactly zero.
+        let g: Vec<f32> = (0..n)
+            .map(|i| {
+                if i % 17 == 0 {
+                    0.0
+                } else {
+                    normal(10f64.powi(-(i as i32 % 6)))
+                }
+            })
+            .collect();
+        let gg = Guarded::new(&g);
+        let rc = match &mut cpu {
+            GradOptimizer::Sgd(sgd) => {
+                let (lr, mu) = (sgd.lr as f32, sgd.momentum as f32);
+                let mode = sgd_mode(mu, has_buf);
+                has_buf = mode != 0;
+                sgd.step(&mut p, &g).expect("cpu step");
+                let f = e.entry::<SgdFn>("sgd_step_f32");
+                // SAFETY: params, grad and the buffer hold n elements.
+                unsafe {
+                    f(
+                        &cfg,
+                        pg.mut_ptr(),
+                        gg.ptr(),
+                        m.mut_ptr(),
+                        1000,
+                        lr,
+                        mu,
+                        mode,
+                    )
+                }
+            }
+            GradOptimizer::Adam(adam) => {
+                adam.step(&mut p, &g).expect("cpu step");
+                // The scalars of the step just taken (Adam::step incremented t).
+                let k = adam.scalars();
+                let f = e.entry::<AdamFn>("adam_step_f32");
+                // SAFETY: params, grad, m and v hold n elements.
+                unsafe {
+                    f(
+                        &cfg,
+                        pg.mut_ptr(),
+                        gg.ptr(),
+                        m.mut_ptr(),
+                        v.mut_ptr(),
+                        1000,
+                        k.step_size,
+                        k.bc2_sqrt,
+                        k.w1,
+                        k.b2,
+                        k.w2,
+                        k.eps,
+                    )
+                }
+            }
+        };
+        e.result(rc).unwrap_or_else(|msg| panic!("{what}: {msg}"));
+        let got = pg.get(what);
+        if let Some(i) = got
+            .iter()
+            .zip(&p)
+            .position(|(a, b)| a.to_bits() != b.to_bits())
+        {
+            panic!(
+                "{what} step {s}: element {i}: kernel {} vs cpu {}",
+                got[i], p[i]
+            );
+        }
+    }
+    assert!(
+        p.iter().zip(&start).filter(|(a, b)| a != b).count() > n / 2,
+        "{what}: the steps left the parameters unchanged"
+    );
+}
+
+#[test]
+fn optimizer_kernels_are_bit_identical_to_cpu() {
+    let Some(e) = emu() else { return };
+    optimizer_case(
+        e,
+        "sgd momentum 0.9",
+        GradOptimizer::Sgd(Sgd::new(0.1, 0.9).unwrap()),
+        1,
+    );
+    optimizer_case(
+        e,
+        "sgd no momentum",
+        GradOptimizer::Sgd(Sgd::new(0.05, 0.0).unwrap()),
+        2,
+    );
+    optimizer_case(
+        e,
+        "adam defaults",
+        GradOptimizer::Adam(Adam::new(1e-3).unwrap()),
+        3,
+    );
+    optimizer_case(
+        e,
+        "adam custom",
+        GradOptimizer::Adam(Adam::with_params(3e-2, 0.8, 0.99, 1e-6).unwrap()),
+        4,
+    );
+}
+
+// ---------------------------------------------------------------------------------------
+// The emulation catches faults (tests/emu/selftest.cu)
+
+type OutFn = unsafe extern "C" fn(*const Launch, *mut f32) -> i32;
+type OutIntFn = unsafe extern "C" fn(*const Launch, *mut f32, i32) -> i32;
+type IntFn = unsafe extern "C" fn(*const Launch, i32) -> i32;
+
+/// One block of 64 threads with 64 floats of dynamic shared memory.
+fn selftest_launch(order: Order) -> Launch {
+    Launch {
+        grid: [1, 1, 1],
+        block: [64, 1, 1],
+        shared_mem_bytes: 64 * 4,
+        reverse: i32::from(order == Order::Descending),
+    }
+}
+
+#[test]
+fn emulation_exposes_a_missing_barrier() {
+    let Some(e) = emu() else { return };
+    let f = e.entry::<OutIntFn>("selftest_exchange");
+    for order in ORDERS {
+        let mut out = Guarded::<f32>::output(64);
+        // SAFETY: out holds 64 floats, one per thread.
+        e.result(unsafe { f(&selftest_launch(order), out.mut_ptr(), 1) })
+            .unwrap();
+        let want: Vec<f32> = (0..64).rev().map(|t| t as f32).collect();
+        assert_eq!(out.get("with barrier"), want, "{order:?}");
+        let mut out = Guarded::<f32>::output(64);
+        // SAFETY: as above.
+        e.result(unsafe { f(&selftest_launch(order), out.mut_ptr(), 0) })
+            .unwrap();
+        let got = out.get("without barrier");
+        let stale = got.iter().filter(|v| v.is_nan()).count();
+        assert!(
+            stale >= 32,
+            "{order:?}: only {stale} threads read unwritten shared memory"
+        );
+    }
+}
+
+#[test]
+fn emulation_rejects_divergent_barriers_and_partial_shuffles() {
+    let Some(e) = emu() else { return };
+    let mut out = Guarded::<f32>::output(64);
+    let f = e.entry::<OutFn>("selftest_divergent_barrier");
+    // SAFETY: out holds 64 floats.
+    let r = e.result(unsafe { f(&selftest_launch(Order::Ascending), out.mut_ptr()) });
+    assert!(
+        matches!(&r, Err(m) if m.contains("already returned")),
+        "{r:?}"
+    );
+    let f = e.entry::<OutFn>("selftest_partial_shuffle");
+    // SAFETY: as above.
+    let r = e.result(unsafe { f(&selftest_launch(Order::Descending), out.mut_ptr()) });
+    assert!(
+        matches!(&r, Err(m) if m.contains("only some lanes")),
+        "{r:?}"
+    );
+}
+
+#[test]
+fn emulation_rejects_shared_memory_overruns() {
+    let Some(e) = emu() else { return };
+    let f = e.entry::<IntFn>("selftest_shared_write");
+    // SAFETY: the kernel touches shared memory only.
+    e.result(unsafe { f(&selftest_launch(Order::Ascending), 63) })
+        .expect("last element");
+    // SAFETY: as above (the emulation's guard absorbs the overrun).
+    let r = e.result(unsafe { f(&selftest_launch(Order::Ascending), 64) });
+    assert!(matches!(&r, Err(m) if m.contains("outside")), "{r:?}");
+}
+
+#[test]
+fn emulated_shuffles_follow_cuda_semantics() {
+    let Some(e) = emu() else { return };
+    let f = e.entry::<OutFn>("selftest_shuffles");
+    let mut out = Guarded::<f32>::output(128);
+    // SAFETY: out holds two floats per thread.
+    e.result(unsafe { f(&selftest_launch(Order::Descending), out.mut_ptr()) })
+        .unwrap();
+    let got = out.written("shuffles");
+    for t in 0..64usize {
+        let (warp, lane) = (t / 32 * 32, t % 32);
+        assert_eq!(got[2 * t], (warp + (lane ^ 5)) as f32, "xor, thread {t}");
+        let down = if lane + 3 < 32 { lane + 3 } else { lane };
+        assert_eq!(got[2 * t + 1], (warp + down) as f32, "down, thread {t}");
+    }
+}
