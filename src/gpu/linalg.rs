@@ -58,14 +58,54 @@ fn op(t: Trans) -> cublasOperation_t {
     }
 }
 
+/// The column-major (cuBLAS) arguments of a row-major GEMM, see [`col_major_gemm`].
+/// cuBLAS's first operand is the row-major `b`, its second the row-major `a`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ColMajorGemm {
+    /// Operation on cuBLAS's first operand (the row-major `b`).
+    pub transa: Trans,
+    /// Operation on cuBLAS's second operand (the row-major `a`).
+    pub transb: Trans,
+    /// cuBLAS M, N, K.
+    pub m: usize,
+    /// cuBLAS N.
+    pub n: usize,
+    /// cuBLAS K.
+    pub k: usize,
+    /// Leading dimension of cuBLAS's first operand (`b`).
+    pub lda: usize,
+    /// Leading dimension of cuBLAS's second operand (`a`).
+    pub ldb: usize,
+    /// Leading dimension of c.
+    pub ldc: usize,
+}
+
+/// Maps the row-major GEMM `c (m × n) = op(a) (m × k) · op(b) (k × n)` to cuBLAS.
+///
+/// Row-major c (m × n) is column-major cᵀ (n × m, ldc = n), and cᵀ = op(b)ᵀ · op(a)ᵀ.
+/// Row-major b stored k × n (`No`) is column-major n × k = op(b)ᵀ with ld n, so cuBLAS
+/// gets `b` first with its own flag and ld = n (`No`) or k (`Yes`, stored n × k);
+/// likewise `a` second with ld = k (`No`, stored m × k) or m (`Yes`, stored k × m);
+/// cuBLAS dimensions (M, N, K) = (n, m, k). Leading dimensions are at least 1, as cuBLAS
+/// requires even for empty operands.
+pub fn col_major_gemm(ta: Trans, tb: Trans, m: usize, n: usize, k: usize) -> ColMajorGemm {
+    let ld = |v: usize| v.max(1);
+    ColMajorGemm {
+        transa: tb,
+        transb: ta,
+        m: n,
+        n: m,
+        k,
+        lda: ld(if tb == Trans::No { n } else { k }),
+        ldb: ld(if ta == Trans::No { k } else { m }),
+        ldc: ld(n),
+    }
+}
+
 /// Row-major GEMM `c = alpha · op(a) · op(b) + beta · c` (f32 or f64), see
 /// [`crate::backend::Backend::gemm_f32`]: `op(a)` m × k, `op(b)` k × n, `c` m × n.
 ///
-/// The one place where row-major meets cuBLAS: row-major c (m × n) is column-major cᵀ
-/// (n × m, ldc = n), and cᵀ = op(b)ᵀ · op(a)ᵀ. Row-major b stored k × n (`No`) is
-/// column-major n × k = op(b)ᵀ with ld n, so cuBLAS gets `b` first with its own flag and
-/// ld = n (`No`) or k (`Yes`, stored n × k); likewise `a` second with ld = k (`No`, stored
-/// m × k) or m (`Yes`, stored k × m); cuBLAS dimensions (M, N, K) = (n, m, k).
+/// The one place where row-major meets cuBLAS, through [`col_major_gemm`].
 ///
 /// Errors: [`Error::Shape`] on a length mismatch or a dimension beyond `int`.
 #[allow(clippy::too_many_arguments)]
@@ -91,23 +131,22 @@ where
     if m == 0 || n == 0 {
         return Ok(());
     }
-    let (mi, ni, ki) = (
-        to_i32("gemm m", m)?,
-        to_i32("gemm n", n)?,
-        to_i32("gemm k", k)?,
-    );
-    let ld = |v: i32| v.max(1);
+    // Every dimension and leading dimension below is one of m, n, k (or 1).
+    to_i32("gemm m", m)?;
+    to_i32("gemm n", n)?;
+    to_i32("gemm k", k)?;
+    let g = col_major_gemm(ta, tb, m, n, k);
     let cfg = GemmConfig {
-        transa: op(tb),
-        transb: op(ta),
-        m: ni,
-        n: mi,
-        k: ki,
+        transa: op(g.transa),
+        transb: op(g.transb),
+        m: g.m as i32,
+        n: g.n as i32,
+        k: g.k as i32,
         alpha,
-        lda: ld(if tb == Trans::No { ni } else { ki }),
-        ldb: ld(if ta == Trans::No { ki } else { mi }),
+        lda: g.lda as i32,
+        ldb: g.ldb as i32,
         beta,
-        ldc: ni,
+        ldc: g.ldc as i32,
     };
     // SAFETY: check_len proved b = k·n, a = m·k, c = m·n elements, which are exactly the
     // extents cuBLAS reads/writes with these dimensions and leading dimensions.
@@ -268,6 +307,71 @@ fn sol_check(status: sol::cusolverStatus_t, what: &str) -> Result<()> {
     }
 }
 
+/// Where cuSOLVER finds diagonal block d (bs × bs) of the row-major n × n matrix `a` and
+/// the matching block column of the row-major right-hand sides (nrhs × n).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CholeskyBlock {
+    /// Element offset of the block in `a`; its leading dimension is n.
+    pub a_offset: usize,
+    /// Element offset of the block column in the right-hand sides (leading dimension n).
+    pub b_offset: usize,
+    /// The triangle potrf factors and potrs reads.
+    pub uplo: sol::cublasFillMode_t,
+}
+
+/// Block d of row-major a starts at element d·bs·n + d·bs with leading dimension n; it
+/// is symmetric, so the column-major view (its transpose) is the same matrix and the
+/// LOWER triangle of that view is used. Block column d of row-major rhs (nrhs × n), read
+/// column-major from element d·bs with ld n, is the bs × nrhs matrix rhs_dᵀ, and potrs
+/// overwrites it with A_dd⁻¹ rhs_dᵀ = (rhs_d A_dd⁻¹)ᵀ.
+pub fn cholesky_block(d: usize, bs: usize, n: usize) -> CholeskyBlock {
+    CholeskyBlock {
+        a_offset: d * bs * n + d * bs,
+        b_offset: d * bs,
+        uplo: sol::cublasFillMode_t::CUBLAS_FILL_MODE_LOWER,
+    }
+}
+
+/// The column-major (cuBLAS) arguments of [`solve_unit_lower_right_f64`]:
+/// `trsm(side, uplo, trans, diag, m, n, 1, T, lda, b, ldb)`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ColMajorTrsm {
+    /// Side of the triangular matrix.
+    pub side: cublasSideMode_t,
+    /// Triangle read.
+    pub uplo: cublasFillMode_t,
+    /// Operation on the triangular matrix.
+    pub trans: cublasOperation_t,
+    /// Unit or stored diagonal.
+    pub diag: cublasDiagType_t,
+    /// cuBLAS M (rows of the column-major right-hand side).
+    pub m: usize,
+    /// cuBLAS N.
+    pub n: usize,
+    /// Leading dimension of T.
+    pub lda: usize,
+    /// Leading dimension of b.
+    pub ldb: usize,
+}
+
+/// `x · T = b` (row-major b: rows × n, T: n × n unit lower) as a cuBLAS trsm. Row-major
+/// b is Bᶜ = bᵀ (n × rows, ld n) and row-major T is Tᶜ = Tᵀ (ld n), upper unit
+/// triangular. x T = b ⇔ Tᵀ xᵀ = bᵀ ⇔ Tᶜ Xᶜ = Bᶜ: side LEFT, uplo UPPER (Tᶜ's upper
+/// triangle is T's lower one, so entries above T's diagonal, Tᶜ's lower triangle, are
+/// never read), no transpose, unit diagonal, (M, N) = (n, rows).
+pub fn col_major_unit_lower_right(n: usize, rows: usize) -> ColMajorTrsm {
+    ColMajorTrsm {
+        side: cublasSideMode_t::CUBLAS_SIDE_LEFT,
+        uplo: cublasFillMode_t::CUBLAS_FILL_MODE_UPPER,
+        trans: cublasOperation_t::CUBLAS_OP_N,
+        diag: cublasDiagType_t::CUBLAS_DIAG_UNIT,
+        m: n,
+        n: rows,
+        lda: n.max(1),
+        ldb: n.max(1),
+    }
+}
+
 #[allow(clippy::too_many_arguments)]
 fn cusolver_blocks(
     be: &CudaBackend,
@@ -279,14 +383,8 @@ fn cusolver_blocks(
     rhs: &mut CudaSlice<f64>,
     nrhs: i32,
 ) -> Result<()> {
-    // Block d of row-major a starts at element d·bs·n + d·bs with leading dimension n; it
-    // is symmetric, so the column-major view (its transpose) is the same matrix and the
-    // LOWER triangle of that view is used. Block column d of row-major rhs (nrhs × n),
-    // read column-major from element d·bs with ld n, is the bs × nrhs matrix rhs_dᵀ, and
-    // potrs overwrites it with A_dd⁻¹ rhs_dᵀ = (rhs_d A_dd⁻¹)ᵀ.
     let stream = be.stream();
     let h = solver.cu();
-    let uplo = sol::cublasFillMode_t::CUBLAS_FILL_MODE_LOWER;
     let mut info = stream
         .alloc_zeros::<i32>(blocks)
         .map_err(cuda_err("allocating cuSOLVER info"))?;
@@ -300,7 +398,14 @@ fn cusolver_blocks(
         // SAFETY: a holds n² doubles (checked by the caller); the query reads no data.
         sol_check(
             unsafe {
-                sol::cusolverDnDpotrf_bufferSize(h, uplo, bs, a_ptr as *mut f64, n, &mut lwork)
+                sol::cusolverDnDpotrf_bufferSize(
+                    h,
+                    cholesky_block(0, bs as usize, n as usize).uplo,
+                    bs,
+                    a_ptr as *mut f64,
+                    n,
+                    &mut lwork,
+                )
             },
             "potrf_bufferSize",
         )?;
@@ -311,25 +416,35 @@ fn cusolver_blocks(
         let (i_ptr, _gi) = info.device_ptr_mut(stream);
         let (pi_ptr, _gp) = potrs_info.device_ptr_mut(stream);
         let (r_ptr, _gr) = rhs.device_ptr_mut(stream);
-        for d in 0..blocks as u64 {
-            let off = d * bs as u64 * n as u64 + d * bs as u64;
-            let a_d = (a_ptr + off * f8) as *mut f64;
-            let info_d = (i_ptr + d * 4) as *mut i32;
+        for d in 0..blocks {
+            let c = cholesky_block(d, bs as usize, n as usize);
+            let a_d = (a_ptr + c.a_offset as u64 * f8) as *mut f64;
+            let info_d = (i_ptr + d as u64 * 4) as *mut i32;
             // SAFETY: block d lies inside a (d < blocks, n = blocks·bs, n² elements), the
             // workspace has the queried lwork doubles, info has `blocks` ints.
             sol_check(
                 unsafe {
-                    sol::cusolverDnDpotrf(h, uplo, bs, a_d, n, w_ptr as *mut f64, lwork, info_d)
+                    sol::cusolverDnDpotrf(h, c.uplo, bs, a_d, n, w_ptr as *mut f64, lwork, info_d)
                 },
                 "potrf",
             )?;
             if nrhs > 0 {
-                let r_d = (r_ptr + d * bs as u64 * f8) as *mut f64;
+                let r_d = (r_ptr + c.b_offset as u64 * f8) as *mut f64;
                 // SAFETY: rhs holds nrhs·n doubles (checked); columns d·bs … d·bs+bs−1 of
                 // every row are inside it with ld n.
                 sol_check(
                     unsafe {
-                        sol::cusolverDnDpotrs(h, uplo, bs, nrhs, a_d, n, r_d, n, pi_ptr as *mut i32)
+                        sol::cusolverDnDpotrs(
+                            h,
+                            c.uplo,
+                            bs,
+                            nrhs,
+                            a_d,
+                            n,
+                            r_d,
+                            n,
+                            pi_ptr as *mut i32,
+                        )
                     },
                     "potrs",
                 )?;
@@ -344,13 +459,8 @@ fn cusolver_blocks(
 }
 
 /// Solves `x · T = b` in place (`b`: rows × n, overwritten by x), T (n × n) unit lower
-/// triangular (diagonal taken as 1, entries above it ignored).
-///
-/// Column-major view: row-major b is Bᶜ = bᵀ (n × rows, ld n) and row-major T is
-/// Tᶜ = Tᵀ (ld n), upper unit triangular. x T = b ⇔ Tᵀ xᵀ = bᵀ ⇔ Tᶜ Xᶜ = Bᶜ: trsm with
-/// side LEFT, uplo UPPER (Tᶜ's upper triangle is T's lower one, so entries above T's
-/// diagonal, Tᶜ's lower triangle, are never read), no transpose, unit diagonal,
-/// (M, N) = (n, rows).
+/// triangular (diagonal taken as 1, entries above it ignored), by cuBLAS trsm with the
+/// arguments of [`col_major_unit_lower_right`].
 ///
 /// Errors: [`Error::Shape`] on a length mismatch.
 pub fn solve_unit_lower_right_f64(
@@ -365,8 +475,9 @@ pub fn solve_unit_lower_right_f64(
     if n == 0 || rows == 0 {
         return Ok(());
     }
-    let n_i = to_i32("solve_unit_lower_right_f64 n", n)?;
-    let rows_i = to_i32("solve_unit_lower_right_f64 rows", rows)?;
+    to_i32("solve_unit_lower_right_f64 n", n)?;
+    to_i32("solve_unit_lower_right_f64 rows", rows)?;
+    let t_args = col_major_unit_lower_right(n, rows);
     let stream = be.stream();
     let (t_ptr, _gt) = t.device_ptr(stream);
     let (b_ptr, _gb) = b.device_ptr_mut(stream);
@@ -376,17 +487,17 @@ pub fn solve_unit_lower_right_f64(
     unsafe {
         cudarc::cublas::sys::cublasDtrsm_v2(
             *be.blas.handle(),
-            cublasSideMode_t::CUBLAS_SIDE_LEFT,
-            cublasFillMode_t::CUBLAS_FILL_MODE_UPPER,
-            cublasOperation_t::CUBLAS_OP_N,
-            cublasDiagType_t::CUBLAS_DIAG_UNIT,
-            n_i,
-            rows_i,
+            t_args.side,
+            t_args.uplo,
+            t_args.trans,
+            t_args.diag,
+            t_args.m as i32,
+            t_args.n as i32,
             &one,
             t_ptr as *const f64,
-            n_i,
+            t_args.lda as i32,
             b_ptr as *mut f64,
-            n_i,
+            t_args.ldb as i32,
         )
     }
     .result()
