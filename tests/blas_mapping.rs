@@ -8,7 +8,7 @@
 
 mod common;
 use common::assert_close;
-use common::twins::{block_spd, normals};
+use common::twins::{block_spd, normals, unit_lower_inputs};
 
 use cudarc::cublas::sys::{
     cublasDiagType_t, cublasFillMode_t, cublasOperation_t, cublasSideMode_t,
@@ -152,6 +152,35 @@ fn dpotrs(
     }
 }
 
+/// Runs [`dpotrf`]/[`dpotrs`] on every diagonal block at the offsets of
+/// [`cholesky_block`] (right-hand-side leading dimension `ldb`), as `cusolver_blocks`
+/// calls cuSOLVER; returns the solved right-hand sides.
+fn mapped_cholesky(
+    a: &[f64],
+    rhs: &[f64],
+    blocks: usize,
+    bs: usize,
+    nrhs: usize,
+    ldb: usize,
+) -> Vec<f64> {
+    let n = blocks * bs;
+    let (mut a, mut b) = (a.to_vec(), rhs.to_vec());
+    for d in 0..blocks {
+        let c = cholesky_block(d, bs, n);
+        dpotrf(c.uplo, bs, &mut a[c.a_offset..], n);
+        dpotrs(
+            c.uplo,
+            bs,
+            nrhs,
+            &a[c.a_offset..],
+            n,
+            &mut b[c.b_offset..],
+            ldb,
+        );
+    }
+    b
+}
+
 fn max_abs(x: &[f64]) -> f64 {
     x.iter().fold(0.0, |m, v| m.max(v.abs()))
 }
@@ -195,15 +224,7 @@ fn trsm_arguments_solve_the_row_major_unit_lower_system() {
     let cpu = CpuBackend::new();
     let mut rng = ChaCha8Rng::seed_from_u64(4);
     let (n, rows) = (30, 17);
-    // Small strictly lower entries (well conditioned); garbage on and above the diagonal
-    // that must not be read.
-    let mut t = normals(&mut rng, n * n, 50.0);
-    for i in 0..n {
-        for j in 0..i {
-            t[i * n + j] = 0.3 * normals(&mut rng, 1, 1.0)[0] / (n as f64).sqrt();
-        }
-    }
-    let b = normals(&mut rng, rows * n, 1.0);
+    let (t, b) = unit_lower_inputs(&mut rng, n, rows);
     let mut want = b.clone();
     cpu.solve_unit_lower_right_f64(&t, n, &mut want, rows)
         .unwrap();
@@ -231,20 +252,7 @@ fn cholesky_block_arguments_solve_each_diagonal_block() {
         let (mut ac, mut want) = (a.clone(), rhs.clone());
         cpu.block_cholesky_solve_f64(&mut ac, blocks, bs, &mut want, nrhs)
             .unwrap();
-        let (mut ag, mut got) = (a.clone(), rhs.clone());
-        for d in 0..blocks {
-            let c = cholesky_block(d, bs, n);
-            dpotrf(c.uplo, bs, &mut ag[c.a_offset..], n);
-            dpotrs(
-                c.uplo,
-                bs,
-                nrhs,
-                &ag[c.a_offset..],
-                n,
-                &mut got[c.b_offset..],
-                n,
-            );
-        }
+        let got = mapped_cholesky(&a, &rhs, blocks, bs, nrhs, n);
         assert_close(
             &format!("cholesky blocks={blocks} bs={bs} nrhs={nrhs}"),
             &got,
@@ -286,20 +294,8 @@ fn reference_routines_reject_wrong_mappings() {
     let (mut ac, mut want) = (a.clone(), rhs.clone());
     cpu.block_cholesky_solve_f64(&mut ac, blocks, bs, &mut want, nrhs)
         .unwrap();
-    let (mut ag, mut got) = (a.clone(), rhs.clone());
-    for d in 0..blocks {
-        let c = cholesky_block(d, bs, n);
-        dpotrf(c.uplo, bs, &mut ag[c.a_offset..], n);
-        dpotrs(
-            c.uplo,
-            bs,
-            nrhs,
-            &ag[c.a_offset..],
-            n,
-            &mut got[c.b_offset..],
-            bs,
-        );
-    }
+    // A packed leading dimension (bs) for the right-hand sides instead of n.
+    let got = mapped_cholesky(&a, &rhs, blocks, bs, nrhs, bs);
     let err = got
         .iter()
         .zip(&want)

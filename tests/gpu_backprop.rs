@@ -8,7 +8,8 @@
 
 mod common;
 use common::twins::{
-    case_inputs, compare_cache, nets, twin_case, ACT_TOL, B, GRAD_TOL, LOGIT_TOL, TIE_GAP,
+    assert_bits, assert_moved, case_inputs, compare_cache, nets, optimizer_inputs, twin_case,
+    ACT_TOL, B, GRAD_TOL, LOGIT_TOL, TIE_GAP,
 };
 use common::{assert_close, gpu, max_abs, up};
 
@@ -21,9 +22,6 @@ use enkf_dnn::model::{Activation, Arch, Net};
 use enkf_dnn::train::gradient::{GradConfig, GradDevice, GradientTrainer};
 use enkf_dnn::train::optim::{Adam, GradOptimizer, Optimizer, Sgd};
 use enkf_dnn::train::stats::StatsWriter;
-use rand::SeedableRng;
-use rand_chacha::ChaCha8Rng;
-use rand_distr::{Distribution, StandardNormal};
 
 /// Short GPU vs CPU training runs: the trajectories differ only by the rounding of the
 /// gradients (≲ 1e-5 relative) propagated through 4 steps; the train loss of each row
@@ -180,56 +178,21 @@ fn backprop_is_deterministic_and_checks_its_inputs() {
 /// parameters and gradients, and requires bit-identical parameters (and state) after
 /// each: the kernels round exactly as the CPU code (no FMA contraction, IEEE √ and ÷).
 fn optimizer_case(be: &CudaBackend, what: &str, mut cpu: GradOptimizer, seed: u64) {
-    let n = 1000;
-    let steps = 4;
-    let mut rng = ChaCha8Rng::seed_from_u64(seed);
-    let mut normal = |s: f64| -> f32 {
-        let z: f64 = StandardNormal.sample(&mut rng);
-        (s * z) as f32
-    };
-    let mut p: Vec<f32> = (0..n).map(|_| normal(1.0)).collect();
+    let (start, grads) = optimizer_inputs(seed, 1000, 4);
+    let mut p = start.clone();
     let mut gpu_opt = GpuOptimizer::from_host(be, &cpu).expect("gpu optimizer");
     let mut pd = be.upload_f32(&p).unwrap();
-    for s in 0..steps {
-        // Gradients over several magnitudes, some exactly zero.
-        let g: Vec<f32> = (0..n)
-            .map(|i| {
-                if i % 17 == 0 {
-                    0.0
-                } else {
-                    normal(10f64.powi(-(i as i32 % 6)))
-                }
-            })
-            .collect();
-        let gd = be.upload_f32(&g).unwrap();
-        cpu.step(&mut p, &g).expect("cpu step");
+    for (s, g) in grads.iter().enumerate() {
+        let gd = be.upload_f32(g).unwrap();
+        cpu.step(&mut p, g).expect("cpu step");
         gpu_opt.step(be, &mut pd, &gd).expect("gpu step");
-        let got = be.download_f32(&pd).unwrap();
-        let diff = got
-            .iter()
-            .zip(&p)
-            .position(|(a, b)| a.to_bits() != b.to_bits());
-        if let Some(i) = diff {
-            panic!(
-                "{what} step {s}: element {i}: gpu {} vs cpu {}",
-                got[i], p[i]
-            );
-        }
+        assert_bits(
+            &format!("{what} step {s} (gpu vs cpu)"),
+            &be.download_f32(&pd).unwrap(),
+            &p,
+        );
     }
-    // The steps moved the parameters (a no-op kernel would not pass).
-    let start: Vec<f32> = {
-        let mut rng = ChaCha8Rng::seed_from_u64(seed);
-        (0..n)
-            .map(|_| {
-                let z: f64 = StandardNormal.sample(&mut rng);
-                z as f32
-            })
-            .collect()
-    };
-    assert!(
-        p.iter().zip(&start).filter(|(a, b)| a != b).count() > n / 2,
-        "{what}: the steps left the parameters unchanged"
-    );
+    assert_moved(what, &p, &start);
 }
 
 #[test]

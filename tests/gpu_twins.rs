@@ -3,7 +3,10 @@
 //! fails); fails instead when `REQUIRE_GPU=1`.
 
 mod common;
-use common::twins::{block_spd, normals, normals32, EPS32, EPS64, FORWARD_TOL, SOLVE_TOL};
+use common::twins::{
+    block_spd, normals, normals32, reduce_inputs, unit_lower_inputs, EPS32, EPS64, FORWARD_TOL,
+    SOLVE_TOL,
+};
 use common::{assert_close, gpu, max_abs, up};
 
 use enkf_dnn::backend::{Backend, MathMode, Trans};
@@ -102,13 +105,7 @@ fn row_mean_and_center_and_innovate_match_cpu() {
     let cpu = CpuBackend::new();
     let mut rng = ChaCha8Rng::seed_from_u64(21);
     let (rows, cols) = (777, 650);
-    let g = normals32(&mut rng, rows * cols, 5.0);
-    let y = one_hot(
-        &(0..cols / CLASSES)
-            .map(|i| (i % CLASSES) as u8)
-            .collect::<Vec<_>>(),
-        CLASSES,
-    );
+    let (g, y) = reduce_inputs(&mut rng, rows, cols);
     let gg = be.upload_f32(&g).unwrap();
     let yg = be.upload_f32(&y).unwrap();
 
@@ -311,16 +308,7 @@ fn unit_block_lower_and_solve_match_cpu() {
         0.0,
     );
 
-    // T: small strictly lower entries (well conditioned), garbage on and above the
-    // diagonal that must be ignored.
-    let n = 64;
-    let mut t = normals(&mut rng, n * n, 50.0);
-    for i in 0..n {
-        for j in 0..i {
-            t[i * n + j] = 0.3 * normals(&mut rng, 1, 1.0)[0] / (n as f64).sqrt();
-        }
-    }
-    let b = normals(&mut rng, rows * n, 1.0);
+    let (t, b) = unit_lower_inputs(&mut rng, n, rows);
     let mut want = b.clone();
     cpu.solve_unit_lower_right_f64(&t, n, &mut want, rows)
         .unwrap();

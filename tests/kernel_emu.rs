@@ -20,8 +20,9 @@
 
 mod common;
 use common::twins::{
-    block_spd, case_inputs, compare_cache, nets, normals, normals32, twin_case, B, EPS32, EPS64,
-    FORWARD_TOL, GRAD_TOL, LOGIT_TOL, SOLVE_TOL,
+    assert_bits, assert_moved, block_spd, case_inputs, compare_cache, nets, normals, normals32,
+    optimizer_inputs, reduce_inputs, twin_case, B, EPS32, EPS64, FORWARD_TOL, GRAD_TOL, LOGIT_TOL,
+    SOLVE_TOL,
 };
 use common::{assert_close, max_abs, up};
 
@@ -34,7 +35,6 @@ use cudarc::driver::LaunchConfig;
 use enkf_dnn::backend::Backend;
 use enkf_dnn::cpu::backprop::{backprop, ForwardCache};
 use enkf_dnn::cpu::CpuBackend;
-use enkf_dnn::enkf::one_hot;
 use enkf_dnn::error::LinalgError;
 use enkf_dnn::gpu::backprop::sgd_mode;
 use enkf_dnn::gpu::geometry::{self, grid_1d};
@@ -43,7 +43,6 @@ use enkf_dnn::train::optim::{Adam, GradOptimizer, Sgd};
 use enkf_dnn::Error;
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
-use rand_distr::{Distribution, StandardNormal};
 
 // ---------------------------------------------------------------------------------------
 // The emulation library
@@ -390,13 +389,7 @@ fn reduction_kernels_match_cpu() {
     let mut rng = ChaCha8Rng::seed_from_u64(21);
     // Neither a multiple of the 16 row slices nor of the 32 columns of a block.
     let (rows, cols) = (37, 70);
-    let g = normals32(&mut rng, rows * cols, 5.0);
-    let y = one_hot(
-        &(0..cols / CLASSES)
-            .map(|i| (i % CLASSES) as u8)
-            .collect::<Vec<_>>(),
-        CLASSES,
-    );
+    let (g, y) = reduce_inputs(&mut rng, rows, cols);
     let (ri, ci) = (to_i32(rows), to_i32(cols));
 
     let mut want = vec![0.0f32; cols];
@@ -973,12 +966,7 @@ type AdamFn = unsafe extern "C" fn(
 /// parameters and gradients: bit-identical after each (the kernels round as the CPU).
 fn optimizer_case(e: &Emu, what: &str, mut cpu: GradOptimizer, seed: u64) {
     let n = 1000;
-    let mut rng = ChaCha8Rng::seed_from_u64(seed);
-    let mut normal = |s: f64| -> f32 {
-        let z: f64 = StandardNormal.sample(&mut rng);
-        (s * z) as f32
-    };
-    let start: Vec<f32> = (0..n).map(|_| normal(1.0)).collect();
+    let (start, grads) = optimizer_inputs(seed, n, 4);
     let mut p = start.clone();
     let mut pg = Guarded::new(&start);
     let (mut m, mut v) = (
@@ -987,24 +975,14 @@ fn optimizer_case(e: &Emu, what: &str, mut cpu: GradOptimizer, seed: u64) {
     );
     let mut has_buf = false;
     let cfg = launch(&geometry::elementwise_launch(n), Order::Descending);
-    for s in 0..4 {
-        // Gradients over several magnitudes, some exactly zero.
-        let g: Vec<f32> = (0..n)
-            .map(|i| {
-                if i % 17 == 0 {
-                    0.0
-                } else {
-                    normal(10f64.powi(-(i as i32 % 6)))
-                }
-            })
-            .collect();
-        let gg = Guarded::new(&g);
+    for (s, g) in grads.iter().enumerate() {
+        let gg = Guarded::new(g);
         let rc = match &mut cpu {
             GradOptimizer::Sgd(sgd) => {
                 let (lr, mu) = (sgd.lr as f32, sgd.momentum as f32);
                 let mode = sgd_mode(mu, has_buf);
                 has_buf = mode != 0;
-                sgd.step(&mut p, &g).expect("cpu step");
+                sgd.step(&mut p, g).expect("cpu step");
                 let f = e.entry::<SgdFn>("sgd_step_f32");
                 // SAFETY: params, grad and the buffer hold n elements.
                 unsafe {
@@ -1021,7 +999,7 @@ fn optimizer_case(e: &Emu, what: &str, mut cpu: GradOptimizer, seed: u64) {
                 }
             }
             GradOptimizer::Adam(adam) => {
-                adam.step(&mut p, &g).expect("cpu step");
+                adam.step(&mut p, g).expect("cpu step");
                 // The scalars of the step just taken (Adam::step incremented t).
                 let k = adam.scalars();
                 let f = e.entry::<AdamFn>("adam_step_f32");
@@ -1045,22 +1023,13 @@ fn optimizer_case(e: &Emu, what: &str, mut cpu: GradOptimizer, seed: u64) {
             }
         };
         e.result(rc).unwrap_or_else(|msg| panic!("{what}: {msg}"));
-        let got = pg.get(what);
-        if let Some(i) = got
-            .iter()
-            .zip(&p)
-            .position(|(a, b)| a.to_bits() != b.to_bits())
-        {
-            panic!(
-                "{what} step {s}: element {i}: kernel {} vs cpu {}",
-                got[i], p[i]
-            );
-        }
+        assert_bits(
+            &format!("{what} step {s} (kernel vs cpu)"),
+            &pg.get(what),
+            &p,
+        );
     }
-    assert!(
-        p.iter().zip(&start).filter(|(a, b)| a != b).count() > n / 2,
-        "{what}: the steps left the parameters unchanged"
-    );
+    assert_moved(what, &p, &start);
 }
 
 #[test]

@@ -19,7 +19,7 @@ use super::{cuda_err, to_i32, CudaBackend};
 use crate::backend::check_len;
 use crate::cpu::backprop::ForwardCache;
 use crate::model::{Arch, Net, C1, C2, CLASSES, H1, H2, IMG_PIXELS, P1};
-use crate::train::optim::{Adam, AdamScalars, GradOptimizer};
+use crate::train::optim::{Adam, GradOptimizer};
 use crate::{Error, Result};
 
 /// Forward intermediates of one network over `images` images, on the device: the twin
@@ -513,14 +513,7 @@ fn adam_step(
         None => zeros::<f32>(be, n)?,
     };
     a.host.t += 1;
-    let AdamScalars {
-        step_size,
-        bc2_sqrt,
-        w1,
-        b2,
-        w2,
-        eps,
-    } = a.host.scalars();
+    let k = a.host.scalars();
     if n == 0 {
         a.m = Some(m);
         a.v = Some(v);
@@ -534,12 +527,12 @@ fn adam_step(
         .arg(&mut m)
         .arg(&mut v)
         .arg(&n_i)
-        .arg(&step_size)
-        .arg(&bc2_sqrt)
-        .arg(&w1)
-        .arg(&b2)
-        .arg(&w2)
-        .arg(&eps);
+        .arg(&k.step_size)
+        .arg(&k.bc2_sqrt)
+        .arg(&k.w1)
+        .arg(&k.b2)
+        .arg(&k.w2)
+        .arg(&k.eps);
     // SAFETY: params, grad, m and v hold n elements (checked); thread i < n touches
     // element i only.
     let res = unsafe { launch.launch(elementwise_launch(n)) };

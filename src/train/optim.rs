@@ -192,14 +192,7 @@ impl Adam {
         check_len("Adam::step first moment", self.m.len(), params.len())?;
         check_len("Adam::step second moment", self.v.len(), params.len())?;
         self.t += 1;
-        let AdamScalars {
-            step_size,
-            bc2_sqrt,
-            w1,
-            b2,
-            w2,
-            eps,
-        } = self.scalars();
+        let k = self.scalars();
         for (((p, &g), m), v) in params
             .iter_mut()
             .zip(grad)
@@ -207,11 +200,11 @@ impl Adam {
             .zip(self.v.iter_mut())
         {
             // torch.lerp with weight < 0.5: start + weight · (end − start).
-            *m += w1 * (g - *m);
-            *v = *v * b2 + w2 * g * g;
-            let denom = v.sqrt() / bc2_sqrt + eps;
+            *m += k.w1 * (g - *m);
+            *v = *v * k.b2 + k.w2 * g * g;
+            let denom = v.sqrt() / k.bc2_sqrt + k.eps;
             // addcdiv: p + value · m / denom, evaluated left to right as ATen does.
-            *p += -step_size * *m / denom;
+            *p += -k.step_size * *m / denom;
         }
         Ok(())
     }

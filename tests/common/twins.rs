@@ -15,6 +15,7 @@
 
 use super::{assert_close, max_abs, up};
 use enkf_dnn::cpu::backprop::{backprop, ForwardCache};
+use enkf_dnn::enkf::one_hot;
 use enkf_dnn::model::{Activation, Arch, Net, C1, C2, CLASSES, H1, H2, IMG_PIXELS};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -205,4 +206,72 @@ pub fn compare_cache(what: &str, got: &ForwardCache<f32>, want: &ForwardCache<f3
         LOGIT_TOL * max_abs(&wl),
         LOGIT_TOL,
     );
+}
+
+/// Inputs of the reduction twins: outputs G (rows × cols, N(0, 25)) and one-hot targets
+/// y (cols = 10·images).
+pub fn reduce_inputs(rng: &mut ChaCha8Rng, rows: usize, cols: usize) -> (Vec<f32>, Vec<f32>) {
+    let g = normals32(rng, rows * cols, 5.0);
+    let labels: Vec<u8> = (0..cols / CLASSES).map(|i| (i % CLASSES) as u8).collect();
+    (g, one_hot(&labels, CLASSES))
+}
+
+/// Parameters (n, N(0, 1)) and `steps` gradients (over six magnitudes, every 17th exactly
+/// zero) for the optimizer twins, from `seed`.
+pub fn optimizer_inputs(seed: u64, n: usize, steps: usize) -> (Vec<f32>, Vec<Vec<f32>>) {
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    let mut normal = |s: f64| -> f32 {
+        let z: f64 = StandardNormal.sample(&mut rng);
+        (s * z) as f32
+    };
+    let start: Vec<f32> = (0..n).map(|_| normal(1.0)).collect();
+    let grads = (0..steps)
+        .map(|_| {
+            (0..n)
+                .map(|i| {
+                    if i % 17 == 0 {
+                        0.0
+                    } else {
+                        normal(10f64.powi(-(i as i32 % 6)))
+                    }
+                })
+                .collect()
+        })
+        .collect();
+    (start, grads)
+}
+
+/// Panics unless `got` and `want` are bit-identical, naming the first difference.
+pub fn assert_bits(what: &str, got: &[f32], want: &[f32]) {
+    assert_eq!(got.len(), want.len(), "{what}: lengths");
+    if let Some(i) = got
+        .iter()
+        .zip(want)
+        .position(|(a, b)| a.to_bits() != b.to_bits())
+    {
+        panic!("{what}: element {i}: {} vs {}", got[i], want[i]);
+    }
+}
+
+/// Panics unless at least half of `p` moved away from `start` (a no-op step fails).
+pub fn assert_moved(what: &str, p: &[f32], start: &[f32]) {
+    let moved = p.iter().zip(start).filter(|(a, b)| a != b).count();
+    assert!(
+        moved > p.len() / 2,
+        "{what}: the steps left the parameters unchanged"
+    );
+}
+
+/// A unit-lower solve case: T (n × n) with small strictly lower entries (well
+/// conditioned) and garbage (N(0, 50²)) on and above the diagonal that must not be read,
+/// and right-hand sides b (rows × n).
+pub fn unit_lower_inputs(rng: &mut ChaCha8Rng, n: usize, rows: usize) -> (Vec<f64>, Vec<f64>) {
+    let mut t = normals(rng, n * n, 50.0);
+    for i in 0..n {
+        for j in 0..i {
+            t[i * n + j] = 0.3 * normals(rng, 1, 1.0)[0] / (n as f64).sqrt();
+        }
+    }
+    let b = normals(rng, rows * n, 1.0);
+    (t, b)
 }
