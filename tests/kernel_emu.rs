@@ -118,6 +118,18 @@ fn emu() -> Option<&'static Emu> {
     }
 }
 
+/// nvcc contracts a·b + c to an FMA; so does the emulation where the CPU has FMA
+/// (`-mfma -ffp-contract=fast`), else it keeps separate roundings.
+fn fp_contraction() -> Vec<&'static str> {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if std::arch::is_x86_feature_detected!("fma") {
+            return vec!["-mfma", "-ffp-contract=fast"];
+        }
+    }
+    vec!["-ffp-contract=off"]
+}
+
 fn build() -> Result<Emu, String> {
     static BUILDS: AtomicUsize = AtomicUsize::new(0);
     let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
@@ -130,9 +142,12 @@ fn build() -> Result<Emu, String> {
         Ok(c) if !c.is_empty() => vec![c],
         _ => ["c++", "g++", "clang++"].map(String::from).to_vec(),
     };
+    let fp = fp_contraction();
+    println!("kernel emulation: {}", fp.join(" "));
     for cxx in &candidates {
         let res = Command::new(cxx)
-            .args(["-std=c++17", "-O2", "-ffp-contract=off", "-fno-fast-math"])
+            .args(["-std=c++17", "-O2", "-fno-fast-math"])
+            .args(&fp)
             .args(["-fPIC", "-shared", "-Wall", "-Wno-unknown-pragmas"])
             .arg("-I")
             .arg(root.join("kernels"))

@@ -21,8 +21,10 @@
 // What it cannot see: races inside a warp between barriers of a real GPU's lockstep
 // execution (none are allowed by the CUDA model anyway), timing, occupancy, resource
 // limits (registers, shared memory size), and the GPU's expf/tanhf rounding (the host
-// libm is used; __f*_rn and fmaf are exact as on the device, and this file must be
-// compiled with -ffp-contract=off so that no other FMA appears).
+// libm is used). __f*_rn and fmaf round as on the device. Plain a·b + c is contracted to
+// an FMA by nvcc (--fmad=true); the test compiles with -mfma -ffp-contract=fast where the
+// CPU has FMA, so such expressions fuse here too (GCC's choices need not match nvcc's
+// everywhere), and with -ffp-contract=off elsewhere.
 #pragma once
 
 #include <cmath>
@@ -320,13 +322,23 @@ template <class T>
 inline T __ldg(const T* p) {
     return *p;
 }
-// Correctly rounded single operations; no contraction as long as the file is compiled
-// with -ffp-contract=off.
-inline float __fadd_rn(float a, float b) { return a + b; }
-inline float __fsub_rn(float a, float b) { return a - b; }
-inline float __fmul_rn(float a, float b) { return a * b; }
-inline float __fdiv_rn(float a, float b) { return a / b; }
-inline float __fsqrt_rn(float a) { return std::sqrt(a); }
+// Correctly rounded single operations that are never fused into an FMA, as on the
+// device: the empty asm makes the rounded result opaque to the compiler, so that with
+// -ffp-contract=fast (which the test uses where the CPU has FMA, to contract a·b + c in
+// plain expressions as nvcc does) __fadd_rn(__fmul_rn(a, b), c) stays two roundings.
+inline float emu_rounded(float r) {
+#if defined(__x86_64__)
+    __asm__("" : "+x"(r));
+#else
+    __asm__("" : "+r"(r));
+#endif
+    return r;
+}
+inline float __fadd_rn(float a, float b) { return emu_rounded(a + b); }
+inline float __fsub_rn(float a, float b) { return emu_rounded(a - b); }
+inline float __fmul_rn(float a, float b) { return emu_rounded(a * b); }
+inline float __fdiv_rn(float a, float b) { return emu_rounded(a / b); }
+inline float __fsqrt_rn(float a) { return emu_rounded(std::sqrt(a)); }
 
 inline int min(int a, int b) { return a < b ? a : b; }
 inline int max(int a, int b) { return a > b ? a : b; }

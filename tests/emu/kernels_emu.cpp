@@ -1,8 +1,9 @@
 // kernels_emu.cpp: every kernel of kernels/*.cu compiled for the CPU emulation of
 // cuda_emu.hpp, with one C entry point per kernel for tests/kernel_emu.rs.
 //
-// Build (done by the test): c++ -std=c++17 -O2 -ffp-contract=off -fPIC -shared
+// Build (done by the test): c++ -std=c++17 -O2 -mfma -ffp-contract=fast -fPIC -shared
 //   -Ikernels -Itests/emu tests/emu/kernels_emu.cpp -o kernels_emu.so
+// (-ffp-contract=off instead of -mfma -ffp-contract=fast on a CPU without FMA).
 // Each entry point `emu_<kernel>(launch, kernel arguments…)` runs the kernel over the
 // launch's grid and returns 0, or 1 with the reason in emu_last_error().
 #include "cuda_emu.hpp"
