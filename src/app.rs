@@ -2,7 +2,7 @@
 //! context). Backend selection lives here: [`dispatch`] runs a generic job on the CPU or
 //! CUDA backend.
 
-use crate::backend::{Backend, BackendKind, MathMode};
+use crate::backend::{Backend, BackendKind, MathMode, Trans};
 use crate::cpu::CpuBackend;
 use crate::data::{load_dir, DataSplit};
 use crate::model::{Net, CLASSES};
@@ -451,27 +451,41 @@ fn write_config_json(
     Ok(())
 }
 
-/// One line of the benchmark table.
+/// One line of the benchmark table. Times are medians of CUDA-event (GPU) or wall-clock
+/// (CPU) measurements after warm-up.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct BenchRow {
     /// Backend used.
     pub backend: String,
     /// Ensemble size.
     pub members: usize,
-    /// Median ms of the ensemble forward pass (B = 64).
+    /// Ensemble forward pass (B = 64), ms.
     pub forward_ms: f64,
     /// Achieved GFLOP/s of the forward pass.
     pub forward_gflops: f64,
-    /// Median ms of one EnKF update.
+    /// `forward_gflops` as a fraction of the device's FP32 FFMA peak, where known.
+    pub forward_of_peak: Option<f64>,
+    /// The ensemble reductions alone (means, centring, innovations: J × m), ms.
+    pub reduce_ms: f64,
+    /// The small f64 phase (reductions, covariance, solves), ms.
+    pub gain_ms: f64,
+    /// The large phase (the two products that move U), ms.
+    pub apply_ms: f64,
+    /// gain + apply: one EnKF update, ms.
     pub update_ms: f64,
-    /// Achieved GFLOP/s of the update's two large products (for the association the
+    /// Achieved GFLOP/s of the two large products in `apply_ms` (for the association the
     /// workspace chose: `4·m·J·P` via T = AᵀU, or `2·J²·m + 2·J²·P` via S = X·Aᵀ).
     pub update_gflops: f64,
-    /// Median ms of scoring the mean network on the mini-batch.
+    /// The ceiling measured on the same backend: one `gemm_f32` of the update's shape,
+    /// (J × P) += (J × m)(m × P), in GFLOP/s (cuBLAS on the GPU).
+    pub sgemm_gflops: f64,
+    /// `update_gflops / sgemm_gflops`.
+    pub update_of_sgemm: f64,
+    /// Scoring the mean network on the mini-batch, ms.
     pub score_ms: f64,
-    /// Median ms of one test-set evaluation of the mean network.
+    /// One test-set evaluation of the mean network, ms.
     pub eval_ms: f64,
-    /// forward + update + score.
+    /// forward + update + score, ms.
     pub iteration_ms: f64,
     /// Projected seconds per MNIST epoch (7504 iterations, 16 evaluations).
     pub epoch_s: f64,
@@ -530,7 +544,11 @@ impl BackendJob for BenchJob<'_> {
             let mut ws = crate::enkf::EnkfWorkspace::new(be, j, p, b)?;
             let mut w = be.zeros_f32(p)?;
             let mut small = be.zeros_f32(b * CLASSES)?;
-            let (mut tf, mut tu, mut ts, mut te) = (vec![], vec![], vec![], vec![]);
+            let m = b * CLASSES;
+            // Temporaries of the reductions alone, and the operands of the SGEMM ceiling.
+            let (mut a_tmp, mut x_tmp) = (be.zeros_f64(j * m)?, be.zeros_f64(j * m)?);
+            let (gx, gt) = (be.zeros_f32(j * m)?, be.zeros_f32(m * p)?);
+            let mut t = [(); 7].map(|_| Vec::new());
             for it in 0..spec.warmup + spec.iters {
                 // Restart from the same ensemble so every repetition does the same work.
                 be.write_f32(&u0, &mut u)?;
@@ -538,11 +556,19 @@ impl BackendJob for BenchJob<'_> {
                     let _r = crate::gpu::timing::range("forward");
                     be.ensemble_forward(&net, &u, j, &x, b, &mut g)
                 })?;
-                let up = be.time_ms(&mut || {
-                    let _r = crate::gpu::timing::range("update");
-                    ws.update(be, spec.update, 0.01, &mut u, &g, &y)
+                let r = be.time_ms(&mut || {
+                    let _r = crate::gpu::timing::range("reductions");
+                    be.center_and_innovate(&g, &y, j, m, &mut a_tmp, &mut x_tmp)
                 })?;
-                let s = be.time_ms(&mut || {
+                let gn = be.time_ms(&mut || {
+                    let _r = crate::gpu::timing::range("gain");
+                    ws.gain(be, spec.update, 0.01, &g, &y)
+                })?;
+                let ap = be.time_ms(&mut || {
+                    let _r = crate::gpu::timing::range("apply");
+                    ws.apply(be, &mut u)
+                })?;
+                let sc = be.time_ms(&mut || {
                     let _r = crate::gpu::timing::range("score");
                     be.row_mean(&u, j, p, &mut w)?;
                     be.ensemble_forward(&net, &w, 1, &x, b, &mut small)?;
@@ -553,36 +579,52 @@ impl BackendJob for BenchJob<'_> {
                     be.ensemble_forward(&net, &w, 1, &test_x, n_test, &mut test_out)?;
                     be.download_f32(&test_out).map(|_| ())
                 })?;
+                let sg = be.time_ms(&mut || {
+                    let _r = crate::gpu::timing::range("sgemm ceiling");
+                    be.gemm_f32(Trans::No, Trans::No, j, p, m, 1.0, &gx, &gt, 1.0, &mut u)
+                })?;
                 if it >= spec.warmup {
-                    tf.push(f);
-                    tu.push(up);
-                    ts.push(s);
-                    te.push(e);
+                    for (v, x) in t.iter_mut().zip([f, r, gn, ap, sc, e, sg]) {
+                        v.push(x);
+                    }
                 }
             }
-            let (f, up, s, e) = (median(tf), median(tu), median(ts), median(te));
+            let [f, r, gn, ap, sc, e, sg] = t.map(median);
             let fwd_flop = 2.0 * net.macs_per_image() as f64 * b as f64 * j as f64;
             // The two large products of the association the workspace chose.
-            let (jf, pf, mf) = (j as f64, p as f64, (b * CLASSES) as f64);
+            let (jf, pf, mf) = (j as f64, p as f64, m as f64);
             let upd_flop = match ws.order() {
                 crate::enkf::ApplyOrder::Members => 2.0 * jf * jf * mf + 2.0 * jf * jf * pf,
                 _ => 4.0 * mf * jf * pf,
             };
-            let it_ms = f + up + s;
+            let forward_gflops = fwd_flop / f / 1e6;
+            let update_gflops = upd_flop / ap / 1e6;
+            let sgemm_gflops = 2.0 * jf * pf * mf / sg / 1e6;
+            let up = gn + ap;
+            let it_ms = f + up + sc;
             let epoch_iters = 938.0 * 8.0;
             rows.push(BenchRow {
                 backend: be.name(),
                 members: j,
                 forward_ms: f,
-                forward_gflops: fwd_flop / f / 1e6,
+                forward_gflops,
+                forward_of_peak: be.fp32_peak_gflops().map(|pk| forward_gflops / pk),
+                reduce_ms: r,
+                gain_ms: gn,
+                apply_ms: ap,
                 update_ms: up,
-                update_gflops: upd_flop / up / 1e6,
-                score_ms: s,
+                update_gflops,
+                sgemm_gflops,
+                update_of_sgemm: update_gflops / sgemm_gflops,
+                score_ms: sc,
                 eval_ms: e,
                 iteration_ms: it_ms,
                 epoch_s: (it_ms * epoch_iters + e * 16.0) / 1e3,
             });
-            eprintln!("J = {j}: forward {f:.1} ms, update {up:.1} ms, iteration {it_ms:.1} ms");
+            eprintln!(
+                "J = {j}: forward {f:.2} ms, update {up:.2} ms (reductions {r:.2}, gain {gn:.2}, \
+                 apply {ap:.2}), iteration {it_ms:.2} ms"
+            );
         }
         Ok(rows)
     }
@@ -600,17 +642,25 @@ pub fn bench_command(
 /// Formats the benchmark table as Markdown.
 pub fn bench_table(rows: &[BenchRow]) -> String {
     let mut s = String::from(
-        "| backend | J | forward ms | forward GFLOP/s | update ms | update GFLOP/s | score ms | eval ms | ms/iteration | s/epoch (projected) |\n|---|---|---|---|---|---|---|---|---|---|\n",
+        "| backend | J | forward ms | forward GFLOP/s | of FP32 peak | reductions ms | gain ms | apply ms | apply GFLOP/s | SGEMM GFLOP/s (same shape) | apply / SGEMM | score ms | eval ms | ms/iteration | s/epoch (projected) |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n",
     );
     for r in rows {
+        let peak = r
+            .forward_of_peak
+            .map_or("—".to_string(), |f| format!("{:.0} %", 100.0 * f));
         s.push_str(&format!(
-            "| {} | {} | {:.1} | {:.1} | {:.1} | {:.1} | {:.2} | {:.1} | {:.1} | {:.0} |\n",
+            "| {} | {} | {:.2} | {:.0} | {} | {:.2} | {:.2} | {:.2} | {:.0} | {:.0} | {:.0} % | {:.2} | {:.2} | {:.2} | {:.0} |\n",
             r.backend,
             r.members,
             r.forward_ms,
             r.forward_gflops,
-            r.update_ms,
+            peak,
+            r.reduce_ms,
+            r.gain_ms,
+            r.apply_ms,
             r.update_gflops,
+            r.sgemm_gflops,
+            100.0 * r.update_of_sgemm,
             r.score_ms,
             r.eval_ms,
             r.iteration_ms,

@@ -220,6 +220,12 @@ pub trait Backend {
     /// Waits for queued work to finish (no-op on the CPU).
     fn synchronize(&self) -> Result<()>;
 
+    /// The device's FP32 FFMA peak in GFLOP/s, where it is known (CUDA: SMs × FP32 lanes
+    /// × 2 × clock); `None` by default (the CPU backend does not claim one).
+    fn fp32_peak_gflops(&self) -> Option<f64> {
+        None
+    }
+
     /// Milliseconds that the work `f` queues takes: by default host wall-clock time from a
     /// synchronised start to a synchronised end; the CUDA backend measures device time
     /// with events instead.

@@ -205,3 +205,49 @@ fn bad_settings_fail_before_work() {
     let e = app::train_command(&cfg, None).unwrap_err().to_string();
     assert!(e.contains("/nonexistent-data-dir"), "{e}");
 }
+
+/// `enkf-dnn bench` on the CPU at two tiny ensembles: one row per J with every phase
+/// measured (finite, positive), update = gain + apply, the reductions part of the gain,
+/// no FP32 peak claimed for the CPU, and a table with one line per row. (No speed is
+/// asserted: speed is what the command reports, not what a test checks.)
+#[test]
+fn bench_reports_every_phase() {
+    let spec = app::BenchSpec {
+        members: vec![12, 20],
+        net: enkf_dnn::model::Net::default(),
+        update: UpdateRule::Sequential,
+        iters: 2,
+        warmup: 1,
+        data: limited(64, 100),
+    };
+    let (rows, desc) =
+        app::bench_command(BackendKind::Cpu, enkf_dnn::backend::MathMode::Fp32, &spec)
+            .expect("bench");
+    assert!(desc.starts_with("cpu"), "{desc}");
+    assert_eq!(rows.iter().map(|r| r.members).collect::<Vec<_>>(), [12, 20]);
+    for r in &rows {
+        for (what, v) in [
+            ("forward", r.forward_ms),
+            ("reductions", r.reduce_ms),
+            ("gain", r.gain_ms),
+            ("apply", r.apply_ms),
+            ("score", r.score_ms),
+            ("eval", r.eval_ms),
+            ("forward GFLOP/s", r.forward_gflops),
+            ("update GFLOP/s", r.update_gflops),
+            ("SGEMM GFLOP/s", r.sgemm_gflops),
+        ] {
+            assert!(v.is_finite() && v > 0.0, "J = {}: {what} = {v}", r.members);
+        }
+        assert_eq!(r.update_ms, r.gain_ms + r.apply_ms);
+        assert_eq!(r.iteration_ms, r.forward_ms + r.update_ms + r.score_ms);
+        assert_eq!(r.forward_of_peak, None, "the CPU claims no FP32 peak");
+        assert!((r.update_of_sgemm - r.update_gflops / r.sgemm_gflops).abs() < 1e-12);
+    }
+    let table = app::bench_table(&rows);
+    assert_eq!(table.lines().count(), 2 + rows.len(), "{table}");
+    assert!(
+        table.lines().all(|l| l.matches('|').count() == 16),
+        "{table}"
+    );
+}

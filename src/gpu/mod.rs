@@ -44,7 +44,25 @@ pub struct CudaBackend {
     kernels: Kernels,
     math: MathMode,
     sm_count: u32,
+    fp32_peak_gflops: Option<f64>,
     description: String,
+}
+
+/// FP32 lanes per SM by compute capability (one FFMA per lane per clock), where known:
+/// Volta, Turing and A100 (sm_70–80) have 64; sm_86 onwards, Hopper and Blackwell 128.
+fn fp32_lanes_per_sm(cc: (i32, i32)) -> Option<u32> {
+    match cc {
+        (7, _) | (8, 0) => Some(64),
+        (8, _) | (9, _) | (10, _) | (11, _) | (12, _) => Some(128),
+        _ => None,
+    }
+}
+
+/// FP32 FFMA peak in GFLOP/s: SMs × lanes × 2 FLOP × the boost clock (kHz attribute).
+fn fp32_peak(cc: (i32, i32), sm_count: u32, clock_khz: Option<i32>) -> Option<f64> {
+    let lanes = fp32_lanes_per_sm(cc)?;
+    let khz = clock_khz.filter(|&k| k > 0)?;
+    Some(f64::from(sm_count) * f64::from(lanes) * 2.0 * f64::from(khz) / 1e6)
 }
 
 /// Wraps a cudarc error (driver, cuBLAS, cuSOLVER, NVRTC) with what was being done.
@@ -139,6 +157,10 @@ impl CudaBackend {
             .attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
             .map_err(cuda_err("querying the SM count"))?
             .max(1) as u32;
+        let clock_khz = ctx
+            .attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_CLOCK_RATE)
+            .ok();
+        let fp32_peak_gflops = fp32_peak(cc, sm_count, clock_khz);
         let name = ctx.name().unwrap_or_else(|_| "unknown device".into());
         let description = format!(
             "cuda ({name}, cc {}.{}, {sm_count} SMs, kernels: {BUILT_WITH}, math: {math:?})",
@@ -152,6 +174,7 @@ impl CudaBackend {
             kernels,
             math,
             sm_count,
+            fp32_peak_gflops,
             description,
         })
     }
@@ -406,6 +429,10 @@ impl Backend for CudaBackend {
             .map_err(cuda_err("synchronizing the stream"))
     }
 
+    fn fp32_peak_gflops(&self) -> Option<f64> {
+        self.fp32_peak_gflops
+    }
+
     /// Device time between two CUDA events around `f` ([`CudaBackend::time_ms`]).
     fn time_ms(&self, f: &mut dyn FnMut() -> Result<()>) -> Result<f64> {
         CudaBackend::time_ms(self, f)
@@ -419,4 +446,22 @@ pub(crate) fn to_i32(what: &str, v: usize) -> Result<i32> {
         expected: format!("at most {} (CUDA int)", i32::MAX),
         found: v.to_string(),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fp32_peak_follows_the_lane_count_and_clock() {
+        // H200: 132 SMs × 128 lanes × 2 × 1.98 GHz = 66.9 TFLOP/s (the 67).
+        let h200 = fp32_peak((9, 0), 132, Some(1_980_000)).expect("known");
+        assert!((h200 - 66_908.16).abs() < 1e-6, "{h200}");
+        // A100: 108 SMs × 64 lanes × 2 × 1.41 GHz = 19.5 TFLOP/s.
+        let a100 = fp32_peak((8, 0), 108, Some(1_410_000)).expect("known");
+        assert!((a100 - 19_491.84).abs() < 1e-6, "{a100}");
+        assert_eq!(fp32_peak((6, 1), 20, Some(1_500_000)), None);
+        assert_eq!(fp32_peak((9, 0), 132, None), None);
+        assert_eq!(fp32_peak((9, 0), 132, Some(0)), None);
+    }
 }
