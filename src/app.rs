@@ -467,6 +467,12 @@ pub struct BenchRow {
     pub forward_of_peak: Option<f64>,
     /// The ensemble reductions alone (means, centring, innovations: J × m), ms.
     pub reduce_ms: f64,
+    /// Bytes the reductions must move (G read as f32, centred and innovations written as
+    /// f64: 20·J·m) per second, GB/s.
+    pub reduce_gbs: f64,
+    /// The copy ceiling measured on the same backend: `copy_f32` of U (J × P), counting
+    /// read plus write, GB/s.
+    pub copy_gbs: f64,
     /// The small f64 phase (reductions, covariance, solves), ms.
     pub gain_ms: f64,
     /// The large phase (the two products that move U), ms.
@@ -548,7 +554,8 @@ impl BackendJob for BenchJob<'_> {
             // Temporaries of the reductions alone, and the operands of the SGEMM ceiling.
             let (mut a_tmp, mut x_tmp) = (be.zeros_f64(j * m)?, be.zeros_f64(j * m)?);
             let (gx, gt) = (be.zeros_f32(j * m)?, be.zeros_f32(m * p)?);
-            let mut t = [(); 7].map(|_| Vec::new());
+            let mut u_copy = be.zeros_f32(j * p)?;
+            let mut t = [(); 8].map(|_| Vec::new());
             for it in 0..spec.warmup + spec.iters {
                 // Restart from the same ensemble so every repetition does the same work.
                 be.write_f32(&u0, &mut u)?;
@@ -583,13 +590,17 @@ impl BackendJob for BenchJob<'_> {
                     let _r = crate::gpu::timing::range("sgemm ceiling");
                     be.gemm_f32(Trans::No, Trans::No, j, p, m, 1.0, &gx, &gt, 1.0, &mut u)
                 })?;
+                let cp = be.time_ms(&mut || {
+                    let _r = crate::gpu::timing::range("copy ceiling");
+                    be.copy_f32(&u, &mut u_copy)
+                })?;
                 if it >= spec.warmup {
-                    for (v, x) in t.iter_mut().zip([f, r, gn, ap, sc, e, sg]) {
+                    for (v, x) in t.iter_mut().zip([f, r, gn, ap, sc, e, sg, cp]) {
                         v.push(x);
                     }
                 }
             }
-            let [f, r, gn, ap, sc, e, sg] = t.map(median);
+            let [f, r, gn, ap, sc, e, sg, cp] = t.map(median);
             let fwd_flop = 2.0 * net.macs_per_image() as f64 * b as f64 * j as f64;
             // The two large products of the association the workspace chose.
             let (jf, pf, mf) = (j as f64, p as f64, m as f64);
@@ -610,6 +621,8 @@ impl BackendJob for BenchJob<'_> {
                 forward_gflops,
                 forward_of_peak: be.fp32_peak_gflops().map(|pk| forward_gflops / pk),
                 reduce_ms: r,
+                reduce_gbs: 20.0 * jf * mf / r / 1e6,
+                copy_gbs: 8.0 * jf * pf / cp / 1e6,
                 gain_ms: gn,
                 apply_ms: ap,
                 update_ms: up,
@@ -642,20 +655,22 @@ pub fn bench_command(
 /// Formats the benchmark table as Markdown.
 pub fn bench_table(rows: &[BenchRow]) -> String {
     let mut s = String::from(
-        "| backend | J | forward ms | forward GFLOP/s | of FP32 peak | reductions ms | gain ms | apply ms | apply GFLOP/s | SGEMM GFLOP/s (same shape) | apply / SGEMM | score ms | eval ms | ms/iteration | s/epoch (projected) |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n",
+        "| backend | J | forward ms | forward GFLOP/s | of FP32 peak | reductions ms | reductions GB/s | copy GB/s | gain ms | apply ms | apply GFLOP/s | SGEMM GFLOP/s (same shape) | apply / SGEMM | score ms | eval ms | ms/iteration | s/epoch (projected) |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n",
     );
     for r in rows {
         let peak = r
             .forward_of_peak
             .map_or("—".to_string(), |f| format!("{:.0} %", 100.0 * f));
         s.push_str(&format!(
-            "| {} | {} | {:.2} | {:.0} | {} | {:.2} | {:.2} | {:.2} | {:.0} | {:.0} | {:.0} % | {:.2} | {:.2} | {:.2} | {:.0} |\n",
+            "| {} | {} | {:.2} | {:.0} | {} | {:.2} | {:.0} | {:.0} | {:.2} | {:.2} | {:.0} | {:.0} | {:.0} % | {:.2} | {:.2} | {:.2} | {:.0} |\n",
             r.backend,
             r.members,
             r.forward_ms,
             r.forward_gflops,
             peak,
             r.reduce_ms,
+            r.reduce_gbs,
+            r.copy_gbs,
             r.gain_ms,
             r.apply_ms,
             r.update_gflops,

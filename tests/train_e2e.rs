@@ -236,6 +236,8 @@ fn bench_reports_every_phase() {
             ("forward GFLOP/s", r.forward_gflops),
             ("update GFLOP/s", r.update_gflops),
             ("SGEMM GFLOP/s", r.sgemm_gflops),
+            ("reductions GB/s", r.reduce_gbs),
+            ("copy GB/s", r.copy_gbs),
         ] {
             assert!(v.is_finite() && v > 0.0, "J = {}: {what} = {v}", r.members);
         }
@@ -247,7 +249,7 @@ fn bench_reports_every_phase() {
     let table = app::bench_table(&rows);
     assert_eq!(table.lines().count(), 2 + rows.len(), "{table}");
     assert!(
-        table.lines().all(|l| l.matches('|').count() == 16),
+        table.lines().all(|l| l.matches('|').count() == 18),
         "{table}"
     );
 }
