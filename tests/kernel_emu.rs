@@ -26,7 +26,6 @@ use common::twins::{
 };
 use common::{assert_close, max_abs, up};
 
-use std::path::PathBuf;
 use std::process::Command;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::OnceLock;
@@ -132,7 +131,7 @@ fn fp_contraction() -> Vec<&'static str> {
 
 fn build() -> Result<Emu, String> {
     static BUILDS: AtomicUsize = AtomicUsize::new(0);
-    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    let root = common::crate_root();
     let out = std::env::temp_dir().join(format!(
         "enkf-kernels-emu-{}-{}.so",
         std::process::id(),

@@ -6,6 +6,8 @@
 //! and pushes as many `.arg(…)`s as the kernel has parameters; and the kernels are the
 //! ones `kernels/*.cu` lists in `gpu::module`'s table (checked by `kernels_compile.rs`).
 
+mod common;
+
 use std::collections::BTreeMap;
 use std::path::Path;
 
@@ -72,7 +74,7 @@ fn launch_sites(path: &Path, src: &str) -> Vec<(String, usize, String)> {
 
 #[test]
 fn every_launch_pushes_one_argument_per_kernel_parameter() {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let root = common::crate_root();
     let mut kernels = BTreeMap::new();
     for entry in std::fs::read_dir(root.join("kernels")).expect("kernels/") {
         let path = entry.expect("dir entry").path();

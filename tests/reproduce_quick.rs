@@ -17,7 +17,7 @@ fn tiny(out: &Path) -> ReproduceOptions {
         quick: true,
         tiny: true,
         backend: BackendKind::Cpu,
-        data_root: PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("data"),
+        data_root: enkf_dnn::data::data_root(),
         ..ReproduceOptions::default()
     }
 }

@@ -110,6 +110,18 @@ pub fn limited(train: usize, test: usize) -> DataSplit {
     }
 }
 
+/// The crate root: the source folder this test was built from when it still exists,
+/// else the current directory (a test executable carried to another machine is run from
+/// the project root there, see `../shared/device/bundle.sh`).
+pub fn crate_root() -> PathBuf {
+    let built = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    if built.join("kernels").is_dir() {
+        built
+    } else {
+        std::env::current_dir().expect("current directory")
+    }
+}
+
 /// A fresh temporary folder for this test process.
 pub fn tmpdir(name: &str) -> PathBuf {
     let dir = std::env::temp_dir().join(format!("enkf-test-{}-{name}", std::process::id()));
