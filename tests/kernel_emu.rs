@@ -374,9 +374,12 @@ fn forward_kernel_matches_cpu_for_every_arch_and_activation() {
 fn forward_kernel_runs_several_images_per_warp_and_partial_groups() {
     let Some(e) = emu() else { return };
     // One SM: 64 images per block, so each warp loops over images (d += 8); 70 images
-    // make a full group of 64 and one of 6.
+    // make a full group of 64 and one of 6. 13 images: groups of 8 and 5.
     forward_case(e, Net::new(Arch::Paper, Activation::Logistic), 2, 70, 1, 11);
     forward_case(e, Net::new(Arch::Pooled, Activation::Relu), 2, 13, 1, 12);
+    // 32 and 16 images per block (groups of 32 + 8, and 16 + 16 + 8).
+    forward_case(e, Net::new(Arch::Paper, Activation::Tanh), 2, 40, 1, 13);
+    forward_case(e, Net::new(Arch::Pooled, Activation::Logistic), 3, 40, 2, 14);
 }
 
 // ---------------------------------------------------------------------------------------
