@@ -379,7 +379,14 @@ fn forward_kernel_runs_several_images_per_warp_and_partial_groups() {
     forward_case(e, Net::new(Arch::Pooled, Activation::Relu), 2, 13, 1, 12);
     // 32 and 16 images per block (groups of 32 + 8, and 16 + 16 + 8).
     forward_case(e, Net::new(Arch::Paper, Activation::Tanh), 2, 40, 1, 13);
-    forward_case(e, Net::new(Arch::Pooled, Activation::Logistic), 3, 40, 2, 14);
+    forward_case(
+        e,
+        Net::new(Arch::Pooled, Activation::Logistic),
+        3,
+        40,
+        2,
+        14,
+    );
 }
 
 // ---------------------------------------------------------------------------------------
