@@ -36,7 +36,9 @@
 #include <string>
 #include <vector>
 
+#include <sys/mman.h>
 #include <ucontext.h>
+#include <utility>
 
 struct dim3 {
     unsigned int x, y, z;
@@ -64,15 +66,49 @@ struct Launch {
 
 enum class Park { Run, Block, Warp, Done };
 
+// A fiber's stack: kStackBytes below a PROT_NONE guard page, so that an overflow
+// faults instead of corrupting the neighbouring fiber.
+constexpr size_t kStackBytes = 128 * 1024;
+constexpr size_t kPageBytes = 4096;
+
+struct Stack {
+    unsigned char* base = nullptr;  // the guard page; the stack follows it
+    Stack() = default;
+    Stack(const Stack&) = delete;
+    Stack& operator=(const Stack&) = delete;
+    Stack(Stack&& o) noexcept : base(o.base) { o.base = nullptr; }
+    Stack& operator=(Stack&& o) noexcept {
+        std::swap(base, o.base);
+        return *this;
+    }
+    ~Stack() {
+        if (base != nullptr) {
+            munmap(base, kPageBytes + kStackBytes);
+        }
+    }
+    // Maps the stack on first use; false when the system refuses.
+    bool ensure() {
+        if (base != nullptr) {
+            return true;
+        }
+        void* p = mmap(nullptr, kPageBytes + kStackBytes, PROT_READ | PROT_WRITE,
+                       MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+        if (p == MAP_FAILED) {
+            return false;
+        }
+        base = static_cast<unsigned char*>(p);
+        return mprotect(base, kPageBytes, PROT_NONE) == 0;
+    }
+    unsigned char* top() const { return base + kPageBytes; }
+};
+
 struct Fiber {
     ucontext_t ctx;
-    std::vector<unsigned char> stack;
+    Stack stack;
     Park park = Park::Run;
     unsigned int tid = 0;  // linear thread index in the block
     dim3 idx{0, 0, 0};
 };
-
-constexpr size_t kStackBytes = 256 * 1024;
 constexpr size_t kGuardBytes = 256;
 constexpr unsigned char kGuard = 0xA5;
 
@@ -209,12 +245,13 @@ inline int launch(const Launch& l, std::function<void()> body) {
         std::memset(S.shared.data() + kGuardBytes, 0xff, S.shared_bytes);  // NaN
         for (size_t t = 0; t < n; ++t) {
             Fiber& f = S.fibers[t];
-            if (f.stack.size() != kStackBytes) {
-                f.stack.assign(kStackBytes, 0);
+            if (!f.stack.ensure()) {
+                S.error = "cannot map a fiber stack";
+                return 1;
             }
             getcontext(&f.ctx);
-            f.ctx.uc_stack.ss_sp = f.stack.data();
-            f.ctx.uc_stack.ss_size = f.stack.size();
+            f.ctx.uc_stack.ss_sp = f.stack.top();
+            f.ctx.uc_stack.ss_size = kStackBytes;
             f.ctx.uc_link = &S.sched;
             makecontext(&f.ctx, entry, 0);
             f.park = Park::Run;
