@@ -13,8 +13,12 @@
 // Launch geometry: blockDim.x = 32·W (the host uses W = 8), 1-D grid of
 //   members × ceil(images / images_per_block) blocks; block b serves member
 //   b / groups and images [(b % groups)·ipb, … + ipb). Dynamic shared memory:
-//   W·(1440 + 784) + 250 + 5000 floats (92,168 B at W = 8), so the host raises the
-//   function's dynamic shared memory limit.
+//   W·(1440 + 784) floats per-warp maps, then the conv weights with every 5-tap kernel
+//   row padded to 8 floats (32 B, so a row is two aligned LDS.128): conv1 [10][5][8] =
+//   400 floats, conv2 20 output channels × ([10][5][8] + 4) = 8080 floats (the +4 puts
+//   the 4 channel groups of a warp, 5 channels = 2020 floats apart, in banks 0, 4, 8,
+//   12). 105,088 B at W = 8, so the host raises the function's dynamic shared memory
+//   limit; two blocks still fit an H100/H200 SM (228 KB).
 // Why: members share nothing but the input, so a block keeps one member's conv
 //   weights (21 KB) in shared memory and each warp runs whole images through the
 //   network; no intermediate activation ever leaves the SM. Per image and warp:
@@ -25,8 +29,10 @@
 //   - conv2: lane = 8·g + y owns output row y (8 positions) of channels 5g … 5g+4:
 //     40 accumulators. For each input channel and kernel row it loads one 12-wide row
 //     of the pooled map (3 × LDS.128; the 8 rows of a warp fall in disjoint banks,
-//     the 4 channel groups broadcast) and 25 weights (broadcast within a group, the 4
-//     groups land in distinct banks), then issues 200 FFMAs: 7 FFMA per shared load;
+//     the 4 channel groups broadcast) and the 5 × 5 weights as 5 LDS.128 + 5 LDS
+//     (broadcast within a group, the 4 groups in distinct banks), then issues 200
+//     FFMAs: 15 FFMA per shared load (the machine code: 1,086 instructions per input
+//     channel, 1,000 of them FFMA; scripts/sass-report.sh);
 //   - fc1: each lane multiplies its 40 (Paper) or 10 (Pooled, after a shuffle-based
 //     2 × 2 pool) features with fc1 weights read through L1 (51 KB per member, reused
 //     by every image of the block), and 10 warp sums give the logits.
@@ -36,6 +42,8 @@
 
 #define FWD_H1_FLOATS (ENKF_C1 * ENKF_P1 * ENKF_P1)  // 1440: pooled conv1 map of an image
 #define FWD_WARP_FLOATS (FWD_H1_FLOATS + ENKF_IMG_PIXELS)  // 2224 per warp (16-B multiple)
+#define FWD_W1_FLOATS 400     // conv1 weights [10][5][8] (rows padded to 8)
+#define FWD_W2_OC_STRIDE 404  // conv2 weights of one output channel: [10][5][8] + 4
 
 extern "C" __global__ void __launch_bounds__(256, 2) ensemble_forward_f32(
     const float* __restrict__ weights, const float* __restrict__ x, float* __restrict__ out,
@@ -45,11 +53,12 @@ extern "C" __global__ void __launch_bounds__(256, 2) ensemble_forward_f32(
     const int warps = blockDim.x >> 5;
     const int warp = threadIdx.x >> 5;
     const int lane = threadIdx.x & 31;
-    // Per-warp regions first (16-B aligned for the LDS.128 row loads), then the weights.
+    // Per-warp regions first (16-B aligned for the LDS.128 row loads), then the weights
+    // (16-B aligned: 8·2224 floats before them, rows of 8, output channels 404 apart).
     float* h1 = smem + warp * FWD_WARP_FLOATS;  // [10][12][12]
     float* img = h1 + FWD_H1_FLOATS;            // [28][28]
-    float* w1s = smem + warps * FWD_WARP_FLOATS;  // [10][25]
-    float* w2s = w1s + ENKF_CONV1_LEN;             // [20][10][25]
+    float* w1s = smem + warps * FWD_WARP_FLOATS;  // [10][5][8]: kernel rows padded to 8
+    float* w2s = w1s + FWD_W1_FLOATS;              // [20] × ([10][5][8] + 4)
 
     const int groups = (images + images_per_block - 1) / images_per_block;
     const int member = blockIdx.x / groups;
@@ -58,8 +67,18 @@ extern "C" __global__ void __launch_bounds__(256, 2) ensemble_forward_f32(
         return;
     }
     const float* wm = weights + (long long)member * n_params;
+    // Weights into the padded layout; the pad floats are never read into an FFMA.
     for (int i = threadIdx.x; i < ENKF_CONV1_LEN + ENKF_CONV2_LEN; i += blockDim.x) {
-        w1s[i] = __ldg(wm + i);  // w1s and w2s are contiguous, as in the weights row
+        const float v = __ldg(wm + i);
+        if (i < ENKF_CONV1_LEN) {
+            const int c = i / 25, r = i - 25 * (i / 25);
+            w1s[c * 40 + (r / 5) * 8 + r % 5] = v;
+        } else {
+            const int j = i - ENKF_CONV1_LEN;
+            const int oc = j / 250, rem = j - 250 * (j / 250);
+            const int ci = rem / 25, r = rem - 25 * (rem / 25);
+            w2s[oc * FWD_W2_OC_STRIDE + ci * 40 + (r / 5) * 8 + r % 5] = v;
+        }
     }
     __syncthreads();
 
@@ -94,9 +113,12 @@ extern "C" __global__ void __launch_bounds__(256, 2) ensemble_forward_f32(
                 float a00 = 0.0f, a01 = 0.0f, a10 = 0.0f, a11 = 0.0f;
 #pragma unroll
                 for (int ky = 0; ky < ENKF_K; ++ky) {
+                    const float4 wa = *reinterpret_cast<const float4*>(w1s + c * 40 + ky * 8);
+                    const float4 wb = *reinterpret_cast<const float4*>(w1s + c * 40 + ky * 8 + 4);
+                    const float wr[5] = {wa.x, wa.y, wa.z, wa.w, wb.x};
 #pragma unroll
                     for (int kx = 0; kx < ENKF_K; ++kx) {
-                        const float w = w1s[c * 25 + ky * 5 + kx];
+                        const float w = wr[kx];
                         a00 = fmaf(w, patch[ky][kx], a00);
                         a01 = fmaf(w, patch[ky][kx + 1], a01);
                         a10 = fmaf(w, patch[ky + 1][kx], a10);
@@ -128,12 +150,24 @@ extern "C" __global__ void __launch_bounds__(256, 2) ensemble_forward_f32(
                 const float4 q2 = rp[2];
                 const float row[12] = {q0.x, q0.y, q0.z, q0.w, q1.x, q1.y,
                                        q1.z, q1.w, q2.x, q2.y, q2.z, q2.w};
-                const float* wp = w2s + (5 * g) * 250 + ci * 25 + ky * 5;
+                const float* wp = w2s + (5 * g) * FWD_W2_OC_STRIDE + ci * 40 + ky * 8;
+                float wr[5][5];
+#pragma unroll
+                for (int c = 0; c < 5; ++c) {
+                    const float4 wa = *reinterpret_cast<const float4*>(wp + c * FWD_W2_OC_STRIDE);
+                    const float4 wb =
+                        *reinterpret_cast<const float4*>(wp + c * FWD_W2_OC_STRIDE + 4);
+                    wr[c][0] = wa.x;
+                    wr[c][1] = wa.y;
+                    wr[c][2] = wa.z;
+                    wr[c][3] = wa.w;
+                    wr[c][4] = wb.x;
+                }
 #pragma unroll
                 for (int kx = 0; kx < ENKF_K; ++kx) {
 #pragma unroll
                     for (int c = 0; c < 5; ++c) {
-                        const float w = wp[c * 250 + kx];
+                        const float w = wr[c][kx];
 #pragma unroll
                         for (int xx = 0; xx < 8; ++xx) {
                             acc[c][xx] = fmaf(w, row[xx + kx], acc[c][xx]);

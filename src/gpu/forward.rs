@@ -21,9 +21,12 @@ pub(crate) fn configure(k: &Kernels) -> Result<()> {
             CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
             forward_smem_bytes(FORWARD_WARPS) as i32,
         )
-        .map_err(cuda_err(
-            "ensemble_forward_f32 needs 92,168 bytes of shared memory per block",
-        ))
+        .map_err(|e| {
+            Error::Cuda(format!(
+                "ensemble_forward_f32 needs {} bytes of shared memory per block: {e:?}",
+                forward_smem_bytes(FORWARD_WARPS)
+            ))
+        })
 }
 
 /// Forward pass of `members` networks over `images` images, see

@@ -7,7 +7,7 @@
 
 use cudarc::driver::LaunchConfig;
 
-use crate::model::{Net, C1, IMG_PIXELS, P1};
+use crate::model::{C1, C2, IMG_PIXELS, KSIZE, P1};
 
 /// Warps per block of the forward kernel (its `__launch_bounds__(256, 2)`).
 pub const FORWARD_WARPS: u32 = 8;
@@ -44,12 +44,18 @@ pub fn grid_1d(n: usize, threads: u32, max_blocks: u32) -> LaunchConfig {
     }
 }
 
+/// Floats of the forward kernel's padded conv1 weights, [10][5][8] (`FWD_W1_FLOATS`).
+pub const FORWARD_W1_FLOATS: u32 = (C1 * KSIZE * 8) as u32;
+/// Float stride between the forward kernel's padded conv2 output channels,
+/// [10][5][8] + 4 (`FWD_W2_OC_STRIDE`).
+pub const FORWARD_W2_OC_STRIDE: u32 = (C1 * KSIZE * 8 + 4) as u32;
+
 /// Dynamic shared memory of one forward block: per warp the pooled conv1 map (10·12·12)
-/// and the image (784), then conv1 and conv2 weights (250 + 5000), as
-/// `kernels/forward.cu` lays them out. 92,168 bytes for 8 warps.
+/// and the image (784), then the conv1 and conv2 weights with kernel rows padded to 8
+/// floats, as `kernels/forward.cu` lays them out. 105,088 bytes for 8 warps.
 pub const fn forward_smem_bytes(warps: u32) -> u32 {
     let per_warp = (C1 * P1 * P1 + IMG_PIXELS) as u32;
-    (warps * per_warp + Net::FC_OFFSET as u32) * 4
+    (warps * per_warp + FORWARD_W1_FLOATS + C2 as u32 * FORWARD_W2_OC_STRIDE) * 4
 }
 
 /// Images per forward block: 64 when there are enough (member, image-group) blocks to
@@ -144,10 +150,15 @@ mod tests {
 
     #[test]
     fn shared_memory_layout_matches_the_kernel() {
-        // 8 warps × (1440 + 784) + 250 + 5000 floats, as documented in kernels/forward.cu.
-        assert_eq!(forward_smem_bytes(8), 92_168);
-        // 2 blocks must fit the 228 KB of an H100/H200 SM (227 KB per block at most).
-        assert!(2 * forward_smem_bytes(FORWARD_WARPS) <= 228 * 1024);
+        // 8 warps × (1440 + 784) + 400 + 20 × 404 floats, as documented in
+        // kernels/forward.cu.
+        assert_eq!(forward_smem_bytes(8), 105_088);
+        // 2 blocks (plus 1 KB the hardware reserves per block) must fit the 228 KB of an
+        // H100/H200 SM.
+        assert!(2 * (forward_smem_bytes(FORWARD_WARPS) + 1024) <= 228 * 1024);
+        // The per-warp maps end 16-byte aligned, so the padded weight rows are too.
+        assert_eq!((FORWARD_WARPS * (1440 + 784)) % 4, 0);
+        assert_eq!(FORWARD_W2_OC_STRIDE % 4, 0);
     }
 
     #[test]

@@ -109,7 +109,7 @@ struct Fiber {
     unsigned int tid = 0;  // linear thread index in the block
     dim3 idx{0, 0, 0};
 };
-constexpr size_t kGuardBytes = 256;
+constexpr size_t kGuardBytes = 64 * 1024;  // overruns up to 64 KB are reported
 constexpr unsigned char kGuard = 0xA5;
 
 struct State {
