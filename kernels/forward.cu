@@ -23,15 +23,16 @@
 //   weights (21 KB) in shared memory and each warp runs whole images through the
 //   network; no intermediate activation ever leaves the SM. Per image and warp:
 //   - conv1 + pool: a lane owns one pooled position (12 × 12 of them, 4.5 per lane)
-//     and all 10 channels; it keeps its 6 × 6 input patch in registers and computes
-//     the 2 × 2 conv outputs under the pool window (pool before the activation: the
-//     activations are monotone, so max and activation commute);
+//     and all 10 channels (the last 16 positions: 5 channels, two lanes each); it keeps
+//     its 6 × 6 input patch in registers and computes the 2 × 2 conv outputs under the
+//     pool window (pool before the activation: the activations are monotone, so max and
+//     activation commute);
 //   - conv2: lane = 8·g + y owns output row y (8 positions) of channels 5g … 5g+4:
 //     40 accumulators. For each input channel and kernel row it loads one 12-wide row
 //     of the pooled map (3 × LDS.128; the 8 rows of a warp fall in disjoint banks,
 //     the 4 channel groups broadcast) and the 5 × 5 weights as 5 LDS.128 + 5 LDS
 //     (broadcast within a group, the 4 groups in distinct banks), then issues 200
-//     FFMAs: 15 FFMA per shared load (the machine code: 1,086 instructions per input
+//     FFMAs: 15 FFMA per shared load (the machine code: 1,079 instructions per input
 //     channel, 1,000 of them FFMA; scripts/sass-report.sh);
 //   - fc1: each lane multiplies its 40 (Paper) or 10 (Pooled, after a shuffle-based
 //     2 × 2 pool) features with fc1 weights read through L1 (51 KB per member, reused
@@ -44,6 +45,46 @@
 #define FWD_WARP_FLOATS (FWD_H1_FLOATS + ENKF_IMG_PIXELS)  // 2224 per warp (16-B multiple)
 #define FWD_W1_FLOATS 400     // conv1 weights [10][5][8] (rows padded to 8)
 #define FWD_W2_OC_STRIDE 404  // conv2 weights of one output channel: [10][5][8] + 4
+
+#define FWD_CONV1_FULL 128  // pooled positions done with all channels per lane (4 × 32)
+
+// conv1 (5×5, 1 → 10) at pooled position p (of 12 × 12) for channels [c0, c1): the 2 × 2
+// outputs under the pool window from the 6 × 6 input patch, their max, the activation
+// (pool before activation: the activations are monotone), into h1[c][p].
+__device__ __forceinline__ void fwd_conv1_position(const float* img, const float* w1s,
+                                                   float* h1, int p, int c0, int c1,
+                                                   int act) {
+    const int py = p / ENKF_P1;
+    const int px = p - py * ENKF_P1;
+    float patch[6][6];
+#pragma unroll
+    for (int r = 0; r < 6; ++r) {
+#pragma unroll
+        for (int s = 0; s < 6; ++s) {
+            patch[r][s] = img[(2 * py + r) * ENKF_IMG + 2 * px + s];
+        }
+    }
+#pragma unroll 2
+    for (int c = c0; c < c1; ++c) {
+        float a00 = 0.0f, a01 = 0.0f, a10 = 0.0f, a11 = 0.0f;
+#pragma unroll
+        for (int ky = 0; ky < ENKF_K; ++ky) {
+            const float4 wa = *reinterpret_cast<const float4*>(w1s + c * 40 + ky * 8);
+            const float4 wb = *reinterpret_cast<const float4*>(w1s + c * 40 + ky * 8 + 4);
+            const float wr[5] = {wa.x, wa.y, wa.z, wa.w, wb.x};
+#pragma unroll
+            for (int kx = 0; kx < ENKF_K; ++kx) {
+                const float w = wr[kx];
+                a00 = fmaf(w, patch[ky][kx], a00);
+                a01 = fmaf(w, patch[ky][kx + 1], a01);
+                a10 = fmaf(w, patch[ky + 1][kx], a10);
+                a11 = fmaf(w, patch[ky + 1][kx + 1], a11);
+            }
+        }
+        const float m = fmaxf(fmaxf(a00, a01), fmaxf(a10, a11));
+        h1[c * (ENKF_P1 * ENKF_P1) + p] = enkf_activate(m, act);
+    }
+}
 
 extern "C" __global__ void __launch_bounds__(256, 2) ensemble_forward_f32(
     const float* __restrict__ weights, const float* __restrict__ x, float* __restrict__ out,
@@ -97,38 +138,14 @@ extern "C" __global__ void __launch_bounds__(256, 2) ensemble_forward_f32(
         __syncwarp();
 
         // ---- conv1 (5×5, 1 → 10) + maxpool 2×2 + activation → h1 [10][12][12]
-        for (int p = lane; p < ENKF_P1 * ENKF_P1; p += 32) {
-            const int py = p / ENKF_P1;
-            const int px = p - py * ENKF_P1;
-            float patch[6][6];
-#pragma unroll
-            for (int r = 0; r < 6; ++r) {
-#pragma unroll
-                for (int s = 0; s < 6; ++s) {
-                    patch[r][s] = img[(2 * py + r) * ENKF_IMG + 2 * px + s];
-                }
-            }
-#pragma unroll 2
-            for (int c = 0; c < ENKF_C1; ++c) {
-                float a00 = 0.0f, a01 = 0.0f, a10 = 0.0f, a11 = 0.0f;
-#pragma unroll
-                for (int ky = 0; ky < ENKF_K; ++ky) {
-                    const float4 wa = *reinterpret_cast<const float4*>(w1s + c * 40 + ky * 8);
-                    const float4 wb = *reinterpret_cast<const float4*>(w1s + c * 40 + ky * 8 + 4);
-                    const float wr[5] = {wa.x, wa.y, wa.z, wa.w, wb.x};
-#pragma unroll
-                    for (int kx = 0; kx < ENKF_K; ++kx) {
-                        const float w = wr[kx];
-                        a00 = fmaf(w, patch[ky][kx], a00);
-                        a01 = fmaf(w, patch[ky][kx + 1], a01);
-                        a10 = fmaf(w, patch[ky + 1][kx], a10);
-                        a11 = fmaf(w, patch[ky + 1][kx + 1], a11);
-                    }
-                }
-                const float m = fmaxf(fmaxf(a00, a01), fmaxf(a10, a11));
-                h1[c * (ENKF_P1 * ENKF_P1) + p] = enkf_activate(m, act);
-            }
+        // 144 pooled positions: 4 rounds of 32 with all 10 channels per lane, then the
+        // last 16 positions with 5 channels per lane (lanes 16–31 take channels 5–9), so
+        // no lane idles through a whole fifth round.
+        for (int p = lane; p < FWD_CONV1_FULL; p += 32) {
+            fwd_conv1_position(img, w1s, h1, p, 0, ENKF_C1, act);
         }
+        fwd_conv1_position(img, w1s, h1, FWD_CONV1_FULL + (lane & 15), 5 * (lane >> 4),
+                           5 * (lane >> 4) + 5, act);
         __syncwarp();
 
         // ---- conv2 (5×5, 10 → 20): lane (g, y) accumulates acc[c][xx] = out[5g+c][y][xx]
