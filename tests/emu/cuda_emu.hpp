@@ -11,7 +11,9 @@
 // the other in the same order. So:
 //   - __syncthreads() parks the thread until every thread of the block is parked there;
 //     a block barrier that some thread of the block can no longer reach (it returned) is
-//     reported as an error, as is a warp barrier reached by only part of a warp;
+//     reported as an error, as is a warp barrier reached by only part of a warp (this is
+//     the CUDA programming guide's rule, a barrier only where the whole block arrives;
+//     sm_70+ hardware is more lenient and counts exited threads as arrived);
 //   - __syncwarp() and the __shfl_*_sync exchanges park until every lane of the warp
 //     is there (only full masks are accepted: the kernels use nothing else);
 //   - a thread reading shared data another thread writes without a barrier between
