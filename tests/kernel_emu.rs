@@ -1158,6 +1158,43 @@ fn emulation_rejects_shared_memory_overruns() {
     assert!(matches!(&r, Err(m) if m.contains("outside")), "{r:?}");
 }
 
+type VectorLoadFn = unsafe extern "C" fn(*const Launch, *const f32, i32, *mut f32) -> i32;
+
+#[test]
+fn emulation_rejects_misaligned_vector_loads() {
+    let Some(e) = emu() else { return };
+    let f = e.entry::<VectorLoadFn>("selftest_vector_load");
+    // A 16-byte aligned buffer (GUARD = 64 floats of guard in front keeps the Vec's
+    // alignment, which the allocator gives f32 Vecs of this size at 16 bytes or more).
+    let data = Guarded::new(&[1.0f32; 16]);
+    assert_eq!(data.ptr() as usize % 16, 0, "test buffer alignment");
+    let mut out = Guarded::<f32>::output(64);
+    // SAFETY: reads 4 floats at data + offset (offset ≤ 5 < 16 − 4), writes 64 floats.
+    e.result(unsafe {
+        f(
+            &selftest_launch(Order::Ascending),
+            data.ptr(),
+            4,
+            out.mut_ptr(),
+        )
+    })
+    .expect("aligned float4 load");
+    assert!(out.written("sums").iter().all(|&v| v == 4.0));
+    // SAFETY: as above.
+    let r = e.result(unsafe {
+        f(
+            &selftest_launch(Order::Ascending),
+            data.ptr(),
+            5,
+            out.mut_ptr(),
+        )
+    });
+    assert!(
+        matches!(&r, Err(m) if m.contains("misaligned float4")),
+        "{r:?}"
+    );
+}
+
 #[test]
 fn emulated_shuffles_follow_cuda_semantics() {
     let Some(e) = emu() else { return };

@@ -46,15 +46,34 @@ struct dim3 {
     unsigned int x, y, z;
 };
 using uint3 = dim3;
-struct alignas(16) float4 {
-    float x, y, z, w;
-};
-struct alignas(8) float2 {
-    float x, y;
-};
-struct alignas(16) double2 {
-    double x, y;
-};
+namespace emu {
+// Reports a vector load or store from an address the device would fault on.
+void misaligned(const void* p, unsigned align, const char* type);
+}  // namespace emu
+
+// CUDA's vector types. A vector access through a misaligned address is a fault on the
+// device ("misaligned address") but works on x86, so every copy from or into memory
+// goes through these constructors and assignments, which check the address: kernels
+// read vectors as `const float4 q = *reinterpret_cast<const float4*>(p)`.
+#define EMU_VECTOR_TYPE(name, elem, n, align, ...)                       \
+    struct alignas(align) name {                                        \
+        elem __VA_ARGS__;                                               \
+        name() = default;                                               \
+        name(const name& o) {                                           \
+            ::emu::misaligned(&o, align, #name);                        \
+            std::memcpy(static_cast<void*>(this), &o, sizeof(elem) * n); \
+        }                                                               \
+        name& operator=(const name& o) {                                \
+            ::emu::misaligned(this, align, #name);                      \
+            ::emu::misaligned(&o, align, #name);                        \
+            std::memcpy(static_cast<void*>(this), &o, sizeof(elem) * n); \
+            return *this;                                               \
+        }                                                               \
+    };
+EMU_VECTOR_TYPE(float4, float, 4, 16, x, y, z, w)
+EMU_VECTOR_TYPE(float2, float, 2, 8, x, y)
+EMU_VECTOR_TYPE(double2, double, 2, 16, x, y)
+#undef EMU_VECTOR_TYPE
 
 namespace emu {
 
@@ -137,6 +156,16 @@ inline void fail(const std::string& what) {
                       S.block_idx.x, S.block_idx.y, S.block_idx.z, S.thread_idx.x,
                       S.thread_idx.y, S.thread_idx.z);
         S.error = what + where;
+    }
+}
+
+inline void misaligned(const void* p, unsigned align, const char* type) {
+    const auto a = reinterpret_cast<std::uintptr_t>(p);
+    if (a % align != 0) {
+        char what[128];
+        std::snprintf(what, sizeof what, "misaligned %s access at %#llx (needs %u-byte alignment)",
+                      type, static_cast<unsigned long long>(a), align);
+        fail(what);
     }
 }
 

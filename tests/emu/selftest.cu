@@ -50,3 +50,9 @@ extern "C" __global__ void selftest_shuffles(float* out) {
     out[2 * threadIdx.x] = x;
     out[2 * threadIdx.x + 1] = d;
 }
+
+// Reads a float4 from p + offset floats: misaligned unless offset is a multiple of 4.
+extern "C" __global__ void selftest_vector_load(const float* p, int offset, float* out) {
+    const float4 v = *reinterpret_cast<const float4*>(p + offset);
+    out[threadIdx.x] = v.x + v.y + v.z + v.w;
+}
