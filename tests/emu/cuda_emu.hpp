@@ -19,11 +19,12 @@
 //   - a thread reading shared data another thread writes without a barrier between
 //     them sees the wrong value in one of the two orders (the tests run both);
 //   - dynamic shared memory is filled with NaN before each block (a read of an element
-//     never written shows up as NaN) and fenced by guard bytes checked after each block.
+//     never written shows up as NaN) and fenced by guard bytes checked after each block;
+//   - a float4/float2/double2 copied from or to a misaligned address is an error.
 // What it cannot see: races inside a warp between barriers of a real GPU's lockstep
 // execution (none are allowed by the CUDA model anyway), timing, occupancy, resource
-// limits (registers, shared memory size), and the GPU's expf/tanhf rounding (the host
-// libm is used). __f*_rn and fmaf round as on the device. Plain a·b + c is contracted to
+// limits (registers, the device's shared memory size), and the GPU's expf/tanhf
+// rounding (the host libm is used). __f*_rn and fmaf round as on the device. Plain a·b + c is contracted to
 // an FMA by nvcc (--fmad=true); the test compiles with -mfma -ffp-contract=fast where the
 // CPU has FMA, so such expressions fuse here too (GCC's choices need not match nvcc's
 // everywhere), and with -ffp-contract=off elsewhere.
