@@ -8,7 +8,7 @@
 
 mod common;
 use common::assert_close;
-use common::twins::{block_spd, normals, unit_lower_inputs};
+use common::twins::{cholesky_inputs, normals, unit_lower_inputs};
 
 use cudarc::cublas::sys::{
     cublasDiagType_t, cublasFillMode_t, cublasOperation_t, cublasSideMode_t,
@@ -243,15 +243,10 @@ fn trsm_arguments_solve_the_row_major_unit_lower_system() {
 
 #[test]
 fn cholesky_block_arguments_solve_each_diagonal_block() {
-    let cpu = CpuBackend::new();
     let mut rng = ChaCha8Rng::seed_from_u64(5);
     for (blocks, bs, nrhs) in [(3, 40, 20), (1, 50, 7), (4, 33, 1)] {
         let n = blocks * bs;
-        let a = block_spd(&mut rng, blocks, bs);
-        let rhs = normals(&mut rng, nrhs * n, 1.0);
-        let (mut ac, mut want) = (a.clone(), rhs.clone());
-        cpu.block_cholesky_solve_f64(&mut ac, blocks, bs, &mut want, nrhs)
-            .unwrap();
+        let (a, rhs, want) = cholesky_inputs(&mut rng, blocks, bs, nrhs);
         let got = mapped_cholesky(&a, &rhs, blocks, bs, nrhs, n);
         assert_close(
             &format!("cholesky blocks={blocks} bs={bs} nrhs={nrhs}"),
@@ -288,12 +283,7 @@ fn reference_routines_reject_wrong_mappings() {
     assert!(err > 0.1, "swapped operands went unnoticed (error {err})");
 
     let (blocks, bs, nrhs) = (2, 6, 3);
-    let n = blocks * bs;
-    let a = block_spd(&mut rng, blocks, bs);
-    let rhs = normals(&mut rng, nrhs * n, 1.0);
-    let (mut ac, mut want) = (a.clone(), rhs.clone());
-    cpu.block_cholesky_solve_f64(&mut ac, blocks, bs, &mut want, nrhs)
-        .unwrap();
+    let (a, rhs, want) = cholesky_inputs(&mut rng, blocks, bs, nrhs);
     // A packed leading dimension (bs) for the right-hand sides instead of n.
     let got = mapped_cholesky(&a, &rhs, blocks, bs, nrhs, bs);
     let err = got

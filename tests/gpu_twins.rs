@@ -4,8 +4,8 @@
 
 mod common;
 use common::twins::{
-    block_spd, normals, normals32, reduce_inputs, unit_lower_inputs, EPS32, EPS64, FORWARD_TOL,
-    SOLVE_TOL,
+    cholesky_inputs, normals, normals32, reduce_inputs, unit_lower_inputs, EPS32, EPS64,
+    FORWARD_TOL, SOLVE_TOL,
 };
 use common::{assert_close, gpu, max_abs, up};
 
@@ -231,14 +231,9 @@ fn gemm_matches_cpu_for_all_transposes() {
 }
 
 fn cholesky_case(be: &CudaBackend, blocks: usize, bs: usize, nrhs: usize, seed: u64) {
-    let cpu = CpuBackend::new();
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
     let n = blocks * bs;
-    let a = block_spd(&mut rng, blocks, bs);
-    let rhs = normals(&mut rng, nrhs * n, 1.0);
-    let (mut ac, mut want) = (a.clone(), rhs.clone());
-    cpu.block_cholesky_solve_f64(&mut ac, blocks, bs, &mut want, nrhs)
-        .unwrap();
+    let (a, rhs, want) = cholesky_inputs(&mut rng, blocks, bs, nrhs);
     let mut ag = upload64(be, &a);
     let mut rg = upload64(be, &rhs);
     be.block_cholesky_solve_f64(&mut ag, blocks, bs, &mut rg, nrhs)

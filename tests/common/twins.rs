@@ -14,7 +14,9 @@
 //! (a gap below [`TIE_GAP`]) in any pool window, which such bits could flip.
 
 use super::{assert_close, max_abs, up};
+use enkf_dnn::backend::Backend;
 use enkf_dnn::cpu::backprop::{backprop, ForwardCache};
+use enkf_dnn::cpu::CpuBackend;
 use enkf_dnn::enkf::one_hot;
 use enkf_dnn::model::{Activation, Arch, Net, C1, C2, CLASSES, H1, H2, IMG_PIXELS};
 use rand::{Rng, SeedableRng};
@@ -274,4 +276,21 @@ pub fn unit_lower_inputs(rng: &mut ChaCha8Rng, n: usize, rows: usize) -> (Vec<f6
     }
     let b = normals(rng, rows * n, 1.0);
     (t, b)
+}
+
+/// A block-Cholesky case: a = [`block_spd`] (n × n, n = blocks·bs), rhs (nrhs × n,
+/// N(0, 1)), and the CPU backend's solution of `rhs · A_dd⁻¹` per block.
+pub fn cholesky_inputs(
+    rng: &mut ChaCha8Rng,
+    blocks: usize,
+    bs: usize,
+    nrhs: usize,
+) -> (Vec<f64>, Vec<f64>, Vec<f64>) {
+    let a = block_spd(rng, blocks, bs);
+    let rhs = normals(rng, nrhs * blocks * bs, 1.0);
+    let (mut ac, mut want) = (a.clone(), rhs.clone());
+    CpuBackend::new()
+        .block_cholesky_solve_f64(&mut ac, blocks, bs, &mut want, nrhs)
+        .expect("cpu block Cholesky of SPD blocks");
+    (a, rhs, want)
 }
