@@ -305,13 +305,7 @@ pub fn maxpool2_argmax_forward<T: Real>(
     out: &mut [T],
     arg: &mut [u32],
 ) -> Result<()> {
-    if !h.is_multiple_of(2) || !w.is_multiple_of(2) {
-        return Err(Error::Shape {
-            what: "maxpool2_argmax_forward input sides".to_string(),
-            expected: "even height and width".to_string(),
-            found: format!("{h} × {w}"),
-        });
-    }
+    crate::cpu::forward::check_even_sides("maxpool2_argmax_forward input sides", h, w)?;
     let n_out = c * (h / 2) * (w / 2);
     check_len("maxpool2_argmax_forward input", input.len(), c * h * w)?;
     check_len("maxpool2_argmax_forward out", out.len(), n_out)?;

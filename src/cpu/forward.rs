@@ -138,6 +138,20 @@ pub fn conv2d_forward(
     Ok(())
 }
 
+/// Errors with [`Error::Shape`] unless both sides `h × w` of a 2 × 2 max-pool input are
+/// even (shared by [`maxpool2_forward`] and the backprop twin).
+pub(crate) fn check_even_sides(what: &str, h: usize, w: usize) -> Result<()> {
+    if h.is_multiple_of(2) && w.is_multiple_of(2) {
+        Ok(())
+    } else {
+        Err(Error::Shape {
+            what: what.to_string(),
+            expected: "even height and width".to_string(),
+            found: format!("{h} × {w}"),
+        })
+    }
+}
+
 /// Max-pool 2×2, stride 2: `input` c × h × w (h, w even), `out` c × h/2 × w/2,
 /// `out[c, y, x] = max(input[c, 2y+dy, 2x+dx])`. Errors: [`Error::Shape`] on a length
 /// mismatch or an odd side.
@@ -148,13 +162,7 @@ pub fn maxpool2_forward(
     w: usize,
     out: &mut [f32],
 ) -> Result<()> {
-    if !h.is_multiple_of(2) || !w.is_multiple_of(2) {
-        return Err(Error::Shape {
-            what: "maxpool2_forward input sides".to_string(),
-            expected: "even height and width".to_string(),
-            found: format!("{h} × {w}"),
-        });
-    }
+    check_even_sides("maxpool2_forward input sides", h, w)?;
     check_len("maxpool2_forward input", input.len(), c * h * w)?;
     check_len("maxpool2_forward out", out.len(), c * (h / 2) * (w / 2))?;
     maxpool2(input, h, w, out);

@@ -360,23 +360,14 @@ impl<'a> GradientTrainer<'a> {
                     stats.as_deref_mut(),
                 )?,
             };
-            let mut row = MetricsRow {
-                iteration: t,
-                epoch: t as f64 / per_epoch as f64,
-                members: 1,
-                repetitions: 1,
-                train_loss: loss,
-                train_accuracy: correct as f64 / labels.len() as f64,
-                test_error: None,
-                test_loss: None,
-                test_error_last: None,
-                test_loss_last: None,
-                test_error_ensemble: None,
-                test_loss_ensemble: None,
-                test_error_mean: None,
-                test_loss_mean: None,
-                elapsed_s: 0.0,
-            };
+            let mut row = MetricsRow::training(
+                t,
+                t as f64 / per_epoch as f64,
+                1,
+                1,
+                loss,
+                correct as f64 / labels.len() as f64,
+            );
             if t.is_multiple_of(self.cfg.eval_every) || t.is_multiple_of(per_epoch) || t == total {
                 let t0 = Instant::now();
                 let (err, loss) = self.evaluate()?;

@@ -96,6 +96,37 @@ pub struct MetricsRow {
     pub elapsed_s: f64,
 }
 
+impl MetricsRow {
+    /// A row with the training columns filled and no evaluation yet (test columns empty,
+    /// `elapsed_s` 0): what each iteration starts from before an evaluation adds to it.
+    pub fn training(
+        iteration: usize,
+        epoch: f64,
+        members: usize,
+        repetitions: usize,
+        train_loss: f64,
+        train_accuracy: f64,
+    ) -> Self {
+        MetricsRow {
+            iteration,
+            epoch,
+            members,
+            repetitions,
+            train_loss,
+            train_accuracy,
+            test_error: None,
+            test_loss: None,
+            test_error_last: None,
+            test_loss_last: None,
+            test_error_ensemble: None,
+            test_loss_ensemble: None,
+            test_error_mean: None,
+            test_loss_mean: None,
+            elapsed_s: 0.0,
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -695,23 +695,14 @@ impl<'a, B: Backend> Trainer<'a, B> {
         let batches = self.batches_per_epoch() as f64;
         // Position just after the last update (the current batch may already be the next).
         let done_batches = self.batch_global as f64 + self.rep as f64 / self.repetitions as f64;
-        let mut row = MetricsRow {
-            iteration: self.t,
-            epoch: done_batches / batches,
-            members: self.members,
-            repetitions: self.repetitions,
+        let mut row = MetricsRow::training(
+            self.t,
+            done_batches / batches,
+            self.members,
+            self.repetitions,
             train_loss,
             train_accuracy,
-            test_error: None,
-            test_loss: None,
-            test_error_last: None,
-            test_loss_last: None,
-            test_error_ensemble: None,
-            test_loss_ensemble: None,
-            test_error_mean: None,
-            test_loss_mean: None,
-            elapsed_s: 0.0,
-        };
+        );
         if evaluate {
             let t0 = Instant::now();
             let mut modes = self.cfg.eval.clone();
