@@ -1,7 +1,10 @@
 //! Build script: turns `kernels/*.cu` into the module table of `src/gpu/module.rs`.
 //!
-//! Route 1 (nvcc found, version ≤ 13.0): each kernel file is compiled to PTX for
-//! `compute_90` (override with `ENKF_CUDA_ARCH`, e.g. `compute_80`) and the PTX is embedded.
+//! Route 1 (nvcc found, version ≤ 13.0): each kernel file is compiled to PTX for every
+//! architecture of `ENKF_CUDA_ARCH` (comma-separated, default `compute_75,compute_90`:
+//! Turing, the oldest CUDA 13 supports, so the PTX loads on every sm_75+ device, and
+//! Hopper, the target) and every PTX is embedded; at start-up the backend loads the
+//! newest one the device can run (`src/gpu/module.rs`).
 //! Route 2 (no usable nvcc): the sources are embedded with `common.cuh` inlined, and NVRTC
 //! compiles them at start-up for the device's own architecture.
 //! Either way the inlined source of every module is embedded too (tests compile it with
@@ -20,7 +23,7 @@ use std::process::Command;
 
 /// Newest toolkit whose PTX the target driver (CUDA 13.0) accepts.
 const MAX_TOOLKIT: (u32, u32) = (13, 0);
-const DEFAULT_ARCH: &str = "compute_90";
+const DEFAULT_ARCHS: &str = "compute_75,compute_90";
 
 fn main() {
     for var in [
@@ -52,7 +55,8 @@ fn main() {
         .collect();
     cu_files.sort();
 
-    let arch = env::var("ENKF_CUDA_ARCH").unwrap_or_else(|_| DEFAULT_ARCH.to_string());
+    let arch_list = env::var("ENKF_CUDA_ARCH").unwrap_or_else(|_| DEFAULT_ARCHS.to_string());
+    let archs = parse_archs(&arch_list);
     let nvcc = pick_nvcc(&root);
 
     let mut table = String::new();
@@ -76,31 +80,63 @@ fn main() {
         }
         let src_file = out_dir.join(format!("{name}.inlined.cu"));
         fs::write(&src_file, &source).expect("writing inlined source");
-        let (kind, text_file) = match &nvcc {
-            Some(nv) => {
-                let ptx = out_dir.join(format!("{name}.ptx"));
-                compile_ptx(&nv.path, path, &kdir, &arch, &ptx);
-                ("Ptx", ptx)
+        let mut ptx_entries = String::new();
+        if let Some(nv) = &nvcc {
+            for (arch, cc) in &archs {
+                let ptx = out_dir.join(format!("{name}.{arch}.ptx"));
+                compile_ptx(&nv.path, path, &kdir, arch, &ptx);
+                let _ = write!(
+                    ptx_entries,
+                    "({cc}, include_str!({:?})), ",
+                    ptx.display().to_string()
+                );
             }
-            None => ("Source", src_file.clone()),
-        };
+        }
         let _ = writeln!(
             table,
-            "    KernelModule {{ name: {name:?}, kind: KernelKind::{kind}, text: include_str!({:?}), \
+            "    KernelModule {{ name: {name:?}, ptx: &[{ptx_entries}], \
              source: include_str!({:?}), kernels: &{kernels:?} }},",
-            text_file.display().to_string(),
             src_file.display().to_string(),
         );
     }
     table.push_str("];\n");
     fs::write(out_dir.join("kernels.rs"), table).expect("writing kernels.rs");
 
+    let names: Vec<&str> = archs.iter().map(|(a, _)| a.as_str()).collect();
     let built_with = match &nvcc {
-        Some(nv) => format!("nvcc {} ({arch})", nv.version_text),
-        None => "nvrtc-at-runtime".to_string(),
+        Some(nv) => format!("nvcc {} PTX for {}", nv.version_text, names.join(", ")),
+        None => "sources for NVRTC at start-up".to_string(),
     };
     println!("cargo:rustc-env=ENKF_KERNELS_BUILT_WITH={built_with}");
-    println!("cargo:rustc-env=ENKF_KERNELS_ARCH={arch}");
+}
+
+/// `compute_75,compute_90` → [("compute_75", 75), ("compute_90", 90)], sorted by
+/// architecture; anything else is a build error naming the value.
+fn parse_archs(list: &str) -> Vec<(String, u32)> {
+    let mut archs: Vec<(String, u32)> = list
+        .split(',')
+        .map(str::trim)
+        .filter(|a| !a.is_empty())
+        .map(|a| {
+            let cc = a
+                .strip_prefix("compute_")
+                .and_then(|n| n.parse::<u32>().ok())
+                .filter(|&n| n >= 75)
+                .unwrap_or_else(|| {
+                    panic!(
+                        "ENKF_CUDA_ARCH={list}: `{a}` is not a PTX architecture compute_NN with \
+                         NN ≥ 75 (CUDA 13 supports Turing, compute_75, and newer)"
+                    )
+                });
+            (a.to_string(), cc)
+        })
+        .collect();
+    archs.sort_by_key(|&(_, cc)| cc);
+    archs.dedup_by_key(|&mut (_, cc)| cc);
+    if archs.is_empty() {
+        panic!("ENKF_CUDA_ARCH={list:?} names no architecture");
+    }
+    archs
 }
 
 struct Nvcc {

@@ -33,10 +33,10 @@ fn device_time(be: &CudaBackend, iters: u64, mut f: impl FnMut()) -> Duration {
 }
 
 fn phases(c: &mut Criterion) {
-    let be = match CudaBackend::probe() {
-        Ok(desc) => {
+    let be = match CudaBackend::open(MathMode::Fp32) {
+        Ok((be, desc)) => {
             eprintln!("GPU: {desc}");
-            CudaBackend::new(0, MathMode::Fp32).expect("probe succeeded, so new must")
+            be
         }
         Err(why) => {
             eprintln!("skipped: no usable GPU: {why}");

@@ -1,29 +1,43 @@
 #!/usr/bin/env bash
-# gpu-check.sh: everything one GPU session needs to know, in one run on the device
-# machine (see ../shared/device/README.md). Prepare with ../shared/device/bundle.sh, then
-# run with the device tool: carry [".device"], command `bash scripts/gpu-check.sh`.
+# gpu-check.sh: what one GPU session needs to know, in two stages, each one device call
+# (see ../shared/device/README.md). Prepare with ../shared/device/bundle.sh, then run with
+# the device tool: carry [".device"], command `bash scripts/gpu-check.sh short` (first, at
+# once), then, once the short stage passes, `bash scripts/gpu-check.sh long`.
 #
-# Steps, in order of importance, each under its own `timeout` and all under one overall
-# budget (GPU_CHECK_BUDGET_S, default 540 s), so the script ends in time even when a step
-# hangs; a failing step is recorded and the next one runs:
-#   1. nvidia-smi summary;
-#   2. the GPU test executables (gpu_*, kernels_compile) with REQUIRE_GPU=1 and
-#      ENKF_DATA_DIR as .device/run-tests.sh sets them (one timeout and one exit code per
-#      executable, rather than run-tests.sh's single pass);
-#   3. bench at J = 1000, 5000, 10000 (FP32, sequential rule);
-#   4. one MNIST epoch at J = 5000, FP32 (the headline: ≤ 90 s, test error ≤ 4.5 %);
-#   5. J = 50,000 for 20 iterations (memory and scale);
-#   6. bench with --math tf32 and with --update batch;
-#   7. every other (CPU-only) test executable, as run-tests.sh would run it;
-#   8. one MNIST epoch at J = 5000 with --math tf32, if the budget still allows.
-# Logs go to $OUT/*.log (each step's stdout and stderr), run folders to $OUT/epoch-*,
-# and a summary table (step, exit code, seconds, key number) is printed last and written
-# to $OUT/summary.md.
+#   short (budget GPU_CHECK_BUDGET_S, default 240 s): does it work?
+#     1. nvidia-smi, `enkf-dnn --version`;
+#     2. every GPU test executable (gpu_*, kernels_compile), each TEST in its own process
+#        (a sticky device fault then fails one test, not every later one);
+#     3. compute-sanitizer: memcheck on one forward and one update test, racecheck on the
+#        forward test (skipped when the tool is missing; the stage goes on if it fails);
+#     4. bench at J = 1000 and 5000 (FP32, sequential rule);
+#     5. 300 iterations at J = 5000 with their test error.
+#   long (budget default 480 s): the numbers.
+#     1. one MNIST epoch at J = 5000, FP32 (the headline: test error ≤ 4.5 %);
+#     2. J = 50,000 for 20 iterations (memory and scale);
+#     3. bench with --math tf32 and with --update batch (J = 1000, 5000, 10000);
+#     4. ncu --clock-control none on the forward kernel: its achieved FLOP rate (skipped
+#        or recorded as failed when ncu is missing or refuses);
+#     5. one MNIST epoch at J = 5000 with --math tf32, if the budget still allows.
+# Every step runs under its own `timeout` and all under the stage's budget, so the script
+# ends in time even when a step hangs; a failing step is recorded and the next one runs.
+# Logs and run folders are written under $LOGS (default /tmp/gpu-check/<stage>): <step>.log
+# and <run>/. At the end $OUT (what the device tool brings back: at most 8 files) gets four:
+# <stage>-summary.md (step, exit code, seconds, key number; also printed last),
+# <stage>-bench.md, <stage>-curves.txt and <stage>-logs.tar.gz (every log, and each run's
+# metrics.csv, config.json and adaptive.csv; not the weights or the statistics).
 set -u
 cd "$(dirname "$0")/.."
+STAGE=${1:-short}
+case "$STAGE" in
+  short) DEFAULT_BUDGET=240 ;;
+  long) DEFAULT_BUDGET=480 ;;
+  *) echo "usage: $0 [short|long]" >&2; exit 64 ;;
+esac
 OUT=${OUT:-$PWD/gpu-check-out}
-mkdir -p "$OUT"
-BUDGET=${GPU_CHECK_BUDGET_S:-540}
+LOGS=${LOGS:-/tmp/gpu-check/$STAGE}
+mkdir -p "$OUT" "$LOGS"
+BUDGET=${GPU_CHECK_BUDGET_S:-$DEFAULT_BUDGET}
 BIN=.device/bin/enkf-dnn
 START=$SECONDS
 SUMMARY=()
@@ -46,9 +60,9 @@ fi
 remaining() { echo $((BUDGET - (SECONDS - START))); }
 
 # step NAME MAX_SECONDS MIN_SECONDS NOTE-COMMAND -- CMD...
-# Runs CMD under timeout min(MAX, remaining budget), logging to $OUT/NAME.log; skipped
+# Runs CMD under timeout min(MAX, remaining budget), logging to $LOGS/NAME.log; skipped
 # when less than MIN_SECONDS remain. NOTE-COMMAND (a shell snippet, may be ":") prints
-# the key number for the summary, reading the log in $LOG.
+# the key number for the summary, reading the log in $LOG. Sets STEP_RC.
 step() {
   local name=$1 max=$2 min=$3 note=$4
   shift 5
@@ -57,89 +71,160 @@ step() {
   if [ "$left" -lt "$min" ]; then
     echo "=== $name: skipped ($left s of budget left, needs $min)"
     SUMMARY+=("| $name | skipped | 0 | budget: ${left} s left |")
+    STEP_RC=skipped
     return
   fi
   lim=$((max < left ? max : left))
   echo "=== $name (timeout ${lim} s): $*"
   t0=$SECONDS
-  LOG="$OUT/$name.log"
-  timeout --kill-after=10 "$lim" "$@" 2>&1 | tee "$LOG"
-  rc=${PIPESTATUS[0]}
+  LOG="$LOGS/$name.log"
+  timeout --kill-after=10 "$lim" "$@" > "$LOG" 2>&1
+  rc=$?
+  tail -n 15 "$LOG"
   local dt=$((SECONDS - t0))
   local key
-  key=$(LOG="$LOG" bash -c "$note" 2>/dev/null | tr '\n|' ' /' | cut -c1-140)
+  key=$(LOG="$LOG" bash -c "$note" 2>/dev/null | tr '\n|' ' /' | cut -c1-160)
   [ "$rc" -eq 124 ] && key="TIMED OUT after ${lim} s; $key"
   echo "=== $name: rc $rc, ${dt} s"
   SUMMARY+=("| $name | $rc | $dt | $key |")
+  STEP_RC=$rc
 }
 
 # Key numbers pulled from logs.
-note_tests='grep -E "^test result:" "$LOG" | awk "{p+=\$4; f+=\$6} END {printf \"%d passed, %d failed\", p, f}"; grep -m3 -E "skipped|panicked" "$LOG"'
 note_bench='grep -E "^J = " "$LOG" | tr "\n" ";"'
 # last evaluated test error of a run folder's metrics.csv (column test_error)
 last_error() {
   local csv=$1/metrics.csv
   [ -f "$csv" ] || { echo "no $csv"; return; }
   awk -F, 'NR == 1 { for (i = 1; i <= NF; i++) if ($i == "test_error") c = i; next }
-           c && $c != "" { it = $1; e = $c; el = $NF }
+           c && $c != "" { it = $1; e = $c }
            END { printf "iteration %s: test error %s %%; ", it, e }' "$csv"
 }
 export -f last_error
+note_run() { echo 'last_error "'"$LOGS/$1"'"; grep -E "final test error|per iteration|Error|error:|GiB" "$LOG" | tail -3 | cut -c1-110'; }
 
-# ---- 1. the device
-step nvidia-smi 30 5 'grep -m1 -E "H200|H100|NVIDIA" "$LOG"' -- \
-  nvidia-smi --query-gpu=name,driver_version,memory.total,memory.used,clocks.sm,clocks.max.sm,power.draw,temperature.gpu --format=csv
-nvidia-smi | tee -a "$OUT/nvidia-smi.log" | head -20
-"$BIN" --version 2>&1 | tee "$OUT/version.log"
+# tests EXECUTABLE: every test of a test executable in its own process, one summary row
+# per executable (passed, failed, timed out, and the names of the failures).
+run_tests() {
+  local t=$1 name list pass=0 fail=0 failed="" t0=$SECONDS
+  name=$(basename "$t")
+  LOG="$LOGS/test-$name.log"
+  : > "$LOG"
+  list=$("$t" --list --format terse 2>/dev/null | sed -n 's/: test$//p')
+  for tc in $list; do
+    local left=$(( $(remaining) ))
+    if [ "$left" -lt 15 ]; then
+      failed+=" (budget out before $tc)"
+      break
+    fi
+    local lim=$((left < 90 ? left : 90))
+    echo "--- $name $tc" >> "$LOG"
+    if timeout --kill-after=5 "$lim" "$t" --exact "$tc" --test-threads=1 --nocapture >> "$LOG" 2>&1; then
+      pass=$((pass + 1))
+    else
+      fail=$((fail + 1))
+      failed+=" $tc"
+      echo "FAILED: $tc" >> "$LOG"
+    fi
+  done
+  echo "=== test-$name: $pass passed, $fail failed${failed:+:$failed} ($((SECONDS - t0)) s)"
+  grep -E "^GPU: " "$LOG" | head -1
+  SUMMARY+=("| test-$name | $fail | $((SECONDS - t0)) | $pass passed, $fail failed${failed:+:$failed} |")
+}
 
-# ---- 2. GPU test executables (one test at a time: --test-threads=1)
-for t in .device/tests/gpu_* .device/tests/kernels_compile*; do
-  [ -x "$t" ] || continue
-  step "test-$(basename "$t")" 300 60 "$note_tests" -- "$t" --test-threads=1
-done
+device_header() {
+  step nvidia-smi 30 5 'grep -m1 -E "H200|H100|A100|L40|RTX|NVIDIA" "$LOG"' -- \
+    nvidia-smi --query-gpu=name,driver_version,memory.total,memory.used,clocks.sm,clocks.max.sm,power.draw,temperature.gpu --format=csv
+  nvidia-smi 2>&1 | head -20 > "$LOGS/nvidia-smi-full.log"
+  "$BIN" --version 2>&1 | tee "$LOGS/version.log"
+}
 
-# ---- 3. benchmark, FP32 sequential
-BENCH=(bench --backend cuda -J 1000,5000,10000 --iters 20 --warmup 3)
-step bench-fp32 120 40 "$note_bench" -- "$BIN" "${BENCH[@]}" --csv "$OUT/bench-fp32.csv"
+short_stage() {
+  device_header
+  # ---- 2. the GPU tests, one process per test
+  for t in .device/tests/gpu_* .device/tests/kernels_compile*; do
+    [ -x "$t" ] && run_tests "$t"
+  done
+  # ---- 3. compute-sanitizer (small J, a few seconds each)
+  if command -v compute-sanitizer > /dev/null 2>&1; then
+    local twins
+    twins=$(ls .device/tests/gpu_twins* 2>/dev/null | head -1)
+    if [ -n "$twins" ]; then
+      local san=(compute-sanitizer --error-exitcode 1 --print-limit 20)
+      local pick='grep -E "ERROR SUMMARY|RACECHECK SUMMARY|test result" "$LOG" | tr "\n" " "'
+      step memcheck-forward 60 20 "$pick" -- "${san[@]}" --tool memcheck \
+        "$twins" --exact forward_matches_cpu_for_every_arch_and_activation --test-threads=1
+      step memcheck-update 60 20 "$pick" -- "${san[@]}" --tool memcheck \
+        "$twins" --exact enkf_update_matches_cpu_for_both_rules_and_orders --test-threads=1
+      step racecheck-forward 60 20 "$pick" -- "${san[@]}" --tool racecheck \
+        "$twins" --exact forward_matches_cpu_for_every_arch_and_activation --test-threads=1
+    fi
+  else
+    SUMMARY+=("| compute-sanitizer | skipped | 0 | not installed |")
+  fi
+  # ---- 4. bench at J = 1000 and 5000
+  step bench-fp32 60 20 "$note_bench" -- "$BIN" bench --backend cuda -J 1000,5000 --iters 20 \
+    --warmup 3 --csv "$LOGS/bench-fp32.csv"
+  # ---- 5. 300 iterations at J = 5000
+  step j5000-300 90 30 "$(note_run j5000-300)" -- "$BIN" train --backend cuda --members 5000 \
+    --iterations 300 --eval-every 100 --out "$LOGS/j5000-300"
+}
 
-# ---- 4. one epoch at J = 5000, FP32
-step epoch-fp32 240 120 'last_error "'"$OUT"'/epoch-fp32"; grep -E "final test error|per iteration" "$LOG" | cut -c1-90' -- \
-  "$BIN" train --backend cuda --members 5000 --epochs 1 --out "$OUT/epoch-fp32"
+long_stage() {
+  device_header
+  # ---- 1. one epoch at J = 5000, FP32
+  step epoch-fp32 240 100 "$(note_run epoch-fp32)" -- "$BIN" train --backend cuda \
+    --members 5000 --epochs 1 --out "$LOGS/epoch-fp32"
+  # ---- 2. scale: J = 50,000, 20 iterations
+  step j50000 90 40 "$(note_run j50000)" -- "$BIN" train --backend cuda --members 50000 \
+    --iterations 20 --eval-every 10 --out "$LOGS/j50000"
+  # ---- 3. benchmark variants
+  local bench=(bench --backend cuda -J 1000,5000,10000 --iters 20 --warmup 3)
+  step bench-tf32 60 25 "$note_bench" -- "$BIN" "${bench[@]}" --math tf32 --csv "$LOGS/bench-tf32.csv"
+  step bench-batch 60 25 "$note_bench" -- "$BIN" "${bench[@]}" --update batch --csv "$LOGS/bench-batch.csv"
+  # ---- 4. the forward kernel's achieved FLOP rate (ncu, unlocked clocks)
+  if command -v ncu > /dev/null 2>&1; then
+    local metrics=gpu__time_duration.sum,sm__sass_thread_inst_executed_op_ffma_pred_on.sum,sm__sass_thread_inst_executed_op_fadd_pred_on.sum,sm__sass_thread_inst_executed_op_fmul_pred_on.sum,sm__warps_active.avg.pct_of_peak_sustained_active,sm__throughput.avg.pct_of_peak_sustained_elapsed
+    local flops='awk '"'"'/gpu__time_duration.sum/ { t = $NF; u = $(NF-1) } /op_ffma_pred_on.sum/ { f = $NF } /op_fadd_pred_on.sum/ { a = $NF } /op_fmul_pred_on.sum/ { m = $NF } /warps_active/ { o = $NF }
+      END { gsub(",", "", t); gsub(",", "", f); gsub(",", "", a); gsub(",", "", m); s = (u == "msecond" ? t / 1e3 : (u == "usecond" ? t / 1e6 : t / 1e9)); if (s > 0) printf "forward %.3f ms, %.1f TFLOP/s FP32, occupancy %s %%", s * 1e3, (2 * f + a + m) / s / 1e12, o }'"'"' "$LOG"'
+    step ncu-forward 90 40 "$flops" -- ncu --clock-control none --kernel-name ensemble_forward_f32 \
+      --launch-skip 3 --launch-count 1 --metrics "$metrics" \
+      "$BIN" bench --backend cuda -J 5000 --iters 2 --warmup 2
+  else
+    SUMMARY+=("| ncu-forward | skipped | 0 | ncu not installed |")
+  fi
+  # ---- 5. one epoch at J = 5000, TF32, if a whole one fits
+  step epoch-tf32 200 130 "$(note_run epoch-tf32)" -- "$BIN" train --backend cuda \
+    --members 5000 --epochs 1 --math tf32 --out "$LOGS/epoch-tf32"
+}
 
-# ---- 5. scale: J = 50,000, 20 iterations
-step j50000 150 60 'last_error "'"$OUT"'/j50000"; grep -E "final test error|per iteration|Error|GiB" "$LOG" | tail -2 | cut -c1-90' -- \
-  "$BIN" train --backend cuda --members 50000 --iterations 20 --eval-every 10 --out "$OUT/j50000"
-
-# ---- 6. benchmark variants
-step bench-tf32 90 40 "$note_bench" -- "$BIN" "${BENCH[@]}" --math tf32 --csv "$OUT/bench-tf32.csv"
-step bench-batch 90 40 "$note_bench" -- "$BIN" "${BENCH[@]}" --update batch --csv "$OUT/bench-batch.csv"
-
-# ---- 7. the CPU-only test executables (CI runs them too; here they confirm the bundle)
-for t in .device/tests/*; do
-  case "$(basename "$t")" in gpu_*|kernels_compile*) continue ;; esac
-  [ -x "$t" ] || continue
-  step "test-$(basename "$t")" 180 40 "$note_tests" -- "$t"
-done
-
-# ---- 8. one epoch at J = 5000, TF32, if the budget allows a whole one
-step epoch-tf32 240 150 'last_error "'"$OUT"'/epoch-tf32"; grep -E "final test error|per iteration" "$LOG" | cut -c1-90' -- \
-  "$BIN" train --backend cuda --members 5000 --epochs 1 --math tf32 --out "$OUT/epoch-tf32"
+"${STAGE}_stage"
 
 # ---- summary
-for f in "$OUT"/bench-*.log; do
+for f in "$LOGS"/bench-*.log; do
   [ -f "$f" ] && { echo "--- $(basename "$f" .log)"; grep -E "^\|" "$f"; }
-done | tee "$OUT/bench-tables.md"
-for r in epoch-fp32 epoch-tf32; do
-  csv="$OUT/$r/metrics.csv"
+done | tee "$LOGS/bench-tables.md"
+for r in j5000-300 epoch-fp32 epoch-tf32; do
+  csv="$LOGS/$r/metrics.csv"
   [ -f "$csv" ] || continue
   echo "--- $r: test error every evaluation (iteration, %, elapsed s)"
   awk -F, 'NR == 1 { for (i = 1; i <= NF; i++) { if ($i == "test_error") c = i; if ($i == "elapsed_s") s = i }; next }
            c && $c != "" { printf "%s, %s, %s\n", $1, $c, (s ? $s : "") }' "$csv"
-done | tee "$OUT/curves.txt"
+done | tee "$LOGS/curves.txt"
 {
+  echo "stage: $STAGE"
+  echo
   echo "| step | rc | s | key |"
   echo "|---|---:|---:|---|"
   printf '%s\n' "${SUMMARY[@]}"
   echo
   echo "total: $((SECONDS - START)) s of a ${BUDGET} s budget"
-} | tee "$OUT/summary.md"
+} | tee "$LOGS/summary.md"
+
+# ---- what comes back: four files
+cp "$LOGS/summary.md" "$OUT/$STAGE-summary.md"
+cp "$LOGS/bench-tables.md" "$OUT/$STAGE-bench.md"
+cp "$LOGS/curves.txt" "$OUT/$STAGE-curves.txt"
+tar -czf "$OUT/$STAGE-logs.tar.gz" -C "$LOGS" --exclude='*.npy' --exclude='*.safetensors' \
+  --exclude='stats.csv' --exclude='hist.csv' --exclude='checkpoint.bin' . 2>/dev/null
+ls -l "$OUT"

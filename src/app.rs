@@ -57,14 +57,42 @@ pub fn dispatch<J: BackendJob>(
     math: MathMode,
     job: J,
 ) -> Result<(J::Output, String)> {
-    let (kind, desc) = resolve_backend(kind)?;
-    match kind {
-        BackendKind::Cuda => {
-            let backend = crate::gpu::CudaBackend::new(0, math)?;
+    match open_backend(kind, math)? {
+        Opened::Cuda(backend, desc) => {
             job.check_cuda(&backend)?;
-            Ok((job.run(&backend, &desc)?, desc))
+            Ok((job.run(&*backend, &desc)?, desc))
         }
-        _ => Ok((job.run(&CpuBackend { math }, &desc)?, desc)),
+        Opened::Cpu(desc) => Ok((job.run(&CpuBackend { math }, &desc)?, desc)),
+    }
+}
+
+/// A backend opened for a run, with the line saying which and why.
+pub enum Opened {
+    /// The CPU backend (requested, or `auto` without a usable GPU).
+    Cpu(String),
+    /// The CUDA backend on device 0.
+    Cuda(Box<crate::gpu::CudaBackend>, String),
+}
+
+/// Opens the backend `kind` resolves to on this machine, with math mode `math`: the GPU
+/// is opened once ([`crate::gpu::CudaBackend::open`]), not probed and then opened again.
+///
+/// Errors: [`Error::Cuda`] when `--backend cuda` was asked for and no GPU is usable.
+pub fn open_backend(kind: BackendKind, math: MathMode) -> Result<Opened> {
+    let gpu = match kind {
+        BackendKind::Cpu => return Ok(Opened::Cpu("cpu (requested)".into())),
+        _ => crate::gpu::CudaBackend::open(math),
+    };
+    match (gpu, kind) {
+        (Ok((be, desc)), _) => Ok(Opened::Cuda(Box::new(be), desc)),
+        (Err(why), BackendKind::Cuda) => Err(Error::Cuda(format!(
+            "--backend cuda was requested but no GPU is usable: {}",
+            why.trim_start_matches("CUDA backend: ")
+        ))),
+        (Err(why), _) => Ok(Opened::Cpu(format!(
+            "cpu (no usable GPU: {})",
+            why.trim_start_matches("CUDA backend: ")
+        ))),
     }
 }
 
@@ -184,13 +212,12 @@ pub fn train_command(cfg: &TrainConfig, resume: Option<&Path>) -> Result<TrainSu
 
 /// SGD / Adam by backpropagation: same data, network, initialisation, seed and outputs as
 /// an EnKF run. `--backend cuda` runs on the GPU (an error when none is usable), `auto`
-/// on the GPU when [`crate::gpu::CudaBackend::probe`] succeeds, else on the CPU.
+/// on the GPU when [`crate::gpu::CudaBackend::open`] succeeds, else on the CPU.
 fn gradient_command(cfg: &TrainConfig, data: &DataSplit) -> Result<TrainSummary> {
     use crate::train::gradient::GradDevice;
-    let (kind, desc) = resolve_backend(cfg.backend)?;
-    let device = match kind {
-        BackendKind::Cuda => GradDevice::Cuda(Box::new(crate::gpu::CudaBackend::new(0, cfg.math)?)),
-        _ => GradDevice::Cpu,
+    let (device, desc) = match open_backend(cfg.backend, cfg.math)? {
+        Opened::Cuda(be, desc) => (GradDevice::Cuda(be), desc),
+        Opened::Cpu(desc) => (GradDevice::Cpu, desc),
     };
     let gcfg = GradConfig::from_train(cfg, cfg.optimizer, cfg.lr, cfg.momentum, cfg.hist_every);
     let mut trainer = GradientTrainer::with_device(&gcfg, data, device)?;

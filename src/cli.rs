@@ -10,10 +10,20 @@ use crate::train::{BatchOrder, EvalMode, PartialConfig};
 use clap::{Args, Parser, Subcommand};
 use std::path::PathBuf;
 
+/// `enkf-dnn --version`: the crate version and what the build embedded for the GPU (which
+/// PTX architectures, or sources for NVRTC). The PTX and forward geometry a device gets
+/// are chosen at start-up and named in the backend line of every run.
+pub const VERSION: &str = concat!(
+    env!("CARGO_PKG_VERSION"),
+    " (CUDA kernels: ",
+    env!("ENKF_KERNELS_BUILT_WITH"),
+    "; the sources are embedded too, for NVRTC where no PTX suits the device)"
+);
+
 /// Train the Yegenoglu et al. (2020) CNN with the Ensemble Kalman Filter (EnKF), on CUDA
 /// or on the CPU reference path.
 #[derive(Debug, Parser)]
-#[command(name = "enkf-dnn", version, about, long_about = None)]
+#[command(name = "enkf-dnn", version = VERSION, about, long_about = None)]
 pub struct Cli {
     /// What to do.
     #[command(subcommand)]

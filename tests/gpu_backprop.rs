@@ -257,9 +257,10 @@ fn tmpdir(name: &str) -> std::path::PathBuf {
 
 #[test]
 fn gpu_gradient_run_tracks_the_cpu_run_and_writes_statistics() {
-    if gpu(MathMode::Fp32).is_none() {
+    let Some(first) = gpu(MathMode::Fp32) else {
         return;
-    }
+    };
+    let mut first = Some(first);
     let Some(data) = mnist_subset(200, 100) else {
         return;
     };
@@ -280,7 +281,11 @@ fn gpu_gradient_run_tracks_the_cpu_run_and_writes_statistics() {
         let mut wg = StatsWriter::create(&dg, cfg.hist_every).expect("writer");
         let mut cpu = GradientTrainer::new(&cfg, &data).expect("cpu trainer");
         let rc = cpu.run(&mut (), Some(&mut wc)).expect("cpu run");
-        let dev = CudaBackend::new(0, MathMode::Fp32).expect("second backend");
+        // The trainer owns its device: the opened backend, then a new one for the second run.
+        let dev = match first.take() {
+            Some(be) => be,
+            None => CudaBackend::new(0, MathMode::Fp32).expect("second backend"),
+        };
         let mut g = GradientTrainer::with_device(&cfg, &data, GradDevice::Cuda(Box::new(dev)))
             .expect("gpu trainer");
         assert!(g.device_name().starts_with("cuda"), "{}", g.device_name());

@@ -36,7 +36,7 @@ use enkf_dnn::cpu::backprop::{backprop, ForwardCache};
 use enkf_dnn::cpu::CpuBackend;
 use enkf_dnn::error::LinalgError;
 use enkf_dnn::gpu::backprop::sgd_mode;
-use enkf_dnn::gpu::geometry::{self, grid_1d};
+use enkf_dnn::gpu::geometry::{self, grid_1d, FORWARD_WARPS};
 use enkf_dnn::model::{Activation, Arch, Net, CLASSES, IMG_PIXELS};
 use enkf_dnn::train::optim::{Adam, GradOptimizer, Sgd};
 use enkf_dnn::Error;
@@ -303,8 +303,23 @@ type ForwardFn = unsafe extern "C" fn(
 ) -> i32;
 
 /// Emulated `ensemble_forward_f32` against `CpuBackend::ensemble_forward` on a GPU with
-/// `sm_count` SMs (which sets the images per block, so the image-group split).
+/// `sm_count` SMs (which sets the images per block, so the image-group split), with the
+/// H100/H200 geometry of 8 warps per block.
 fn forward_case(e: &Emu, net: Net, members: usize, images: usize, sm_count: u32, seed: u64) {
+    forward_case_warps(e, net, members, images, sm_count, FORWARD_WARPS, seed);
+}
+
+/// [`forward_case`] with blocks of `warps` warps (the geometry of a device with less
+/// shared memory, `geometry::forward_geometry`).
+fn forward_case_warps(
+    e: &Emu,
+    net: Net,
+    members: usize,
+    images: usize,
+    sm_count: u32,
+    warps: u32,
+    seed: u64,
+) {
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
     let w = normals32(&mut rng, members * net.n_params(), 1.0);
     let x: Vec<f32> = normals(&mut rng, images * IMG_PIXELS, 1.0)
@@ -315,8 +330,8 @@ fn forward_case(e: &Emu, net: Net, members: usize, images: usize, sm_count: u32,
     CpuBackend::new()
         .ensemble_forward(&net, &w, members, &x, images, &mut want)
         .expect("cpu forward");
-    let (cfg, ipb) = geometry::forward_launch(members, images, sm_count).expect("geometry");
-    let what = format!("forward {net:?} J={members} B={images} ipb={ipb}");
+    let (cfg, ipb) = geometry::forward_launch(members, images, sm_count, warps).expect("geometry");
+    let what = format!("forward {net:?} J={members} B={images} ipb={ipb} warps={warps}");
     let f = e.entry::<ForwardFn>("ensemble_forward_f32");
     let runs = ORDERS
         .iter()
@@ -387,6 +402,27 @@ fn forward_kernel_runs_several_images_per_warp_and_partial_groups() {
         2,
         14,
     );
+}
+
+#[test]
+fn forward_kernel_runs_the_geometry_of_every_architecture() {
+    use geometry::{forward_geometry, SharedMemoryLimits as L};
+    let Some(e) = emu() else { return };
+    // The warps per block chosen for A100 (5), sm_86/sm_89 (7) and Turing (3): the image
+    // loop d += warps leaves uneven rounds (64 images over 5 warps: 13, 13, 13, 13, 12),
+    // and the weights sit after `warps` per-warp regions. 70 images at one SM: groups of
+    // 64 and 6.
+    let mut seed = 21;
+    for limits in [L::SM80, L::SM86, L::SM75] {
+        let warps = forward_geometry(limits).expect("geometry").warps;
+        for net in [
+            Net::new(Arch::Paper, Activation::Logistic),
+            Net::new(Arch::Pooled, Activation::Tanh),
+        ] {
+            forward_case_warps(e, net, 2, 70, 1, warps, seed);
+            seed += 1;
+        }
+    }
 }
 
 // ---------------------------------------------------------------------------------------

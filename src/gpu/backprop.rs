@@ -46,18 +46,9 @@ pub struct GpuForwardCache {
     pub probs: CudaSlice<f32>,
 }
 
-/// A zero-filled device buffer of `n` elements (an empty one for n = 0, which the driver
-/// refuses to allocate).
+/// A zero-filled device buffer of `n` elements (n = 0: see [`super::device_zeros`]).
 fn zeros<T: DeviceRepr + ValidAsZeroBits>(be: &CudaBackend, n: usize) -> Result<CudaSlice<T>> {
-    if n == 0 {
-        be.stream()
-            .null()
-            .map_err(cuda_err("creating an empty buffer"))
-    } else {
-        be.stream()
-            .alloc_zeros(n)
-            .map_err(cuda_err(&format!("allocating {n} elements")))
-    }
+    super::device_zeros(be.stream(), n)
 }
 
 /// Copies a device buffer to the host (waits for the stream).

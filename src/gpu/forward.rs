@@ -4,27 +4,29 @@
 use cudarc::driver::sys::CUfunction_attribute;
 use cudarc::driver::{CudaSlice, PushKernelArg};
 
-use super::geometry::forward_launch;
+use super::geometry::{forward_launch, ForwardGeometry};
 use super::{cuda_err, to_i32, CudaBackend, Kernels};
 use crate::backend::check_len;
 use crate::model::{Net, CLASSES, IMG_PIXELS};
 use crate::{Error, Result};
 
-pub use super::geometry::{forward_smem_bytes, FORWARD_WARPS};
+pub use super::geometry::{forward_geometry, forward_smem_bytes, FORWARD_WARPS};
 
-/// Raises the forward kernel's dynamic shared memory limit above the default 48 KB.
+/// Raises the forward kernel's dynamic shared memory limit above the default 48 KB, to
+/// what blocks of `geometry` use.
 ///
-/// Errors: [`Error::Cuda`] when the device has less shared memory per block.
-pub(crate) fn configure(k: &Kernels) -> Result<()> {
+/// Errors: [`Error::Cuda`] when the device refuses that much shared memory per block.
+pub(crate) fn configure(k: &Kernels, geometry: ForwardGeometry) -> Result<()> {
     k.get("ensemble_forward_f32")?
         .set_attribute(
             CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-            forward_smem_bytes(FORWARD_WARPS) as i32,
+            geometry.smem_bytes() as i32,
         )
         .map_err(|e| {
             Error::Cuda(format!(
-                "ensemble_forward_f32 needs {} bytes of shared memory per block: {e:?}",
-                forward_smem_bytes(FORWARD_WARPS)
+                "ensemble_forward_f32 needs {} bytes of shared memory per block ({geometry}): \
+                 {e:?}",
+                geometry.smem_bytes()
             ))
         })
 }
@@ -54,7 +56,8 @@ pub fn ensemble_forward(
     if members == 0 || images == 0 {
         return Ok(());
     }
-    let (cfg, ipb) = forward_launch(members, images, be.sm_count()).ok_or_else(|| {
+    let warps = be.forward_geometry().warps;
+    let (cfg, ipb) = forward_launch(members, images, be.sm_count(), warps).ok_or_else(|| {
         Error::Config(format!(
             "ensemble_forward: {members} members × {images} images needs more than 2^31 \
              blocks; split the batch"

@@ -9,8 +9,13 @@ use cudarc::driver::LaunchConfig;
 
 use crate::model::{C1, C2, IMG_PIXELS, KSIZE, P1};
 
-/// Warps per block of the forward kernel (its `__launch_bounds__(256, 2)`).
+/// Warps per block of the forward kernel at most (its `__launch_bounds__(256, 2)`), and
+/// what an H100/H200 runs; devices with less shared memory run fewer, see
+/// [`forward_geometry`].
 pub const FORWARD_WARPS: u32 = 8;
+/// Warps per SM the forward kernel's registers allow: `__launch_bounds__(256, 2)` caps a
+/// thread at 128 registers, and every sm_75+ SM has 64 Ki of them: 16 warps.
+const FORWARD_MAX_WARPS_PER_SM: u32 = 16;
 /// Images per block of the forward kernel at most (each warp runs 8 images).
 const MAX_IMAGES_PER_BLOCK: usize = 64;
 /// Images per block at least (below, the weight loads are no longer amortised).
@@ -70,22 +75,110 @@ pub fn images_per_block(members: usize, images: usize, sm_count: u32) -> usize {
     ipb
 }
 
+/// Shared memory of a device, in bytes, as the driver reports it
+/// (`CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN`, `…_PER_MULTIPROCESSOR`,
+/// `CU_DEVICE_ATTRIBUTE_RESERVED_SHARED_MEMORY_PER_BLOCK`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SharedMemoryLimits {
+    /// Most dynamic shared memory one block may opt in to.
+    pub per_block_optin: u32,
+    /// Shared memory of one SM, shared by its resident blocks.
+    pub per_sm: u32,
+    /// What the system keeps per resident block on top of the block's own.
+    pub reserved_per_block: u32,
+}
+
+impl SharedMemoryLimits {
+    /// Turing (sm_75): 64 KB per block and per SM.
+    pub const SM75: Self = Self::new(65_536, 65_536, 0);
+    /// A100 (sm_80): 163 KB per block, 164 KB per SM.
+    pub const SM80: Self = Self::new(166_912, 167_936, 1024);
+    /// RTX 30xx, A10, A40 (sm_86): 99 KB per block, 100 KB per SM.
+    pub const SM86: Self = Self::new(101_376, 102_400, 1024);
+    /// L40S, RTX 40xx (sm_89): as sm_86.
+    pub const SM89: Self = Self::SM86;
+    /// H100, H200, GH200 (sm_90): 227 KB per block, 228 KB per SM.
+    pub const SM90: Self = Self::new(232_448, 233_472, 1024);
+
+    const fn new(per_block_optin: u32, per_sm: u32, reserved_per_block: u32) -> Self {
+        SharedMemoryLimits {
+            per_block_optin,
+            per_sm,
+            reserved_per_block,
+        }
+    }
+}
+
+/// How the forward kernel is launched on a device: warps per block and how many such
+/// blocks one SM holds at once.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ForwardGeometry {
+    /// Warps per block (blockDim.x = 32 · warps).
+    pub warps: u32,
+    /// Blocks resident per SM (shared memory and registers permitting).
+    pub blocks_per_sm: u32,
+}
+
+impl ForwardGeometry {
+    /// Dynamic shared memory of one block.
+    pub fn smem_bytes(&self) -> u32 {
+        forward_smem_bytes(self.warps)
+    }
+}
+
+impl std::fmt::Display for ForwardGeometry {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{} warps/block, {} B shared, {} blocks/SM",
+            self.warps,
+            self.smem_bytes(),
+            self.blocks_per_sm
+        )
+    }
+}
+
+/// The forward geometry for a device with shared memory `limits`: the warps per block
+/// (1 … [`FORWARD_WARPS`]) whose block fits the opt-in limit and that keeps the most
+/// warps resident per SM (shared memory, then registers, bound them), the larger block
+/// on a tie (the member's weights are staged once per block). `None` when not even one
+/// warp's block fits. A pure function: H100/H200 get 8 warps, 2 blocks per SM; A100 5
+/// warps, 2 blocks; sm_86/sm_89 7 warps, 1 block; Turing 3 warps, 1 block.
+pub fn forward_geometry(limits: SharedMemoryLimits) -> Option<ForwardGeometry> {
+    (1..=FORWARD_WARPS)
+        .filter(|&w| forward_smem_bytes(w) <= limits.per_block_optin)
+        .map(|warps| {
+            let per_block = forward_smem_bytes(warps) + limits.reserved_per_block;
+            let by_smem = limits.per_sm / per_block;
+            let by_regs = FORWARD_MAX_WARPS_PER_SM / warps;
+            ForwardGeometry {
+                warps,
+                blocks_per_sm: by_smem.min(by_regs),
+            }
+        })
+        .filter(|g| g.blocks_per_sm >= 1)
+        .max_by_key(|g| (g.warps * g.blocks_per_sm, g.warps))
+}
+
 /// Launch of `ensemble_forward_f32` for `members` × `images` on a GPU with `sm_count`
-/// SMs: `members · ceil(images / ipb)` blocks of [`FORWARD_WARPS`] warps, and the ipb
-/// the kernel takes as its last argument. `None` when the grid exceeds 2^31 − 1 blocks.
+/// SMs and blocks of `warps` warps (from [`forward_geometry`]): `members · ceil(images /
+/// ipb)` blocks, and the ipb the kernel takes as its last argument. `None` when the grid
+/// exceeds 2^31 − 1 blocks.
 pub fn forward_launch(
     members: usize,
     images: usize,
     sm_count: u32,
+    warps: u32,
 ) -> Option<(LaunchConfig, usize)> {
     let ipb = images_per_block(members, images, sm_count);
     let blocks = members
         .checked_mul(images.div_ceil(ipb))
         .filter(|&b| b <= i32::MAX as usize)?;
+    let warps = warps.clamp(1, FORWARD_WARPS);
     let cfg = LaunchConfig {
         grid_dim: (blocks as u32, 1, 1),
-        block_dim: (32 * FORWARD_WARPS, 1, 1),
-        shared_mem_bytes: forward_smem_bytes(FORWARD_WARPS),
+        block_dim: (32 * warps, 1, 1),
+        shared_mem_bytes: forward_smem_bytes(warps),
     };
     Some((cfg, ipb))
 }
@@ -166,11 +259,51 @@ mod tests {
         assert_eq!(images_per_block(5000, 64, 132), 64);
         assert_eq!(images_per_block(1, 10_000, 132), 16);
         assert_eq!(images_per_block(1, 10, 132), 8);
-        let (cfg, ipb) = forward_launch(5000, 64, 132).expect("fits");
+        let (cfg, ipb) = forward_launch(5000, 64, 132, 8).expect("fits");
         assert_eq!((cfg.grid_dim.0, ipb), (5000, 64));
-        let (cfg, ipb) = forward_launch(1, 10_000, 132).expect("fits");
+        let (cfg, ipb) = forward_launch(1, 10_000, 132, 8).expect("fits");
         assert_eq!((cfg.grid_dim.0, ipb), (625, 16));
-        assert!(forward_launch(usize::MAX / 2, 64, 132).is_none());
+        assert!(forward_launch(usize::MAX / 2, 64, 132, 8).is_none());
+        let (cfg, _) = forward_launch(5000, 64, 108, 5).expect("fits");
+        assert_eq!(cfg.block_dim.0, 160);
+        assert_eq!(cfg.shared_mem_bytes, forward_smem_bytes(5));
+    }
+
+    #[test]
+    fn forward_geometry_follows_the_shared_memory_of_each_architecture() {
+        let g = |l| forward_geometry(l).expect("some geometry fits");
+        let wb = |l| {
+            let x = g(l);
+            (x.warps, x.blocks_per_sm)
+        };
+        // H100/H200: 8 warps (105,088 B), two blocks per SM.
+        assert_eq!(wb(SharedMemoryLimits::SM90), (8, 2));
+        // A100: one 8-warp block per SM (8 warps) loses to two 5-warp blocks (10).
+        assert_eq!(wb(SharedMemoryLimits::SM80), (5, 2));
+        // sm_86/89: 105,088 B is over the 101,376 B opt-in limit: 7 warps (96,192 B).
+        assert_eq!(wb(SharedMemoryLimits::SM86), (7, 1));
+        assert_eq!(wb(SharedMemoryLimits::SM89), (7, 1));
+        // Turing: 64 KB: 3 warps (60,608 B).
+        assert_eq!(wb(SharedMemoryLimits::SM75), (3, 1));
+        for l in [
+            SharedMemoryLimits::SM75,
+            SharedMemoryLimits::SM80,
+            SharedMemoryLimits::SM86,
+            SharedMemoryLimits::SM90,
+        ] {
+            let x = g(l);
+            assert!(x.smem_bytes() <= l.per_block_optin, "{l:?}");
+            assert!(
+                x.blocks_per_sm * (x.smem_bytes() + l.reserved_per_block) <= l.per_sm,
+                "{l:?}"
+            );
+            assert!(x.warps * x.blocks_per_sm <= 16, "{l:?}: registers");
+        }
+        // Less than one warp's block: no geometry.
+        assert_eq!(
+            forward_geometry(SharedMemoryLimits::new(40_000, 40_000, 0)),
+            None
+        );
     }
 
     #[test]

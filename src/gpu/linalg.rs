@@ -454,8 +454,61 @@ fn cusolver_blocks(
     let info_h = stream
         .clone_dtoh(&info)
         .map_err(cuda_err("reading cuSOLVER info"))?;
+    let diag = factor_diagonal(be, a, n as usize)?;
     stream.synchronize().map_err(cuda_err("Cholesky solve"))?;
-    first_failure(&info_h, bs as usize, |_| f64::NAN)
+    first_failure(&info_h, bs as usize, |_| f64::NAN)?;
+    first_bad_diagonal(&diag, bs as usize)
+}
+
+/// The diagonal of the n × n matrix `a` (n doubles, to the host), copied by cuBLAS with
+/// stride n + 1.
+fn factor_diagonal(be: &CudaBackend, a: &CudaSlice<f64>, n: usize) -> Result<Vec<f64>> {
+    let stream = be.stream();
+    let mut diag = super::device_zeros::<f64>(stream, n)?;
+    let n_i = to_i32("factor diagonal n", n)?;
+    let stride = to_i32("factor diagonal stride", n + 1)?;
+    {
+        let (a_ptr, _ga) = a.device_ptr(stream);
+        let (d_ptr, _gd) = diag.device_ptr_mut(stream);
+        // SAFETY: a holds n² doubles, so the n entries at stride n + 1 (the last at
+        // n² − 1) are inside it; diag holds n doubles; the handle is bound to `stream`.
+        unsafe {
+            cudarc::cublas::sys::cublasDcopy_v2(
+                *be.blas.handle(),
+                n_i,
+                a_ptr as *const f64,
+                stride,
+                d_ptr as *mut f64,
+                1,
+            )
+        }
+        .result()
+        .map_err(cuda_err("cublasDcopy (factor diagonal)"))?;
+    }
+    stream
+        .clone_dtoh(&diag)
+        .map_err(cuda_err("reading the factor diagonal"))
+}
+
+/// The first block of `bs` whose Cholesky factor diagonal (`diag`, all blocks in order)
+/// holds a value that is not a finite positive number, as the typed error.
+///
+/// `cusolverDnDpotrf` documents `info > 0` only for a non-positive leading minor; a NaN
+/// pivot (a NaN anywhere in the block's lower triangle reaches the diagonal through the
+/// squares subtracted from it) may come back as success with NaN in the factor. The CPU
+/// and the small-block kernel call that not positive definite, and so does this check,
+/// before any solution is used.
+pub fn first_bad_diagonal(diag: &[f64], bs: usize) -> Result<()> {
+    match diag.iter().position(|v| !(v.is_finite() && *v > 0.0)) {
+        None => Ok(()),
+        Some(i) => Err(LinalgError::NotPositiveDefinite {
+            block: i / bs.max(1),
+            size: bs,
+            pivot: i % bs.max(1),
+            value: diag[i],
+        }
+        .into()),
+    }
 }
 
 /// Solves `x · T = b` in place (`b`: rows × n, overwritten by x), T (n × n) unit lower
@@ -522,6 +575,27 @@ mod tests {
                 assert_eq!(value, 1.0);
             }
             other => panic!("expected NotPositiveDefinite, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_nan_or_non_positive_factor_diagonal_is_not_positive_definite() {
+        assert!(first_bad_diagonal(&[1.0, 2.0, 0.5, 3.0], 2).is_ok());
+        for (bad, at) in [(f64::NAN, 3), (f64::INFINITY, 2), (0.0, 1), (-1.0, 3)] {
+            let mut d = vec![1.0, 2.0, 0.5, 3.0];
+            d[at] = bad;
+            match first_bad_diagonal(&d, 2) {
+                Err(Error::Linalg(LinalgError::NotPositiveDefinite {
+                    block,
+                    size,
+                    pivot,
+                    value,
+                })) => {
+                    assert_eq!((block, size, pivot), (at / 2, 2, at % 2), "{bad} at {at}");
+                    assert!(value.is_nan() == bad.is_nan() && (bad.is_nan() || value == bad));
+                }
+                other => panic!("{bad} at {at}: expected NotPositiveDefinite, got {other:?}"),
+            }
         }
     }
 }

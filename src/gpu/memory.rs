@@ -21,11 +21,14 @@
 //!
 //! Under Algorithm 1 (`--adaptation adaptive`) J moves during the run, so the check is
 //! made at the largest J it can reach, max(J, b_u), plus the peak of a resize: the new
-//! ensemble is built while the old one is still alive (see [`resize_bytes`]).
+//! ensemble is built while the old one is still alive (see [`resize_bytes`]). With
+//! `--on-failure resample` the same second J × P copy is counted at every J, Algorithm 1
+//! or not: `resample_members` copies the J − f successful rows and draws f fresh ones
+//! beside U, and the first failed member must not run the device out of memory.
 
 use crate::enkf::ApplyOrder;
 use crate::model::{CLASSES, IMG_PIXELS};
-use crate::train::{Adaptation, EvalMode, TrainConfig};
+use crate::train::{Adaptation, EvalMode, FailurePolicy, TrainConfig};
 use crate::{Error, Result};
 
 use super::{cuda_err, CudaBackend};
@@ -52,6 +55,9 @@ pub struct TrainShape {
     pub eval_last: bool,
     /// Whether the evaluation runs the whole ensemble over the test set.
     pub eval_ensemble: bool,
+    /// Whether the run builds a second J × P ensemble beside U at some point: Algorithm
+    /// 1's resizes, or `--on-failure resample` (see [`resize_bytes`]).
+    pub second_ensemble: bool,
 }
 
 impl TrainShape {
@@ -85,6 +91,7 @@ impl TrainShape {
             test_images: n_test,
             eval_last: cfg.eval.contains(&EvalMode::Last),
             eval_ensemble: cfg.eval.contains(&EvalMode::Ensemble),
+            second_ensemble: adaptive || cfg.on_failure == FailurePolicy::Resample,
         }
     }
 
@@ -167,39 +174,34 @@ pub fn estimate(shape: &TrainShape) -> MemoryEstimate {
     }
 }
 
-/// Extra bytes while Algorithm 1 resizes the ensemble of `shape` (J = `shape.members`,
-/// the largest size it reaches): `resize::add_members` builds the new J × P ensemble from
-/// the old (J − v) × P one and v fresh rows, all alive at once, and `drop_members` the
-/// new (J − v) × P beside the old J × P; either way at most one more J × P f32 than the
-/// steady state counted by [`estimate`].
+/// Extra bytes while the ensemble of `shape` (J = `shape.members`, the largest size it
+/// reaches) is rebuilt beside U: Algorithm 1's `resize::add_members` builds the new
+/// J × P ensemble from the old (J − v) × P one and v fresh rows, all alive at once, and
+/// `drop_members` the new (J − v) × P beside the old J × P; `resize::resample_members`
+/// copies the J − f successful rows and draws f fresh ones. Each is at most one more
+/// J × P f32 than the steady state counted by [`estimate`].
 pub fn resize_bytes(shape: &TrainShape) -> u64 {
     4 * shape.members as u64 * shape.params as u64
 }
 
 /// Peak device bytes of a run of `shape`: [`estimate`], plus [`resize_bytes`] when the
-/// ensemble is resized during the run (`adaptive`, Algorithm 1).
-pub fn peak_bytes(shape: &TrainShape, adaptive: bool) -> u64 {
-    let resize = if adaptive { resize_bytes(shape) } else { 0 };
-    estimate(shape).total() + resize
+/// run builds a second ensemble (`shape.second_ensemble`: Algorithm 1 or resampling).
+pub fn peak_bytes(shape: &TrainShape) -> u64 {
+    let second = if shape.second_ensemble {
+        resize_bytes(shape)
+    } else {
+        0
+    };
+    estimate(shape).total() + second
 }
 
-/// The largest ensemble size J ≥ 2 whose [`estimate`] fits in `free_bytes`, or None when
-/// not even J = 2 fits. Bisection over J: the estimate grows with J except for a small
-/// drop where the apply phase switches from member to parameter order (J ≈ 1200 for the
-/// paper's net), which only matters on a device with less than ~0.5 GB free.
+/// The largest ensemble size J ≥ 2 whose [`peak_bytes`] fits in `free_bytes` (for
+/// Algorithm 1: the largest J it may grow to), or None when not even J = 2 fits.
+/// Bisection over J: the estimate grows with J except for a small drop where the apply
+/// phase switches from member to parameter order (J ≈ 1200 for the paper's net), which
+/// only matters on a device with less than ~0.5 GB free.
 pub fn largest_members(shape: &TrainShape, free_bytes: u64) -> Option<usize> {
-    largest_fitting(shape, free_bytes, false)
-}
-
-/// The largest J ≥ 2 that Algorithm 1 may grow the ensemble of `shape` to (its
-/// [`peak_bytes`] with a resize fits in `free_bytes`), or None when not even 2 fits.
-/// Bisection as in [`largest_members`].
-pub fn largest_adaptive_members(shape: &TrainShape, free_bytes: u64) -> Option<usize> {
-    largest_fitting(shape, free_bytes, true)
-}
-
-fn largest_fitting(shape: &TrainShape, free_bytes: u64, adaptive: bool) -> Option<usize> {
-    let fits = |j: usize| peak_bytes(&shape.with_members(j), adaptive) <= free_bytes;
+    let fits = |j: usize| peak_bytes(&shape.with_members(j)) <= free_bytes;
     if !fits(2) {
         return None;
     }
@@ -233,12 +235,20 @@ pub fn too_large(shape: &TrainShape, free: u64, total: u64) -> Error {
         Some(j) => format!("the largest ensemble that fits is J = {j} (--members {j})"),
         None => "not even J = 2 fits; free GPU memory (other processes) first".to_string(),
     };
+    let second = if shape.second_ensemble {
+        format!(
+            ", the second copy of U that resampling failed members builds {:.2} GiB",
+            gib(resize_bytes(shape))
+        )
+    } else {
+        String::new()
+    };
     Error::Cuda(format!(
-        "J = {} members need about {:.2} GiB of device memory (ensemble U {:.2} GiB, EnKF \
-         workspaces {:.2} GiB, test set and evaluation {:.2} GiB, library reserve {:.2} GiB) \
-         but only {:.2} GiB of {:.2} GiB are free: {advice}",
+        "J = {} members need about {:.2} GiB of device memory (ensemble U {:.2} GiB{second}, \
+         EnKF workspaces {:.2} GiB, test set and evaluation {:.2} GiB, library reserve {:.2} \
+         GiB) but only {:.2} GiB of {:.2} GiB are free: {advice}",
         shape.members,
-        gib(e.total()),
+        gib(peak_bytes(shape)),
         gib(e.ensemble),
         gib(e.workspaces),
         gib(e.evaluation),
@@ -258,7 +268,7 @@ pub fn adaptive_too_large(
     total: u64,
 ) -> Error {
     let e = estimate(shape);
-    let advice = match largest_adaptive_members(shape, free) {
+    let advice = match largest_members(shape, free) {
         Some(j) if initial_members > j => format!(
             "the largest ensemble Algorithm 1 may reach is J = {j} \
              (--adapt-max-members {j} and --members at most {j})"
@@ -276,7 +286,7 @@ pub fn adaptive_too_large(
          and evaluation {:.2} GiB, library reserve {:.2} GiB) but only {:.2} GiB of {:.2} GiB \
          are free: {advice}",
         shape.members,
-        gib(peak_bytes(shape, true)),
+        gib(peak_bytes(shape)),
         gib(e.ensemble),
         gib(resize_bytes(shape)),
         gib(e.workspaces),
@@ -302,7 +312,7 @@ pub fn train_fits(
 ) -> Result<()> {
     let shape = TrainShape::of(cfg, n_train, n_test);
     let adaptive = cfg.adaptation == Adaptation::Adaptive;
-    if peak_bytes(&shape, adaptive) <= free {
+    if peak_bytes(&shape) <= free {
         Ok(())
     } else if adaptive {
         Err(adaptive_too_large(&shape, cfg.members, free, total))
@@ -329,7 +339,7 @@ impl CudaBackend {
     /// (see [`too_large`]); driver query failures.
     pub fn check_fits(&self, shape: &TrainShape) -> Result<()> {
         let (free, total) = self.memory_info()?;
-        if estimate(shape).total() <= free {
+        if peak_bytes(shape) <= free {
             Ok(())
         } else {
             Err(too_large(shape, free, total))
@@ -362,6 +372,7 @@ mod tests {
             test_images: 10_000,
             eval_last: false,
             eval_ensemble: false,
+            second_ensemble: false,
         }
     }
 
@@ -474,18 +485,60 @@ mod tests {
     #[test]
     fn adaptive_peak_counts_a_second_ensemble_during_a_resize() {
         let s = shape(10_000, vec![64]);
-        assert_eq!(peak_bytes(&s, false), estimate(&s).total());
+        let copying = TrainShape {
+            second_ensemble: true,
+            ..s.clone()
+        };
+        assert_eq!(peak_bytes(&s), estimate(&s).total());
         assert_eq!(
-            peak_bytes(&s, true),
+            peak_bytes(&copying),
             estimate(&s).total() + 4 * 10_000 * P as u64
         );
         let free = 4u64 << 30;
         let fixed = largest_members(&s, free).expect("fits");
-        let grown = largest_adaptive_members(&s, free).expect("fits");
-        assert!(peak_bytes(&s.with_members(grown), true) <= free);
-        assert!(peak_bytes(&s.with_members(grown + 1), true) > free);
+        let grown = largest_members(&copying, free).expect("fits");
+        assert!(peak_bytes(&copying.with_members(grown)) <= free);
+        assert!(peak_bytes(&copying.with_members(grown + 1)) > free);
         // The resize copy is the size of U, the largest part: far fewer members fit.
         assert!(grown < fixed * 3 / 4, "{grown} vs {fixed}");
+    }
+
+    #[test]
+    fn resampling_failed_members_counts_a_second_ensemble_at_fixed_j() {
+        // A fixed-J run with --on-failure resample copies U when a member fails: the J
+        // the check advises must leave room for that copy, or the first failure runs
+        // the device out of memory mid-run.
+        let base = PartialConfig {
+            members: Some(10_000),
+            iterations: Some(20),
+            ..Default::default()
+        };
+        let error = base.clone().resolve().expect("config");
+        let resample = PartialConfig {
+            on_failure: Some(FailurePolicy::Resample),
+            ..base
+        }
+        .resolve()
+        .expect("config");
+        let plain = TrainShape::of(&error, 60_000, 10_000);
+        let copying = TrainShape::of(&resample, 60_000, 10_000);
+        assert!(!plain.second_ensemble && copying.second_ensemble);
+        assert_eq!(
+            peak_bytes(&copying),
+            peak_bytes(&plain) + 4 * 10_000 * P as u64
+        );
+        // Free memory between the two peaks: the erroring run fits, the resampling
+        // one is refused, naming the copy and a J whose peak with the copy fits.
+        let free = peak_bytes(&plain) + 2 * 10_000 * P as u64;
+        train_fits(&error, 60_000, 10_000, free, 8 * free).expect("fits without the copy");
+        let Err(Error::Cuda(msg)) = train_fits(&resample, 60_000, 10_000, free, 8 * free) else {
+            panic!("the resampling run must not fit");
+        };
+        assert!(msg.contains("resampling"), "{msg}");
+        let j = largest_members(&copying, free).expect("fits");
+        assert!(msg.contains(&format!("--members {j}")), "{msg}");
+        assert!(peak_bytes(&copying.with_members(j)) <= free);
+        assert!(peak_bytes(&copying.with_members(j + 1)) > free);
     }
 
     #[test]
@@ -500,7 +553,7 @@ mod tests {
             panic!("b_u = 10^6 must not fit 4 GiB");
         };
         let s = TrainShape::of(&cfg, 60_000, 10_000);
-        let j = largest_adaptive_members(&s, free).expect("fits");
+        let j = largest_members(&s, free).expect("fits");
         assert!(msg.contains("upper bound"), "{msg}");
         assert!(msg.contains("J = 1000000 members"), "{msg}");
         assert!(

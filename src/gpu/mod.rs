@@ -19,19 +19,20 @@ pub mod module;
 pub mod reduce;
 pub mod timing;
 
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use cudarc::cublas::CudaBlas;
 use cudarc::cusolver::DnHandle;
 use cudarc::driver::sys::CUdevice_attribute;
-use cudarc::driver::{CudaContext, CudaSlice, CudaStream};
+use cudarc::driver::{CudaContext, CudaSlice, CudaStream, DeviceRepr, ValidAsZeroBits};
 
 use crate::backend::{check_len, check_rows, Backend, MathMode, Trans};
 use crate::model::Net;
 use crate::{Error, Result};
 
+pub use geometry::{ForwardGeometry, SharedMemoryLimits};
 pub use memory::{MemoryEstimate, TrainShape};
-pub use module::{KernelKind, KernelModule, Kernels, BUILT_WITH, MODULES};
+pub use module::{KernelModule, KernelRoute, Kernels, BUILT_WITH, MODULES};
 
 /// The CUDA backend: one device, one stream, a cuBLAS and a cuSOLVER handle, and the
 /// kernels of [`MODULES`] loaded into the device's primary context.
@@ -44,9 +45,14 @@ pub struct CudaBackend {
     kernels: Kernels,
     math: MathMode,
     sm_count: u32,
+    forward: ForwardGeometry,
     fp32_peak_gflops: Option<f64>,
     description: String,
 }
+
+/// What [`CudaBackend::open`] found the first time in this process: the description, or
+/// why no GPU is usable.
+static PROBE: OnceLock<std::result::Result<String, String>> = OnceLock::new();
 
 /// FP32 lanes per SM by compute capability (one FFMA per lane per clock), where known:
 /// Volta, Turing and A100 (sm_70–80) have 64; sm_86 onwards, Hopper and Blackwell 128.
@@ -84,10 +90,6 @@ pub fn check_libraries() -> Result<()> {
             ),
             ("libcublas", cudarc::cublas::sys::is_culib_present()),
             ("libcusolver", cudarc::cusolver::sys::is_culib_present()),
-            (
-                "libnvrtc",
-                !module::needs_nvrtc() || cudarc::nvrtc::sys::is_culib_present(),
-            ),
         ]
     };
     for (lib, ok) in present {
@@ -152,19 +154,50 @@ impl CudaBackend {
             .compute_capability()
             .map_err(cuda_err("querying the compute capability"))?;
         let kernels = Kernels::load_all(&ctx, cc)?;
-        forward::configure(&kernels)?;
-        let sm_count = ctx
-            .attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
-            .map_err(cuda_err("querying the SM count"))?
-            .max(1) as u32;
+        let attr = |a: CUdevice_attribute, what: &str| -> Result<u32> {
+            ctx.attribute(a)
+                .map(|v| v.max(0) as u32)
+                .map_err(cuda_err(&format!("querying the {what}")))
+        };
+        let limits = SharedMemoryLimits {
+            per_block_optin: attr(
+                CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN,
+                "shared memory per block",
+            )?,
+            per_sm: attr(
+                CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_MULTIPROCESSOR,
+                "shared memory per SM",
+            )?,
+            reserved_per_block: attr(
+                CUdevice_attribute::CU_DEVICE_ATTRIBUTE_RESERVED_SHARED_MEMORY_PER_BLOCK,
+                "reserved shared memory per block",
+            )?,
+        };
+        let forward = geometry::forward_geometry(limits).ok_or_else(|| {
+            Error::Cuda(format!(
+                "the forward kernel needs at least {} bytes of shared memory per block; the \
+                 device allows {} ({limits:?})",
+                geometry::forward_smem_bytes(1),
+                limits.per_block_optin
+            ))
+        })?;
+        forward::configure(&kernels, forward)?;
+        let sm_count = attr(
+            CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT,
+            "SM count",
+        )?
+        .max(1);
         let clock_khz = ctx
             .attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_CLOCK_RATE)
             .ok();
         let fp32_peak_gflops = fp32_peak(cc, sm_count, clock_khz);
         let name = ctx.name().unwrap_or_else(|_| "unknown device".into());
         let description = format!(
-            "cuda ({name}, cc {}.{}, {sm_count} SMs, kernels: {BUILT_WITH}, math: {math:?})",
-            cc.0, cc.1
+            "cuda ({name}, cc {}.{}, {sm_count} SMs, kernels: {}, forward: {forward}, math: \
+             {math:?})",
+            cc.0,
+            cc.1,
+            kernels.route()
         );
         Ok(CudaBackend {
             ctx,
@@ -174,30 +207,48 @@ impl CudaBackend {
             kernels,
             math,
             sm_count,
+            forward,
             fp32_peak_gflops,
             description,
         })
     }
 
-    /// Checks whether a usable GPU is present, for `--backend auto`.
+    /// Opens device 0 with `math` for `--backend cuda` / `auto` and the tests, and
+    /// describes it (device, driver and library versions, kernel route and forward
+    /// geometry, library files loaded): one context creation, one kernel load.
     ///
-    /// Returns a description (device, driver and library versions, library files
-    /// loaded) or why the CUDA backend cannot be used. Opens device 0 and loads the
-    /// kernels, so a success means [`CudaBackend::new`]`(0, …)` works.
-    pub fn probe() -> std::result::Result<String, String> {
+    /// The outcome is remembered for the process: after a failure every later call
+    /// returns the same reason without touching the driver again, and [`Self::probe`]
+    /// after a success returns the description without opening the device again.
+    ///
+    /// Errors: why the CUDA backend cannot be used, in words.
+    pub fn open(math: MathMode) -> std::result::Result<(CudaBackend, String), String> {
+        if let Some(Err(why)) = PROBE.get() {
+            return Err(why.clone());
+        }
+        let opened = Self::open_uncached(math);
+        let outcome = opened
+            .as_ref()
+            .map(|(_, d)| d.clone())
+            .map_err(Clone::clone);
+        let _ = PROBE.set(outcome);
+        opened
+    }
+
+    fn open_uncached(math: MathMode) -> std::result::Result<(CudaBackend, String), String> {
         check_libraries().map_err(|e| e.to_string())?;
         let count = CudaContext::device_count().map_err(|e| format!("CUDA driver: {e:?}"))?;
         if count < 1 {
             return Err("no CUDA device found".into());
         }
-        let be = CudaBackend::new(0, MathMode::Fp32).map_err(|e| e.to_string())?;
+        let be = CudaBackend::new(0, math).map_err(|e| e.to_string())?;
         let mut driver = 0i32;
         // SAFETY: writes one int; the driver library is loaded (checked above).
         unsafe { cudarc::driver::sys::cuDriverGetVersion(&mut driver) };
         let (blas_v, solver_v) = linalg::library_versions(&be.blas);
         let mem = be.ctx.total_mem().unwrap_or(0) as f64 / (1u64 << 30) as f64;
         let libs = loaded_cuda_libraries();
-        Ok(format!(
+        let desc = format!(
             "{}; {mem:.0} GiB; driver CUDA {}.{}; cuBLAS {blas_v}; cuSOLVER {solver_v}; \
              libraries: {}",
             be.description,
@@ -208,7 +259,18 @@ impl CudaBackend {
             } else {
                 libs.join(", ")
             }
-        ))
+        );
+        Ok((be, desc))
+    }
+
+    /// Whether a usable GPU is present, for `--backend auto`: the description of
+    /// [`Self::open`], or why the CUDA backend cannot be used. Probes at most once per
+    /// process (the answer is remembered); a success means [`Self::open`] works.
+    pub fn probe() -> std::result::Result<String, String> {
+        if let Some(known) = PROBE.get() {
+            return known.clone();
+        }
+        Self::open(MathMode::Fp32).map(|(_, desc)| desc)
     }
 
     /// The math mode chosen at creation.
@@ -221,16 +283,24 @@ impl CudaBackend {
         self.sm_count
     }
 
+    /// How the forward kernel is launched on this device.
+    pub fn forward_geometry(&self) -> ForwardGeometry {
+        self.forward
+    }
+
+    /// The code the kernels were loaded from (which PTX, or NVRTC).
+    pub fn kernel_route(&self) -> KernelRoute {
+        self.kernels.route()
+    }
+
     /// The stream all work is queued on.
     pub fn stream(&self) -> &Arc<CudaStream> {
         &self.stream
     }
 
-    /// A zero-length buffer (the driver refuses zero-byte allocations).
-    fn empty<T>(&self) -> Result<CudaSlice<T>> {
-        self.stream
-            .null()
-            .map_err(cuda_err("creating an empty buffer"))
+    /// A zero-filled buffer of `n` elements, see [`device_zeros`].
+    fn zeros<T: DeviceRepr + ValidAsZeroBits>(&self, n: usize) -> Result<CudaSlice<T>> {
+        device_zeros(&self.stream, n)
     }
 
     pub(crate) fn kernels(&self) -> &Kernels {
@@ -247,24 +317,14 @@ impl Backend for CudaBackend {
     }
 
     fn zeros_f32(&self, n: usize) -> Result<CudaSlice<f32>> {
-        if n == 0 {
-            return self.empty();
-        }
-        self.stream
-            .alloc_zeros(n)
-            .map_err(cuda_err(&format!("allocating {n} f32")))
+        self.zeros(n)
     }
     fn zeros_f64(&self, n: usize) -> Result<CudaSlice<f64>> {
-        if n == 0 {
-            return self.empty();
-        }
-        self.stream
-            .alloc_zeros(n)
-            .map_err(cuda_err(&format!("allocating {n} f64")))
+        self.zeros(n)
     }
     fn upload_f32(&self, host: &[f32]) -> Result<CudaSlice<f32>> {
         if host.is_empty() {
-            return self.empty();
+            return self.zeros(0);
         }
         self.stream
             .clone_htod(host)
@@ -272,11 +332,17 @@ impl Backend for CudaBackend {
     }
     fn write_f32(&self, host: &[f32], dst: &mut CudaSlice<f32>) -> Result<()> {
         check_len("write_f32 destination", dst.len(), host.len())?;
+        if host.is_empty() {
+            return Ok(());
+        }
         self.stream
             .memcpy_htod(host, dst)
             .map_err(cuda_err("write_f32"))
     }
     fn download_f32(&self, buf: &CudaSlice<f32>) -> Result<Vec<f32>> {
+        if buf.is_empty() {
+            return Ok(Vec::new());
+        }
         let v = self
             .stream
             .clone_dtoh(buf)
@@ -285,6 +351,9 @@ impl Backend for CudaBackend {
         Ok(v)
     }
     fn download_f64(&self, buf: &CudaSlice<f64>) -> Result<Vec<f64>> {
+        if buf.is_empty() {
+            return Ok(Vec::new());
+        }
         let v = self
             .stream
             .clone_dtoh(buf)
@@ -397,6 +466,9 @@ impl Backend for CudaBackend {
 
     fn copy_f32(&self, src: &CudaSlice<f32>, dst: &mut CudaSlice<f32>) -> Result<()> {
         check_len("copy_f32 destination", dst.len(), src.len())?;
+        if src.is_empty() {
+            return Ok(());
+        }
         self.stream
             .memcpy_dtod(src, dst)
             .map_err(cuda_err("copy_f32"))
@@ -437,6 +509,30 @@ impl Backend for CudaBackend {
     fn time_ms(&self, f: &mut dyn FnMut() -> Result<()>) -> Result<f64> {
         CudaBackend::time_ms(self, f)
     }
+}
+
+/// A zero-filled device buffer of `n` elements on `stream`. For n = 0 it allocates one
+/// element and keeps the logical length 0: `cuMemAllocAsync` is not defined to succeed
+/// on 0 bytes, and an error there would be stored and returned by the next, unrelated
+/// call. Dropping the buffer frees that one element.
+///
+/// Errors: [`Error::Cuda`] when the allocation fails.
+pub(crate) fn device_zeros<T: DeviceRepr + ValidAsZeroBits>(
+    stream: &Arc<CudaStream>,
+    n: usize,
+) -> Result<CudaSlice<T>> {
+    let buf = stream
+        .alloc_zeros::<T>(n.max(1))
+        .map_err(cuda_err(&format!("allocating {} elements", n.max(1))))?;
+    if n > 0 {
+        return Ok(buf);
+    }
+    let ptr = buf.leak();
+    // SAFETY: `ptr` is the live one-element allocation just leaked from a slice of this
+    // stream; the new slice owns it (its drop frees it) and claims 0 of its elements, so
+    // nothing past the allocation is ever read or written through it. Event tracking is
+    // off for every context of this crate (`CudaBackend::new`), so no event is created.
+    Ok(unsafe { stream.upgrade_device_ptr(ptr, 0) })
 }
 
 /// Converts a dimension to the `int` the kernels and libraries take.

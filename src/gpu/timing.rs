@@ -16,7 +16,7 @@
 use std::ffi::{c_char, c_int, c_void, CStr, CString};
 use std::sync::OnceLock;
 
-use cudarc::driver::sys::CUevent_flags;
+use cudarc::driver::sys::{CUevent, CUevent_flags, CUresult};
 
 use super::{cuda_err, CudaBackend};
 use crate::Result;
@@ -26,8 +26,9 @@ impl CudaBackend {
     /// events and returns the device milliseconds between them; waits for the end event.
     ///
     /// Errors: those of `f`; [`crate::Error::Cuda`] when an event cannot be created,
-    /// recorded or read.
+    /// recorded or read, or the driver has no elapsed-time entry point.
     pub fn time_ms<F: FnOnce() -> Result<()>>(&self, f: F) -> Result<f64> {
+        let elapsed = event_elapsed_fn()?;
         let start = self
             .ctx
             .new_event(Some(CUevent_flags::CU_EVENT_DEFAULT))
@@ -42,11 +43,78 @@ impl CudaBackend {
         f()?;
         end.record(&self.stream)
             .map_err(cuda_err("recording the end event"))?;
-        let ms = start
-            .elapsed_ms(&end)
+        end.synchronize()
+            .map_err(cuda_err("waiting for the end event"))?;
+        let mut ms = 0f32;
+        // SAFETY: both events were created in this backend's context and recorded on its
+        // stream, the end event has completed (so has the start, recorded before it on
+        // the same stream), and both live until the end of this function.
+        unsafe { elapsed(&mut ms, start.cu_event(), end.cu_event()) }
+            .result()
             .map_err(cuda_err("reading the elapsed time between events"))?;
-        Ok(ms as f64)
+        Ok(f64::from(ms))
     }
+}
+
+/// `cuEventElapsedTime` and `cuEventElapsedTime_v2` have this signature.
+type ElapsedFn = unsafe extern "C" fn(*mut f32, CUevent, CUevent) -> CUresult;
+
+/// The driver's elapsed-time entry point: `cuEventElapsedTime_v2` (driver 12.8 and
+/// newer; what cudarc's CUDA 13 bindings call, panicking where it is absent) or else the
+/// original `cuEventElapsedTime` (every driver, same semantics), looked up once.
+///
+/// Errors: [`crate::Error::Cuda`] when the driver library exports neither.
+fn event_elapsed_fn() -> Result<ElapsedFn> {
+    static ELAPSED: OnceLock<Option<ElapsedFn>> = OnceLock::new();
+    let found = *ELAPSED.get_or_init(|| {
+        // SAFETY: the driver library was found by `check_libraries` before any backend
+        // exists; `get` only looks a symbol up, and both names have type `ElapsedFn`
+        // in the CUDA driver API.
+        unsafe {
+            let lib = cudarc::driver::sys::culib();
+            [
+                &b"cuEventElapsedTime_v2\0"[..],
+                &b"cuEventElapsedTime\0"[..],
+            ]
+            .iter()
+            .find_map(|&name| lib.get::<ElapsedFn>(name).ok().map(|f| *f))
+        }
+    });
+    found.ok_or_else(|| {
+        crate::Error::Cuda(
+            "the NVIDIA driver exports neither cuEventElapsedTime_v2 nor cuEventElapsedTime".into(),
+        )
+    })
+}
+
+/// The CUDA version (major, minor) a driver must support to load PTX of ISA `isa`
+/// (the `.version` line nvcc and NVRTC write): ISA 8.x came with CUDA 12.x (8.5 with
+/// 12.5 and 12.6, 8.6 with 12.7 …), ISA 9.0 with CUDA 13.0. `None` for an ISA older than
+/// 8.0 (CUDA 11, which CUDA 13 drivers load anyway) or unknown.
+pub fn driver_needed_for_ptx(isa: (u32, u32)) -> Option<(u32, u32)> {
+    match isa {
+        (8, minor @ 0..=5) => Some((12, minor)),
+        (8, minor @ 6..=8) => Some((12, minor + 1)),
+        (9, 0) => Some((13, 0)),
+        _ => None,
+    }
+}
+
+/// The PTX ISA of a PTX text (its `.version X.Y` line).
+pub fn ptx_isa(ptx: &str) -> Option<(u32, u32)> {
+    let line = ptx
+        .lines()
+        .find(|l| l.trim_start().starts_with(".version"))?;
+    let v = line.split_whitespace().nth(1)?;
+    let (a, b) = v.split_once('.')?;
+    Some((a.parse().ok()?, b.parse().ok()?))
+}
+
+/// The driver's CUDA version as (major, minor) from `cuDriverGetVersion`'s 1000·major +
+/// 10·minor.
+pub fn split_driver_version(v: i32) -> (u32, u32) {
+    let v = v.max(0) as u32;
+    (v / 1000, (v % 1000) / 10)
 }
 
 type PushFn = unsafe extern "C" fn(*const c_char) -> c_int;
@@ -156,6 +224,20 @@ impl Drop for Range {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn ptx_isa_maps_to_the_driver_it_needs() {
+        assert_eq!(driver_needed_for_ptx((9, 0)), Some((13, 0)));
+        assert_eq!(driver_needed_for_ptx((8, 7)), Some((12, 8)));
+        assert_eq!(driver_needed_for_ptx((8, 5)), Some((12, 5)));
+        assert_eq!(driver_needed_for_ptx((8, 0)), Some((12, 0)));
+        assert_eq!(driver_needed_for_ptx((7, 8)), None);
+        assert_eq!(driver_needed_for_ptx((9, 9)), None);
+        assert_eq!(ptx_isa("//\n.version 9.0\n.target sm_75\n"), Some((9, 0)));
+        assert_eq!(ptx_isa(".target sm_75"), None);
+        assert_eq!(split_driver_version(13000), (13, 0));
+        assert_eq!(split_driver_version(12080), (12, 8));
+    }
 
     #[test]
     fn ranges_without_the_library_are_harmless() {

@@ -74,12 +74,13 @@ pub fn max_abs(x: &[f64]) -> f64 {
 }
 
 /// The GPU backend, or None (printing why) when there is no usable GPU; with
-/// `REQUIRE_GPU=1` a missing GPU fails the test instead.
+/// `REQUIRE_GPU=1` a missing GPU fails the test instead. One context creation per call
+/// (no separate probe); after a failure the process does not try the device again.
 pub fn gpu(math: MathMode) -> Option<CudaBackend> {
-    match CudaBackend::probe() {
-        Ok(desc) => {
+    match CudaBackend::open(math) {
+        Ok((be, desc)) => {
             println!("GPU: {desc}");
-            Some(CudaBackend::new(0, math).expect("probe succeeded, so new must"))
+            Some(be)
         }
         Err(why) => {
             if std::env::var("REQUIRE_GPU").is_ok_and(|v| v == "1") {
