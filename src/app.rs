@@ -6,6 +6,7 @@ use crate::backend::{Backend, BackendKind, MathMode, Trans};
 use crate::cpu::CpuBackend;
 use crate::data::{load_dir, DataSplit};
 use crate::model::{Net, CLASSES};
+use crate::run_dir::{check_output_file, Existing, RunDir};
 use crate::train::gradient::{GradConfig, GradientTrainer};
 use crate::train::optim::Optimizer;
 use crate::train::stats::{StatsSink, StatsWriter};
@@ -57,7 +58,17 @@ pub fn dispatch<J: BackendJob>(
     math: MathMode,
     job: J,
 ) -> Result<(J::Output, String)> {
-    match open_backend(kind, math)? {
+    run_opened(open_backend(kind, math)?, math, job)
+}
+
+/// Runs `job` on an opened backend (after its GPU memory check); returns its output and
+/// the backend's description.
+pub fn run_opened<J: BackendJob>(
+    opened: Opened,
+    math: MathMode,
+    job: J,
+) -> Result<(J::Output, String)> {
+    match opened {
         Opened::Cuda(backend, desc) => {
             job.check_cuda(&backend)?;
             Ok((job.run(&*backend, &desc)?, desc))
@@ -164,7 +175,7 @@ impl BackendJob for TrainJob<'_> {
             trainer.set_stats(StatsSink::spawn(writer, cfg.net()));
         }
         let result = trainer.run(&mut out);
-        out.finish();
+        out.finish(result.is_ok());
         let stats = trainer.take_stats().map(StatsSink::finish);
         let rows = result?;
         stats.transpose()?;
@@ -183,24 +194,61 @@ impl BackendJob for TrainJob<'_> {
 }
 
 /// Runs `enkf-dnn train` with a resolved configuration; with `resume`, continues from
-/// that checkpoint file. Ctrl-C writes a checkpoint (when `out` is set) and returns
-/// [`Error::Interrupted`] with the command that resumes.
-pub fn train_command(cfg: &TrainConfig, resume: Option<&Path>) -> Result<TrainSummary> {
+/// that checkpoint file. `existing` says what to do with a run already in `cfg.out`
+/// ([`Existing::Resume`] is required with `resume`).
+///
+/// Before any data is loaded: the output folder is locked for the life of the run and
+/// checked (an earlier run in it refused unless `existing` says otherwise, files
+/// writable), `--save-ensemble`'s path is checked, and the ensemble's memory is compared
+/// with what the machine (CPU) or the device (GPU) has. SIGINT, SIGTERM and SIGUSR1
+/// write a checkpoint (when `out` is set) and return [`Error::Interrupted`] with the
+/// command that resumes.
+///
+/// Errors: [`Error::Config`] for a contradiction between `resume` and `existing`, an
+/// output folder in use or holding a run, too little memory; whatever loading, training
+/// and writing return.
+pub fn train_command(
+    cfg: &TrainConfig,
+    resume: Option<&Path>,
+    existing: Existing,
+) -> Result<TrainSummary> {
+    match (resume.is_some(), existing == Existing::Resume) {
+        (true, false) => {
+            return Err(Error::Config(
+                "--overwrite and --resume contradict each other: a resumed run keeps its files"
+                    .into(),
+            ))
+        }
+        (false, true) => {
+            return Err(Error::Config(
+                "resuming needs the checkpoint to resume from (--resume DIR)".into(),
+            ))
+        }
+        _ => {}
+    }
     set_threads(cfg.threads);
+    let _lock = match &cfg.out {
+        Some(dir) => Some(RunDir::open(dir, existing)?),
+        None => None,
+    };
+    if let Some(path) = &cfg.save_ensemble {
+        check_output_file("--save-ensemble", path)?;
+    }
+    let opened = open_backend(cfg.backend, cfg.math)?;
+    if cfg.optimizer == Optimizer::Enkf {
+        check_memory_before_loading(cfg, &opened)?;
+    }
     let data = load_data(cfg)?;
-    if let Some(dir) = &cfg.out {
-        std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
-    }
     if cfg.optimizer != Optimizer::Enkf {
-        return gradient_command(cfg, &data);
+        return gradient_command(cfg, &data, opened);
     }
-    install_interrupt_handler();
+    crate::signals::install();
     let job = TrainJob {
         cfg,
         data: &data,
         resume,
     };
-    let ((rows, times), backend) = dispatch(cfg.backend, cfg.math, job)?;
+    let ((rows, times), backend) = run_opened(opened, cfg.math, job)?;
     let iterations = rows.last().map_or(0, |r| r.iteration);
     Ok(TrainSummary {
         rows,
@@ -210,12 +258,93 @@ pub fn train_command(cfg: &TrainConfig, resume: Option<&Path>) -> Result<TrainSu
     })
 }
 
+/// Bytes of memory available to new allocations on this machine (`MemAvailable` of
+/// `/proc/meminfo`), where known.
+pub fn host_available_bytes() -> Option<u64> {
+    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = text.lines().find(|l| l.starts_with("MemAvailable:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024)
+}
+
+/// The part of an EnKF run's memory known before any data is read (the ensemble, the
+/// workspaces of one full mini-batch, a resize's or resample's second ensemble), against
+/// the device's free memory (GPU) or `available` host bytes (CPU): a J far too large is
+/// refused before the data is loaded, with the largest J that fits.
+///
+/// Errors: [`Error::Cuda`] (GPU) or [`Error::Config`] (CPU) with the sizes and advice.
+pub fn check_memory_before_loading(cfg: &TrainConfig, opened: &Opened) -> Result<()> {
+    let batch_images = cfg.train_limit.map_or(cfg.batch, |n| n.min(cfg.batch));
+    let shape = crate::gpu::TrainShape::of(cfg, batch_images, 0);
+    match opened {
+        Opened::Cuda(be, _) => be.check_fits(&shape),
+        Opened::Cpu(_) => match host_available_bytes() {
+            Some(avail) => host_fits(&shape, avail),
+            None => Ok(()),
+        },
+    }
+}
+
+/// Whether the ensemble and EnKF workspaces of `shape` fit in `available` bytes of host
+/// memory (see [`check_memory_before_loading`]).
+///
+/// Errors: [`Error::Config`] naming J, the bytes needed by part, the bytes available and
+/// about the largest J that fits.
+pub fn host_fits(shape: &crate::gpu::TrainShape, available: u64) -> Result<()> {
+    use crate::gpu::memory::{estimate, resize_bytes};
+    let need = |s: &crate::gpu::TrainShape| {
+        let e = estimate(s);
+        let second = if s.second_ensemble {
+            resize_bytes(s)
+        } else {
+            0
+        };
+        e.ensemble + e.workspaces + second
+    };
+    let total = need(shape);
+    if total <= available {
+        return Ok(());
+    }
+    let gib = |b: u64| b as f64 / (1u64 << 30) as f64;
+    // The need grows with J (up to the small drop where the apply order switches).
+    let (mut lo, mut hi) = (1usize, shape.members);
+    while hi - lo > 1 {
+        let mid = lo + (hi - lo) / 2;
+        if need(&shape.with_members(mid)) <= available {
+            lo = mid;
+        } else {
+            hi = mid;
+        }
+    }
+    let advice = if lo >= 2 {
+        format!("the largest ensemble that fits is about J = {lo} (--members {lo})")
+    } else {
+        "not even J = 2 fits".to_string()
+    };
+    let e = estimate(shape);
+    Err(Error::Config(format!(
+        "J = {} members need at least {:.2} GiB of memory on the CPU backend (ensemble U \
+         {:.2} GiB, EnKF workspaces {:.2} GiB{}) but this machine has {:.2} GiB available: \
+         {advice}",
+        shape.members,
+        gib(total),
+        gib(e.ensemble),
+        gib(e.workspaces),
+        if shape.second_ensemble {
+            format!(", second ensemble {:.2} GiB", gib(resize_bytes(shape)))
+        } else {
+            String::new()
+        },
+        gib(available)
+    )))
+}
+
 /// SGD / Adam by backpropagation: same data, network, initialisation, seed and outputs as
 /// an EnKF run. `--backend cuda` runs on the GPU (an error when none is usable), `auto`
 /// on the GPU when [`crate::gpu::CudaBackend::open`] succeeds, else on the CPU.
-fn gradient_command(cfg: &TrainConfig, data: &DataSplit) -> Result<TrainSummary> {
+fn gradient_command(cfg: &TrainConfig, data: &DataSplit, opened: Opened) -> Result<TrainSummary> {
     use crate::train::gradient::GradDevice;
-    let (device, desc) = match open_backend(cfg.backend, cfg.math)? {
+    let (device, desc) = match opened {
         Opened::Cuda(be, desc) => (GradDevice::Cuda(be), desc),
         Opened::Cpu(desc) => (GradDevice::Cpu, desc),
     };
@@ -234,7 +363,7 @@ fn gradient_command(cfg: &TrainConfig, data: &DataSplit) -> Result<TrainSummary>
         None => None,
     };
     let result = trainer.run(&mut out, stats.as_mut());
-    out.finish();
+    out.finish(result.is_ok());
     let rows = result?;
     if let Some(w) = stats.as_mut() {
         w.flush()?;
@@ -266,21 +395,6 @@ fn gradient_command(cfg: &TrainConfig, data: &DataSplit) -> Result<TrainSummary>
         times,
         iterations,
     })
-}
-
-/// Installs (once) a Ctrl-C handler that asks the trainer to checkpoint and stop.
-fn install_interrupt_handler() {
-    static ONCE: std::sync::Once = std::sync::Once::new();
-    ONCE.call_once(|| {
-        // Failure means another handler exists (embedding programs): keep theirs.
-        let _ = ctrlc::set_handler(|| {
-            if crate::train::INTERRUPT.swap(true, std::sync::atomic::Ordering::SeqCst) {
-                // A second Ctrl-C: stop now.
-                std::process::exit(130);
-            }
-            eprintln!("\ninterrupt: finishing the current iteration and writing a checkpoint (Ctrl-C again to abort)");
-        });
-    });
 }
 
 /// Writes metrics.csv, adaptive.csv and config.json, and shows progress.
@@ -367,9 +481,15 @@ impl RunOutput {
         })
     }
 
-    fn finish(&mut self) {
+    /// Ends the progress bar: filled when the run `completed`, else left at the
+    /// iteration reached (a stop or an error).
+    fn finish(&mut self, completed: bool) {
         if let Some(bar) = &self.bar {
-            bar.finish();
+            if completed {
+                bar.finish();
+            } else {
+                bar.abandon();
+            }
         }
     }
 

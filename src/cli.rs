@@ -104,9 +104,16 @@ pub struct TrainArgs {
     /// Evaluate on the first N test images only [default: all].
     #[arg(long, value_name = "N")]
     pub test_limit: Option<usize>,
-    /// Output folder for metrics.csv, config.json, mean.npy [default: none, log only].
+    /// Output folder for metrics.csv, config.json, mean.npy [default: none, log only]. A
+    /// folder that already holds a run is refused (see --overwrite, --resume), and a folder
+    /// in use by another run is refused with that run's process id.
     #[arg(long, short = 'o', value_name = "DIR")]
     pub out: Option<PathBuf>,
+    /// Replace the run already in --out: its files (config.json, metrics.csv, stats.csv,
+    /// hist.csv, adaptive.csv, mean.npy, model.safetensors, checkpoint.bin) are removed
+    /// first; other files in the folder are left alone.
+    #[arg(long, conflicts_with = "resume")]
+    pub overwrite: bool,
     /// Draw mini-batches from a seeded permutation per epoch instead of file order.
     #[arg(long)]
     pub shuffle: bool,
@@ -170,7 +177,10 @@ pub struct TrainArgs {
     #[arg(long, value_name = "N")]
     pub hist_every: Option<usize>,
     /// Continue the run whose output folder (with checkpoint.bin) is DIR; its settings are
-    /// the base, flags may extend the run (--iterations, --epochs) or change evaluation.
+    /// the base. Flags may extend the run (--iterations, --epochs beyond what is done) or
+    /// change evaluation and logging (--eval, --eval-every, --stats-every, --hist-every,
+    /// --checkpoint-every), --threads, --backend, --math and --save-ensemble; any other
+    /// setting that differs from the checkpoint's is an error naming both values.
     #[arg(long, value_name = "DIR")]
     pub resume: Option<PathBuf>,
     /// Write OUT/checkpoint.bin every N iterations (also on Ctrl-C).

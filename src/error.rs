@@ -65,11 +65,15 @@ pub enum Error {
         /// What is wrong with it.
         msg: String,
     },
-    /// The run was interrupted (Ctrl-C).
-    #[error("interrupted at iteration {iteration}; {resume}")]
+    /// The run was stopped by a signal (Ctrl-C, SIGTERM, SIGUSR1: [`crate::signals`]).
+    #[error("stopped by {signal} at iteration {iteration}; {resume}")]
     Interrupted {
         /// Updates done when the run stopped.
         iteration: usize,
+        /// The signal's name.
+        signal: &'static str,
+        /// The exit code the program ends with (128 + the signal number).
+        exit_code: i32,
         /// How to continue.
         resume: String,
     },

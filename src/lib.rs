@@ -21,3 +21,5 @@ pub mod app;
 pub mod cli;
 pub mod plot;
 pub mod reproduce;
+pub mod run_dir;
+pub mod signals;

@@ -5,9 +5,41 @@ use anyhow::Context;
 use clap::Parser;
 use enkf_dnn::app;
 use enkf_dnn::cli::{Cli, Command};
+use enkf_dnn::run_dir::Existing;
 use enkf_dnn::train::PartialConfig;
 
-fn main() -> anyhow::Result<()> {
+fn main() {
+    if let Err(err) = run() {
+        // A run stopped by a signal ends with the shell's code for that signal (130 for
+        // Ctrl-C, 143 for SIGTERM, 138 for SIGUSR1), after saying how to resume.
+        let code = match err.downcast_ref::<enkf_dnn::Error>() {
+            Some(enkf_dnn::Error::Interrupted { exit_code, .. }) => *exit_code,
+            _ => 1,
+        };
+        eprintln!("Error: {}", chain(&err));
+        std::process::exit(code);
+    }
+}
+
+/// The error and its causes joined by ": ", a cause left out where the message before it
+/// already ends with it (typed errors often quote their source).
+fn chain(err: &anyhow::Error) -> String {
+    let mut out = String::new();
+    let mut last = String::new();
+    for cause in err.chain() {
+        let text = cause.to_string();
+        if !last.ends_with(&text) {
+            if !out.is_empty() {
+                out.push_str(": ");
+            }
+            out.push_str(&text);
+        }
+        last = text;
+    }
+    out
+}
+
+fn run() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.command {
         Command::Train(args) => {
@@ -22,15 +54,34 @@ fn main() -> anyhow::Result<()> {
                 }
                 None => PartialConfig::default(),
             };
+            if let (Some(dir), Some(out)) = (&args.resume, &args.out) {
+                if dir != out {
+                    anyhow::bail!(
+                        "--resume {} continues the run in that folder; --out {} names another \
+                         (leave --out out, or copy the folder)",
+                        dir.display(),
+                        out.display()
+                    );
+                }
+            }
             let (base, resume) = match &args.resume {
                 Some(dir) => {
                     let path = enkf_dnn::train::checkpoint::path_in(dir);
+                    if !path.exists() {
+                        anyhow::bail!(
+                            "--resume {}: the folder holds no {} (a run writes one with \
+                             --checkpoint-every N and when a signal stops it; a run that \
+                             finished without one cannot be continued)",
+                            dir.display(),
+                            enkf_dnn::train::checkpoint::FILE_NAME
+                        );
+                    }
                     let (state, _) = enkf_dnn::train::checkpoint::read(&path)
                         .with_context(|| format!("reading the checkpoint in {}", dir.display()))?;
                     let mut base =
                         PartialConfig::from_json(&serde_json::to_string(&state.config)?)?.0;
                     base.out = Some(dir.clone());
-                    (base, Some(path))
+                    (base, Some((path, state.config)))
                 }
                 None => (PartialConfig::default(), None),
             };
@@ -39,7 +90,19 @@ fn main() -> anyhow::Result<()> {
                 .overlay(&args.to_partial())
                 .resolve()
                 .context("checking the configuration")?;
-            let summary = app::train_command(&cfg, resume.as_deref()).context("training")?;
+            // Before anything is loaded or written: what the resumed run may change.
+            if let Some((path, old)) = &resume {
+                enkf_dnn::train::resume::check_resume_config(old, &cfg)
+                    .with_context(|| format!("resuming from {}", path.display()))?;
+            }
+            let resume = resume.map(|(path, _)| path);
+            let existing = match (&resume, args.overwrite) {
+                (Some(_), _) => Existing::Resume,
+                (None, true) => Existing::Overwrite,
+                (None, false) => Existing::Refuse,
+            };
+            let summary =
+                app::train_command(&cfg, resume.as_deref(), existing).context("training")?;
             let last = summary.rows.iter().rev().find(|r| r.test_error.is_some());
             if let Some(r) = last {
                 println!(
@@ -85,6 +148,9 @@ fn main() -> anyhow::Result<()> {
                 .with_context(|| format!("plotting {}", args.dir.display()))?;
         }
         Command::Bench(args) => {
+            if let Some(path) = &args.csv {
+                enkf_dnn::run_dir::check_output_file("--csv", path)?;
+            }
             app::set_threads(args.threads);
             let dir = args
                 .data

@@ -95,9 +95,15 @@ fn resume_is_bit_identical_and_bad_checkpoints_are_refused() {
     let err = b.run(&mut InterruptAt(23)).expect_err("interrupted");
     INTERRUPT.store(false, Ordering::SeqCst);
     match &err {
-        Error::Interrupted { iteration, resume } => {
+        Error::Interrupted {
+            iteration,
+            resume,
+            exit_code,
+            ..
+        } => {
             assert_eq!(*iteration, 23);
             assert!(resume.contains("--resume"), "{resume}");
+            assert_eq!(*exit_code, 130, "no signal recorded: reported as Ctrl-C");
         }
         other => panic!("expected Interrupted, got {other}"),
     }
@@ -316,7 +322,7 @@ fn resume_after_a_crash_rewinds_the_output_files() {
 
     // Uninterrupted run: checkpoints at 15, 30 and 45 (Algorithm 1 acts at 10 and 20).
     let cfg_a = output_config(&dir_a);
-    enkf_dnn::app::train_command(&cfg_a, None).expect("run a");
+    enkf_dnn::app::train_command(&cfg_a, None, enkf_dnn::run_dir::Existing::Refuse).expect("run a");
 
     // The same run killed at iteration 27: the last checkpoint is at 15, the statistics
     // files hold rows to 27 and a torn row, metrics.csv and adaptive.csv rows past 15.
@@ -347,7 +353,8 @@ fn resume_after_a_crash_rewinds_the_output_files() {
     let ckpt = checkpoint::path_in(&dir_b);
     assert_eq!(checkpoint::read(&ckpt).expect("checkpoint").0.t, 15);
 
-    enkf_dnn::app::train_command(&cfg_b, Some(&ckpt)).expect("resume b");
+    enkf_dnn::app::train_command(&cfg_b, Some(&ckpt), enkf_dnn::run_dir::Existing::Resume)
+        .expect("resume b");
     for (name, keys, skip) in OUTPUTS {
         let a = checked_rows(&dir_a.join(name), keys, skip);
         let b = checked_rows(&dir_b.join(name), keys, skip);

@@ -9,6 +9,7 @@ use enkf_dnn::backend::BackendKind;
 use enkf_dnn::cpu::CpuBackend;
 use enkf_dnn::data::default_mnist_dir;
 use enkf_dnn::enkf::UpdateRule;
+use enkf_dnn::run_dir::Existing;
 use enkf_dnn::train::{PartialConfig, TrainConfig, Trainer};
 
 fn config(members: usize, iterations: usize) -> TrainConfig {
@@ -107,7 +108,7 @@ fn ensemble_files_round_trip_and_wrong_shapes_are_refused() {
     cfg.train_limit = Some(256);
     cfg.test_limit = Some(100);
     cfg.out = Some(dir.join("out"));
-    let summary = app::train_command(&cfg, None).expect("train");
+    let summary = app::train_command(&cfg, None, Existing::Refuse).expect("train");
     assert_eq!(summary.iterations, 8);
     for f in [
         "metrics.csv",
@@ -202,7 +203,9 @@ fn bad_settings_fail_before_work() {
     assert!(e.contains("/nonexistent/u.npy"), "{e}");
     let mut cfg = config(4, 1);
     cfg.data = "/nonexistent-data-dir".into();
-    let e = app::train_command(&cfg, None).unwrap_err().to_string();
+    let e = app::train_command(&cfg, None, Existing::Refuse)
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("/nonexistent-data-dir"), "{e}");
 }
 

@@ -314,6 +314,25 @@ pub fn run(exp: Experiment, opts: &ReproduceOptions) -> Result<()> {
     if opts.seeds == 0 {
         return Err(Error::Config("seeds must be at least 1".into()));
     }
+    // Every setting every run will use, and the output folder, before the first run: a
+    // bad -J or --threads must not surface after the SGD and Adam runs.
+    let exps: Vec<Experiment> = if exp == Experiment::All {
+        Experiment::EVERY.to_vec()
+    } else {
+        vec![exp]
+    };
+    for &e in &exps {
+        let ctx = Ctx {
+            opts,
+            scale: Scale::of(opts),
+            dir: opts.out.join(e.name()),
+        };
+        ctx.enkf_config()
+            .validate()
+            .map_err(|err| Error::Config(format!("reproduce {}: {err}", e.name())))?;
+    }
+    std::fs::create_dir_all(&opts.out).map_err(|e| Error::io(&opts.out, e))?;
+    crate::run_dir::check_dir_writable(&opts.out)?;
     crate::app::set_threads(opts.threads);
     if exp == Experiment::All {
         for e in Experiment::EVERY {

@@ -15,6 +15,7 @@ pub mod config;
 pub mod gradient;
 pub mod metrics;
 pub mod optim;
+pub mod resume;
 pub mod stats;
 
 use crate::backend::Backend;
@@ -195,35 +196,17 @@ impl<'a, B: Backend> Trainer<'a, B> {
     ) -> Result<Self> {
         cfg.validate()?;
         let (state, host_u) = checkpoint::read(path)?;
-        let old = &state.config;
-        let same = old.arch == cfg.arch
-            && old.activation == cfg.activation
-            && old.update == cfg.update
-            && old.seed == cfg.seed
-            && old.members == cfg.members
-            && old.batch == cfg.batch
-            && old.gamma == cfg.gamma
-            && old.sigma == cfg.sigma
-            && old.order == cfg.order
-            && old.train_limit == cfg.train_limit
-            && old.adaptation == cfg.adaptation;
-        if !same || state.params != cfg.net().n_params() {
+        resume::check_resume_config(&state.config, cfg).map_err(|e| Error::Checkpoint {
+            path: path.into(),
+            msg: e.to_string(),
+        })?;
+        if state.params != cfg.net().n_params() {
             return Err(Error::Checkpoint {
                 path: path.into(),
                 msg: format!(
-                    "it belongs to another run (J = {}, {:?}/{:?}, {:?} rule, seed {}, P = {}); \
-                     this run has J = {}, {:?}/{:?}, {:?} rule, seed {}, P = {}",
-                    old.members,
-                    old.arch,
-                    old.activation,
-                    old.update,
-                    old.seed,
+                    "it holds networks of P = {} weights, this run's {:?} network has {}",
                     state.params,
-                    cfg.members,
                     cfg.arch,
-                    cfg.activation,
-                    cfg.update,
-                    cfg.seed,
                     cfg.net().n_params()
                 ),
             });
@@ -238,9 +221,6 @@ impl<'a, B: Backend> Trainer<'a, B> {
                 ),
             });
         }
-        if let Some(dir) = &cfg.out {
-            checkpoint::rewind_outputs(dir, state.t)?;
-        }
         let mut t = Self::build(backend, cfg, data, &host_u, state.members)?;
         t.repetitions = state.repetitions;
         t.t = state.t;
@@ -254,6 +234,23 @@ impl<'a, B: Backend> Trainer<'a, B> {
         t.rows = state.rows;
         t.adaptive_log = state.adaptive_log;
         t.resampled = state.resampled;
+        if t.remaining_iterations() == 0 {
+            return Err(Error::Config(format!(
+                "nothing to resume from {}: the run is at iteration {} and this configuration \
+                 (iterations {}, epochs {}) ends there or before: pass --iterations N with \
+                 N > {} (or more --epochs) to continue it",
+                path.display(),
+                t.t,
+                cfg.iterations
+                    .map_or_else(|| "not set".to_string(), |n| n.to_string()),
+                cfg.epochs,
+                t.t
+            )));
+        }
+        // Only now, with every check passed, are the output files touched.
+        if let Some(dir) = &cfg.out {
+            checkpoint::rewind_outputs(dir, t.t)?;
+        }
         Ok(t)
     }
 
@@ -515,8 +512,12 @@ impl<'a, B: Backend> Trainer<'a, B> {
                     ),
                     None => "no --out folder was given, so nothing was saved to resume from".into(),
                 };
+                let sig =
+                    crate::signals::received().unwrap_or(crate::signals::StopSignal::Interrupt);
                 return Err(Error::Interrupted {
                     iteration: self.t,
+                    signal: sig.name(),
+                    exit_code: sig.exit_code(),
                     resume,
                 });
             }
