@@ -190,7 +190,7 @@ fn reproduce_checks_every_run_before_the_first() {
 
 /// Starts a long run, waits until it trains (metrics rows on disk), returns it.
 fn start_long_run(dir: &Path) -> std::process::Child {
-    let child = bin()
+    let mut child = bin()
         .args(TINY)
         .args(["--out", dir.to_str().unwrap(), "--iterations", "1000000"])
         .args(["--eval-every", "1000000"])
@@ -206,6 +206,8 @@ fn start_long_run(dir: &Path) -> std::process::Child {
         }
         std::thread::sleep(Duration::from_millis(100));
     }
+    let _ = child.kill();
+    let _ = child.wait();
     panic!("the run did not start training within a minute");
 }
 
