@@ -127,9 +127,11 @@ run_tests() {
       echo "FAILED: $tc" >> "$LOG"
     fi
   done
-  echo "=== test-$name: $pass passed, $fail failed${failed:+:$failed} ($((SECONDS - t0)) s)"
+  local why=""
+  [ "$fail" -gt 0 ] && why=$(grep -m1 -A1 "panicked at" "$LOG" | tail -1 | cut -c1-120 | tr '|' '/')
+  echo "=== test-$name: $pass passed, $fail failed${failed:+:$failed} ($((SECONDS - t0)) s)${why:+; first failure: $why}"
   grep -E "^GPU: " "$LOG" | head -1
-  SUMMARY+=("| test-$name | $fail | $((SECONDS - t0)) | $pass passed, $fail failed${failed:+:$failed} |")
+  SUMMARY+=("| test-$name | $fail | $((SECONDS - t0)) | $pass passed, $fail failed${failed:+:$failed}${why:+; first: $why} |")
 }
 
 device_header() {
@@ -182,7 +184,9 @@ long_stage() {
   local bench=(bench --backend cuda -J 1000,5000,10000 --iters 20 --warmup 3)
   step bench-tf32 60 25 "$note_bench" -- "$BIN" "${bench[@]}" --math tf32 --csv "$LOGS/bench-tf32.csv"
   step bench-batch 60 25 "$note_bench" -- "$BIN" "${bench[@]}" --update batch --csv "$LOGS/bench-batch.csv"
-  # ---- 4. the forward kernel's achieved FLOP rate (ncu, unlocked clocks)
+  # ---- 4. the forward kernel's achieved FLOP rate (ncu, unlocked clocks). bench launches
+  # ensemble_forward_f32 three times an iteration (J members, then the mean network on the
+  # batch and on the test set): launch 3 is the J = 5000 forward of the second iteration.
   if command -v ncu > /dev/null 2>&1; then
     local metrics=gpu__time_duration.sum,sm__sass_thread_inst_executed_op_ffma_pred_on.sum,sm__sass_thread_inst_executed_op_fadd_pred_on.sum,sm__sass_thread_inst_executed_op_fmul_pred_on.sum,sm__warps_active.avg.pct_of_peak_sustained_active,sm__throughput.avg.pct_of_peak_sustained_elapsed
     local flops='awk '"'"'/gpu__time_duration.sum/ { t = $NF; u = $(NF-1) } /op_ffma_pred_on.sum/ { f = $NF } /op_fadd_pred_on.sum/ { a = $NF } /op_fmul_pred_on.sum/ { m = $NF } /warps_active/ { o = $NF }
