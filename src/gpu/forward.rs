@@ -32,7 +32,7 @@ pub(crate) fn configure(k: &Kernels, geometry: ForwardGeometry) -> Result<()> {
 }
 
 /// Forward pass of `members` networks over `images` images, see
-/// [`crate::backend::Backend::ensemble_forward`].
+/// [`crate::backend::Backend::ensemble_forward`], in blocks of the device's geometry.
 ///
 /// `weights`: members × P, `x`: images × 784, `out`: members × images × 10 (overwritten).
 /// Errors: [`Error::Shape`] on a length mismatch or sizes beyond the kernel's int range.
@@ -45,6 +45,34 @@ pub fn ensemble_forward(
     images: usize,
     out: &mut CudaSlice<f32>,
 ) -> Result<()> {
+    let warps = be.forward_geometry().warps;
+    ensemble_forward_with_warps(be, warps, net, weights, members, x, images, out)
+}
+
+/// [`ensemble_forward`] in blocks of `warps` warps (at most the device's own geometry,
+/// whose shared memory the kernel was configured for): on one device, the tests run the
+/// geometries other architectures get.
+///
+/// Errors: as [`ensemble_forward`]; [`Error::Config`] for `warps` outside 1 … the
+/// device's warps per block.
+#[allow(clippy::too_many_arguments)]
+pub fn ensemble_forward_with_warps(
+    be: &CudaBackend,
+    warps: u32,
+    net: &Net,
+    weights: &CudaSlice<f32>,
+    members: usize,
+    x: &CudaSlice<f32>,
+    images: usize,
+    out: &mut CudaSlice<f32>,
+) -> Result<()> {
+    let max = be.forward_geometry().warps;
+    if warps == 0 || warps > max {
+        return Err(Error::Config(format!(
+            "ensemble_forward: {warps} warps per block; this device's kernel is configured \
+             for 1 … {max}"
+        )));
+    }
     let p = net.n_params();
     check_len("ensemble_forward weights", weights.len(), members * p)?;
     check_len("ensemble_forward images", x.len(), images * IMG_PIXELS)?;
@@ -56,7 +84,6 @@ pub fn ensemble_forward(
     if members == 0 || images == 0 {
         return Ok(());
     }
-    let warps = be.forward_geometry().warps;
     let (cfg, ipb) = forward_launch(members, images, be.sm_count(), warps).ok_or_else(|| {
         Error::Config(format!(
             "ensemble_forward: {members} members × {images} images needs more than 2^31 \

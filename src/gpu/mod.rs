@@ -32,7 +32,7 @@ use crate::{Error, Result};
 
 pub use geometry::{ForwardGeometry, SharedMemoryLimits};
 pub use memory::{MemoryEstimate, TrainShape};
-pub use module::{KernelModule, KernelRoute, Kernels, BUILT_WITH, MODULES};
+pub use module::{KernelModule, KernelRoute, KernelSource, Kernels, BUILT_WITH, MODULES};
 
 /// The CUDA backend: one device, one stream, a cuBLAS and a cuSOLVER handle, and the
 /// kernels of [`MODULES`] loaded into the device's primary context.
@@ -45,6 +45,7 @@ pub struct CudaBackend {
     kernels: Kernels,
     math: MathMode,
     sm_count: u32,
+    shared_memory: SharedMemoryLimits,
     forward: ForwardGeometry,
     fp32_peak_gflops: Option<f64>,
     description: String,
@@ -132,12 +133,26 @@ fn loaded_cuda_libraries() -> Vec<String> {
 
 impl CudaBackend {
     /// Opens device `ordinal`, creates the stream and library handles and loads every
-    /// kernel module (compiling with NVRTC for the device's architecture when the build
-    /// embedded sources). `math` selects TF32 tensor cores for `gemm_f32`.
+    /// kernel module (the newest embedded PTX the device runs, else NVRTC for its own
+    /// architecture; `ENKF_KERNELS` may force one, see [`module::KernelSource`]). `math`
+    /// selects TF32 tensor cores for `gemm_f32`.
     ///
-    /// Errors: [`Error::Cuda`] when a library is missing, the device cannot be opened, or
-    /// a module fails to load (the message names the module).
+    /// Errors: [`Error::Config`] for a bad `ENKF_KERNELS`; [`Error::Cuda`] when a library
+    /// is missing, the device cannot be opened, or a module fails to load (the message
+    /// names the module).
     pub fn new(ordinal: usize, math: MathMode) -> Result<Self> {
+        Self::with_kernels(ordinal, math, module::KernelSource::from_env()?)
+    }
+
+    /// [`Self::new`] with the kernel code chosen under `source` rather than
+    /// `ENKF_KERNELS` (the tests compare the PTX and NVRTC routes on one device).
+    ///
+    /// Errors: as [`Self::new`].
+    pub fn with_kernels(
+        ordinal: usize,
+        math: MathMode,
+        source: module::KernelSource,
+    ) -> Result<Self> {
         check_libraries()?;
         let ctx = CudaContext::new(ordinal)
             .map_err(cuda_err(&format!("opening CUDA device {ordinal}")))?;
@@ -153,7 +168,7 @@ impl CudaBackend {
         let cc = ctx
             .compute_capability()
             .map_err(cuda_err("querying the compute capability"))?;
-        let kernels = Kernels::load_all(&ctx, cc)?;
+        let kernels = Kernels::load_all(&ctx, cc, source)?;
         let attr = |a: CUdevice_attribute, what: &str| -> Result<u32> {
             ctx.attribute(a)
                 .map(|v| v.max(0) as u32)
@@ -207,6 +222,7 @@ impl CudaBackend {
             kernels,
             math,
             sm_count,
+            shared_memory: limits,
             forward,
             fp32_peak_gflops,
             description,
@@ -281,6 +297,11 @@ impl CudaBackend {
     /// Number of streaming multiprocessors of the device.
     pub fn sm_count(&self) -> u32 {
         self.sm_count
+    }
+
+    /// The device's shared-memory limits, as the driver reported them.
+    pub fn shared_memory_limits(&self) -> SharedMemoryLimits {
+        self.shared_memory
     }
 
     /// How the forward kernel is launched on this device.

@@ -157,22 +157,17 @@ pub struct Kernels {
 
 impl Kernels {
     /// Loads every module of [`MODULES`] for a device of compute capability `cc`, from
-    /// the code [`choose_route`] picks (`ENKF_KERNELS` may force one), after checking
-    /// that the driver accepts its PTX version.
+    /// the code [`choose_route`] picks under `source`, after checking that the driver
+    /// accepts its PTX version.
     ///
-    /// Errors: [`Error::Config`] for a bad `ENKF_KERNELS`; [`Error::Cuda`] naming the
-    /// module and the cause, or why no route serves the device.
-    pub fn load_all(ctx: &Arc<CudaContext>, cc: (i32, i32)) -> Result<Self> {
+    /// Errors: [`Error::Cuda`] naming the module and the cause, or why no route serves
+    /// the device.
+    pub fn load_all(ctx: &Arc<CudaContext>, cc: (i32, i32), source: KernelSource) -> Result<Self> {
         let device_cc = (cc.0.max(0) * 10 + cc.1.max(0)) as u32;
         // SAFETY: is_culib_present only tries to dlopen the candidate names.
         let nvrtc = unsafe { cudarc::nvrtc::sys::is_culib_present() };
-        let route = choose_route(
-            device_cc,
-            &embedded_ptx_archs(),
-            nvrtc,
-            KernelSource::from_env()?,
-        )
-        .map_err(Error::Cuda)?;
+        let route =
+            choose_route(device_cc, &embedded_ptx_archs(), nvrtc, source).map_err(Error::Cuda)?;
         let mut driver = 0i32;
         // SAFETY: writes one int; the driver library is loaded (the context exists).
         unsafe { cudarc::driver::sys::cuDriverGetVersion(&mut driver) };
