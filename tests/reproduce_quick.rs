@@ -194,3 +194,86 @@ fn all_quick() {
         );
     }
 }
+
+/// `--only` slices: one curve of fig8-members, then the other; the second call reuses the
+/// first's finished runs (their `done.json`) and completes the table; a reused folder
+/// with other settings is refused instead of mixed in or overwritten.
+#[test]
+fn slices_add_up_and_finished_runs_are_reused_not_overwritten() {
+    let out = tmp("slices");
+    let dir = out.join("fig8-members");
+    let first = ReproduceOptions {
+        only: vec!["J4".into()],
+        ..tiny(&out)
+    };
+    run(Experiment::Fig8Members, &first).expect("slice J4");
+    assert!(dir.join("J4/seed-1/done.json").is_file());
+    assert!(!dir.join("J8").exists(), "J8 trained outside its slice");
+    let table = std::fs::read_to_string(dir.join("table.md")).expect("table");
+    assert!(
+        table.contains("Not run yet") && table.contains("--only J8"),
+        "{table}"
+    );
+    let (_, rows) = read_csv(&dir.join("summary.csv"));
+    assert!(rows.iter().all(|r| r[0] == "J4"), "{rows:?}");
+
+    // The second slice: J4's metrics are reused byte for byte, J8 is trained.
+    let j4 = std::fs::read(dir.join("J4/seed-0/metrics.csv")).expect("J4 metrics");
+    let second = ReproduceOptions {
+        only: vec!["J8".into()],
+        ..tiny(&out)
+    };
+    run(Experiment::Fig8Members, &second).expect("slice J8");
+    assert_eq!(
+        std::fs::read(dir.join("J4/seed-0/metrics.csv")).unwrap(),
+        j4
+    );
+    let table = std::fs::read_to_string(dir.join("table.md")).expect("table");
+    assert!(!table.contains("Not run yet"), "{table}");
+    let (_, rows) = read_csv(&dir.join("summary.csv"));
+    assert!(rows.iter().any(|r| r[0] == "J4") && rows.iter().any(|r| r[0] == "J8"));
+
+    // Other settings into the same folders: refused, J4 untouched.
+    let other = ReproduceOptions {
+        seeds: 1,
+        threads: Some(1),
+        ..tiny(&out)
+    };
+    let other = ReproduceOptions {
+        members: Some(7),
+        ..other
+    };
+    run(Experiment::Fig8Members, &other).expect("J is swept, -J does not enter fig8-members");
+    let mut changed = tiny(&out);
+    changed.data_root = out.join("elsewhere");
+    std::fs::create_dir_all(changed.data_root.join("mnist")).unwrap();
+    for f in std::fs::read_dir(enkf_dnn::data::data_root().join("mnist")).unwrap() {
+        let f = f.unwrap();
+        std::fs::copy(
+            f.path(),
+            changed.data_root.join("mnist").join(f.file_name()),
+        )
+        .unwrap();
+    }
+    let err = run(Experiment::Fig8Members, &changed).expect_err("other settings");
+    assert!(
+        err.to_string()
+            .contains("holds a finished run with other settings"),
+        "{err}"
+    );
+    assert_eq!(
+        std::fs::read(dir.join("J4/seed-0/metrics.csv")).unwrap(),
+        j4
+    );
+
+    // Unknown curve names and `all` are errors naming what exists.
+    let bad = ReproduceOptions {
+        only: vec!["J5".into()],
+        ..tiny(&out)
+    };
+    let err = run(Experiment::Fig8Members, &bad).expect_err("unknown run");
+    assert!(err.to_string().contains("J4, J8"), "{err}");
+    let err = run(Experiment::All, &first).expect_err("--only with all");
+    assert!(err.to_string().contains("--only"), "{err}");
+    let _ = std::fs::remove_dir_all(&out);
+}

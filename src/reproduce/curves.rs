@@ -3,6 +3,7 @@
 //! iteration into `summary.csv`, draws it, and tables the final values beside the paper's.
 
 use super::render::{self, PlotSpec, RunRef};
+use super::{enkf_record, finished_rows, grad_record, mark_finished};
 use super::{run_enkf, run_grad, Ctx, Experiment};
 use crate::data::DataSplit;
 use crate::model::Activation;
@@ -268,26 +269,58 @@ pub(crate) fn run(ctx: &Ctx, exp: Experiment, in_all: bool) -> Result<()> {
         }
     };
 
+    let only = &ctx.opts.only;
+    if let Some(unknown) = only.iter().find(|n| !runs.iter().any(|d| &d.name == *n)) {
+        return Err(Error::Config(format!(
+            "--only {unknown}: {} has the runs {}",
+            exp.name(),
+            runs.iter()
+                .map(|d| d.name.as_str())
+                .collect::<Vec<_>>()
+                .join(", ")
+        )));
+    }
     let mut summary = Vec::new();
     let mut table_rows = Vec::new();
-    for def in &runs {
+    let mut pending = Vec::new();
+    let mut done_runs = Vec::new();
+    'curves: for def in &runs {
+        let train = only.is_empty() || only.contains(&def.name);
         let mut per_seed: Vec<Vec<MetricsRow>> = Vec::new();
         for seed in 0..ctx.opts.seeds as u64 {
             let dir = ctx.dir.join(&def.name).join(format!("seed-{seed}"));
-            let rows = match &def.kind {
+            let (record, kind) = match &def.kind {
                 Kind::Enkf(cfg) => {
                     let cfg = TrainConfig {
                         seed,
                         ..(**cfg).clone()
                     };
-                    run_enkf(&cfg, &data, &dir)?
+                    (enkf_record(&cfg, &dir)?, Kind::Enkf(Box::new(cfg)))
                 }
                 Kind::Grad(cfg) => {
                     let cfg = GradConfig {
                         seed,
                         ..(**cfg).clone()
                     };
-                    run_grad(&cfg, &data, &dir, None)?
+                    (grad_record(&cfg, &data), Kind::Grad(Box::new(cfg)))
+                }
+            };
+            let rows = match finished_rows(&dir, &record)? {
+                Some(rows) => {
+                    eprintln!("  {}: finished earlier, reused", dir.display());
+                    rows
+                }
+                None if !train => {
+                    pending.push(def.name.clone());
+                    continue 'curves;
+                }
+                None => {
+                    let rows = match &kind {
+                        Kind::Enkf(cfg) => run_enkf(cfg, &data, &dir)?,
+                        Kind::Grad(cfg) => run_grad(cfg, &data, &dir, None)?,
+                    };
+                    mark_finished(&dir, &record)?;
+                    rows
                 }
             };
             if let Some(r) = rows.iter().rev().find(|r| r.test_error.is_some()) {
@@ -306,6 +339,7 @@ pub(crate) fn run(ctx: &Ctx, exp: Experiment, in_all: bool) -> Result<()> {
         let last = rows.last().cloned();
         table_rows.push((def, last, first_below(&rows, 5.0)));
         summary.extend(rows);
+        done_runs.push(def);
     }
     write_summary(&ctx.dir.join("summary.csv"), &summary)?;
     let spec = PlotSpec {
@@ -323,7 +357,7 @@ pub(crate) fn run(ctx: &Ctx, exp: Experiment, in_all: bool) -> Result<()> {
         },
         y_label: "test error (%)".into(),
         log_y: false,
-        runs: runs
+        runs: done_runs
             .iter()
             .map(|d| RunRef {
                 name: d.name.clone(),
@@ -334,7 +368,7 @@ pub(crate) fn run(ctx: &Ctx, exp: Experiment, in_all: bool) -> Result<()> {
     };
     render::write_spec(&ctx.dir, &spec)?;
     render::render(&ctx.dir)?;
-    write_table(ctx, exp, &dataset, &data, &table_rows)
+    write_table(ctx, exp, &dataset, &data, &table_rows, &pending)
 }
 
 /// Mean ± population std over seeds of the test error at every iteration that all
@@ -393,6 +427,7 @@ fn write_table(
     dataset: &str,
     data: &DataSplit,
     rows: &[(&RunDef, Option<SummaryRow>, Option<f64>)],
+    pending: &[String],
 ) -> Result<()> {
     let mut t = String::new();
     let _ = writeln!(t, "# {} — ours beside the paper\n", exp.name());
@@ -441,6 +476,16 @@ fn write_table(
             "\nThese runs are scaled down ({}); the paper's numbers are for J = 5000 and the full \
              data set, so compare shapes and orderings, not values.",
             ctx.scale.name
+        );
+    }
+    if !pending.is_empty() {
+        let _ = writeln!(
+            t,
+            "\nNot run yet (slices still to do): {}. Run them with `enkf-dnn reproduce {} \
+             --only {}` and the same other flags; finished runs are reused.",
+            pending.join(", "),
+            exp.name(),
+            pending.join(",")
         );
     }
     let path = ctx.dir.join("table.md");

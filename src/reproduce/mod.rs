@@ -16,6 +16,7 @@
 //! numbers.
 
 mod curves;
+pub mod done;
 mod render;
 mod stats_figs;
 
@@ -27,6 +28,8 @@ use crate::train::stats::StatsWriter;
 use crate::train::{MetricsRow, Observer, TrainConfig, Trainer};
 use crate::{Error, Result};
 use std::path::{Path, PathBuf};
+
+pub(crate) use done::{enkf_record, finished_rows, grad_record, mark_finished};
 
 pub use render::plot_dir;
 
@@ -113,6 +116,9 @@ pub struct ReproduceOptions {
     pub members: Option<usize>,
     /// CPU threads (the global pool, set once).
     pub threads: Option<usize>,
+    /// Train only these curves (run folder names such as `J5000`, `sgd`, `adaptive`);
+    /// the others are taken from their finished run folders when present. Empty: all.
+    pub only: Vec<String>,
 }
 
 impl Default for ReproduceOptions {
@@ -128,6 +134,7 @@ impl Default for ReproduceOptions {
             letters: None,
             members: None,
             threads: None,
+            only: Vec::new(),
         }
     }
 }
@@ -174,6 +181,13 @@ pub struct ReproduceArgs {
     /// CPU threads [default: all cores].
     #[arg(long)]
     pub threads: Option<usize>,
+    /// Run only these curves of the experiment, comma-separated run names (e.g.
+    /// `--only J5000`, `--only logistic,relu`, `--only adaptive`): a slice that fits a
+    /// time budget. The summary, chart and table cover every curve whose runs are
+    /// finished (a finished run is never run again: its folder holds `done.json`), and
+    /// list the curves still to run.
+    #[arg(long, value_delimiter = ',', value_name = "RUN")]
+    pub only: Vec<String>,
 }
 
 impl ReproduceArgs {
@@ -194,6 +208,7 @@ impl ReproduceArgs {
             letters: self.letters.clone(),
             members: self.members,
             threads: self.threads,
+            only: self.only.clone(),
         }
     }
 }
@@ -313,6 +328,22 @@ impl Scale {
 pub fn run(exp: Experiment, opts: &ReproduceOptions) -> Result<()> {
     if opts.seeds == 0 {
         return Err(Error::Config("seeds must be at least 1".into()));
+    }
+    if !opts.only.is_empty()
+        && matches!(
+            exp,
+            Experiment::All
+                | Experiment::Fig3
+                | Experiment::Fig4
+                | Experiment::Fig6
+                | Experiment::Fig7
+        )
+    {
+        return Err(Error::Config(format!(
+            "--only selects curves of one test-error experiment (fig1, fig5, fig8-activations, \
+             fig8-members, fig9, fig10; e.g. `reproduce fig8-members --only J5000`), not {}",
+            exp.name()
+        )));
     }
     // Every setting every run will use, and the output folder, before the first run: a
     // bad -J or --threads must not surface after the SGD and Adam runs.
@@ -505,16 +536,7 @@ pub(crate) fn run_grad(
     stats: Option<usize>,
 ) -> Result<Vec<MetricsRow>> {
     std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
-    write_json(
-        &dir.join("config.json"),
-        &serde_json::json!({
-            "optimizer": cfg.optimizer, "lr": cfg.lr.or(cfg.optimizer.default_lr()),
-            "momentum": cfg.momentum, "epochs": cfg.epochs, "iterations": cfg.iterations,
-            "batch": cfg.batch, "eval_every": cfg.eval_every, "hist_every": cfg.hist_every,
-            "seed": cfg.seed, "sigma": cfg.sigma, "arch": cfg.net.arch, "activation": cfg.net.act,
-            "train_images": data.train.len(), "test_images": data.test.len(),
-        }),
-    )?;
+    write_json(&dir.join("config.json"), &grad_record(cfg, data))?;
     let mut obs = CsvObserver::create(dir)?;
     let rows = match stats {
         Some(every) => {
