@@ -47,6 +47,19 @@ if [ ! -x "$BIN" ] || [ ! -d .device/tests ]; then
   exit 2
 fi
 
+# The driver's libcuda is on the loader path; the toolkit's cuBLAS, cuSOLVER and NVRTC may
+# sit only in a CUDA folder or in a Python wheel (PyTorch's nvidia/cu13/lib): add the
+# folder of each one the loader does not know, so the backend finds them.
+for lib in libcublas.so libcublasLt.so libcusolver.so libnvrtc.so; do
+  if ! ldconfig -p 2>/dev/null | grep -q "$lib"; then
+    hit=$(find /usr/local/cuda/lib64 /usr/local/cuda/targets /usr/local/cuda* /usr/lib \
+      /opt -name "$lib*" 2>/dev/null | head -1)
+    [ -n "$hit" ] && LD_LIBRARY_PATH="$(dirname "$hit")${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+  fi
+done
+export LD_LIBRARY_PATH=${LD_LIBRARY_PATH:-}
+echo "LD_LIBRARY_PATH=$LD_LIBRARY_PATH"
+
 export REQUIRE_GPU=1
 if [ -n "$(ls -A .device/data 2>/dev/null)" ]; then
   for d in data/*/; do
