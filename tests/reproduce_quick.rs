@@ -94,6 +94,24 @@ fn fig1_tiny_writes_runs_summary_table_and_charts() {
         table.contains("3.8 %") && table.contains("EnKF (J = 6"),
         "{table}"
     );
+    // Every seed's final error, and how many runs of each curve learn.
+    let (h, seeds) = read_csv(&dir.join("seeds.csv"));
+    assert_eq!(h, ["run", "seed", "final_test_error", "learned"]);
+    assert_eq!(seeds.len(), 3 * 2, "{seeds:?}");
+    for r in &seeds {
+        let e: f64 = r[2].parse().expect("error");
+        assert_eq!(r[3] == "true", e < 50.0, "{r:?}");
+    }
+    let learned = |run: &str| {
+        seeds
+            .iter()
+            .filter(|r| r[0] == run && r[3] == "true")
+            .count()
+    };
+    assert!(
+        table.contains(&format!("| {} of 2 |", learned("enkf"))),
+        "the table's count must be seeds.csv's: {table}"
+    );
     assert_chart(&dir.join("test-error"));
     let svg = std::fs::read_to_string(dir.join("test-error.svg")).expect("svg");
     assert!(svg.contains("SGD (lr 0.1, momentum 0.9) (mean ± std, 2 seeds)"));
