@@ -4,7 +4,7 @@
 use crate::backend::{BackendKind, MathMode};
 use crate::enkf::UpdateRule;
 use crate::model::{Activation, Arch};
-use crate::train::config::{Adaptation, FailurePolicy};
+use crate::train::config::{Adaptation, FailurePolicy, LabelPairing};
 use crate::train::optim::Optimizer;
 use crate::train::{BatchOrder, EvalMode, PartialConfig};
 use clap::{Args, Parser, Subcommand};
@@ -158,6 +158,12 @@ pub struct TrainArgs {
     /// Gaussian of the successful members [default: error].
     #[arg(long, value_enum)]
     pub on_failure: Option<FailurePolicy>,
+    /// Which outputs are paired with a mini-batch's labels: `matched` (the batch's own,
+    /// every iteration) or `authors` (the authors' driver: the first of the r iterations
+    /// on a new batch uses the previous batch's outputs; file order only) [default:
+    /// matched].
+    #[arg(long, value_enum)]
+    pub pairing: Option<LabelPairing>,
     /// Training method: enkf (the default), or sgd / adam by backpropagation (same
     /// network, data, initialisation and seed; one network, shuffled mini-batches,
     /// one step per mini-batch; runs on the CPU).
@@ -223,6 +229,7 @@ impl TrainArgs {
             adapt_kappa: self.adapt_kappa,
             adapt_epsilon: self.adapt_epsilon,
             on_failure: self.on_failure,
+            pairing: self.pairing,
             checkpoint_every: self.checkpoint_every,
             optimizer: self.optimizer,
             lr: self.lr,

@@ -37,6 +37,19 @@ pub enum BatchOrder {
     Shuffle,
 }
 
+/// Which outputs the update pairs with a mini-batch's labels.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum LabelPairing {
+    /// The outputs of the mini-batch's own images, every iteration.
+    #[default]
+    Matched,
+    /// As the authors' driver: the first of the r iterations on a new mini-batch uses
+    /// the outputs of the previous mini-batch's images with the new labels (when the two
+    /// batches have the same size; file order only).
+    Authors,
+}
+
 /// Whether the ensemble size and repetitions adapt during training (the paper's Algorithm 1).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
@@ -98,6 +111,10 @@ pub struct TrainConfig {
     pub out: Option<PathBuf>,
     /// Mini-batch order.
     pub order: BatchOrder,
+    /// Which outputs are paired with the labels (absent in configurations written before
+    /// the setting existed: [`LabelPairing::Matched`]).
+    #[serde(default)]
+    pub pairing: LabelPairing,
     /// Requested backend.
     pub backend: BackendKind,
     /// Precision policy of the large products.
@@ -159,6 +176,7 @@ impl Default for TrainConfig {
             test_limit: None,
             out: None,
             order: BatchOrder::File,
+            pairing: LabelPairing::Matched,
             backend: BackendKind::Auto,
             math: MathMode::Fp32,
             threads: None,
@@ -239,6 +257,8 @@ pub struct PartialConfig {
     pub out: Option<PathBuf>,
     #[allow(missing_docs)]
     pub order: Option<BatchOrder>,
+    #[allow(missing_docs)]
+    pub pairing: Option<LabelPairing>,
     #[allow(missing_docs)]
     pub backend: Option<BackendKind>,
     #[allow(missing_docs)]
@@ -435,6 +455,13 @@ impl TrainConfig {
                 ));
             }
         }
+        if self.pairing == LabelPairing::Authors && self.order == BatchOrder::Shuffle {
+            return bad(
+                "pairing authors reproduces the authors' driver, which reads mini-batches in \
+                 file order: it cannot be combined with shuffle (order)"
+                    .into(),
+            );
+        }
         if self.stats_every == 0 || self.hist_every == 0 {
             return bad("stats_every and hist_every must be at least 1".into());
         }
@@ -533,6 +560,31 @@ mod tests {
         assert_eq!(p.resolve().expect("resolve"), c);
     }
 
+    #[test]
+    fn authors_pairing_round_trips_and_refuses_shuffle() {
+        let p = PartialConfig {
+            pairing: Some(LabelPairing::Authors),
+            ..Default::default()
+        };
+        let c = p.resolve().expect("file order");
+        assert_eq!(c.pairing, LabelPairing::Authors);
+        let json = serde_json::to_string(&c).expect("json");
+        assert!(json.contains(r#""pairing":"authors""#), "{json}");
+        let (back, _) = PartialConfig::from_json(&json).expect("parse");
+        assert_eq!(back.resolve().expect("resolve"), c);
+        // A configuration written before the key existed still reads (as matched).
+        let old = json.replace(r#""pairing":"authors","#, "");
+        let t: TrainConfig = serde_json::from_str(&old).expect("old config");
+        assert_eq!(t.pairing, LabelPairing::Matched);
+        let e = PartialConfig {
+            order: Some(BatchOrder::Shuffle),
+            ..p
+        }
+        .resolve()
+        .expect_err("shuffle");
+        assert!(e.to_string().contains("pairing authors"), "{e}");
+    }
+
     /// Every field survives config.json → `--config` → resolve, and overlaying a partial
     /// config onto an empty one keeps it: a field missing from either struct fails here.
     #[test]
@@ -556,6 +608,7 @@ mod tests {
             test_limit: Some(500),
             out: Some("/tmp/out".into()),
             order: BatchOrder::Shuffle,
+            pairing: LabelPairing::Matched, // authors is file order only: its own test
             backend: BackendKind::Cpu,
             math: MathMode::Tf32,
             threads: Some(3),

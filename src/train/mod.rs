@@ -25,7 +25,9 @@ use crate::model::{Net, CLASSES, IMG, IMG_PIXELS};
 use crate::{Error, Result};
 use adaptive::{AdaptiveLogRow, AdaptiveRule};
 use checkpoint::{CheckpointState, RngState};
-pub use config::{Adaptation, BatchOrder, EvalMode, FailurePolicy, PartialConfig, TrainConfig};
+pub use config::{
+    Adaptation, BatchOrder, EvalMode, FailurePolicy, LabelPairing, PartialConfig, TrainConfig,
+};
 pub use metrics::MetricsRow;
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
@@ -133,6 +135,8 @@ pub struct Trainer<'a, B: Backend> {
     t: usize,
     batch_global: usize,
     rep: usize,
+    /// `--pairing authors`: the previous mini-batch's images (device) and their count.
+    prev_x: Option<(B::F32, usize)>,
     order: Vec<usize>,
     /// The mini-batch whose images are in the slots.
     loaded: Option<LoadedBatch>,
@@ -289,6 +293,7 @@ impl<'a, B: Backend> Trainer<'a, B> {
             t: 0,
             batch_global: 0,
             rep: 0,
+            prev_x: None,
             order: Vec::new(),
             loaded: None,
             stats: None,
@@ -622,14 +627,45 @@ impl<'a, B: Backend> Trainer<'a, B> {
         Ok(())
     }
 
+    /// Under `--pairing authors`, on the first repetition of every mini-batch after the
+    /// first: uploads the previous mini-batch's images into `prev_x` and returns true
+    /// (the forward pass then runs on them, paired with the new labels, as the authors'
+    /// driver does). False, and nothing staged, otherwise or when the two batches differ
+    /// in size (the epoch's tail).
+    fn stage_previous_batch(&mut self, slot: usize) -> Result<bool> {
+        if self.cfg.pairing != LabelPairing::Authors || self.rep != 0 || self.batch_global == 0 {
+            return Ok(false);
+        }
+        let prev = (self.batch_global - 1) % self.batches_per_epoch();
+        let lo = prev * self.cfg.batch;
+        let hi = (lo + self.cfg.batch).min(self.train.len());
+        let n = self.workspaces[slot].batch;
+        if hi - lo != n {
+            return Ok(false);
+        }
+        let mut host = Vec::new();
+        self.train.gather(&self.order[lo..hi], &mut host);
+        let be = self.backend;
+        match &mut self.prev_x {
+            Some((buf, m)) if *m == n => be.write_f32(&host, buf)?,
+            _ => self.prev_x = Some((be.upload_f32(&host)?, n)),
+        }
+        Ok(true)
+    }
+
     /// One EnKF iteration on the uploaded mini-batch in workspace `slot`.
     fn step(&mut self, slot: usize, observer: &mut dyn Observer) -> Result<()> {
         let be = self.backend;
         let t0 = Instant::now();
+        let previous = self.stage_previous_batch(slot)?;
         {
             let _r = crate::gpu::timing::range("forward");
             let s = &mut self.workspaces[slot];
-            be.ensemble_forward(&self.net, &self.u, self.members, &s.x, s.batch, &mut s.g)?;
+            let x = match (&self.prev_x, previous) {
+                (Some((p, _)), true) => p,
+                _ => &s.x,
+            };
+            be.ensemble_forward(&self.net, &self.u, self.members, x, s.batch, &mut s.g)?;
         }
         be.synchronize()?;
         let t1 = Instant::now();
@@ -658,7 +694,11 @@ impl<'a, B: Backend> Trainer<'a, B> {
             self.resampled += failed.len();
             observer.on_resample(self.t + 1, failed.len())?;
             let s = &mut self.workspaces[slot];
-            be.ensemble_forward(&self.net, &self.u, self.members, &s.x, s.batch, &mut s.g)?;
+            let x = match (&self.prev_x, previous) {
+                (Some((p, _)), true) => p,
+                _ => &s.x,
+            };
+            be.ensemble_forward(&self.net, &self.u, self.members, x, s.batch, &mut s.g)?;
             let still =
                 resize::nonfinite_rows(be, &s.g, self.members, cols, &s.ones, &mut s.row_sums)?;
             if !still.is_empty() {
