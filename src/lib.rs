@@ -21,3 +21,4 @@ pub mod app;
 pub mod cli;
 pub mod plot;
 pub mod reproduce;
+pub mod stdout;
