@@ -57,6 +57,21 @@ pub enum Error {
         /// Ensemble size.
         members: usize,
     },
+    /// Under `--on-failure resample`, fewer than two members had finite outputs, so
+    /// there is no Gaussian to redraw the others from.
+    #[error(
+        "{}{failed} of {members} members produced non-finite outputs: fewer than 2 are left \
+         to resample the failed ones from (lower sigma, raise gamma, or enlarge the ensemble)",
+        .iteration.map_or(String::new(), |i| format!("iteration {i}: "))
+    )]
+    TooFewToResample {
+        /// The iteration whose forward pass failed, when known.
+        iteration: Option<usize>,
+        /// Members with a non-finite output.
+        failed: usize,
+        /// Ensemble size.
+        members: usize,
+    },
     /// A checkpoint is corrupt or belongs to another run.
     #[error("checkpoint {path}: {msg}")]
     Checkpoint {
@@ -77,9 +92,21 @@ pub enum Error {
         /// How to continue.
         resume: String,
     },
-    /// Writing CSV output failed.
-    #[error("writing CSV: {0}")]
+    /// Writing CSV output failed (see [`Error::csv`] for the form that names the file).
+    #[error("CSV output: {0}")]
     Csv(#[from] csv::Error),
+    /// A file's content is not what its format requires (a CSV or JSON file that does
+    /// not parse, or holds no rows where rows are needed).
+    #[error("{path}: {msg}")]
+    Parse {
+        /// The file.
+        path: PathBuf,
+        /// What was wrong, with the line or record where known.
+        msg: String,
+    },
+    /// The command's results could not be written to standard output.
+    #[error("writing to standard output: {0} (is its disk full, or was the pipe closed?)")]
+    Stdout(#[source] std::io::Error),
     /// Writing or reading JSON failed.
     #[error("JSON: {0}")]
     Json(#[from] serde_json::Error),
@@ -91,6 +118,18 @@ impl Error {
         Error::Io {
             path: path.into(),
             source,
+        }
+    }
+
+    /// A CSV error on the file `path`: [`Error::Io`] (keeping the OS error, e.g. ENOSPC)
+    /// when the file could not be read or written, else [`Error::Parse`] with the
+    /// record and field the reader names.
+    pub fn csv(path: impl Into<PathBuf>, e: csv::Error) -> Self {
+        let path = path.into();
+        let msg = e.to_string();
+        match e.into_kind() {
+            csv::ErrorKind::Io(source) => Error::Io { path, source },
+            _ => Error::Parse { path, msg },
         }
     }
 }

@@ -23,3 +23,4 @@ pub mod plot;
 pub mod reproduce;
 pub mod run_dir;
 pub mod signals;
+pub mod stdout;

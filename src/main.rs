@@ -105,43 +105,43 @@ fn run() -> anyhow::Result<()> {
                 app::train_command(&cfg, resume.as_deref(), existing).context("training")?;
             let last = summary.rows.iter().rev().find(|r| r.test_error.is_some());
             if let Some(r) = last {
-                println!(
+                enkf_dnn::outln!(
                     "final test error {:.2} % (test loss {:.4}) after {} iterations in {:.1} s on {}",
                     r.test_error.unwrap_or(f64::NAN),
                     r.test_loss.unwrap_or(f64::NAN),
                     summary.iterations,
                     r.elapsed_s,
                     summary.backend
-                );
+                )?;
             }
             let t = &summary.times;
             let n = summary.iterations.max(1) as f64;
             if cfg.optimizer == enkf_dnn::train::optim::Optimizer::Enkf {
-                println!(
+                enkf_dnn::outln!(
                     "per iteration: forward {:.1} ms, update {:.1} ms, scoring {:.1} ms, other {:.1} ms; evaluations {:.1} s in total",
                     1e3 * t.forward / n,
                     1e3 * t.update / n,
                     1e3 * t.train_score / n,
                     1e3 * t.other / n,
                     t.eval
-                );
+                )?;
             } else {
-                println!(
+                enkf_dnn::outln!(
                     "per iteration: backprop {:.1} ms, optimizer step {:.2} ms, statistics {:.2} ms; evaluations {:.1} s in total",
                     1e3 * t.forward / n,
                     1e3 * t.update / n,
                     1e3 * t.other / n,
                     t.eval
-                );
+                )?;
             }
             if let Some(dir) = &cfg.out {
-                println!("wrote {}", dir.display());
+                enkf_dnn::outln!("wrote {}", dir.display())?;
             }
         }
         Command::Reproduce(args) => {
             enkf_dnn::reproduce::run(args.experiment, &args.to_options())
                 .with_context(|| format!("reproducing {}", args.experiment.name()))?;
-            println!("wrote {}", args.out.display());
+            enkf_dnn::outln!("wrote {}", args.out.display())?;
         }
         Command::Plot(args) => {
             enkf_dnn::reproduce::plot_dir(&args.dir)
@@ -168,11 +168,12 @@ fn run() -> anyhow::Result<()> {
             };
             let (rows, desc) =
                 app::bench_command(args.backend, args.math, &spec).context("benchmark")?;
-            println!(
+            enkf_dnn::outln!(
                 "backend: {desc}; update rule {:?}, B = 64, median of {} runs",
-                args.update, spec.iters
-            );
-            print!("{}", app::bench_table(&rows));
+                args.update,
+                spec.iters
+            )?;
+            enkf_dnn::out!("{}", app::bench_table(&rows))?;
             if let Some(path) = &args.csv {
                 let mut w = csv::Writer::from_path(path)
                     .with_context(|| format!("creating {}", path.display()))?;

@@ -13,6 +13,11 @@ use plotters::prelude::*;
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
+/// Largest magnitude of a value that is drawn. Beyond it the span of an axis (and the
+/// tick arithmetic of plotters) overflows f64 and the drawing does not end; such values
+/// are an error.
+pub const MAX_DRAWN: f64 = 1e300;
+
 /// Width × height in pixels of a line chart.
 pub const LINE_SIZE: (u32, u32) = (1024, 640);
 /// Width × height in pixels of one histogram panel.
@@ -155,6 +160,25 @@ fn band_polygon(s: &Series, floor: f64) -> Vec<(f64, f64)> {
     poly
 }
 
+/// `(lo, hi)` widened, around its middle, to at least 1e-9 of its magnitude (and at
+/// least 1): an axis narrower than that has no ticks that f64 can tell apart.
+fn drawable_span((lo, hi): (f64, f64)) -> (f64, f64) {
+    let min = 1e-9 * lo.abs().max(hi.abs()).max(1.0);
+    if hi - lo >= min {
+        return (lo, hi);
+    }
+    let (mid, half) = (0.5 * lo + 0.5 * hi, 0.5f64.max(min));
+    (mid - half, mid + half)
+}
+
+/// The first finite value of `values` whose magnitude exceeds [`MAX_DRAWN`].
+fn too_large<'a>(values: impl IntoIterator<Item = &'a f64>) -> Option<f64> {
+    values
+        .into_iter()
+        .copied()
+        .find(|v| v.is_finite() && v.abs() > MAX_DRAWN)
+}
+
 /// Axis ranges covering every point and band of `series`, padded by 3 %.
 fn line_ranges(series: &[Series], log_y: bool) -> Option<((f64, f64), (f64, f64))> {
     let mut xs = (f64::INFINITY, f64::NEG_INFINITY);
@@ -177,9 +201,7 @@ fn line_ranges(series: &[Series], log_y: bool) -> Option<((f64, f64), (f64, f64)
     if !(xs.0.is_finite() && ys.0.is_finite()) {
         return None;
     }
-    if xs.1 <= xs.0 {
-        xs = (xs.0 - 0.5, xs.0 + 0.5);
-    }
+    xs = drawable_span(xs);
     if log_y {
         let (lo, hi) = (ys.0 / 1.3, ys.1 * 1.3);
         ys = if hi > lo {
@@ -220,6 +242,14 @@ pub fn line_chart(
                 what: format!("series '{}' of chart '{title}'", s.label),
                 expected: "x, y and band of equal length".into(),
                 found: format!("x {}, y {}, band {band_len}", s.x.len(), s.y.len()),
+            });
+        }
+        let band = s.band.iter().flatten();
+        if let Some(v) = too_large(s.x.iter().chain(&s.y).chain(band)) {
+            return Err(Error::Shape {
+                what: format!("series '{}' of chart '{title}'", s.label),
+                expected: format!("values of magnitude ≤ {MAX_DRAWN:e}"),
+                found: format!("{v:e}"),
             });
         }
     }
@@ -350,11 +380,15 @@ pub fn histogram_chart(
         for s in &p.series {
             let ok = s.edges.len() == s.counts.len() + 1
                 && s.edges.iter().all(|e| e.is_finite())
-                && s.edges.windows(2).all(|w| w[0] < w[1]);
+                && s.edges.windows(2).all(|w| w[0] < w[1])
+                && too_large(s.edges.iter().chain(&s.counts)).is_none();
             if !ok {
                 return Err(Error::Shape {
                     what: format!("histogram '{}' in panel '{}'", s.label, p.title),
-                    expected: "bins + 1 finite, strictly increasing edges".into(),
+                    expected: format!(
+                        "bins + 1 finite, strictly increasing edges, and edges and counts of \
+                         magnitude ≤ {MAX_DRAWN:e}"
+                    ),
                     found: format!("{} edges for {} bins", s.edges.len(), s.counts.len()),
                 });
             }
@@ -414,9 +448,11 @@ fn draw_hist_panel<DB: DrawingBackend>(
             .filter(|c| c.is_finite())
             .fold(ymax, f64::max);
     }
-    if !(x.0.is_finite() && x.1 > x.0) {
-        x = (0.0, 1.0);
-    }
+    x = if x.0.is_finite() && x.1.is_finite() {
+        drawable_span(x)
+    } else {
+        (0.0, 1.0)
+    };
     if ymax <= 0.0 {
         ymax = 1.0;
     }

@@ -164,3 +164,49 @@ fn histogram_chart_stacks_one_panel_per_layer() {
     assert!(err.to_string().contains("layer 2"), "{err}");
     std::fs::remove_dir_all(&dir).ok();
 }
+
+/// Values whose axis span overflows f64 used to send plotters' tick computation into a
+/// loop without end; they are an error now. Spans too narrow for f64 ticks are widened
+/// and drawn.
+#[test]
+fn undrawable_ranges_are_errors_and_narrow_ones_are_widened() {
+    let dir = tmp("extreme");
+    let huge_band = vec![Series {
+        label: "A".into(),
+        x: vec![0.0, 1.0],
+        y: vec![50.0, 40.0],
+        band: Some(vec![1e308, 0.0]),
+    }];
+    let err = line_chart(&dir.join("huge"), "T", "x", "y", &huge_band, false)
+        .expect_err("a band of 1e308");
+    assert!(err.to_string().contains("1e308"), "{err}");
+    let huge_x = vec![Series {
+        label: "A".into(),
+        x: vec![-1e308, 1e308],
+        y: vec![1.0, 2.0],
+        band: None,
+    }];
+    assert!(line_chart(&dir.join("huge-x"), "T", "x", "y", &huge_x, false).is_err());
+    for (name, x) in [
+        ("subnormal", vec![0.0, 5e-324]),
+        ("large-equal", vec![1e20, 1e20 + 4096.0]),
+    ] {
+        let s = vec![Series {
+            label: "A".into(),
+            x,
+            y: vec![1.0, 1.0 + 1e-300],
+            band: None,
+        }];
+        line_chart(&dir.join(name), "T", "x", "y", &s, name == "subnormal").expect(name);
+        assert!(dir.join(format!("{name}.png")).is_file(), "{name}");
+    }
+    let h = vec![HistPanel {
+        title: "layer".into(),
+        series: vec![HistSeries {
+            label: "it 0".into(),
+            edges: vec![-1e308, 0.0, 1e308],
+            counts: vec![1.0, 2.0],
+        }],
+    }];
+    assert!(histogram_chart(&dir.join("hist"), "T", "x", "y", &h).is_err());
+}

@@ -9,6 +9,12 @@
 //! Images are rank 3 (count, rows, cols); labels rank 1 (count). A file is gzip when
 //! its first two bytes are `0x1f 0x8b`, whatever its name. Every length check counts
 //! decompressed bytes, and the content must be exactly as long as the header declares.
+//!
+//! A reader may ask for the first `n` records only (`--train-limit`): then only the
+//! header and those `n` records are read and decompressed, and nothing past them is
+//! looked at (a fault there, or trailing bytes, goes unseen; the records used are
+//! checked as always). Memory: the data buffer holds what was read, never more than
+//! twice that (it grows by doubling), whatever the header declares.
 
 use std::fs::File;
 use std::io::{self, BufReader, Read};
@@ -22,15 +28,15 @@ use super::DataError;
 const UBYTE: u8 = 0x08;
 /// Bytes read up front to sniff the gzip magic.
 const GZIP_MAGIC: [u8; 2] = [0x1f, 0x8b];
-/// Cap on the up-front allocation: a corrupt header must not reserve gigabytes.
-const MAX_RESERVE: usize = 64 << 20;
 
 /// A parsed IDX file of unsigned bytes.
 #[derive(Debug)]
 pub(crate) struct Idx {
-    /// The r dimensions from the header.
+    /// The r dimensions from the header (`dims[0]` is the declared record count).
     pub dims: Vec<usize>,
-    /// The data, product(dims) bytes.
+    /// Records read: `dims[0]`, or fewer when a limit was given.
+    pub records: usize,
+    /// The data, `records · product(dims[1..])` bytes.
     pub data: Vec<u8>,
 }
 
@@ -43,12 +49,23 @@ struct Source {
 }
 
 impl Source {
-    fn open(path: &Path) -> Result<Source, DataError> {
+    /// Opens `path`; returns the source and the file's length in bytes.
+    fn open(path: &Path) -> Result<(Source, u64), DataError> {
         let io_err = |source| DataError::Io {
             path: path.to_path_buf(),
             source,
         };
-        let mut file = BufReader::new(File::open(path).map_err(io_err)?);
+        // Opening a FIFO would block, and a directory reads as an I/O error: say what
+        // the path is instead.
+        if let super::EntryKind::Other(what) = super::entry_kind(path)? {
+            return Err(DataError::NotAFile {
+                path: path.to_path_buf(),
+                what,
+            });
+        }
+        let file = File::open(path).map_err(io_err)?;
+        let len = file.metadata().map_err(io_err)?.len();
+        let mut file = BufReader::new(file);
         let mut head = [0u8; 2];
         let n = read_full(&mut file, &mut head).map_err(io_err)?;
         let gzip = n == 2 && head == GZIP_MAGIC;
@@ -58,11 +75,14 @@ impl Source {
         } else {
             Box::new(replay)
         };
-        Ok(Source {
-            path: path.to_path_buf(),
-            gzip,
-            reader,
-        })
+        Ok((
+            Source {
+                path: path.to_path_buf(),
+                gzip,
+                reader,
+            },
+            len,
+        ))
     }
 
     fn err(&self, source: io::Error) -> DataError {
@@ -94,14 +114,17 @@ fn read_full(r: &mut impl Read, buf: &mut [u8]) -> io::Result<usize> {
     Ok(filled)
 }
 
-/// Reads an unsigned-byte IDX file of the given rank from `path` (raw or gzip).
+/// Reads an unsigned-byte IDX file of the given rank from `path` (raw or gzip): the
+/// header and the first `min(limit, count)` records (`count` = the first dimension).
 ///
-/// Errors: [`DataError::Io`] / [`DataError::Gzip`] when the bytes cannot be read,
+/// Errors: [`DataError::NotAFile`] when `path` is a directory, FIFO, dangling link, …,
+/// [`DataError::Io`] / [`DataError::Gzip`] when the bytes cannot be read,
 /// [`DataError::BadMagic`], [`DataError::DataType`], [`DataError::Rank`] for a wrong
-/// header, [`DataError::Truncated`] / [`DataError::TrailingBytes`] when the content is
-/// shorter or longer than the header declares.
-pub(crate) fn read_idx(path: &Path, rank: u8) -> Result<Idx, DataError> {
-    let mut src = Source::open(path)?;
+/// header, [`DataError::Truncated`] when the content is shorter than the records read
+/// need, and (when every record is read) [`DataError::TrailingBytes`] when it is
+/// longer than the header declares.
+pub(crate) fn read_idx(path: &Path, rank: u8, limit: usize) -> Result<Idx, DataError> {
+    let (mut src, file_len) = Source::open(path)?;
     let header_len = 4 + 4 * u64::from(rank);
 
     let mut magic = [0u8; 4];
@@ -147,34 +170,54 @@ pub(crate) fn read_idx(path: &Path, rank: u8) -> Result<Idx, DataError> {
         .map(|b| u32::from_be_bytes([b[0], b[1], b[2], b[3]]))
         .collect();
     // Up to three u32 factors: the product can exceed u64, so count in u128.
-    let data_len: u128 = dims32.iter().map(|&d| u128::from(d)).product();
+    let record_len: u128 = dims32[1..].iter().map(|&d| u128::from(d)).product();
+    let declared = u128::from(dims32[0]);
+    let records = declared.min(limit as u128);
+    let data_len = declared * record_len;
     let expected_total = u128::from(header_len) + data_len;
     let expected_u64 = u64::try_from(expected_total).unwrap_or(u64::MAX);
-    let want = u64::try_from(data_len).unwrap_or(u64::MAX);
+    let want_len = records * record_len;
+    let want = u64::try_from(want_len).unwrap_or(u64::MAX);
 
-    let reserve = usize::try_from(want).map_or(MAX_RESERVE, |w| w.min(MAX_RESERVE));
-    let mut data = Vec::with_capacity(reserve);
+    // A raw file cannot hold more than its length; a gzip stream's length is unknown
+    // until it is read, so its buffer grows as data arrives.
+    let reserve = if src.gzip {
+        0
+    } else {
+        want.min(file_len.saturating_sub(header_len))
+    };
+    let mut data = Vec::new();
+    data.try_reserve_exact(usize::try_from(reserve).unwrap_or(usize::MAX))
+        .map_err(|e| src.err(io::Error::new(io::ErrorKind::OutOfMemory, e.to_string())))?;
     (&mut src.reader)
         .take(want)
         .read_to_end(&mut data)
         .map_err(|e| src.err(e))?;
-    if (data.len() as u128) < data_len {
+    if (data.len() as u128) < want_len {
         return Err(DataError::Truncated {
             path: path.to_path_buf(),
             expected: expected_u64,
             found: header_len + data.len() as u64,
         });
     }
-    let extra = io::copy(&mut src.reader, &mut io::sink()).map_err(|e| src.err(e))?;
-    if extra > 0 {
-        return Err(DataError::TrailingBytes {
-            path: path.to_path_buf(),
-            expected: expected_u64,
-            found: expected_u64 + extra,
-            extra,
-        });
+    if records == declared {
+        let extra = io::copy(&mut src.reader, &mut io::sink()).map_err(|e| src.err(e))?;
+        if extra > 0 {
+            return Err(DataError::TrailingBytes {
+                path: path.to_path_buf(),
+                expected: expected_u64,
+                found: expected_u64 + extra,
+                extra,
+            });
+        }
     }
-    // data.len() == data_len fits in memory, so every factor fits in usize.
+    // The data read fits in memory, so `records` and every factor but the first fit in
+    // usize (a zero factor makes the product 0 whatever the others are, and u32 fits
+    // usize on the 64-bit targets this crate supports).
     let dims = dims32.iter().map(|&d| d as usize).collect();
-    Ok(Idx { dims, data })
+    Ok(Idx {
+        dims,
+        records: records as usize,
+        data,
+    })
 }

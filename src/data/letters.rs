@@ -157,7 +157,10 @@ fn read_letter_folders(dir: &Path, report: &mut LettersReport) -> Result<Vec<(u8
 /// Errors: [`Error::Io`] when the file cannot be opened, [`Error::Shape`] for another size.
 pub fn read_png_gray(path: &Path) -> Result<Option<Vec<u8>>> {
     let file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
-    let mut decoder = png::Decoder::new(std::io::BufReader::new(file));
+    // A 28 × 28 image needs a few KiB; a corrupt header must not make the decoder
+    // reserve more than this.
+    let limits = png::Limits { bytes: 1 << 20 };
+    let mut decoder = png::Decoder::new_with_limits(std::io::BufReader::new(file), limits);
     decoder.set_transformations(png::Transformations::EXPAND | png::Transformations::STRIP_16);
     let Ok(mut reader) = decoder.read_info() else {
         return Ok(None);

@@ -9,6 +9,9 @@
 //!
 //! Pixels become `f32` in [0, 1] exactly as torchvision's `ToTensor` does: `u8 as f32 / 255.0`.
 //! Every fault is a [`DataError`] that names the file and the values found.
+//!
+//! [`load_dir_limited`] reads only the first N images of a split (`--train-limit`,
+//! `--test-limit`): the rest of the file is neither decompressed nor held in memory.
 
 mod idx;
 pub mod letters;
@@ -148,6 +151,23 @@ pub enum DataError {
         /// The number of classes.
         classes: usize,
     },
+    /// A data path exists but is not a regular file (a directory, FIFO, socket, device,
+    /// or a symbolic link whose target is missing).
+    #[error("{path}: is {what}, not a regular file; an IDX file (raw or .gz) is expected here")]
+    NotAFile {
+        /// The path.
+        path: PathBuf,
+        /// What it is, in words ("a directory", "a dangling symbolic link to …").
+        what: String,
+    },
+    /// A split's image file declares no images: nothing to train on or to score.
+    #[error("{path}: the header declares 0 images; the {split} split needs at least one")]
+    Empty {
+        /// The image file.
+        path: PathBuf,
+        /// "training" or "test".
+        split: &'static str,
+    },
     /// A required file is in the folder neither as `NAME` nor as `NAME.gz`.
     #[error(
         "{path}: not found (nor its .gz); {}; expected {} (each raw or .gz); \
@@ -243,13 +263,15 @@ impl Dataset {
     }
 }
 
-/// The images of one IDX file.
+/// The images of one IDX file (all of them, or the first N).
 #[derive(Debug, Clone, PartialEq)]
 pub struct Images {
     /// count × rows × cols pixels, row-major, each `u8 / 255` in [0, 1].
     pub pixels: Vec<f32>,
-    /// Number of images.
+    /// Number of images read.
     pub count: usize,
+    /// Number of images the header declares (≥ `count`; more when a limit cut the read).
+    pub declared: usize,
     /// Rows of an image.
     pub rows: usize,
     /// Columns of an image.
@@ -270,14 +292,23 @@ pub struct DataSplit {
 /// Reads a rank-3 IDX image file (raw or gzip) and scales its pixels to [0, 1]
 /// (`u8 as f32 / 255.0`, as torchvision's `ToTensor`). Any image size is accepted.
 ///
-/// Errors: the header and length faults of [`DataError`] (`Io`, `Gzip`, `BadMagic`,
-/// `DataType`, `Rank`, `Truncated`, `TrailingBytes`), each naming `path`.
+/// Errors: the header and length faults of [`DataError`] (`NotAFile`, `Io`, `Gzip`,
+/// `BadMagic`, `DataType`, `Rank`, `Truncated`, `TrailingBytes`), each naming `path`.
 pub fn read_images(path: &Path) -> Result<Images, DataError> {
-    let idx = idx::read_idx(path, 3)?;
+    read_images_first(path, usize::MAX)
+}
+
+/// As [`read_images`], but reads (and decompresses) only the first `min(n, count)`
+/// images; nothing past them is read or checked. `Images::declared` is the header's count.
+///
+/// Errors: as [`read_images`]; `TrailingBytes` only when every image is read.
+pub fn read_images_first(path: &Path, n: usize) -> Result<Images, DataError> {
+    let idx = idx::read_idx(path, 3, n)?;
     let lut: [f32; 256] = std::array::from_fn(|b| b as f32 / 255.0);
     Ok(Images {
         pixels: idx.data.iter().map(|&b| lut[usize::from(b)]).collect(),
-        count: idx.dims[0],
+        count: idx.records,
+        declared: idx.dims[0],
         rows: idx.dims[1],
         cols: idx.dims[2],
     })
@@ -287,7 +318,17 @@ pub fn read_images(path: &Path) -> Result<Images, DataError> {
 ///
 /// Errors: as [`read_images`], plus [`DataError::LabelOutOfRange`] for the first bad label.
 pub fn read_labels(path: &Path) -> Result<Vec<u8>, DataError> {
-    let labels = idx::read_idx(path, 1)?.data;
+    read_labels_first(path, usize::MAX).map(|(labels, _)| labels)
+}
+
+/// As [`read_labels`], but reads only the first `min(n, count)` labels (and checks only
+/// those); returns them and the header's count.
+///
+/// Errors: as [`read_labels`]; `TrailingBytes` only when every label is read.
+pub fn read_labels_first(path: &Path, n: usize) -> Result<(Vec<u8>, usize), DataError> {
+    let idx = idx::read_idx(path, 1, n)?;
+    let declared = idx.dims[0];
+    let labels = idx.data;
     if let Some((index, &label)) = labels
         .iter()
         .enumerate()
@@ -300,20 +341,101 @@ pub fn read_labels(path: &Path) -> Result<Vec<u8>, DataError> {
             classes: CLASSES,
         });
     }
-    Ok(labels)
+    Ok((labels, declared))
+}
+
+/// What a path in a data folder is.
+pub(crate) enum EntryKind {
+    /// Nothing there.
+    Missing,
+    /// A regular file (or a link to one).
+    File,
+    /// Something else, in words.
+    Other(String),
+}
+
+/// Classifies `path` without opening it. Errors: [`DataError::Io`] when its metadata
+/// cannot be read for another reason than its absence (e.g. permission denied).
+pub(crate) fn entry_kind(path: &Path) -> Result<EntryKind, DataError> {
+    let io_err = |source| DataError::Io {
+        path: path.to_path_buf(),
+        source,
+    };
+    let link = match std::fs::symlink_metadata(path) {
+        Ok(m) => m,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(EntryKind::Missing),
+        Err(e) => return Err(io_err(e)),
+    };
+    let meta = if link.file_type().is_symlink() {
+        match std::fs::metadata(path) {
+            Ok(m) => m,
+            Err(e) => {
+                let target = std::fs::read_link(path)
+                    .map(|t| t.display().to_string())
+                    .unwrap_or_else(|_| "?".into());
+                return Ok(EntryKind::Other(
+                    if e.kind() == std::io::ErrorKind::NotFound {
+                        format!("a dangling symbolic link (to {target}, which does not exist)")
+                    } else {
+                        format!("a symbolic link to {target} that cannot be followed ({e})")
+                    },
+                ));
+            }
+        }
+    } else {
+        link
+    };
+    let t = meta.file_type();
+    if t.is_file() {
+        return Ok(EntryKind::File);
+    }
+    let what = if t.is_dir() {
+        "a directory"
+    } else {
+        special_kind(&t)
+    };
+    Ok(EntryKind::Other(what.to_string()))
+}
+
+#[cfg(unix)]
+fn special_kind(t: &std::fs::FileType) -> &'static str {
+    use std::os::unix::fs::FileTypeExt;
+    if t.is_fifo() {
+        "a FIFO (named pipe)"
+    } else if t.is_socket() {
+        "a socket"
+    } else if t.is_char_device() {
+        "a character device"
+    } else if t.is_block_device() {
+        "a block device"
+    } else {
+        "neither a file nor a directory"
+    }
+}
+
+#[cfg(not(unix))]
+fn special_kind(_: &std::fs::FileType) -> &'static str {
+    "neither a file nor a directory"
 }
 
 /// Finds `name` in `dir`: `dir/name.gz` if it exists, else `dir/name`.
 ///
-/// Errors: [`DataError::MissingFile`] listing the folder's contents.
+/// Errors: [`DataError::NotAFile`] when the path found is not a regular file (the
+/// `.gz` is looked at first: when it exists, it is the one used),
+/// [`DataError::MissingFile`] listing the folder's contents when neither exists,
+/// [`DataError::Io`] when a path cannot be examined.
 pub fn find_file(dir: &Path, name: &str) -> Result<PathBuf, DataError> {
-    let gz = dir.join(format!("{name}.gz"));
-    if gz.is_file() {
-        return Ok(gz);
-    }
-    let raw = dir.join(name);
-    if raw.is_file() {
-        return Ok(raw);
+    for candidate in [dir.join(format!("{name}.gz")), dir.join(name)] {
+        match entry_kind(&candidate)? {
+            EntryKind::Missing => {}
+            EntryKind::File => return Ok(candidate),
+            EntryKind::Other(what) => {
+                return Err(DataError::NotAFile {
+                    path: candidate,
+                    what,
+                })
+            }
+        }
     }
     let contents = std::fs::read_dir(dir).ok().map(|entries| {
         let mut names: Vec<String> = entries
@@ -324,26 +446,36 @@ pub fn find_file(dir: &Path, name: &str) -> Result<PathBuf, DataError> {
         names
     });
     Err(DataError::MissingFile {
-        path: raw,
+        path: dir.join(name),
         contents,
     })
 }
 
+/// One split, with at most `limit` images read.
 fn load_split(
+    split: &'static str,
     images_name: &str,
     labels_name: &str,
     dir: &Path,
+    limit: usize,
 ) -> Result<(Dataset, PathBuf), DataError> {
     let images_path = find_file(dir, images_name)?;
     let labels_path = find_file(dir, labels_name)?;
-    let images = read_images(&images_path)?;
-    let labels = read_labels(&labels_path)?;
-    if images.count != labels.len() {
+    let images = read_images_first(&images_path, limit)?;
+    let (labels, n_labels) = read_labels_first(&labels_path, limit)?;
+    // The headers' counts, so that a limit does not hide a mismatch.
+    if images.declared != n_labels {
         return Err(DataError::CountMismatch {
             images: images_path,
             labels: labels_path,
-            n_images: images.count,
-            n_labels: labels.len(),
+            n_images: images.declared,
+            n_labels,
+        });
+    }
+    if images.declared == 0 {
+        return Err(DataError::Empty {
+            path: images_path,
+            split,
         });
     }
     let set = Dataset {
@@ -358,14 +490,42 @@ fn load_split(
 /// Loads the four standard files from `dir` (each `NAME.gz` if present, else `NAME`).
 ///
 /// Checks each file (see [`read_images`], [`read_labels`]), that each split has as many
-/// labels as images, and that train and test images have the same size. The size need
-/// not be 28 × 28; the trainer checks that.
+/// labels as images and at least one, and that train and test images have the same
+/// size. The size need not be 28 × 28; the trainer checks that.
 ///
-/// Errors: [`DataError::MissingFile`], [`DataError::CountMismatch`],
-/// [`DataError::SizeMismatch`], or any fault of a single file.
+/// Errors: [`DataError::MissingFile`], [`DataError::NotAFile`],
+/// [`DataError::CountMismatch`], [`DataError::Empty`], [`DataError::SizeMismatch`], or
+/// any fault of a single file.
 pub fn load_dir(dir: &Path) -> Result<DataSplit, DataError> {
-    let (train, train_path) = load_split(TRAIN_IMAGES, TRAIN_LABELS, dir)?;
-    let (test, test_path) = load_split(TEST_IMAGES, TEST_LABELS, dir)?;
+    load_dir_limited(dir, None, None)
+}
+
+/// As [`load_dir`], reading only the first `train_limit` training and `test_limit` test
+/// images (all when `None`): the rest of each file is not read, decompressed or checked
+/// (see `src/data/idx.rs`), so memory and time follow the limit, not the header. The
+/// headers' counts are still compared between images and labels.
+///
+/// Errors: as [`load_dir`].
+pub fn load_dir_limited(
+    dir: &Path,
+    train_limit: Option<usize>,
+    test_limit: Option<usize>,
+) -> Result<DataSplit, DataError> {
+    let all = usize::MAX;
+    let (train, train_path) = load_split(
+        "training",
+        TRAIN_IMAGES,
+        TRAIN_LABELS,
+        dir,
+        train_limit.unwrap_or(all),
+    )?;
+    let (test, test_path) = load_split(
+        "test",
+        TEST_IMAGES,
+        TEST_LABELS,
+        dir,
+        test_limit.unwrap_or(all),
+    )?;
     if (train.rows, train.cols) != (test.rows, test.cols) {
         return Err(DataError::SizeMismatch {
             train: train_path,

@@ -149,10 +149,11 @@ pub fn resample_members<B: Backend, R: Rng>(
         .filter(|j| failed.binary_search(j).is_err())
         .collect();
     if ok.len() < 2 {
-        return Err(Error::Config(format!(
-            "{} of {members} members failed: too few remain to resample from",
-            failed.len()
-        )));
+        return Err(Error::TooFewToResample {
+            iteration: None,
+            failed: failed.len(),
+            members,
+        });
     }
     let good = select_members(be, u, params, &ok)?;
     let r = be.upload_f32(&gaussian_draw_coefficients(rng, failed.len(), ok.len()))?;

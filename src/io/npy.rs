@@ -3,7 +3,7 @@
 //! and PyTorch without another dependency.
 
 use crate::{Error, Result};
-use std::io::{Read, Write};
+use std::io::Read;
 use std::path::Path;
 
 const MAGIC: &[u8; 6] = b"\x93NUMPY";
@@ -26,8 +26,9 @@ fn npy_err(path: &Path, msg: impl Into<String>) -> Error {
     }
 }
 
-/// Writes `data` (C order) with the given shape as float32.
-/// Errors: shape product ≠ `data.len()`, or I/O.
+/// Writes `data` (C order) with the given shape as float32, atomically
+/// ([`super::atomic_write`]: no partial file, and no `.tmp` left after a failure).
+/// Errors: shape product ≠ `data.len()`, or I/O naming the file.
 pub fn write_f32(path: &Path, shape: &[usize], data: &[f32]) -> Result<()> {
     let bytes: Vec<u8> = data.iter().flat_map(|v| v.to_le_bytes()).collect();
     write_raw(path, shape, "<f4", data.len(), &bytes)
@@ -70,9 +71,7 @@ fn write_raw(path: &Path, shape: &[usize], descr: &str, n: usize, bytes: &[u8]) 
     out.extend_from_slice(&(header.len() as u16).to_le_bytes());
     out.extend_from_slice(header.as_bytes());
     out.extend_from_slice(bytes);
-    let mut f = std::fs::File::create(path).map_err(|e| Error::io(path, e))?;
-    f.write_all(&out).map_err(|e| Error::io(path, e))?;
-    Ok(())
+    super::atomic_write(path, &out)
 }
 
 /// Reads an `.npy` file of `<f4` or `<f8` values in C order.
@@ -133,14 +132,16 @@ pub fn read(path: &Path) -> Result<NpyArray> {
         .map(|s| s.parse::<usize>())
         .collect::<std::result::Result<Vec<_>, _>>()
         .map_err(|_| npy_err(path, format!("cannot parse shape {shape_txt}")))?;
-    let count: usize = shape.iter().product();
     let body = &buf[hstart + hlen..];
-    if body.len() != count * width {
+    let needed = shape
+        .iter()
+        .try_fold(width, |acc: usize, &d| acc.checked_mul(d));
+    if needed != Some(body.len()) {
+        let needed = needed.map_or("more than 2^64".to_string(), |n| n.to_string());
         return Err(npy_err(
             path,
             format!(
-                "shape {shape:?} needs {} data bytes but the file has {}",
-                count * width,
+                "shape {shape:?} needs {needed} data bytes but the file has {}",
                 body.len()
             ),
         ));

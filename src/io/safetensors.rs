@@ -22,7 +22,6 @@
 use crate::model::Net;
 use crate::{Error, Result};
 use std::collections::BTreeMap;
-use std::io::Write;
 use std::path::Path;
 
 /// One tensor read from a `.safetensors` file (F32 only).
@@ -80,19 +79,10 @@ pub fn to_bytes(net: &Net, weights: &[f32]) -> Result<Vec<u8>> {
 
 /// Writes `model.safetensors`-style bytes for `net` and `weights` to `path`, through a
 /// temporary file in the same folder that is synced and renamed (no half-written file
-/// is ever left under `path`).
+/// is ever left under `path`, and no temporary file after a failure: [`super::atomic_write`]).
 /// Errors: as [`to_bytes`], and [`Error::Io`] naming the file.
 pub fn write_net(path: &Path, net: &Net, weights: &[f32]) -> Result<()> {
-    let bytes = to_bytes(net, weights)?;
-    let mut tmp = path.as_os_str().to_owned();
-    tmp.push(".tmp");
-    let tmp = std::path::PathBuf::from(tmp);
-    {
-        let mut f = std::fs::File::create(&tmp).map_err(|e| Error::io(&tmp, e))?;
-        f.write_all(&bytes).map_err(|e| Error::io(&tmp, e))?;
-        f.sync_all().map_err(|e| Error::io(&tmp, e))?;
-    }
-    std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e))
+    super::atomic_write(path, &to_bytes(net, weights)?)
 }
 
 /// Parses safetensors bytes; `path` only names the source in errors. Tensors are

@@ -418,11 +418,14 @@ impl Ctx<'_> {
         }
     }
 
-    /// Loads the folder of `cfg.data` (IDX files) with this scale's limits.
+    /// Loads the folder of `cfg.data` (IDX files) with this scale's limits, reading
+    /// only the images used.
     pub fn load_idx(&self, dir: &Path) -> Result<DataSplit> {
-        let mut data = crate::data::load_dir(dir)?;
-        self.limit(&mut data);
-        Ok(data)
+        Ok(crate::data::load_dir_limited(
+            dir,
+            self.scale.train_limit,
+            self.scale.test_limit,
+        )?)
     }
 
     /// Applies this scale's train/test limits.

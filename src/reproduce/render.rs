@@ -68,7 +68,8 @@ pub(crate) fn write_spec(dir: &Path, spec: &PlotSpec) -> Result<()> {
 /// experiment folder directly under `dir`, from their CSVs.
 ///
 /// Errors: [`Error::Config`] when neither `dir` nor any sub-folder holds `plot.json`;
-/// [`Error::Io`], [`Error::Csv`] or [`Error::Json`] naming what could not be read.
+/// [`Error::Io`] or [`Error::Parse`] naming the file that could not be read, does not
+/// parse, or holds no rows (an empty `summary.csv`, or none for a run of `plot.json`).
 pub fn plot_dir(dir: &Path) -> Result<()> {
     if dir.join("plot.json").is_file() {
         return render(dir);
@@ -95,13 +96,26 @@ pub fn plot_dir(dir: &Path) -> Result<()> {
 pub(crate) fn render(dir: &Path) -> Result<()> {
     let spec_path = dir.join("plot.json");
     let text = std::fs::read_to_string(&spec_path).map_err(|e| Error::io(&spec_path, e))?;
-    let spec: PlotSpec = serde_json::from_str(&text)?;
+    let spec: PlotSpec = serde_json::from_str(&text).map_err(|e| Error::Parse {
+        path: spec_path.clone(),
+        msg: format!("not a plot specification: {e}"),
+    })?;
     if !spec.runs.is_empty() {
         let path = dir.join("summary.csv");
-        let mut rdr = csv::Reader::from_path(&path)?;
-        let mut rows: Vec<SummaryRow> = Vec::new();
-        for r in rdr.deserialize() {
-            rows.push(r?);
+        let rows: Vec<SummaryRow> = read_csv(&path)?;
+        check_summary(&path, &rows)?;
+        for run in &spec.runs {
+            if !rows.iter().any(|r| r.run == run.name) {
+                return Err(Error::Parse {
+                    path,
+                    msg: format!(
+                        "holds no rows for run '{}' (listed in {}); {} rows in all",
+                        run.name,
+                        spec_path.display(),
+                        rows.len()
+                    ),
+                });
+            }
         }
         let series: Vec<Series> = spec
             .runs
@@ -145,6 +159,77 @@ pub(crate) fn render(dir: &Path) -> Result<()> {
     Ok(())
 }
 
+/// Checks that every row of `summary.csv` can be drawn: a test error (mean and std)
+/// in [0, 100] % or NaN (a diverged run), an epoch that is finite and ≥ 0.
+/// Errors: [`Error::Parse`] naming the file, the row and the value.
+fn check_summary(path: &Path, rows: &[SummaryRow]) -> Result<()> {
+    let percent = |v: f64| v.is_nan() || (0.0..=100.0).contains(&v);
+    for (i, r) in rows.iter().enumerate() {
+        let bad = if !percent(r.test_error_mean) {
+            Some((
+                "test_error_mean",
+                r.test_error_mean,
+                "a percentage in [0, 100] or NaN",
+            ))
+        } else if !percent(r.test_error_std) {
+            Some((
+                "test_error_std",
+                r.test_error_std,
+                "a percentage in [0, 100] or NaN",
+            ))
+        } else if !(r.epoch.is_finite() && r.epoch >= 0.0) {
+            Some(("epoch", r.epoch, "a finite number ≥ 0"))
+        } else {
+            None
+        };
+        if let Some((column, value, allowed)) = bad {
+            return Err(Error::Parse {
+                path: path.to_path_buf(),
+                msg: format!(
+                    "row {} (run '{}'): {column} is {value}, expected {allowed}",
+                    i + 1,
+                    r.run
+                ),
+            });
+        }
+    }
+    Ok(())
+}
+
+/// Every row of the CSV file `path` (with a header). Errors: [`Error::Io`] or
+/// [`Error::Parse`] naming the file (and the record), also when it holds no rows.
+fn read_csv<T: serde::de::DeserializeOwned>(path: &Path) -> Result<Vec<T>> {
+    let mut rdr = csv::Reader::from_path(path).map_err(|e| Error::csv(path, e))?;
+    let headers = rdr.headers().map_err(|e| Error::csv(path, e))?.clone();
+    let mut rows = Vec::new();
+    for r in rdr.deserialize() {
+        rows.push(r.map_err(|e| {
+            // Name the column of a field that does not parse.
+            let column = match e.kind() {
+                csv::ErrorKind::Deserialize { err, .. } => err
+                    .field()
+                    .and_then(|f| headers.get(usize::try_from(f).ok()?))
+                    .map(str::to_string),
+                _ => None,
+            };
+            match (Error::csv(path, e), column) {
+                (Error::Parse { path, msg }, Some(c)) => Error::Parse {
+                    path,
+                    msg: format!("{msg} (column '{c}')"),
+                },
+                (other, _) => other,
+            }
+        })?);
+    }
+    if rows.is_empty() {
+        return Err(Error::Parse {
+            path: path.to_path_buf(),
+            msg: "holds no rows (nothing to draw); re-run the experiment to write it".into(),
+        });
+    }
+    Ok(rows)
+}
+
 #[derive(Debug, Deserialize)]
 struct StatsCsvRow {
     iteration: usize,
@@ -185,12 +270,10 @@ fn layer_name(quantity: &str, layer: usize) -> String {
 fn render_stats(dir: &Path, spec: &PlotSpec, s: &StatsRef) -> Result<()> {
     let run_dir = dir.join(&s.dir);
     let path = run_dir.join("stats.csv");
-    let mut rdr = csv::Reader::from_path(&path)?;
     // (quantity, layer) → (iterations, means, stds)
     type Curve = (Vec<f64>, Vec<f64>, Vec<f64>);
     let mut curves: BTreeMap<(String, usize), Curve> = BTreeMap::new();
-    for r in rdr.deserialize() {
-        let r: StatsCsvRow = r?;
+    for r in read_csv::<StatsCsvRow>(&path)? {
         let c = curves.entry((r.quantity, r.layer)).or_default();
         c.0.push(r.iteration as f64);
         c.1.push(r.mean);
@@ -244,12 +327,10 @@ fn render_stats(dir: &Path, spec: &PlotSpec, s: &StatsRef) -> Result<()> {
     if !hpath.is_file() {
         return Ok(());
     }
-    let mut rdr = csv::Reader::from_path(&hpath)?;
     // (quantity, layer) → iteration → bins
     type Bins = Vec<(f64, f64, f64)>;
     let mut hists: BTreeMap<(String, usize), BTreeMap<usize, Bins>> = BTreeMap::new();
-    for r in rdr.deserialize() {
-        let r: HistCsvRow = r?;
+    for r in read_csv::<HistCsvRow>(&hpath)? {
         hists
             .entry((r.quantity, r.layer))
             .or_default()

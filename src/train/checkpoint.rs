@@ -3,7 +3,8 @@
 //! Layout of `checkpoint.bin`: the 8-byte magic `ENKFCKP1`, the JSON length (u64 LE),
 //! the JSON [`CheckpointState`], the ensemble (members × params f32 LE), and a CRC-32 of
 //! everything before it (u32 LE). It is written to `checkpoint.bin.tmp`, fsynced, and
-//! renamed over `checkpoint.bin`, so a crash leaves either the old or the new file.
+//! renamed over `checkpoint.bin`, so a crash leaves either the old or the new file; a
+//! failed write (a full disk) removes the `.tmp` and reports the OS error with the file.
 //!
 //! Output files on resume. `metrics.csv` and `adaptive.csv` are rewritten whole from the
 //! rows stored in the checkpoint (`crate::app`), which are the run's in-memory rows from
@@ -18,7 +19,7 @@ use super::config::TrainConfig;
 use super::metrics::MetricsRow;
 use crate::{Error, Result};
 use serde::{Deserialize, Serialize};
-use std::io::{BufRead, Write};
+use std::io::BufRead;
 use std::path::{Path, PathBuf};
 
 const MAGIC: &[u8; 8] = b"ENKFCKP1";
@@ -99,13 +100,7 @@ pub fn write(path: &Path, state: &CheckpointState, ensemble: &[f32]) -> Result<(
     let mut crc = flate2::Crc::new();
     crc.update(&buf);
     buf.extend_from_slice(&crc.sum().to_le_bytes());
-    let tmp = path.with_extension("bin.tmp");
-    {
-        let mut f = std::fs::File::create(&tmp).map_err(|e| Error::io(&tmp, e))?;
-        f.write_all(&buf).map_err(|e| Error::io(&tmp, e))?;
-        f.sync_all().map_err(|e| Error::io(&tmp, e))?;
-    }
-    std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e))?;
+    crate::io::atomic_write(path, &buf)?;
     if let Some(dir) = path.parent() {
         // Make the rename durable; not every file system supports syncing a directory.
         if let Ok(d) = std::fs::File::open(dir) {
@@ -139,14 +134,25 @@ pub fn read(path: &Path) -> Result<(CheckpointState, Vec<f32>)> {
     }
     let mut len8 = [0u8; 8];
     len8.copy_from_slice(&buf[8..16]);
-    let jlen = u64::from_le_bytes(len8) as usize;
-    let json = buf
-        .get(16..16 + jlen)
-        .ok_or_else(|| bad("header length exceeds the file".into()))?;
-    let state: CheckpointState =
-        serde_json::from_slice(json).map_err(|e| bad(format!("unreadable state: {e}")))?;
-    let data = &buf[16 + jlen..body];
-    if data.len() != 4 * state.members * state.params {
+    let jlen = u64::from_le_bytes(len8);
+    let json_end = usize::try_from(jlen)
+        .ok()
+        .and_then(|n| n.checked_add(16))
+        .filter(|&end| end <= body)
+        .ok_or_else(|| {
+            bad(format!(
+                "header length {jlen} exceeds the file ({} bytes)",
+                buf.len()
+            ))
+        })?;
+    let state: CheckpointState = serde_json::from_slice(&buf[16..json_end])
+        .map_err(|e| bad(format!("unreadable state: {e}")))?;
+    let data = &buf[json_end..body];
+    let expected = state
+        .members
+        .checked_mul(state.params)
+        .and_then(|n| n.checked_mul(4));
+    if expected != Some(data.len()) {
         return Err(bad(format!(
             "ensemble holds {} bytes, expected {} members × {} weights × 4",
             data.len(),

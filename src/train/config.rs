@@ -326,6 +326,8 @@ impl PartialConfig {
         };
         let mut out = serde_json::Map::new();
         let mut warnings = Vec::new();
+        // (key as written, the setting it maps to), to name the key in errors.
+        let mut originals: Vec<(String, String)> = Vec::new();
         for (key, val) in map {
             let target = AUTHOR_ALIASES
                 .iter()
@@ -338,6 +340,7 @@ impl PartialConfig {
                         "key '{key}' sets '{target}', which is already set"
                     )));
                 }
+                originals.push((key.clone(), target.clone()));
                 out.insert(target, val);
             } else if !INFORMATIONAL_KEYS.contains(&key.as_str()) {
                 warnings.push(format!(
@@ -355,21 +358,75 @@ impl PartialConfig {
                 out.remove("eval_every");
             }
         }
+        // Each key on its own first, so that a type error names the key it is about.
+        for (target, val) in &out {
+            let mut one = serde_json::Map::new();
+            one.insert(target.clone(), val.clone());
+            serde_json::from_value::<PartialConfig>(serde_json::Value::Object(one)).map_err(
+                |e| {
+                    let source = source_key(&originals, target);
+                    Error::Config(format!("key '{source}': {e} (the value is {val})"))
+                },
+            )?;
+        }
         let partial: PartialConfig = serde_json::from_value(serde_json::Value::Object(out))
             .map_err(|e| Error::Config(format!("bad value: {e}")))?;
+        partial.check_floats()?;
         Ok((partial, warnings))
     }
 
-    /// Settings of `other` replace those of `self` where `other` has them.
+    /// The floating-point settings, by key: the values JSON cannot hold when they are not
+    /// finite (they would turn into `null`, i.e. "unset"), so they are carried and
+    /// checked by hand. A test checks that this lists every `f64` field.
+    fn floats(&self) -> [(&'static str, Option<f64>); 6] {
+        [
+            ("gamma", self.gamma),
+            ("sigma", self.sigma),
+            ("adapt_kappa", self.adapt_kappa),
+            ("adapt_epsilon", self.adapt_epsilon),
+            ("lr", self.lr),
+            ("momentum", self.momentum),
+        ]
+    }
+
+    /// Errors: [`Error::Config`] naming the first set floating-point value that is NaN
+    /// or infinite (the flag `--gamma NaN` reaches here as NaN).
+    pub fn check_floats(&self) -> Result<()> {
+        for (key, v) in self.floats() {
+            if let Some(v) = v.filter(|v| !v.is_finite()) {
+                return Err(Error::Config(format!(
+                    "{key} = {v}: must be a finite number (flag --{}, config key \"{key}\")",
+                    key.replace('_', "-")
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    /// Settings of `other` replace those of `self` where `other` has them. Non-finite
+    /// floats are kept as they are (for [`PartialConfig::resolve`] to reject).
     pub fn overlay(self, other: &PartialConfig) -> PartialConfig {
         let mut map = to_map(&self);
         map.extend(to_map(other));
         // Both maps come from PartialConfig values, so this cannot fail.
-        serde_json::from_value(serde_json::Value::Object(map)).unwrap_or(self)
+        let mut merged: PartialConfig =
+            serde_json::from_value(serde_json::Value::Object(map)).unwrap_or(self.clone());
+        // JSON drops NaN and ±inf (they become null): carry the floats over directly.
+        merged.gamma = other.gamma.or(self.gamma);
+        merged.sigma = other.sigma.or(self.sigma);
+        merged.adapt_kappa = other.adapt_kappa.or(self.adapt_kappa);
+        merged.adapt_epsilon = other.adapt_epsilon.or(self.adapt_epsilon);
+        merged.lr = other.lr.or(self.lr);
+        merged.momentum = other.momentum.or(self.momentum);
+        merged
     }
 
     /// Fills unset values with defaults and validates the result.
+    ///
+    /// Errors: [`Error::Config`] naming the key: a non-finite float
+    /// ([`PartialConfig::check_floats`]), or any check of [`TrainConfig::validate`].
     pub fn resolve(&self) -> Result<TrainConfig> {
+        self.check_floats()?;
         let mut map = to_map(&TrainConfig::default());
         map.extend(to_map(self));
         let c: TrainConfig = serde_json::from_value(serde_json::Value::Object(map))
@@ -377,6 +434,14 @@ impl PartialConfig {
         c.validate()?;
         Ok(c)
     }
+}
+
+/// The key of the config file that set `target` (an author's alias, or `target` itself).
+fn source_key(originals: &[(String, String)], target: &str) -> String {
+    originals
+        .iter()
+        .find(|(_, t)| t == target)
+        .map_or_else(|| target.to_string(), |(k, _)| k.clone())
 }
 
 /// The set fields of a config as a JSON object (unset `Option`s are left out).
@@ -404,13 +469,13 @@ impl TrainConfig {
         }
         if !(self.gamma.is_finite() && self.gamma > 0.0) {
             return bad(format!(
-                "gamma must be a positive number, got {}",
+                "gamma must be a positive, finite number, got {}",
                 self.gamma
             ));
         }
         if !(self.sigma.is_finite() && self.sigma > 0.0) {
             return bad(format!(
-                "sigma must be a positive number, got {}",
+                "sigma must be a positive, finite number, got {}",
                 self.sigma
             ));
         }
@@ -448,12 +513,20 @@ impl TrainConfig {
                     self.adapt_min_members, self.adapt_max_members
                 ));
             }
-            if !(self.adapt_kappa >= 0.0 && self.adapt_epsilon > 0.0) {
-                return bad(format!(
-                    "adapt_kappa must be ≥ 0 and adapt_epsilon > 0, got {} and {}",
-                    self.adapt_kappa, self.adapt_epsilon
-                ));
-            }
+        }
+        // Checked whatever the adaptation, so that config.json never records a value
+        // that could not be used.
+        if !(self.adapt_kappa.is_finite() && self.adapt_kappa >= 0.0) {
+            return bad(format!(
+                "adapt_kappa must be a finite number ≥ 0 (percentage points), got {}",
+                self.adapt_kappa
+            ));
+        }
+        if !(self.adapt_epsilon.is_finite() && self.adapt_epsilon > 0.0) {
+            return bad(format!(
+                "adapt_epsilon must be a finite number > 0 (percent), got {}",
+                self.adapt_epsilon
+            ));
         }
         if self.pairing == LabelPairing::Authors && self.order == BatchOrder::Shuffle {
             return bad(
@@ -467,11 +540,11 @@ impl TrainConfig {
         }
         if let Some(lr) = self.lr {
             if !(lr.is_finite() && lr > 0.0) {
-                return bad(format!("lr must be a positive number, got {lr}"));
+                return bad(format!("lr must be a positive, finite number, got {lr}"));
             }
         }
-        if !(self.momentum.is_finite() && self.momentum >= 0.0) {
-            return bad(format!("momentum must be ≥ 0, got {}", self.momentum));
+        if !(0.0..1.0).contains(&self.momentum) {
+            return bad(format!("momentum must be in [0, 1), got {}", self.momentum));
         }
         if self.optimizer != Optimizer::Enkf
             && (self.adaptation == Adaptation::Adaptive
@@ -502,14 +575,19 @@ impl TrainConfig {
     }
 
     /// Iterations per epoch: ⌈N / B⌉ · r.
+    /// Saturates at `usize::MAX` rather than overflowing for absurd settings.
     pub fn iterations_per_epoch(&self, n_train: usize) -> usize {
-        n_train.div_ceil(self.batch) * self.repetitions
+        n_train
+            .div_ceil(self.batch.max(1))
+            .saturating_mul(self.repetitions)
     }
 
-    /// Total iterations of the run for a training set of `n_train` images.
+    /// Total iterations of the run for a training set of `n_train` images (saturating).
     pub fn total_iterations(&self, n_train: usize) -> usize {
-        self.iterations
-            .unwrap_or(self.epochs * self.iterations_per_epoch(n_train))
+        self.iterations.unwrap_or(
+            self.epochs
+                .saturating_mul(self.iterations_per_epoch(n_train)),
+        )
     }
 }
 
@@ -585,11 +663,9 @@ mod tests {
         assert!(e.to_string().contains("pairing authors"), "{e}");
     }
 
-    /// Every field survives config.json → `--config` → resolve, and overlaying a partial
-    /// config onto an empty one keeps it: a field missing from either struct fails here.
-    #[test]
-    fn every_field_round_trips() {
-        let c = TrainConfig {
+    /// A configuration with every field set away from its default.
+    fn every_field_set() -> TrainConfig {
+        TrainConfig {
             members: 33,
             gamma: 0.5,
             sigma: 2.0,
@@ -628,7 +704,14 @@ mod tests {
             momentum: 0.5,
             stats_every: 4,
             hist_every: 8,
-        };
+        }
+    }
+
+    /// Every field survives config.json → `--config` → resolve, and overlaying a partial
+    /// config onto an empty one keeps it: a field missing from either struct fails here.
+    #[test]
+    fn every_field_round_trips() {
+        let c = every_field_set();
         let text = serde_json::to_string(&c).expect("json");
         let (p, warnings) = PartialConfig::from_json(&text).expect("parse");
         assert!(warnings.is_empty(), "{warnings:?}");
@@ -653,6 +736,123 @@ mod tests {
                 .expect_err(text);
             assert!(err.to_string().contains(needle), "{text}: {err}");
         }
+    }
+
+    /// `--gamma NaN` and friends: JSON turns a non-finite float into null, which used to
+    /// read as "unset", so the run went ahead with the default and recorded it.
+    #[test]
+    fn non_finite_floats_are_errors_naming_the_key() {
+        let keys: Vec<&str> = PartialConfig::default()
+            .floats()
+            .iter()
+            .map(|(k, _)| *k)
+            .collect();
+        for key in keys {
+            for v in [f64::NAN, f64::INFINITY, f64::NEG_INFINITY] {
+                let mut flags = PartialConfig::default();
+                let slot = match key {
+                    "gamma" => &mut flags.gamma,
+                    "sigma" => &mut flags.sigma,
+                    "adapt_kappa" => &mut flags.adapt_kappa,
+                    "adapt_epsilon" => &mut flags.adapt_epsilon,
+                    "lr" => &mut flags.lr,
+                    "momentum" => &mut flags.momentum,
+                    other => panic!("no slot for {other}"),
+                };
+                *slot = Some(v);
+                // As main.rs combines them: checkpoint base, then file, then flags.
+                let (file, _) = PartialConfig::from_json(r#"{"members": 20}"#).expect("parse");
+                let merged = PartialConfig::default().overlay(&file).overlay(&flags);
+                assert!(
+                    merged
+                        .floats()
+                        .iter()
+                        .any(|(k, x)| *k == key && x.is_some_and(|x| x.to_bits() == v.to_bits())),
+                    "{key} = {v} lost by overlay"
+                );
+                let err = merged.resolve().expect_err(key).to_string();
+                assert!(
+                    err.contains(&format!("{key} = {v}")) && err.contains("finite"),
+                    "{key} = {v}: {err}"
+                );
+                // The same value under a set file value still wins and is rejected.
+                let (file, _) =
+                    PartialConfig::from_json(&format!(r#"{{"{key}": 0.5}}"#)).expect("parse");
+                assert!(file.overlay(&flags).resolve().is_err(), "{key} over file");
+            }
+        }
+    }
+
+    /// The list of floats checked by hand is every f64 field of the configuration.
+    #[test]
+    fn the_float_list_covers_every_float_field() {
+        let v = serde_json::to_value(every_field_set()).expect("json");
+        let serde_json::Value::Object(m) = v else {
+            panic!("not an object")
+        };
+        let mut floats: Vec<&str> = m
+            .iter()
+            .filter(|(_, v)| v.is_f64())
+            .map(|(k, _)| k.as_str())
+            .collect();
+        floats.sort_unstable();
+        let mut listed: Vec<&str> = PartialConfig::default()
+            .floats()
+            .iter()
+            .map(|(k, _)| *k)
+            .collect();
+        listed.sort_unstable();
+        assert_eq!(floats, listed);
+    }
+
+    #[test]
+    fn out_of_range_floats_are_errors_naming_the_key() {
+        // Not adaptive: the adaptive settings are still checked, since config.json
+        // records them.
+        let cases = [
+            (r#"{"adapt_kappa": -1.0}"#, "adapt_kappa", "-1"),
+            (r#"{"adapt_epsilon": 0.0}"#, "adapt_epsilon", "got 0"),
+            (r#"{"momentum": 1.0}"#, "momentum", "got 1"),
+            (r#"{"momentum": -0.5}"#, "momentum", "-0.5"),
+            (r#"{"lr": 0.0}"#, "lr", "got 0"),
+            (r#"{"sigma": -2.0}"#, "sigma", "-2"),
+            (r#"{"gamma": 1e-320}"#, "", ""),
+        ];
+        for (text, key, value) in cases {
+            let r = PartialConfig::from_json(text).and_then(|(p, _)| p.resolve());
+            if key.is_empty() {
+                // A tiny but positive, finite gamma is allowed.
+                assert!(r.is_ok(), "{text}: {r:?}");
+                continue;
+            }
+            let err = r.expect_err(text).to_string();
+            assert!(err.contains(key) && err.contains(value), "{text}: {err}");
+        }
+    }
+
+    #[test]
+    fn type_errors_name_the_key_as_written() {
+        let cases = [
+            (r#"{"batch_size": "sixteen"}"#, "'batch_size'", "sixteen"),
+            (r#"{"members": -3}"#, "'members'", "-3"),
+            (r#"{"gamma": "small"}"#, "'gamma'", "small"),
+            (r#"{"eval": ["mean", 3]}"#, "'eval'", "3"),
+            (r#"{"seed": 1.5}"#, "'seed'", "1.5"),
+        ];
+        for (text, key, value) in cases {
+            let err = PartialConfig::from_json(text).expect_err(text).to_string();
+            assert!(err.contains(key) && err.contains(value), "{text}: {err}");
+        }
+    }
+
+    #[test]
+    fn absurd_lengths_saturate_instead_of_overflowing() {
+        let c = TrainConfig {
+            epochs: usize::MAX,
+            repetitions: usize::MAX / 2,
+            ..TrainConfig::default()
+        };
+        assert_eq!(c.total_iterations(60_000), usize::MAX);
     }
 
     #[test]

@@ -33,7 +33,7 @@ use crate::data::DataSplit;
 use crate::enkf::init_ensemble;
 use crate::gpu::backprop::GpuOptimizer;
 use crate::gpu::CudaBackend;
-use crate::model::{Net, CLASSES, IMG};
+use crate::model::{Net, CLASSES};
 use crate::{Error, Result};
 use cudarc::driver::CudaSlice;
 use rand::seq::SliceRandom;
@@ -120,8 +120,10 @@ impl GradConfig {
 
     /// Total steps of the run for a training set of `n_train` images.
     pub fn total_iterations(&self, n_train: usize) -> usize {
-        self.iterations
-            .unwrap_or(self.epochs * self.iterations_per_epoch(n_train))
+        self.iterations.unwrap_or(
+            self.epochs
+                .saturating_mul(self.iterations_per_epoch(n_train)),
+        )
     }
 
     /// Checks every value. Errors: [`Error::Config`] naming the setting and its value.
@@ -205,7 +207,7 @@ impl<'a> GradientTrainer<'a> {
     /// Validates `cfg` and the data, and draws the initial weights (see the module docs);
     /// runs on the CPU.
     /// Errors: [`Error::Config`] for a bad setting, [`Error::Shape`] when the images are
-    /// not 28 × 28 or the training set is empty.
+    /// not 28 × 28 or a split is empty.
     pub fn new(cfg: &GradConfig, data: &'a DataSplit) -> Result<Self> {
         Self::with_device(cfg, data, GradDevice::Cpu)
     }
@@ -216,22 +218,7 @@ impl<'a> GradientTrainer<'a> {
     /// Errors: those of [`GradientTrainer::new`], and [`Error::Cuda`] when an upload fails.
     pub fn with_device(cfg: &GradConfig, data: &'a DataSplit, device: GradDevice) -> Result<Self> {
         cfg.validate()?;
-        for (name, set) in [("training", &data.train), ("test", &data.test)] {
-            if set.rows != IMG || set.cols != IMG {
-                return Err(Error::Shape {
-                    what: format!("{name} images in {}", data.dir.display()),
-                    expected: format!("{IMG}×{IMG} pixels (the network's input)"),
-                    found: format!("{}×{}", set.rows, set.cols),
-                });
-            }
-        }
-        if data.train.is_empty() {
-            return Err(Error::Shape {
-                what: format!("training set in {}", data.dir.display()),
-                expected: "at least one image".into(),
-                found: "0 images".into(),
-            });
-        }
+        super::check_splits(data)?;
         let mut rng = ChaCha8Rng::seed_from_u64(cfg.seed);
         rng.set_stream(STREAM_INIT);
         let weights = init_ensemble(&mut rng, 1, cfg.net.n_params(), cfg.sigma);

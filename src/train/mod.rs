@@ -265,15 +265,7 @@ impl<'a, B: Backend> Trainer<'a, B> {
         host_u: &[f32],
         members: usize,
     ) -> Result<Self> {
-        for (name, set) in [("training", &data.train), ("test", &data.test)] {
-            if set.rows != IMG || set.cols != IMG {
-                return Err(Error::Shape {
-                    what: format!("{name} images in {}", data.dir.display()),
-                    expected: format!("{IMG}×{IMG} pixels (the network's input)"),
-                    found: format!("{}×{}", set.rows, set.cols),
-                });
-            }
-        }
+        check_splits(data)?;
         let net = cfg.net();
         let params = net.n_params();
         Ok(Trainer {
@@ -317,8 +309,9 @@ impl<'a, B: Backend> Trainer<'a, B> {
         match self.cfg.iterations {
             Some(cap) => cap.saturating_sub(self.t),
             None => {
-                let total = self.cfg.epochs * self.batches_per_epoch();
-                (total.saturating_sub(self.batch_global) * self.repetitions)
+                let total = self.cfg.epochs.saturating_mul(self.batches_per_epoch());
+                (total.saturating_sub(self.batch_global))
+                    .saturating_mul(self.repetitions)
                     .saturating_sub(self.rep)
             }
         }
@@ -690,7 +683,17 @@ impl<'a, B: Backend> Trainer<'a, B> {
                 self.params,
                 &failed,
                 &mut self.resample_rng,
-            )?;
+            )
+            .map_err(|e| match e {
+                Error::TooFewToResample {
+                    failed, members, ..
+                } => Error::TooFewToResample {
+                    iteration: Some(self.t + 1),
+                    failed,
+                    members,
+                },
+                other => other,
+            })?;
             self.resampled += failed.len();
             observer.on_resample(self.t + 1, failed.len())?;
             let s = &mut self.workspaces[slot];
@@ -843,6 +846,30 @@ impl<'a, B: Backend> Trainer<'a, B> {
         };
         Ok((100.0 * (1.0 - correct as f64 / n as f64), loss))
     }
+}
+
+/// Checks that both splits of `data` hold at least one image of the network's input
+/// size (an empty training set has no mini-batch; an empty test set no test error).
+///
+/// Errors: [`Error::Shape`] naming the split and the folder.
+pub fn check_splits(data: &DataSplit) -> Result<()> {
+    for (name, set) in [("training", &data.train), ("test", &data.test)] {
+        if set.rows != IMG || set.cols != IMG {
+            return Err(Error::Shape {
+                what: format!("{name} images in {}", data.dir.display()),
+                expected: format!("{IMG}×{IMG} pixels (the network's input)"),
+                found: format!("{}×{}", set.rows, set.cols),
+            });
+        }
+        if set.is_empty() {
+            return Err(Error::Shape {
+                what: format!("{name} set in {}", data.dir.display()),
+                expected: "at least one image".into(),
+                found: "0 images".into(),
+            });
+        }
+    }
+    Ok(())
 }
 
 /// Reads a J × P ensemble from `.npy` (float32 or float64) and checks its shape.

@@ -373,26 +373,31 @@ impl StatsWriter {
     }
 
     /// Appends the statistics of iteration `t` (and its histograms, if present).
-    /// Errors: [`Error::Csv`] when writing fails.
+    /// Errors: [`Error::Io`] naming the file, with the OS error (e.g. ENOSPC), when
+    /// writing fails (see [`Error::csv`]).
     pub fn write(&mut self, t: usize, stats: &LayerStats) -> Result<()> {
         for s in &stats.layers {
-            self.stats.serialize(StatsRow {
-                iteration: t,
-                layer: s.layer,
-                quantity: s.quantity,
-                mean: s.moments.mean,
-                std: s.moments.std,
-            })?;
+            self.stats
+                .serialize(StatsRow {
+                    iteration: t,
+                    layer: s.layer,
+                    quantity: s.quantity,
+                    mean: s.moments.mean,
+                    std: s.moments.std,
+                })
+                .map_err(|e| Error::csv(self.dir.join("stats.csv"), e))?;
             if let Some(h) = &s.histogram {
                 for (bin_lo, bin_hi, count) in h.bins() {
-                    self.hist.serialize(HistRow {
-                        iteration: t,
-                        layer: s.layer,
-                        quantity: s.quantity,
-                        bin_lo,
-                        bin_hi,
-                        count,
-                    })?;
+                    self.hist
+                        .serialize(HistRow {
+                            iteration: t,
+                            layer: s.layer,
+                            quantity: s.quantity,
+                            bin_lo,
+                            bin_hi,
+                            count,
+                        })
+                        .map_err(|e| Error::csv(self.dir.join("hist.csv"), e))?;
                 }
             }
         }
@@ -425,10 +430,14 @@ impl StatsWriter {
 
 /// Computes and writes the activation statistics of the EnKF mean network on a worker
 /// thread, so that they overlap the next iterations instead of lengthening them.
-/// Jobs are processed in order; a bounded queue applies back-pressure.
+/// Jobs are processed in order; a bounded queue applies back-pressure. When the worker
+/// fails (a full disk), the next call that talks to it returns the worker's own error.
 pub struct StatsSink {
     tx: Option<std::sync::mpsc::SyncSender<Job>>,
-    handle: Option<std::thread::JoinHandle<Result<()>>>,
+    /// The worker; taken by the first call that finds it stopped, or by `finish`.
+    handle: std::sync::Mutex<Option<std::thread::JoinHandle<Result<()>>>>,
+    /// The folder written into (for errors without a file of their own).
+    dir: PathBuf,
 }
 
 /// Work for the statistics thread.
@@ -444,13 +453,10 @@ enum Job {
     Sync(std::sync::mpsc::SyncSender<()>),
 }
 
-fn worker_stopped() -> Error {
-    Error::Config("the statistics worker stopped; see the error at the end of the run".into())
-}
-
 impl StatsSink {
     /// Starts the worker writing through `writer` for network `net`.
     pub fn spawn(mut writer: StatsWriter, net: Net) -> Self {
+        let dir = writer.dir().to_path_buf();
         let (tx, rx) = std::sync::mpsc::sync_channel::<Job>(4);
         let handle = std::thread::spawn(move || -> Result<()> {
             for job in rx {
@@ -476,12 +482,43 @@ impl StatsSink {
         });
         StatsSink {
             tx: Some(tx),
-            handle: Some(handle),
+            handle: std::sync::Mutex::new(Some(handle)),
+            dir,
         }
     }
 
-    /// Queues iteration `t` (blocks while four jobs are pending). Errors when the worker
-    /// has stopped (its own error is returned by [`StatsSink::finish`]).
+    /// The worker's result, once it has ended (its queue is closed only when it stops).
+    /// `None` when an earlier call already returned it.
+    fn join(&self) -> Option<Result<()>> {
+        let handle = match self.handle.lock() {
+            Ok(mut h) => h.take(),
+            Err(poisoned) => poisoned.into_inner().take(),
+        }?;
+        Some(match handle.join() {
+            Ok(result) => result,
+            Err(_) => Err(Error::io(
+                self.dir.join("stats.csv"),
+                std::io::Error::other("the statistics worker panicked"),
+            )),
+        })
+    }
+
+    /// The error to report when the worker is found stopped: its own.
+    fn stopped(&self) -> Error {
+        match self.join() {
+            Some(Err(e)) => e,
+            // It ended without an error, or its error was returned already.
+            _ => Error::io(
+                self.dir.join("stats.csv"),
+                std::io::Error::other(
+                    "the statistics worker has stopped (its error was reported before)",
+                ),
+            ),
+        }
+    }
+
+    /// Queues iteration `t` (blocks while four jobs are pending). Errors: the worker's
+    /// own error (e.g. [`Error::Io`] naming stats.csv) when it has stopped.
     pub fn send(&self, t: usize, weights: Vec<f32>, x: Vec<f32>, images: usize) -> Result<()> {
         match &self.tx {
             Some(tx) => tx
@@ -491,40 +528,34 @@ impl StatsSink {
                     x,
                     images,
                 })
-                .map_err(|_| worker_stopped()),
+                .map_err(|_| self.stopped()),
             None => Ok(()),
         }
     }
 
     /// Waits until every iteration queued so far is written and synced to disk (the
     /// trainer calls this before writing a checkpoint, so that the files hold every row
-    /// up to the checkpoint). Errors when the worker has stopped (its own error is
-    /// returned by [`StatsSink::finish`]).
+    /// up to the checkpoint). Errors: the worker's own error when it has stopped.
     pub fn sync(&self) -> Result<()> {
         let Some(tx) = &self.tx else {
             return Ok(());
         };
         let (done, wait) = std::sync::mpsc::sync_channel(1);
-        tx.send(Job::Sync(done)).map_err(|_| worker_stopped())?;
-        wait.recv().map_err(|_| worker_stopped())
+        tx.send(Job::Sync(done)).map_err(|_| self.stopped())?;
+        wait.recv().map_err(|_| self.stopped())
     }
 
     /// Waits for the queued jobs, flushes the files, and returns the worker's result.
+    /// Returns `Ok` when the worker's error was already returned by an earlier call.
     pub fn finish(mut self) -> Result<()> {
         self.tx.take();
-        match self.handle.take().map(|h| h.join()) {
-            Some(Ok(result)) => result,
-            Some(Err(_)) => Err(Error::Config("the statistics worker panicked".into())),
-            None => Ok(()),
-        }
+        self.join().unwrap_or(Ok(()))
     }
 }
 
 impl Drop for StatsSink {
     fn drop(&mut self) {
         self.tx.take();
-        if let Some(h) = self.handle.take() {
-            let _ = h.join();
-        }
+        let _ = self.join();
     }
 }
