@@ -4,7 +4,7 @@
 
 use crate::backend::{Backend, BackendKind, MathMode, Trans};
 use crate::cpu::CpuBackend;
-use crate::data::{load_dir, DataSplit};
+use crate::data::DataSplit;
 use crate::model::{Net, CLASSES};
 use crate::run_dir::{check_output_file, Existing, RunDir};
 use crate::train::gradient::{GradConfig, GradientTrainer};
@@ -12,7 +12,7 @@ use crate::train::optim::Optimizer;
 use crate::train::stats::{StatsSink, StatsWriter};
 use crate::train::{MetricsRow, Observer, TrainConfig, Trainer};
 use crate::{Error, Result};
-use std::io::{IsTerminal, Write};
+use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 
 /// A job generic over the backend.
@@ -118,15 +118,15 @@ pub fn set_threads(threads: Option<usize>) {
 }
 
 /// Loads the data set of a configuration, applying the train/test limits.
+/// Only the first `--train-limit` / `--test-limit` images are read and decompressed
+/// ([`crate::data::load_dir_limited`]): memory and time follow the limits, not the
+/// files' headers.
 pub fn load_data(cfg: &TrainConfig) -> Result<DataSplit> {
-    let mut data = load_dir(&cfg.data)?;
-    if let Some(n) = cfg.train_limit {
-        data.train = data.train.subset(n.min(data.train.len()));
-    }
-    if let Some(n) = cfg.test_limit {
-        data.test = data.test.subset(n.min(data.test.len()));
-    }
-    Ok(data)
+    Ok(crate::data::load_dir_limited(
+        &cfg.data,
+        cfg.train_limit,
+        cfg.test_limit,
+    )?)
 }
 
 /// What a finished training run reports.
@@ -400,7 +400,7 @@ fn gradient_command(cfg: &TrainConfig, data: &DataSplit, opened: Opened) -> Resu
 /// Writes metrics.csv, adaptive.csv and config.json, and shows progress.
 struct RunOutput {
     csv: Option<(csv::Writer<std::fs::File>, PathBuf)>,
-    adaptive: Option<csv::Writer<std::fs::File>>,
+    adaptive: Option<(csv::Writer<std::fs::File>, PathBuf)>,
     bar: Option<indicatif::ProgressBar>,
     last_test: Option<f64>,
 }
@@ -419,17 +419,19 @@ impl RunOutput {
                 write_config_json(&dir.join("config.json"), cfg, total, data, backend)?;
                 let path = dir.join("metrics.csv");
                 // A resumed run rewrites the rows of its first part, then appends.
-                let mut w = csv::Writer::from_path(&path)?;
+                let mut w = csv::Writer::from_path(&path).map_err(|e| Error::csv(&path, e))?;
                 for row in start.rows {
-                    w.serialize(row)?;
+                    w.serialize(row).map_err(|e| Error::csv(&path, e))?;
                 }
                 w.flush().map_err(|e| Error::io(&path, e))?;
                 let adaptive = if cfg.adaptation == crate::train::Adaptation::Adaptive {
                     // The header is written here, so that a run without any decision
                     // still has one; rows never write it (has_headers(false)).
+                    let apath = dir.join("adaptive.csv");
                     let mut a = csv::WriterBuilder::new()
                         .has_headers(false)
-                        .from_path(dir.join("adaptive.csv"))?;
+                        .from_path(&apath)
+                        .map_err(|e| Error::csv(&apath, e))?;
                     a.write_record([
                         "iteration",
                         "previous_error",
@@ -437,13 +439,13 @@ impl RunOutput {
                         "members",
                         "repetitions",
                         "remaining_iterations",
-                    ])?;
+                    ])
+                    .map_err(|e| Error::csv(&apath, e))?;
                     for row in start.adaptive_log {
-                        a.serialize(row)?;
+                        a.serialize(row).map_err(|e| Error::csv(&apath, e))?;
                     }
-                    a.flush()
-                        .map_err(|e| Error::io(dir.join("adaptive.csv"), e))?;
-                    Some(a)
+                    a.flush().map_err(|e| Error::io(&apath, e))?;
+                    Some((a, apath))
                 } else {
                     None
                 };
@@ -504,7 +506,7 @@ impl RunOutput {
 impl Observer for RunOutput {
     fn on_row(&mut self, row: &MetricsRow, total: usize) -> Result<()> {
         if let Some((w, path)) = &mut self.csv {
-            w.serialize(row)?;
+            w.serialize(row).map_err(|e| Error::csv(path.clone(), e))?;
             if row.test_error.is_some() {
                 w.flush().map_err(|e| Error::io(path.clone(), e))?;
             }
@@ -533,9 +535,9 @@ impl Observer for RunOutput {
     }
 
     fn on_adapt(&mut self, row: &crate::train::adaptive::AdaptiveLogRow) -> Result<()> {
-        if let Some(w) = &mut self.adaptive {
-            w.serialize(row)?;
-            w.flush().map_err(|e| Error::io("adaptive.csv", e))?;
+        if let Some((w, path)) = &mut self.adaptive {
+            w.serialize(row).map_err(|e| Error::csv(path.clone(), e))?;
+            w.flush().map_err(|e| Error::io(path.clone(), e))?;
         }
         self.log(format!(
             "adaptive: iteration {}: test error {:.2} % → {:.2} %: J = {}, r = {}, {} iterations left",
@@ -592,10 +594,7 @@ fn write_config_json(
         );
     }
     let text = serde_json::to_string_pretty(&v)?;
-    let mut f = std::fs::File::create(path).map_err(|e| Error::io(path, e))?;
-    f.write_all(text.as_bytes())
-        .map_err(|e| Error::io(path, e))?;
-    Ok(())
+    crate::io::atomic_write(path, text.as_bytes())
 }
 
 /// One line of the benchmark table. Times are medians of CUDA-event (GPU) or wall-clock

@@ -111,6 +111,19 @@ fn train_limit_reads_only_the_images_used() {
         px[IMG_PIXELS + 5] as f32 / 255.0
     );
 
+    // `train --train-limit 500 --test-limit 2` loads through the same limited reader
+    // (a full read would fail: the file holds 600 of the 5,000,000 images it declares).
+    let cfg = enkf_dnn::train::PartialConfig {
+        data: Some(dir.clone()),
+        train_limit: Some(500),
+        test_limit: Some(2),
+        ..Default::default()
+    }
+    .resolve()
+    .expect("config");
+    let via_train = enkf_dnn::app::load_data(&cfg).expect("train's loader honours the limits");
+    assert_eq!((via_train.train.len(), via_train.test.len()), (500, 2));
+
     let err = load_dir(&dir).expect_err("the full file is truncated");
     assert!(matches!(err, DataError::Truncated { .. }), "{err:?}");
     assert!(err.to_string().contains(TRAIN_IMAGES), "{err}");
