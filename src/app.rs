@@ -226,6 +226,11 @@ pub fn train_command(
         }
         _ => {}
     }
+    if existing == Existing::Overwrite && cfg.out.is_none() {
+        return Err(Error::Config(
+            "--overwrite replaces the run in the --out folder, but no --out was given".into(),
+        ));
+    }
     set_threads(cfg.threads);
     let _lock = match &cfg.out {
         Some(dir) => Some(RunDir::open(dir, existing)?),

@@ -80,6 +80,15 @@ fn an_earlier_run_is_refused_and_overwrite_clears_only_its_files() {
     );
     assert_eq!(std::fs::read(dir.join("metrics.csv")).unwrap(), metrics);
 
+    // --overwrite without --out has nothing to replace: an error, not ignored.
+    let o = bin()
+        .args(TINY)
+        .args(["--iterations", "2", "--overwrite"])
+        .output()
+        .expect("run");
+    assert!(!o.status.success());
+    assert!(stderr(&o).contains("no --out was given"), "{}", stderr(&o));
+
     // --overwrite: the old run's files go (the stale checkpoint too), others stay.
     let third = train(&dir, &["--iterations", "2", "--overwrite"]);
     assert!(third.status.success(), "{}", stderr(&third));
