@@ -161,7 +161,11 @@ fn resume_is_bit_identical_and_bad_checkpoints_are_refused() {
             .err()
             .expect(what)
             .to_string();
-        assert!(e.contains("another run"), "{what}: {e}");
+        // The setting is named with the checkpoint's value and the new one.
+        assert!(
+            e.contains(&format!("{what}: the checkpoint's run has")),
+            "{what}: {e}"
+        );
     }
 
     // Truncated and corrupted files.
