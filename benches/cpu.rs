@@ -5,7 +5,9 @@
 //! member), so criterion's "elem/s" reads as FLOP/s.
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
-use enkf_dnn::cpu::forward::{ensemble_forward, ensemble_forward_portable, forward_impl_name};
+use enkf_dnn::cpu::forward::{
+    ensemble_forward, ensemble_forward_with, forward_impl_name, ForwardImpl,
+};
 use enkf_dnn::model::Net;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -58,17 +60,20 @@ fn forward(c: &mut Criterion) {
             })
         });
     }
+    // Every implementation this CPU runs, on the same J = 250 case.
     let (w, x) = inputs(&net, 250, 64);
     let mut out = vec![0.0f32; 250 * 64 * 10];
     g.throughput(Throughput::Elements(
         2 * net.macs_per_image() as u64 * 250 * 64,
     ));
-    g.bench_function("portable/J=250/B=64", |b| {
-        b.iter(|| {
-            ensemble_forward_portable(&net, black_box(&w), 250, black_box(&x), 64, &mut out)
-                .expect("shapes are consistent")
-        })
-    });
+    for imp in ForwardImpl::ALL.into_iter().filter(|i| i.is_available()) {
+        g.bench_function(format!("{}/J=250/B=64", imp.name()), |b| {
+            b.iter(|| {
+                ensemble_forward_with(imp, &net, black_box(&w), 250, black_box(&x), 64, &mut out)
+                    .expect("shapes are consistent")
+            })
+        });
+    }
     g.finish();
 }
 

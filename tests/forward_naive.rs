@@ -2,7 +2,7 @@
 
 use enkf_dnn::cpu::forward::{
     activation_forward, conv2d_forward, ensemble_forward, ensemble_forward_portable,
-    linear_forward, maxpool2_forward,
+    ensemble_forward_with, linear_forward, maxpool2_forward, ForwardImpl,
 };
 use enkf_dnn::model::{Activation, Arch, Net};
 use enkf_dnn::Error;
@@ -169,12 +169,24 @@ fn images(rng: &mut ChaCha8Rng, n: usize) -> Vec<f32> {
 }
 
 const ARCHS: [Arch; 2] = [Arch::Paper, Arch::Pooled];
+
+/// The implementations this CPU can run (always at least the portable one). The test
+/// machines: AVX-512 (all three) and AVX2-only (avx2 and portable); CI runs whichever.
+fn available() -> Vec<ForwardImpl> {
+    let imps: Vec<ForwardImpl> = ForwardImpl::ALL
+        .into_iter()
+        .filter(|i| i.is_available())
+        .collect();
+    eprintln!("forward implementations on this CPU: {imps:?}");
+    imps
+}
 const ACTS: [Activation; 3] = [Activation::Logistic, Activation::Relu, Activation::Tanh];
 
 // ---------------------------------------------------------------- whole network
 
 #[test]
 fn ensemble_forward_matches_naive_reference() {
+    let imps = available();
     let mut rng = ChaCha8Rng::seed_from_u64(7);
     // (members, images, weight scale): N(0,1) as in the paper, a small scale where the
     // activations work near their linear region, and a large one that drives logistic
@@ -193,13 +205,15 @@ fn ensemble_forward_matches_naive_reference() {
                 let w = normal(&mut rng, members * net.n_params(), scale);
                 let x = images(&mut rng, n_img);
                 let want = naive_ensemble(&net, &w, members, &x, n_img);
+                let what = format!("{arch:?}/{act:?} J={members} B={n_img} scale={scale}");
+                for &imp in &imps {
+                    let mut got = vec![f32::NAN; members * n_img * 10];
+                    ensemble_forward_with(imp, &net, &w, members, &x, n_img, &mut got).unwrap();
+                    assert_logits_close(&format!("{} {what}", imp.name()), &got, &want);
+                }
                 let mut got = vec![f32::NAN; members * n_img * 10];
                 ensemble_forward(&net, &w, members, &x, n_img, &mut got).unwrap();
-                let what = format!("{arch:?}/{act:?} J={members} B={n_img} scale={scale}");
-                assert_logits_close(&format!("fast {what}"), &got, &want);
-                let mut got = vec![f32::NAN; members * n_img * 10];
-                ensemble_forward_portable(&net, &w, members, &x, n_img, &mut got).unwrap();
-                assert_logits_close(&format!("portable {what}"), &got, &want);
+                assert_logits_close(&format!("best {what}"), &got, &want);
             }
         }
     }
@@ -235,14 +249,10 @@ fn hand_computed_network() {
         expect[2] = -1.0;
         expect[17] = 24.0;
         expect[12] = -8.0;
-        for portable in [false, true] {
+        for imp in available() {
             let mut out = vec![f32::NAN; 20];
-            if portable {
-                ensemble_forward_portable(&net, &weights, 2, &x, 1, &mut out).unwrap();
-            } else {
-                ensemble_forward(&net, &weights, 2, &x, 1, &mut out).unwrap();
-            }
-            assert_eq!(out, expect, "{arch:?}, portable = {portable}");
+            ensemble_forward_with(imp, &net, &weights, 2, &x, 1, &mut out).unwrap();
+            assert_eq!(out, expect, "{arch:?}, {}", imp.name());
         }
     }
 }
@@ -254,42 +264,56 @@ fn output_is_deterministic_and_independent_of_thread_count() {
     let (members, n_img) = (19, 37);
     let w = normal(&mut rng, members * net.n_params(), 1.0);
     let x = images(&mut rng, n_img);
-    let run = |threads: usize| {
-        let pool = rayon::ThreadPoolBuilder::new()
-            .num_threads(threads)
-            .build()
-            .unwrap();
-        pool.install(|| {
-            let mut out = vec![0.0f32; members * n_img * 10];
-            ensemble_forward(&net, &w, members, &x, n_img, &mut out).unwrap();
-            out
-        })
-    };
-    let a = run(1);
-    let b = run(2);
-    let c = run(2);
-    let d = run(3);
     let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
-    assert_eq!(bits(&a), bits(&b), "1 vs 2 threads");
-    assert_eq!(bits(&b), bits(&c), "two calls");
-    assert_eq!(bits(&a), bits(&d), "1 vs 3 threads");
-    // One member / one image alone gives the same bits as inside the big batch.
-    let p = net.n_params();
-    let mut one = vec![0.0f32; 10];
-    ensemble_forward(
-        &net,
-        &w[5 * p..6 * p],
-        1,
-        &x[20 * 784..21 * 784],
-        1,
-        &mut one,
-    )
-    .unwrap();
-    assert_eq!(
-        bits(&one),
-        bits(&a[(5 * n_img + 20) * 10..][..10]),
-        "batch position"
-    );
+    for imp in available() {
+        let name = imp.name();
+        let run = |threads: usize| {
+            let pool = rayon::ThreadPoolBuilder::new()
+                .num_threads(threads)
+                .build()
+                .unwrap();
+            pool.install(|| {
+                let mut out = vec![0.0f32; members * n_img * 10];
+                ensemble_forward_with(imp, &net, &w, members, &x, n_img, &mut out).unwrap();
+                out
+            })
+        };
+        let a = run(1);
+        let b = run(2);
+        let c = run(2);
+        let d = run(3);
+        assert_eq!(bits(&a), bits(&b), "{name}: 1 vs 2 threads");
+        assert_eq!(bits(&b), bits(&c), "{name}: two calls");
+        assert_eq!(bits(&a), bits(&d), "{name}: 1 vs 3 threads");
+        // One member / one image alone gives the same bits as inside the big batch.
+        let p = net.n_params();
+        let mut one = vec![0.0f32; 10];
+        let (wm, xi) = (&w[5 * p..6 * p], &x[20 * 784..21 * 784]);
+        ensemble_forward_with(imp, &net, wm, 1, xi, 1, &mut one).unwrap();
+        assert_eq!(
+            bits(&one),
+            bits(&a[(5 * n_img + 20) * 10..][..10]),
+            "{name}: batch position"
+        );
+    }
+}
+
+/// Asking for an implementation this CPU lacks is an error, never a silent fallback.
+#[test]
+fn unavailable_implementation_is_an_error() {
+    let net = Net::default();
+    let w = vec![0.0f32; net.n_params()];
+    let x = vec![0.0f32; 784];
+    let mut out = vec![0.0f32; 10];
+    for imp in ForwardImpl::ALL {
+        let r = ensemble_forward_with(imp, &net, &w, 1, &x, 1, &mut out);
+        assert_eq!(r.is_ok(), imp.is_available(), "{imp:?}");
+        if let Err(e) = r {
+            assert!(e.to_string().contains(imp.name()), "{e}");
+        }
+    }
+    assert!(ForwardImpl::Portable.is_available());
+    assert!(ForwardImpl::best().is_available());
 }
 
 #[test]

@@ -13,9 +13,10 @@
 //! pair is then computed start to finish by one thread in a fixed instruction order,
 //! so the result is bit-identical for any number of threads and any split.
 //!
-//! Two implementations of the same item: AVX-512 register-tiled kernels
-//! (`forward/avx512.rs`, chosen at run time when the CPU has AVX-512F) and a portable
-//! one built from the layer helpers below ([`conv2d_forward`], [`maxpool2_forward`],
+//! Three implementations of the same item ([`ForwardImpl`]): register-tiled SIMD
+//! kernels for AVX-512 (`forward/avx512.rs`) and for AVX2 + FMA (`forward/avx2.rs`),
+//! sharing their data layouts and driver (`forward/tiled.rs`), the best one the CPU
+//! supports chosen at run time; and a portable one built from the layer helpers below ([`conv2d_forward`], [`maxpool2_forward`],
 //! [`activation_forward`], [`linear_forward`]), which are also the CPU twins of the
 //! CUDA layer kernels and the building blocks for backpropagation.
 
@@ -26,19 +27,74 @@ use crate::model::{Activation, Arch, Net, C1, C2, CLASSES, H1, H2, IMG, IMG_PIXE
 use crate::{Error, Result};
 
 #[cfg(target_arch = "x86_64")]
+mod avx2;
+#[cfg(target_arch = "x86_64")]
 mod avx512;
+#[cfg(target_arch = "x86_64")]
+mod tiled;
 
 /// Images per work item (their conv1 input is prepared once per item).
 pub const CHUNK_IMAGES: usize = 8;
 /// Members per work item (they share the item's prepared images).
 pub const BLOCK_MEMBERS: usize = 8;
 
+/// The implementations of the CPU forward pass. They agree up to f32 rounding (the
+/// tests hold each to the same naive f64 reference), not bit for bit; each one is
+/// bit-identical for any thread count.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ForwardImpl {
+    /// AVX-512F register-tiled kernels (x86_64).
+    Avx512,
+    /// AVX2 + FMA register-tiled kernels (x86_64).
+    Avx2,
+    /// The layer helpers of this module, any CPU.
+    Portable,
+}
+
+impl ForwardImpl {
+    /// Every implementation, fastest first.
+    pub const ALL: [ForwardImpl; 3] = [
+        ForwardImpl::Avx512,
+        ForwardImpl::Avx2,
+        ForwardImpl::Portable,
+    ];
+
+    /// The name used in logs and benchmark reports.
+    pub fn name(self) -> &'static str {
+        match self {
+            ForwardImpl::Avx512 => "avx512",
+            ForwardImpl::Avx2 => "avx2",
+            ForwardImpl::Portable => "portable",
+        }
+    }
+
+    /// Whether the running CPU can execute this implementation.
+    pub fn is_available(self) -> bool {
+        match self {
+            #[cfg(target_arch = "x86_64")]
+            ForwardImpl::Avx512 => avx512::Avx512::detect().is_some(),
+            #[cfg(target_arch = "x86_64")]
+            ForwardImpl::Avx2 => avx2::Avx2::detect().is_some(),
+            #[cfg(not(target_arch = "x86_64"))]
+            ForwardImpl::Avx512 | ForwardImpl::Avx2 => false,
+            ForwardImpl::Portable => true,
+        }
+    }
+
+    /// The fastest implementation this CPU supports (what [`ensemble_forward`] uses).
+    pub fn best() -> ForwardImpl {
+        ForwardImpl::ALL
+            .into_iter()
+            .find(|i| i.is_available())
+            .unwrap_or(ForwardImpl::Portable)
+    }
+}
+
 /// Forward pass of `members` networks over `images` images, see
 /// [`crate::backend::Backend::ensemble_forward`].
 ///
 /// `weights`: members × P (P = `net.n_params()`), `x`: images × 784 pixels,
-/// `out`: members × images × 10 raw logits, overwritten. Uses the AVX-512 kernels when
-/// the CPU supports them, else [`ensemble_forward_portable`].
+/// `out`: members × images × 10 raw logits, overwritten. Uses [`ForwardImpl::best`].
 /// Errors: [`Error::Shape`] when a buffer length does not match.
 pub fn ensemble_forward(
     net: &Net,
@@ -48,22 +104,27 @@ pub fn ensemble_forward(
     images: usize,
     out: &mut [f32],
 ) -> Result<()> {
-    check_shapes(net, weights, members, x, images, out)?;
-    if members == 0 || images == 0 {
-        return Ok(());
-    }
-    #[cfg(target_arch = "x86_64")]
-    if let Some(token) = avx512::Avx512::detect() {
-        avx512::ensemble_forward(token, net, weights, members, x, images, out);
-        return Ok(());
-    }
-    portable(net, weights, members, x, images, out)
+    ensemble_forward_with(ForwardImpl::best(), net, weights, members, x, images, out)
 }
 
 /// The portable forward pass (the layer helpers, any CPU), same contract as
-/// [`ensemble_forward`]. Public so that tests and benchmarks can compare it with the
-/// vectorised path; results agree up to f32 rounding, not bit for bit.
+/// [`ensemble_forward`]. Results agree with the vectorised paths up to f32 rounding.
 pub fn ensemble_forward_portable(
+    net: &Net,
+    weights: &[f32],
+    members: usize,
+    x: &[f32],
+    images: usize,
+    out: &mut [f32],
+) -> Result<()> {
+    ensemble_forward_with(ForwardImpl::Portable, net, weights, members, x, images, out)
+}
+
+/// [`ensemble_forward`] with a chosen implementation (for tests and benchmarks).
+/// Errors: [`Error::Config`] when this CPU cannot run `imp`; [`Error::Shape`] as
+/// [`ensemble_forward`].
+pub fn ensemble_forward_with(
+    imp: ForwardImpl,
     net: &Net,
     weights: &[f32],
     members: usize,
@@ -75,17 +136,35 @@ pub fn ensemble_forward_portable(
     if members == 0 || images == 0 {
         return Ok(());
     }
-    portable(net, weights, members, x, images, out)
+    match imp {
+        #[cfg(target_arch = "x86_64")]
+        ForwardImpl::Avx512 => match avx512::Avx512::detect() {
+            Some(k) => tiled::ensemble_forward(k, net, weights, members, x, images, out),
+            None => return Err(unavailable(imp)),
+        },
+        #[cfg(target_arch = "x86_64")]
+        ForwardImpl::Avx2 => match avx2::Avx2::detect() {
+            Some(k) => tiled::ensemble_forward(k, net, weights, members, x, images, out),
+            None => return Err(unavailable(imp)),
+        },
+        #[cfg(not(target_arch = "x86_64"))]
+        ForwardImpl::Avx512 | ForwardImpl::Avx2 => return Err(unavailable(imp)),
+        ForwardImpl::Portable => return portable(net, weights, members, x, images, out),
+    }
+    Ok(())
+}
+
+fn unavailable(imp: ForwardImpl) -> Error {
+    Error::Config(format!(
+        "the CPU forward implementation {} needs instructions this CPU lacks",
+        imp.name()
+    ))
 }
 
 /// Name of the implementation [`ensemble_forward`] uses on this CPU
-/// (`"avx512"` or `"portable"`), for logs and benchmark reports.
+/// (`"avx512"`, `"avx2"` or `"portable"`), for logs and benchmark reports.
 pub fn forward_impl_name() -> &'static str {
-    #[cfg(target_arch = "x86_64")]
-    if avx512::Avx512::detect().is_some() {
-        return "avx512";
-    }
-    "portable"
+    ForwardImpl::best().name()
 }
 
 /// Valid (no padding), stride-1 cross-correlation, PyTorch `conv2d` without bias.

@@ -32,7 +32,11 @@ impl Backend for CpuBackend {
     type F64 = Vec<f64>;
 
     fn name(&self) -> String {
-        format!("cpu ({} threads)", rayon::current_num_threads())
+        format!(
+            "cpu ({} threads, {} forward)",
+            rayon::current_num_threads(),
+            forward::forward_impl_name()
+        )
     }
 
     fn zeros_f32(&self, n: usize) -> Result<Vec<f32>> {

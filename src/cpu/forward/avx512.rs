@@ -1,27 +1,13 @@
-//! AVX-512 kernels of the forward pass (x86_64, chosen at run time).
+//! AVX-512 kernels of the forward pass (x86_64, chosen at run time); the layouts and
+//! the loop over a work item are in `tiled.rs`.
 //!
-//! Per work item (see the parent module): the item's images are rearranged once into
-//! "phase planes" shared by all its members; then for each member and image:
-//!
-//! 1. conv1 + max-pool + activation, fused in registers. The pooled map is 10 × 12 × 12
-//!    = 10 × 144 = 10 × 9 vectors of 16. For one vector of 16 pooled positions
-//!    j = py·12 + px the kernel accumulates the 4 pool quadrants (dy, dx) of 5 output
-//!    channels: 20 zmm accumulators; per tap 4 vector loads and 5 weight broadcasts feed
-//!    20 FMAs. Then max over quadrants, activation, store.
-//!    Phase planes make every load contiguous: `U[a, t][r·12 + px] = x[2r + a][2px + t]`
-//!    (a ∈ {0,1}, t ∈ 0..6, r ∈ 0..14; 12 planes × 168 floats), so the conv1 input for
-//!    quadrant (dy, dx), tap (ky, kx) at all j is `U[s & 1, t][(s >> 1)·12 + j]` with
-//!    s = dy + ky, t = dx + kx.
-//! 2. conv2 (+ activation for [`Arch::Paper`]). The output is 20 × 64: 4 vectors of 16
-//!    positions p = y·8 + x (rows 2v, 2v+1). Shifted copies of the pooled map,
-//!    `S[i, kx][r·8 + x] = a1[i][r][x + kx]` (10 × 5 × 96 floats), make the input of tap
-//!    (i, ky, kx) at all p the contiguous `S[i, kx][ky·8 + p]`. Tile: 5 channels × 4
-//!    vectors = 20 accumulators; per tap 4 loads and 5 broadcasts feed 20 FMAs.
-//! 3. [`Arch::Pooled`]: scalar max-pool then vector activation.
-//! 4. fc1: 10 vector accumulators over the features, then a fixed-order lane reduction.
-//!
-//! Every (member, image) pair runs the same instruction sequence wherever it lies in a
-//! work item, so results do not depend on the split or the thread count.
+//! 1. conv1: a vector holds 16 pooled positions (144 = 9 vectors); tile 5 output
+//!    channels × 4 pool quadrants = 20 zmm accumulators; per tap 4 vector loads and 5
+//!    weight broadcasts feed 20 FMAs.
+//! 2. conv2: 20 × 64 = 4 vectors of 16 positions per channel (rows 2v, 2v+1); tile
+//!    5 channels × 4 vectors = 20 accumulators; per tap 4 loads and 5 broadcasts feed
+//!    20 FMAs.
+//! 3. fc1: 10 zmm accumulators, `_mm512_reduce_add_ps` at the end.
 //!
 //! The activations use a vector `exp` (Cephes polynomial, about 2 ulp); logistic is
 //! `1 / (1 + e^−x)`, tanh is `sign(x)·(1 − e)/(1 + e)` with `e = e^{−2|x|}`
@@ -29,10 +15,8 @@
 
 use std::arch::x86_64::*;
 
-use rayon::prelude::*;
-
-use super::{maxpool2, work_items, Item, CHUNK_IMAGES};
-use crate::model::{Activation, Arch, Net, C1, C2, CLASSES, H2, IMG, IMG_PIXELS, P1};
+use super::tiled::{conv1_offset, Simd, A1_LEN, C2_LEN, S_LEN, S_PLANE, U_LEN};
+use crate::model::{Activation, C1, C2, CLASSES};
 
 /// Proof that the running CPU has AVX-512F (only [`Avx512::detect`] makes one).
 #[derive(Clone, Copy)]
@@ -45,120 +29,34 @@ impl Avx512 {
     }
 }
 
-/// Floats of one image's phase planes: 12 planes of 14 × 12.
-const U_PLANE: usize = 14 * P1;
-const U_LEN: usize = 12 * U_PLANE;
-/// Floats of one shifted copy of a pooled conv1 channel: 12 rows × 8.
-const S_PLANE: usize = P1 * H2;
-const S_LEN: usize = C1 * 5 * S_PLANE;
-/// Pooled conv1 map, conv2 map.
-const A1_LEN: usize = C1 * P1 * P1;
-const C2_LEN: usize = C2 * H2 * H2;
-
-/// Per-thread scratch.
-struct Scratch {
-    u: Vec<f32>,
-    a1: Vec<f32>,
-    s: Vec<f32>,
-    c2: Vec<f32>,
-    p2: Vec<f32>,
+impl Simd for Avx512 {
+    fn conv1_pool_act(self, act: Activation, u: &[f32], w1: &[f32], a1: &mut [f32]) {
+        // SAFETY: `self` proves AVX-512F is available.
+        unsafe { conv1_pool_act(act, u, w1, a1) }
+    }
+    fn conv2(self, act: Option<Activation>, s: &[f32], w2: &[f32], c2: &mut [f32]) {
+        // SAFETY: as above.
+        unsafe { conv2(act, s, w2, c2) }
+    }
+    fn fc(self, feat: &[f32], wf: &[f32], logits: &mut [f32]) {
+        // SAFETY: as above.
+        unsafe { fc(feat, wf, logits) }
+    }
+    fn act_in_place(self, act: Activation, buf: &mut [f32]) {
+        // SAFETY: as above.
+        unsafe { act_in_place(act, buf) }
+    }
 }
 
-/// The vectorised ensemble forward; shapes checked by the caller, both counts > 0.
-pub(super) fn ensemble_forward(
-    token: Avx512,
-    net: &Net,
-    weights: &[f32],
-    members: usize,
-    x: &[f32],
-    images: usize,
-    out: &mut [f32],
-) {
-    work_items(members, images, out)
-        .into_par_iter()
-        .for_each_init(
-            || Scratch {
-                u: vec![0.0; CHUNK_IMAGES * U_LEN],
-                a1: vec![0.0; A1_LEN],
-                s: vec![0.0; S_LEN],
-                c2: vec![0.0; C2_LEN],
-                p2: vec![0.0; C2 * 16],
-            },
-            // SAFETY: `token` proves AVX-512F is available.
-            |s, mut item| unsafe { run_item(token, net, weights, x, s, &mut item) },
-        );
-}
-
-/// Computes one work item.
-///
-/// # Safety
-/// The CPU must support AVX-512F (the token). Buffer lengths are as checked by
-/// `check_shapes`; every kernel asserts the lengths it relies on.
+/// See [`Simd::act_in_place`].
 #[target_feature(enable = "avx512f")]
-unsafe fn run_item(
-    _token: Avx512,
-    net: &Net,
-    weights: &[f32],
-    x: &[f32],
-    s: &mut Scratch,
-    item: &mut Item<'_>,
-) {
-    let p = net.n_params();
-    for d in 0..item.n_img {
-        let img = &x[(item.i0 + d) * IMG_PIXELS..][..IMG_PIXELS];
-        phase_planes(img, &mut s.u[d * U_LEN..][..U_LEN]);
-    }
-    for (j, o) in item.outs.iter_mut().enumerate() {
-        let w = &weights[(item.m0 + j) * p..][..p];
-        let w1 = &w[Net::CONV1_OFFSET..][..Net::CONV1_LEN];
-        let w2 = &w[Net::CONV2_OFFSET..][..Net::CONV2_LEN];
-        let wf = &w[Net::FC_OFFSET..][..net.fc_len()];
-        for d in 0..item.n_img {
-            conv1_pool_act(net.act, &s.u[d * U_LEN..][..U_LEN], w1, &mut s.a1);
-            shifted_copies(&s.a1, &mut s.s);
-            let logits = &mut o[d * CLASSES..][..CLASSES];
-            match net.arch {
-                Arch::Paper => {
-                    conv2(Some(net.act), &s.s, w2, &mut s.c2);
-                    fc(&s.c2, wf, logits);
-                }
-                Arch::Pooled => {
-                    conv2(None, &s.s, w2, &mut s.c2);
-                    maxpool2(&s.c2, H2, H2, &mut s.p2);
-                    for v in s.p2.chunks_exact_mut(16) {
-                        let a = act16(net.act, _mm512_loadu_ps(v.as_ptr()));
-                        _mm512_storeu_ps(v.as_mut_ptr(), a);
-                    }
-                    fc(&s.p2, wf, logits);
-                }
-            }
-        }
-    }
-}
-
-/// `u[(a·6 + t)·168 + r·12 + px] = img[2r + a][2px + t]` (see the module notes).
-fn phase_planes(img: &[f32], u: &mut [f32]) {
-    for a in 0..2 {
-        for t in 0..6 {
-            let plane = &mut u[(a * 6 + t) * U_PLANE..][..U_PLANE];
-            for (r, row) in plane.chunks_exact_mut(P1).enumerate() {
-                let src = &img[(2 * r + a) * IMG..][..IMG];
-                for (px, d) in row.iter_mut().enumerate() {
-                    *d = src[2 * px + t];
-                }
-            }
-        }
-    }
-}
-
-/// `s[(i·5 + kx)·96 + r·8 + x] = a1[i][r][x + kx]`.
-fn shifted_copies(a1: &[f32], s: &mut [f32]) {
-    for i in 0..C1 {
-        for kx in 0..5 {
-            let dst = &mut s[(i * 5 + kx) * S_PLANE..][..S_PLANE];
-            for (r, row) in dst.chunks_exact_mut(H2).enumerate() {
-                row.copy_from_slice(&a1[(i * P1 + r) * P1 + kx..][..H2]);
-            }
+fn act_in_place(act: Activation, buf: &mut [f32]) {
+    assert!(buf.len().is_multiple_of(16));
+    for v in buf.chunks_exact_mut(16) {
+        // SAFETY: `v` holds 16 floats.
+        unsafe {
+            let a = act16(act, _mm512_loadu_ps(v.as_ptr()));
+            _mm512_storeu_ps(v.as_mut_ptr(), a);
         }
     }
 }
@@ -176,8 +74,7 @@ fn conv1_pool_act(act: Activation, u: &[f32], w1: &[f32], a1: &mut [f32]) {
                 for kx in 0..5 {
                     let mut xin = [_mm512_setzero_ps(); 4];
                     for (q, xq) in xin.iter_mut().enumerate() {
-                        let (sy, t) = (q / 2 + ky, q % 2 + kx);
-                        let off = ((sy & 1) * 6 + t) * U_PLANE + (sy >> 1) * P1 + 16 * v;
+                        let off = conv1_offset(q, ky, kx, 16 * v);
                         // SAFETY: off + 16 ≤ 11·168 + 2·12 + 8·16 + 16 = 2016 = u.len().
                         *xq = unsafe { _mm512_loadu_ps(up.add(off)) };
                     }
@@ -291,7 +188,8 @@ fn act16(act: Activation, x: __m512) -> __m512 {
 #[inline]
 #[target_feature(enable = "avx512f")]
 fn exp16(x: __m512) -> __m512 {
-    // Beyond ±100 the result is already inf or 0; the clamp keeps n·ln2 exact.
+    // Beyond ±100 every activation built on it is saturated (e^−100 ≈ 3.7e−44 is
+    // returned for smaller x, not 0); the clamp keeps n·ln2 exact.
     // The NaN-propagating operand order: min/max return their second operand on NaN.
     let x = _mm512_max_ps(
         _mm512_set1_ps(-100.0),
