@@ -198,7 +198,7 @@ fn check_summary(path: &Path, rows: &[SummaryRow]) -> Result<()> {
 
 /// Every row of the CSV file `path` (with a header). Errors: [`Error::Io`] or
 /// [`Error::Parse`] naming the file (and the record), also when it holds no rows.
-fn read_csv<T: serde::de::DeserializeOwned>(path: &Path) -> Result<Vec<T>> {
+pub(super) fn read_csv<T: serde::de::DeserializeOwned>(path: &Path) -> Result<Vec<T>> {
     let mut rdr = csv::Reader::from_path(path).map_err(|e| Error::csv(path, e))?;
     let headers = rdr.headers().map_err(|e| Error::csv(path, e))?.clone();
     let mut rows = Vec::new();
@@ -231,12 +231,12 @@ fn read_csv<T: serde::de::DeserializeOwned>(path: &Path) -> Result<Vec<T>> {
 }
 
 #[derive(Debug, Deserialize)]
-struct StatsCsvRow {
-    iteration: usize,
-    layer: usize,
-    quantity: String,
-    mean: f64,
-    std: f64,
+pub(super) struct StatsCsvRow {
+    pub(super) iteration: usize,
+    pub(super) layer: usize,
+    pub(super) quantity: String,
+    pub(super) mean: f64,
+    pub(super) std: f64,
 }
 
 #[derive(Debug, Deserialize)]
