@@ -131,7 +131,12 @@ fn fig1_tiny_writes_runs_summary_table_and_charts() {
 #[test]
 fn fig3_tiny_writes_statistics_and_histogram_charts() {
     let out = tmp("fig3");
-    run(Experiment::Fig3, &tiny(&out)).expect("fig3 tiny");
+    // Two seeds: each is its own run with its own charts and table rows.
+    let opts = ReproduceOptions {
+        stats_seeds: 2,
+        ..tiny(&out)
+    };
+    run(Experiment::Fig3, &opts).expect("fig3 tiny");
     let dir = out.join("fig3");
     let (h, rows) = read_csv(&dir.join("sgd/seed-0/stats.csv"));
     assert_eq!(h, ["iteration", "layer", "quantity", "mean", "std"]);
@@ -154,15 +159,26 @@ fn fig3_tiny_writes_statistics_and_histogram_charts() {
         "gradient-std-sgd",
         "hist-activations-sgd",
         "hist-gradients-sgd",
+        "activations-sgd-seed-1",
+        "hist-gradients-sgd-seed-1",
     ] {
         assert_chart(&dir.join(chart));
     }
+    let (_, rows1) = read_csv(&dir.join("sgd/seed-1/stats.csv"));
+    assert_eq!(rows1.len(), 3 * 6);
+    assert_ne!(rows, rows1, "seed 1 is a different run");
     let table = std::fs::read_to_string(dir.join("table.md")).expect("table");
     // The paper's stated numbers beside ours, one row per layer and quantity.
     assert!(table.contains("mean 0.4597, std 0.2976"), "{table}");
     for layer in 1..=3 {
-        assert!(table.contains(&format!("| activation, layer {layer} | mean ")), "{table}");
-        assert!(table.contains(&format!("| gradient, layer {layer} | mean ")), "{table}");
+        assert!(
+            table.contains(&format!("| activation, layer {layer} | mean ")),
+            "{table}"
+        );
+        assert!(
+            table.contains(&format!("| gradient, layer {layer} | mean ")),
+            "{table}"
+        );
     }
     plot_dir(&dir).expect("replot");
     std::fs::remove_dir_all(&out).ok();

@@ -7,6 +7,7 @@ pub mod backprop;
 pub mod forward;
 pub mod linalg;
 pub mod reduce;
+pub mod spec_forward;
 
 use crate::backend::{check_len, Backend, MathMode, Trans};
 use crate::model::Net;

@@ -13,6 +13,8 @@
 
 use serde::{Deserialize, Serialize};
 
+pub mod spec;
+
 /// Side of an input image.
 pub const IMG: usize = 28;
 /// Pixels per input image.

@@ -100,6 +100,10 @@ pub struct ReproduceOptions {
     pub out: PathBuf,
     /// Seeds per curve (0, 1, …, seeds − 1). The paper's Fig. 1 uses 10.
     pub seeds: usize,
+    /// Seeds of the statistics figures (fig3, fig4, fig6, fig7): each seed is one run
+    /// with its own statistics, charts and table rows. The paper shows one run; `--seeds`
+    /// sets it when given.
+    pub stats_seeds: usize,
     /// Scale every experiment down (see [`Scale::quick`]).
     pub quick: bool,
     /// Smaller still, for tests (see [`Scale::tiny`]); overrides `quick`.
@@ -126,6 +130,7 @@ impl Default for ReproduceOptions {
         ReproduceOptions {
             out: PathBuf::from("runs/reproduce"),
             seeds: 2,
+            stats_seeds: 1,
             quick: true,
             tiny: false,
             backend: BackendKind::Auto,
@@ -153,7 +158,8 @@ pub struct ReproduceArgs {
         default_value = "runs/reproduce"
     )]
     pub out: PathBuf,
-    /// Seeds per curve [default: 10 (the paper's Fig. 1), 2 with --quick].
+    /// Seeds per curve [default: 10 (the paper's Fig. 1), 2 with --quick]; for the
+    /// statistics figures (fig3, fig4, fig6, fig7) the number of runs [default: 1].
     #[arg(long, value_name = "N")]
     pub seeds: Option<usize>,
     /// Scale every run down so that `reproduce all --quick` takes minutes on a CPU.
@@ -197,6 +203,7 @@ impl ReproduceArgs {
         ReproduceOptions {
             out: self.out.clone(),
             seeds: self.seeds.unwrap_or(if small { 2 } else { 10 }),
+            stats_seeds: self.seeds.unwrap_or(1),
             quick: self.quick,
             tiny: self.tiny,
             backend: self.backend,
@@ -326,7 +333,7 @@ impl Scale {
 /// Fashion-MNIST only skips Fig. 9 with a note in its `table.md`), and whatever a run,
 /// a CSV or a chart returns.
 pub fn run(exp: Experiment, opts: &ReproduceOptions) -> Result<()> {
-    if opts.seeds == 0 {
+    if opts.seeds == 0 || opts.stats_seeds == 0 {
         return Err(Error::Config("seeds must be at least 1".into()));
     }
     if !opts.only.is_empty()

@@ -1,6 +1,7 @@
 //! The statistics figures: Fig. 3 (SGD, one epoch), Fig. 4 (SGD, 50 epochs), Fig. 6
-//! (Adam, one epoch), Fig. 7 (Adam, 50 epochs). One run (seed 0, σ = 1, logistic) with
-//! the activation and gradient statistics of `crate::train::stats`, drawn per layer.
+//! (Adam, one epoch), Fig. 7 (Adam, 50 epochs). One run per seed (seeds 0 … N−1 of
+//! `stats_seeds`, σ = 1, logistic) with the activation and gradient statistics of
+//! `crate::train::stats`, drawn per layer and run.
 
 use super::render::{self, PlotSpec, StatsRef};
 use super::{run_grad, Ctx};
@@ -17,7 +18,7 @@ pub(crate) fn run(ctx: &Ctx, opt: Optimizer, long: bool, fig: &str) -> Result<()
     let data = ctx.load_idx(&ctx.opts.data_root.join("mnist"))?;
     let epochs = if long { s.long_epochs } else { 1 };
     let per_epoch = data.train.len().div_ceil(64);
-    let cfg = GradConfig {
+    let base = GradConfig {
         epochs,
         eval_every: s.grad_eval_every.max(if long { per_epoch } else { 1 }),
         // Long runs: a histogram per epoch-ish (at most ~60 of them); short: the scale's.
@@ -43,8 +44,28 @@ pub(crate) fn run(ctx: &Ctx, opt: Optimizer, long: bool, fig: &str) -> Result<()
         Optimizer::Sgd => "SGD (lr 0.1, momentum 0.9), σ = 1",
         _ => "Adam (lr 1e-3), σ = 1",
     };
-    let run_dir = format!("{name}/seed-0");
-    let rows = run_grad(&cfg, &data, &ctx.dir.join(&run_dir), Some(cfg.hist_every))?;
+    let mut runs = Vec::new();
+    let mut stats = Vec::new();
+    for seed in 0..ctx.opts.stats_seeds as u64 {
+        let cfg = GradConfig {
+            seed,
+            ..base.clone()
+        };
+        let run_dir = format!("{name}/seed-{seed}");
+        let rows = run_grad(&cfg, &data, &ctx.dir.join(&run_dir), Some(cfg.hist_every))?;
+        // Seed 0 keeps the plain name (`activations-sgd`, ...), later seeds add theirs.
+        let chart_name = if seed == 0 {
+            name.to_string()
+        } else {
+            format!("{name}-seed-{seed}")
+        };
+        stats.push(StatsRef {
+            name: chart_name,
+            label: format!("{label}, seed {seed}"),
+            dir: run_dir.clone(),
+        });
+        runs.push((seed, run_dir, rows));
+    }
     let spec = PlotSpec {
         experiment: format!("fig{fig}"),
         title: format!("Fig. {fig}, MNIST, {epochs} epoch(s)"),
@@ -53,16 +74,15 @@ pub(crate) fn run(ctx: &Ctx, opt: Optimizer, long: bool, fig: &str) -> Result<()
         y_label: "value".into(),
         log_y: false,
         runs: Vec::new(),
-        stats: vec![StatsRef {
-            name: name.into(),
-            label: label.into(),
-            dir: run_dir.clone(),
-        }],
+        stats,
     };
     render::write_spec(&ctx.dir, &spec)?;
     render::render(&ctx.dir)?;
-    write_table(ctx, fig, label, epochs, &data, &rows, &run_dir)
+    write_table(ctx, fig, label, epochs, &data, &runs)
 }
+
+/// One finished statistics run: seed, run folder (relative), metrics.
+type StatsRun = (u64, String, Vec<MetricsRow>);
 
 fn write_table(
     ctx: &Ctx,
@@ -70,53 +90,58 @@ fn write_table(
     label: &str,
     epochs: usize,
     data: &crate::data::DataSplit,
-    rows: &[MetricsRow],
-    run_dir: &str,
+    runs: &[StatsRun],
 ) -> Result<()> {
-    let last = rows.iter().rev().find(|r| r.test_error.is_some());
     let mut t = String::new();
     let _ = writeln!(t, "# fig{fig} — ours beside the paper\n");
     let _ = writeln!(
         t,
-        "{label}, {epochs} epoch(s) on {} MNIST training images ({} test), seed 0, size: {}. \
-         Statistics per iteration in `{run_dir}/stats.csv`, histograms in `{run_dir}/hist.csv`; \
-         charts `activations-*`, `gradient-std-*`, `hist-activations-*`, `hist-gradients-*`.\n",
+        "{label}, {epochs} epoch(s) on {} MNIST training images ({} test), size: {}, \
+         {} run(s) (seeds 0 … {}). Statistics per iteration in `<run>/stats.csv`, \
+         histograms in `<run>/hist.csv`; charts `activations-*`, `gradient-std-*`, \
+         `hist-activations-*`, `hist-gradients-*` (a seed's own charts end in `-seed-<s>`; \
+         seed 0's have none).\n",
         data.train.len(),
         data.test.len(),
-        ctx.scale.name
+        ctx.scale.name,
+        runs.len(),
+        runs.len().saturating_sub(1)
     );
-    let _ = writeln!(t, "| quantity | ours | paper |");
-    let _ = writeln!(t, "|---|---|---|");
     let paper = paper_numbers(fig);
-    let _ = writeln!(
-        t,
-        "| final test error (%) | {} | {} |",
-        last.and_then(|r| r.test_error)
-            .map_or("no evaluation".into(), |e| format!(
-                "{e:.2} after {} steps",
-                last.map_or(0, |r| r.iteration)
-            )),
-        paper.outcome
-    );
-    let stats = summarise(&ctx.dir.join(run_dir).join("stats.csv"))?;
-    for ((quantity, layer), sm) in &stats {
-        let paper_text = match quantity.as_str() {
-            "activation" => paper.activations.get(layer - 1).copied().unwrap_or("—"),
-            _ => paper.gradients,
-        };
+    let _ = writeln!(t, "| run | quantity | ours | paper |");
+    let _ = writeln!(t, "|---|---|---|---|");
+    for (seed, run_dir, rows) in runs {
+        let last = rows.iter().rev().find(|r| r.test_error.is_some());
         let _ = writeln!(
             t,
-            "| {quantity}, layer {layer} | mean {:.4}, std {:.4} over all {} iterations; \
-             mean {:.4} (iteration {}) → {:.4} (iteration {}) | {paper_text} |",
-            sm.mean, sm.std, sm.count, sm.first.1, sm.first.0, sm.last.1, sm.last.0
+            "| seed {seed} | final test error (%) | {} | {} |",
+            last.and_then(|r| r.test_error)
+                .map_or("no evaluation".into(), |e| format!(
+                    "{e:.2} after {} steps",
+                    last.map_or(0, |r| r.iteration)
+                )),
+            paper.outcome
         );
+        let stats = summarise(&ctx.dir.join(run_dir).join("stats.csv"))?;
+        for ((quantity, layer), sm) in &stats {
+            let paper_text = match quantity.as_str() {
+                "activation" => paper.activations.get(layer - 1).copied().unwrap_or("—"),
+                _ => paper.gradients,
+            };
+            let _ = writeln!(
+                t,
+                "| seed {seed} | {quantity}, layer {layer} | mean {:.4}, std {:.4} over all {} \
+                 iterations; mean {:.4} (iteration {}) → {:.4} (iteration {}) | {paper_text} |",
+                sm.mean, sm.std, sm.count, sm.first.1, sm.first.0, sm.last.1, sm.last.0
+            );
+        }
     }
     let _ = writeln!(
         t,
         "\nOurs: mean and std of the pooled values of every recorded iteration (each \
          iteration's mini-batch weighs the same), and the mini-batch mean at the first and \
-         last iteration. Paper: `PAPER-NUMBERS.md` (the text of Sect. 3). Charts: \
-         `activations-*`, `gradient-std-*`, `hist-*`."
+         last iteration. Paper: `PAPER-NUMBERS.md` (the text of Sect. 3), one run whose \
+         seed is not known. Charts: `activations-*`, `gradient-std-*`, `hist-*`."
     );
     let path = ctx.dir.join("table.md");
     std::fs::write(&path, t).map_err(|e| Error::io(&path, e))
