@@ -2,7 +2,8 @@
 //! configurations over seeds, aggregates mean ± std of the test error per evaluated
 //! iteration into `summary.csv`, draws it, and tables the final values beside the paper's.
 
-use super::render::{self, PlotSpec, RunRef};
+use super::files::{self, PlotSpec, RunRef, SummaryRow};
+use super::render;
 use super::{enkf_record, finished_rows, grad_record, mark_finished};
 use super::{run_enkf, run_grad, Ctx, Experiment};
 use crate::data::DataSplit;
@@ -12,7 +13,7 @@ use crate::train::gradient::GradConfig;
 use crate::train::optim::Optimizer;
 use crate::train::{MetricsRow, TrainConfig};
 use crate::{Error, Result};
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
 
@@ -31,25 +32,6 @@ struct RunDef {
     /// The paper's number or a pointer to its figure.
     paper: String,
     kind: Kind,
-}
-
-/// One row of `summary.csv`.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-pub(crate) struct SummaryRow {
-    /// Run folder name.
-    pub run: String,
-    /// Legend text.
-    pub label: String,
-    /// Iteration of the evaluation.
-    pub iteration: usize,
-    /// Epochs done at that iteration.
-    pub epoch: f64,
-    /// Mean test error over seeds, percent.
-    pub test_error_mean: f64,
-    /// Population standard deviation over seeds, percentage points.
-    pub test_error_std: f64,
-    /// Seeds aggregated.
-    pub seeds: usize,
 }
 
 fn grad(ctx: &Ctx, opt: Optimizer, sigma: f64, epochs: usize) -> GradConfig {
@@ -384,7 +366,7 @@ pub(crate) fn run(ctx: &Ctx, exp: Experiment, in_all: bool) -> Result<()> {
             .collect(),
         stats: Vec::new(),
     };
-    render::write_spec(&ctx.dir, &spec)?;
+    files::write_spec(&ctx.dir, &spec)?;
     render::render(&ctx.dir)?;
     write_table(ctx, exp, &dataset, &data, &table_rows, &pending)
 }

@@ -17,6 +17,7 @@
 
 mod curves;
 pub mod done;
+mod files;
 mod render;
 mod stats_figs;
 

@@ -9,60 +9,12 @@
 //!   axis), `hist-activations-R` and `hist-gradients-R` (one panel per layer, the
 //!   first, middle and last recorded histogram overlaid).
 
-use super::curves::SummaryRow;
+use super::files::{read_csv, PlotSpec, StatsCsvRow, StatsRef, SummaryRow};
 use crate::plot::{histogram_chart, line_chart, HistPanel, HistSeries, Series};
 use crate::{Error, Result};
-use serde::{Deserialize, Serialize};
+use serde::Deserialize;
 use std::collections::BTreeMap;
 use std::path::Path;
-
-/// A curve of the test-error chart.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-pub(crate) struct RunRef {
-    /// `run` value in summary.csv.
-    pub name: String,
-    /// Legend text.
-    pub label: String,
-}
-
-/// A statistics run: where its stats.csv and hist.csv are.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-pub(crate) struct StatsRef {
-    /// Chart file suffix.
-    pub name: String,
-    /// Words for titles, e.g. "SGD, σ = 1".
-    pub label: String,
-    /// Folder relative to the experiment folder.
-    pub dir: String,
-}
-
-/// What `plot.json` says to draw.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-pub(crate) struct PlotSpec {
-    /// Experiment name.
-    pub experiment: String,
-    /// Chart title.
-    pub title: String,
-    /// Abscissa: "epoch" or "iteration".
-    pub x: String,
-    /// x-axis label with units.
-    pub x_label: String,
-    /// y-axis label with units.
-    pub y_label: String,
-    /// Logarithmic y axis.
-    pub log_y: bool,
-    /// Curves of `summary.csv`.
-    pub runs: Vec<RunRef>,
-    /// Statistics runs.
-    pub stats: Vec<StatsRef>,
-}
-
-/// Writes `dir/plot.json`.
-pub(crate) fn write_spec(dir: &Path, spec: &PlotSpec) -> Result<()> {
-    let path = dir.join("plot.json");
-    let text = serde_json::to_string_pretty(spec)?;
-    std::fs::write(&path, text).map_err(|e| Error::io(&path, e))
-}
 
 /// Re-renders the charts of an experiment folder (holding `plot.json`) or of every
 /// experiment folder directly under `dir`, from their CSVs.
@@ -194,49 +146,6 @@ fn check_summary(path: &Path, rows: &[SummaryRow]) -> Result<()> {
         }
     }
     Ok(())
-}
-
-/// Every row of the CSV file `path` (with a header). Errors: [`Error::Io`] or
-/// [`Error::Parse`] naming the file (and the record), also when it holds no rows.
-pub(super) fn read_csv<T: serde::de::DeserializeOwned>(path: &Path) -> Result<Vec<T>> {
-    let mut rdr = csv::Reader::from_path(path).map_err(|e| Error::csv(path, e))?;
-    let headers = rdr.headers().map_err(|e| Error::csv(path, e))?.clone();
-    let mut rows = Vec::new();
-    for r in rdr.deserialize() {
-        rows.push(r.map_err(|e| {
-            // Name the column of a field that does not parse.
-            let column = match e.kind() {
-                csv::ErrorKind::Deserialize { err, .. } => err
-                    .field()
-                    .and_then(|f| headers.get(usize::try_from(f).ok()?))
-                    .map(str::to_string),
-                _ => None,
-            };
-            match (Error::csv(path, e), column) {
-                (Error::Parse { path, msg }, Some(c)) => Error::Parse {
-                    path,
-                    msg: format!("{msg} (column '{c}')"),
-                },
-                (other, _) => other,
-            }
-        })?);
-    }
-    if rows.is_empty() {
-        return Err(Error::Parse {
-            path: path.to_path_buf(),
-            msg: "holds no rows (nothing to draw); re-run the experiment to write it".into(),
-        });
-    }
-    Ok(rows)
-}
-
-#[derive(Debug, Deserialize)]
-pub(super) struct StatsCsvRow {
-    pub(super) iteration: usize,
-    pub(super) layer: usize,
-    pub(super) quantity: String,
-    pub(super) mean: f64,
-    pub(super) std: f64,
 }
 
 #[derive(Debug, Deserialize)]

@@ -3,7 +3,8 @@
 //! `stats_seeds`, σ = 1, logistic) with the activation and gradient statistics of
 //! `crate::train::stats`, drawn per layer and run.
 
-use super::render::{self, PlotSpec, StatsRef};
+use super::files::{self, PlotSpec, StatsRef};
+use super::render;
 use super::{run_grad, Ctx};
 use crate::train::gradient::GradConfig;
 use crate::train::optim::Optimizer;
@@ -76,7 +77,7 @@ pub(crate) fn run(ctx: &Ctx, opt: Optimizer, long: bool, fig: &str) -> Result<()
         runs: Vec::new(),
         stats,
     };
-    render::write_spec(&ctx.dir, &spec)?;
+    files::write_spec(&ctx.dir, &spec)?;
     render::render(&ctx.dir)?;
     write_table(ctx, fig, label, epochs, &data, &runs)
 }
@@ -223,7 +224,7 @@ fn summarise(
     // (count, Σ m_t, Σ (s_t² + m_t²), first, last) per curve.
     type Acc = (usize, f64, f64, (usize, f64), (usize, f64));
     let mut acc: std::collections::BTreeMap<(String, usize), Acc> = Default::default();
-    for r in render::read_csv::<render::StatsCsvRow>(path)? {
+    for r in files::read_csv::<files::StatsCsvRow>(path)? {
         let e = acc.entry((r.quantity, r.layer)).or_insert((
             0,
             0.0,
