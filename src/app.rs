@@ -167,7 +167,8 @@ impl BackendJob for TrainJob<'_> {
             adaptive_log: trainer.adaptive_log(),
         };
         let mut out = RunOutput::create(cfg, start, self.data, &backend.name(), desc)?;
-        if let Some(dir) = &cfg.out {
+        // Layer-spec networks have no statistics yet (`resolve` refuses the flags).
+        if let (Some(dir), None) = (&cfg.out, &cfg.net) {
             let writer = match self.resume {
                 Some(_) => StatsWriter::append(dir, cfg.hist_every)?,
                 None => StatsWriter::create(dir, cfg.hist_every)?,
@@ -239,7 +240,11 @@ pub fn train_command(
     if let Some(path) = &cfg.save_ensemble {
         check_output_file("--save-ensemble", path)?;
     }
-    let opened = open_backend(cfg.backend, cfg.math)?;
+    let opened = match (&cfg.net, cfg.backend) {
+        // No CUDA kernels for layer-spec networks yet (`validate` refuses `cuda`).
+        (Some(_), _) => Opened::Cpu("cpu (layer-spec network: no CUDA kernels yet)".into()),
+        (None, kind) => open_backend(kind, cfg.math)?,
+    };
     if cfg.optimizer == Optimizer::Enkf {
         check_memory_before_loading(cfg, &opened)?;
     }
@@ -594,9 +599,17 @@ fn write_config_json(
         m.insert("params".into(), cfg.net().n_params().into());
         m.insert("iterations_total".into(), total.into());
         m.insert(
-            "net".into(),
+            "data_used".into(),
             serde_json::json!({ "train_images": data.train.len(), "test_images": data.test.len() }),
         );
+        // A layer-spec network replaces arch and activation and has no statistics yet:
+        // leave those settings out, so that the file reads back as a --config without
+        // a conflict.
+        if cfg.net.is_some() {
+            for key in ["arch", "activation", "stats_every", "hist_every"] {
+                m.remove(key);
+            }
+        }
     }
     let text = serde_json::to_string_pretty(&v)?;
     crate::io::atomic_write(path, text.as_bytes())
@@ -681,7 +694,7 @@ impl BackendJob for BenchJob<'_> {
     fn run<B: Backend>(self, be: &B, _desc: &str) -> Result<Vec<BenchRow>> {
         use rand::SeedableRng;
         let spec = self.0;
-        let net = spec.net;
+        let net = spec.net.clone();
         let p = net.n_params();
         let b = 64.min(spec.data.train.len());
         let idx: Vec<usize> = (0..b).collect();

@@ -3,6 +3,7 @@
 
 use crate::backend::{BackendKind, MathMode};
 use crate::enkf::UpdateRule;
+use crate::model::spec::NetSetting;
 use crate::model::{Activation, Arch};
 use crate::train::config::{Adaptation, FailurePolicy, LabelPairing};
 use crate::train::optim::Optimizer;
@@ -86,6 +87,15 @@ pub struct TrainArgs {
     /// Architecture: paper (no second pool, P = 18,050) or pooled (P = 8,450) [default: paper].
     #[arg(long, value_enum)]
     pub arch: Option<Arch>,
+    /// A layer-spec network instead of --arch/--activation (CPU backend, EnKF only for
+    /// now), like torch.nn.Sequential: short form "conv2d(10,5) logistic maxpool2d(2)
+    /// flatten linear(10)" (conv2d: out_channels, kernel_size, stride, padding; key=value
+    /// for any argument, e.g. bias=false) or the JSON list config.json records. Layers:
+    /// conv2d, maxpool2d, avgpool2d, flatten, linear, logistic, relu, tanh, heaviside;
+    /// PyTorch's defaults (stride 1, padding 0, bias true); the last layer must give 10
+    /// outputs.
+    #[arg(long, value_name = "LAYERS", value_parser = parse_net)]
+    pub net: Option<NetSetting>,
     /// EnKF update rule: sequential (the authors') or batch (all 10·B outputs at once)
     /// [default: sequential].
     #[arg(long, value_enum)]
@@ -209,6 +219,7 @@ impl TrainArgs {
             eval: self.eval.clone(),
             activation: self.activation,
             arch: self.arch,
+            net: self.net.clone(),
             update: self.update,
             seed: self.seed,
             data: self.data.clone(),
@@ -276,4 +287,9 @@ pub struct BenchArgs {
     /// Also write the table as CSV here.
     #[arg(long, value_name = "FILE.csv")]
     pub csv: Option<PathBuf>,
+}
+
+/// clap's parser of `--net`.
+fn parse_net(text: &str) -> std::result::Result<NetSetting, String> {
+    NetSetting::parse(text).map_err(|e| e.to_string())
 }

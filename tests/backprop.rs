@@ -78,10 +78,10 @@ fn same_piece(act: Activation, a: &ForwardCache<f64>, b: &ForwardCache<f64>) -> 
 
 /// Entries checked per tensor: all of conv1 (250), every 37th of conv2, every 61st of
 /// fc1 (strides coprime to the tensor shapes, so every channel and tap is hit).
-fn sampled_entries(net: &Net) -> Vec<(usize, &'static str)> {
+fn sampled_entries(net: &Net) -> Vec<(usize, String)> {
     let mut out = Vec::new();
     for (spec, stride) in net.tensors().iter().zip([1, 37, 61]) {
-        out.extend(spec.range().step_by(stride).map(|i| (i, spec.name)));
+        out.extend(spec.range().step_by(stride).map(|i| (i, spec.name.clone())));
     }
     out
 }

@@ -326,7 +326,7 @@ fn a_full_disk_under_the_statistics_worker_is_reported_with_the_file() {
     std::os::unix::fs::symlink("/dev/full", dir.join("stats.csv")).expect("ln");
     let net = Net::default();
     let writer = StatsWriter::create(&dir, 1).expect("create");
-    let sink = StatsSink::spawn(writer, net);
+    let sink = StatsSink::spawn(writer, net.clone());
     let mut first_err = None;
     for t in 0..4 {
         let x = vec![0.5f32; IMG_PIXELS];

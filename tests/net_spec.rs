@@ -252,8 +252,8 @@ fn biases_follow_their_weights_in_sequential_order() {
 
 /// Naive per-output loops in f32, adding the terms of each output in the order the
 /// module documents (conv: input channel, ky, kx, skipping padding, then bias; linear:
-/// input order, then bias; avg-pool: window rows, then / k²): written independently
-/// of the library, equal bit for bit.
+/// 8 interleaved partial sums, a pairwise tree, the tail, then bias; avg-pool: window
+/// rows, then / k²): written independently of the library, equal bit for bit.
 fn naive(spec: &NetSpec, w: &[f32], input: &[f32]) -> Vec<f32> {
     let mut cur = input.to_vec();
     for l in spec.layers() {
@@ -328,9 +328,16 @@ fn naive(spec: &NetSpec, w: &[f32], input: &[f32]) -> Vec<f32> {
             }
             (Layer::Linear { .. }, Shape::Vector(f), Shape::Vector(n)) => (0..n)
                 .map(|o| {
-                    let mut s = 0.0f32;
-                    for i in 0..f {
-                        s += w[l.weight_offset + o * f + i] * cur[i];
+                    let row = &w[l.weight_offset + o * f..][..f];
+                    let mut part = [0.0f32; 8];
+                    let n8 = f - f % 8;
+                    for i in 0..n8 {
+                        part[i % 8] += row[i] * cur[i];
+                    }
+                    let p = part;
+                    let mut s = ((p[0] + p[1]) + (p[2] + p[3])) + ((p[4] + p[5]) + (p[6] + p[7]));
+                    for i in n8..f {
+                        s += row[i] * cur[i];
                     }
                     match l.bias_offset {
                         Some(b) => s + w[b + o],
@@ -527,4 +534,154 @@ fn heaviside_is_a_step_and_keeps_nan() {
     );
     assert!(h.apply(f32::NAN).is_nan());
     assert_eq!(h.apply(f32::NEG_INFINITY), 0.0);
+}
+
+// ---------------------------------------------------------------- as a training setting
+
+use enkf_dnn::model::spec::NetSetting;
+use enkf_dnn::train::PartialConfig;
+
+fn resolve(json: &str) -> enkf_dnn::Result<enkf_dnn::train::TrainConfig> {
+    let (partial, warnings) = PartialConfig::from_json(json)?;
+    assert!(warnings.is_empty(), "{warnings:?}");
+    partial.resolve()
+}
+
+#[test]
+fn net_is_a_config_key_with_errors_before_any_work() {
+    let cfg = resolve(r#"{"net": [{"type": "flatten"}, {"type": "linear", "out_features": 10}]}"#)
+        .unwrap();
+    let net = cfg.net();
+    assert_eq!(net.n_params(), 784 * 10 + 10);
+    assert_eq!(net.describe(), "flatten linear(10,bias=true)");
+    // The command line's short form is the same setting.
+    assert_eq!(
+        cfg.net,
+        Some(NetSetting::parse("flatten linear(10)").unwrap())
+    );
+    for (json, want) in [
+        (
+            r#"{"net": [{"type": "flatten"}, {"type": "linear", "out_features": 7}]}"#,
+            "the data needs 10",
+        ),
+        (
+            r#"{"net": [{"type": "flatten"}, {"type": "linear"}]}"#,
+            "net[1] (linear): missing key `out_features`",
+        ),
+        (
+            r#"{"net": [{"type": "flatten"}, {"type": "linear", "out_features": 10}], "arch": "pooled"}"#,
+            "net and arch are both set",
+        ),
+        (
+            r#"{"net": [{"type": "flatten"}, {"type": "linear", "out_features": 10}], "activation": "relu"}"#,
+            "net and activation are both set",
+        ),
+        (
+            r#"{"net": [{"type": "flatten"}, {"type": "linear", "out_features": 10}], "stats_every": 5}"#,
+            "stats_every is set with net",
+        ),
+        (
+            r#"{"net": [{"type": "flatten"}, {"type": "linear", "out_features": 10}], "optimizer": "adam"}"#,
+            "backpropagation (SGD, Adam) is not available",
+        ),
+        (
+            r#"{"net": [{"type": "flatten"}, {"type": "linear", "out_features": 10}], "backend": "cuda"}"#,
+            "no CUDA kernels yet",
+        ),
+    ] {
+        let msg = match resolve(json) {
+            Err(e) => e.to_string(),
+            Ok(c) => panic!("{json} resolved to {:?}", c.net),
+        };
+        assert!(msg.contains(want), "{json}: {msg}");
+    }
+    // A config.json of an earlier version held an informational object under "net".
+    let old = resolve(r#"{"net": {"train_images": 60000, "test_images": 10000}, "members": 50}"#)
+        .unwrap();
+    assert_eq!((old.net, old.members), (None, 50));
+}
+
+/// `enkf-dnn train --net ...` end to end on the CPU: the run's config.json records the
+/// JSON form (without arch and activation) and reads back as a --config; the model is
+/// exported under the `Sequential` keys; a typo is an error before any work.
+#[test]
+fn train_with_a_layer_spec_network() {
+    let out = std::env::temp_dir().join(format!("enkf-net-spec-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&out);
+    let bin = env!("CARGO_BIN_EXE_enkf-dnn");
+    let data = enkf_dnn::data::data_root().join("mnist");
+    let run = |extra: &[&str]| {
+        std::process::Command::new(bin)
+            .args([
+                "train",
+                "-J",
+                "20",
+                "--train-limit",
+                "256",
+                "--test-limit",
+                "100",
+            ])
+            .args(["--iterations", "4", "--eval-every", "2", "--threads", "1"])
+            .arg("--data")
+            .arg(&data)
+            .args(extra)
+            .output()
+            .expect("run enkf-dnn")
+    };
+    let net = "conv2d(4,5,stride=2) heaviside flatten linear(10,bias=false)";
+    let o = run(&["--net", net, "--out", out.to_str().unwrap()]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("config.json")).unwrap()).unwrap();
+    assert_eq!(cfg["net"][0]["type"], "conv2d");
+    assert_eq!(cfg["net"][0]["stride"], 2);
+    assert_eq!(cfg["net"][1]["type"], "heaviside");
+    assert!(
+        cfg.get("arch").is_none() && cfg.get("activation").is_none(),
+        "{cfg}"
+    );
+    assert_eq!(cfg["params"], 4 * 25 + 4 + 10 * 4 * 12 * 12);
+    assert!(
+        !out.join("stats.csv").exists(),
+        "no statistics for spec networks yet"
+    );
+    let text = std::fs::read_to_string(out.join("config.json")).unwrap();
+    let (partial, _) = PartialConfig::from_json(&text).unwrap();
+    assert_eq!(
+        partial.resolve().unwrap().net,
+        Some(NetSetting::parse(net).unwrap())
+    );
+    let tensors = enkf_dnn::io::safetensors::read(&out.join("model.safetensors")).unwrap();
+    let keys: Vec<_> = tensors
+        .iter()
+        .map(|t| (t.name.as_str(), t.shape.clone()))
+        .collect();
+    assert_eq!(
+        keys,
+        [
+            ("0.weight", vec![4, 1, 5, 5]),
+            ("0.bias", vec![4]),
+            ("3.weight", vec![10, 576])
+        ]
+    );
+    let metrics = std::fs::read_to_string(out.join("metrics.csv")).unwrap();
+    assert_eq!(metrics.lines().count(), 1 + 5, "{metrics}");
+    // Errors name the layer and key, before anything is written.
+    let bad = out.join("bad");
+    let o = run(&[
+        "--net",
+        "conv2d(4,5,strde=2) flatten linear(10)",
+        "--out",
+        bad.to_str().unwrap(),
+    ]);
+    assert!(!o.status.success());
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains("net[0] (conv2d): unknown key `strde`"),
+        "{err}"
+    );
+    assert!(!bad.exists());
+    let o = run(&["--net", net, "--arch", "pooled"]);
+    assert!(String::from_utf8_lossy(&o.stderr).contains("net and arch are both set"));
+    std::fs::remove_dir_all(&out).unwrap();
 }

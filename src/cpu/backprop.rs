@@ -203,6 +203,7 @@ pub fn forward_cached<T: Real>(
     x: &[T],
     images: usize,
 ) -> Result<ForwardCache<T>> {
+    net.require_fused("the cached forward pass (statistics, backpropagation)")?;
     check_len("forward_cached weights (P)", weights.len(), net.n_params())?;
     check_len(
         "forward_cached x (images × 784)",
@@ -228,6 +229,7 @@ pub fn forward_cached<T: Real>(
 /// loss = (1/B) Σ_b (log Σ_k e^{z_bk} − z_b,label), as `torch.nn.CrossEntropyLoss()`.
 /// Errors: [`Error::Shape`] on a length mismatch, an empty batch or a label ≥ 10.
 pub fn backprop<T: Real>(net: &Net, weights: &[T], x: &[T], labels: &[u8]) -> Result<Backprop<T>> {
+    net.require_fused("backpropagation (SGD, Adam)")?;
     let images = labels.len();
     let p = net.n_params();
     check_len("backprop weights (P)", weights.len(), p)?;

@@ -120,7 +120,8 @@ pub fn ensemble_forward_portable(
     ensemble_forward_with(ForwardImpl::Portable, net, weights, members, x, images, out)
 }
 
-/// [`ensemble_forward`] with a chosen implementation (for tests and benchmarks).
+/// [`ensemble_forward`] with a chosen implementation (for tests and benchmarks). A
+/// layer-spec network ([`Net::spec`]) always runs [`crate::cpu::spec_forward`].
 /// Errors: [`Error::Config`] when this CPU cannot run `imp`; [`Error::Shape`] as
 /// [`ensemble_forward`].
 pub fn ensemble_forward_with(
@@ -132,6 +133,10 @@ pub fn ensemble_forward_with(
     images: usize,
     out: &mut [f32],
 ) -> Result<()> {
+    if let Some(spec) = net.spec() {
+        // A layer-spec network: the generic per-layer path (any implementation choice).
+        return crate::cpu::spec_forward::spec_forward(spec, weights, members, x, images, out);
+    }
     check_shapes(net, weights, members, x, images, out)?;
     if members == 0 || images == 0 {
         return Ok(());

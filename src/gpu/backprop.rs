@@ -74,6 +74,7 @@ impl GpuForwardCache {
     ///
     /// Errors: [`Error::Cuda`] when an allocation fails.
     pub fn zeros(be: &CudaBackend, net: &Net, images: usize) -> Result<Self> {
+        net.require_fused("CUDA backpropagation")?;
         let p2 = if net.arch == Arch::Pooled {
             net.fc_in()
         } else {

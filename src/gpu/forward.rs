@@ -66,6 +66,7 @@ pub fn ensemble_forward_with_warps(
     images: usize,
     out: &mut CudaSlice<f32>,
 ) -> Result<()> {
+    net.require_fused("the CUDA forward pass")?;
     let max = be.forward_geometry().warps;
     if warps == 0 || warps > max {
         return Err(Error::Config(format!(

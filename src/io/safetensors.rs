@@ -60,7 +60,7 @@ pub fn to_bytes(net: &Net, weights: &[f32]) -> Result<Vec<u8>> {
         let begin = t.offset * 4;
         let end = begin + t.len() * 4;
         header.insert(
-            t.name.into(),
+            t.name,
             serde_json::json!({ "dtype": "F32", "shape": t.shape, "data_offsets": [begin, end] }),
         );
     }

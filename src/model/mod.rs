@@ -111,20 +111,23 @@ impl Activation {
     }
 }
 
-/// A network: architecture plus activation. Cheap to copy.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, Default)]
+/// A network: one of the authors' architectures with an activation (the fused
+/// kernels), or a layer-spec network ([`spec::NetSpec`], when built by
+/// [`Net::from_spec`]; `arch` and `act` then mean nothing). Cheap to clone.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Default)]
 pub struct Net {
-    /// Architecture.
+    /// Architecture (fused networks).
     pub arch: Arch,
-    /// Activation after each convolution.
+    /// Activation after each convolution (fused networks).
     pub act: Activation,
+    spec: Option<std::sync::Arc<spec::NetSpec>>,
 }
 
 /// Where one tensor lives in the flat parameter vector.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TensorSpec {
     /// PyTorch `state_dict` key.
-    pub name: &'static str,
+    pub name: String,
     /// PyTorch shape.
     pub shape: Vec<usize>,
     /// First index in the flat vector.
@@ -147,9 +150,58 @@ impl TensorSpec {
 }
 
 impl Net {
-    /// Builds a network description.
+    /// One of the authors' networks (the fused kernels).
     pub fn new(arch: Arch, act: Activation) -> Self {
-        Net { arch, act }
+        Net {
+            arch,
+            act,
+            spec: None,
+        }
+    }
+
+    /// A layer-spec network.
+    pub fn from_spec(spec: std::sync::Arc<spec::NetSpec>) -> Self {
+        Net {
+            arch: Arch::default(),
+            act: Activation::default(),
+            spec: Some(spec),
+        }
+    }
+
+    /// The layer spec, for a layer-spec network; `None` for the fused networks.
+    pub fn spec(&self) -> Option<&spec::NetSpec> {
+        self.spec.as_deref()
+    }
+
+    /// Errors with [`crate::Error::Config`] naming `what` for a layer-spec network:
+    /// the code paths that call this exist only for the authors' fused networks so far.
+    pub fn require_fused(&self, what: &str) -> crate::Result<()> {
+        match self.spec() {
+            None => Ok(()),
+            Some(s) => Err(crate::Error::Config(format!(
+                "{what} is not available for layer-spec networks yet (net = {}); it runs \
+                 the paper's networks (--arch paper or pooled)",
+                s.short_form()
+            ))),
+        }
+    }
+
+    /// A description for logs: `paper/logistic`, or the spec's short form.
+    pub fn describe(&self) -> String {
+        match self.spec() {
+            Some(s) => s.short_form(),
+            None => format!(
+                "{}/{}",
+                serde_json::to_value(self.arch)
+                    .ok()
+                    .and_then(|v| v.as_str().map(str::to_string))
+                    .unwrap_or_default(),
+                serde_json::to_value(self.act)
+                    .ok()
+                    .and_then(|v| v.as_str().map(str::to_string))
+                    .unwrap_or_default()
+            ),
+        }
     }
 
     /// Side of the feature map that enters `fc1` (8 for Paper, 4 for Pooled).
@@ -181,26 +233,40 @@ impl Net {
         CLASSES * self.fc_in()
     }
 
-    /// Total number of weights P (18,050 or 8,450).
+    /// Total number of weights P (18,050 or 8,450 for the fused networks).
     pub fn n_params(&self) -> usize {
-        Self::FC_OFFSET + self.fc_len()
+        match self.spec() {
+            Some(s) => s.n_params(),
+            None => Self::FC_OFFSET + self.fc_len(),
+        }
     }
 
-    /// The tensors in `state_dict` order.
+    /// The tensors in `state_dict` order (a spec's `"<i>.weight"`, `"<i>.bias"`).
     pub fn tensors(&self) -> Vec<TensorSpec> {
+        if let Some(s) = self.spec() {
+            return s
+                .tensors()
+                .into_iter()
+                .map(|t| TensorSpec {
+                    name: t.name,
+                    shape: t.shape,
+                    offset: t.offset,
+                })
+                .collect();
+        }
         vec![
             TensorSpec {
-                name: "conv1.weight",
+                name: "conv1.weight".into(),
                 shape: vec![C1, 1, KSIZE, KSIZE],
                 offset: Self::CONV1_OFFSET,
             },
             TensorSpec {
-                name: "conv2.weight",
+                name: "conv2.weight".into(),
                 shape: vec![C2, C1, KSIZE, KSIZE],
                 offset: Self::CONV2_OFFSET,
             },
             TensorSpec {
-                name: "fc1.weight",
+                name: "fc1.weight".into(),
                 shape: vec![CLASSES, self.fc_in()],
                 offset: Self::FC_OFFSET,
             },
@@ -209,6 +275,9 @@ impl Net {
 
     /// Multiply-adds of one forward pass of one image.
     pub fn macs_per_image(&self) -> usize {
+        if let Some(s) = self.spec() {
+            return s.macs_per_image();
+        }
         C1 * H1 * H1 * KSIZE * KSIZE + C2 * H2 * H2 * C1 * KSIZE * KSIZE + self.fc_len()
     }
 }
@@ -234,7 +303,7 @@ mod tests {
         for arch in [Arch::Paper, Arch::Pooled] {
             let net = Net::new(arch, Activation::Relu);
             let t = net.tensors();
-            let names: Vec<_> = t.iter().map(|s| s.name).collect();
+            let names: Vec<_> = t.iter().map(|s| s.name.as_str()).collect();
             assert_eq!(names, ["conv1.weight", "conv2.weight", "fc1.weight"]);
             let mut next = 0;
             for s in &t {

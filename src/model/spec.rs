@@ -185,7 +185,7 @@ impl ParamTensor {
 }
 
 /// A layer with its input and output shapes and where its parameters live.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct BuiltLayer {
     /// The layer.
     pub layer: Layer,
@@ -200,7 +200,7 @@ pub struct BuiltLayer {
 }
 
 /// A validated layer-spec network for one input shape.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct NetSpec {
     layers: Vec<BuiltLayer>,
     input: Shape,
@@ -703,6 +703,30 @@ impl NetSpec {
         Value::Array(self.layers.iter().map(|l| l.layer.to_json()).collect())
     }
 
+    /// The short form (every argument written out), for logs.
+    pub fn short_form(&self) -> String {
+        self.layers
+            .iter()
+            .map(|l| match l.layer {
+                Layer::Conv2d {
+                    out_channels,
+                    kernel_size,
+                    stride,
+                    padding,
+                    bias,
+                } => format!("conv2d({out_channels},{kernel_size},{stride},{padding},bias={bias})"),
+                Layer::MaxPool2d { kernel_size } => format!("maxpool2d({kernel_size})"),
+                Layer::AvgPool2d { kernel_size } => format!("avgpool2d({kernel_size})"),
+                Layer::Linear { out_features, bias } => {
+                    format!("linear({out_features},bias={bias})")
+                }
+                Layer::Flatten => "flatten".into(),
+                Layer::Act(a) => a.name().into(),
+            })
+            .collect::<Vec<_>>()
+            .join(" ")
+    }
+
     /// Multiply-adds of one forward pass of one image (convolutions and linear layers).
     pub fn macs_per_image(&self) -> usize {
         self.layers
@@ -720,5 +744,59 @@ impl NetSpec {
                 _ => 0,
             })
             .sum()
+    }
+}
+
+/// The input of every IDX data set here (MNIST, Fashion-MNIST, notMNIST): 1 × 28 × 28.
+pub const IDX_INPUT: Shape = Shape::Image { c: 1, h: 28, w: 28 };
+
+/// A layer-spec network as a setting (`net` in a config, `--net` on the command line):
+/// written as its JSON form with every default, read from the JSON form, and validated
+/// for [`IDX_INPUT`] images and 10 classes when read.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct NetSetting(pub std::sync::Arc<NetSpec>);
+
+impl NetSetting {
+    /// Validates `layers` for the IDX data sets. Errors: as [`NetSpec::build`].
+    pub fn from_layers(layers: &[Layer]) -> Result<Self> {
+        Ok(NetSetting(std::sync::Arc::new(NetSpec::build(
+            layers,
+            IDX_INPUT,
+            crate::model::CLASSES,
+        )?)))
+    }
+
+    /// Parses the command line's text: the JSON form when it starts with `[`, else the
+    /// short form. Errors: [`Error::Config`] naming the layer and key.
+    pub fn parse(text: &str) -> Result<Self> {
+        let layers = if text.trim_start().starts_with('[') {
+            let v: Value = serde_json::from_str(text)
+                .map_err(|e| Error::Config(format!("net: not valid JSON: {e}")))?;
+            parse_json(&v)?
+        } else {
+            parse_short(text)?
+        };
+        Self::from_layers(&layers)
+    }
+}
+
+impl serde::Serialize for NetSetting {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+        self.0.to_json().serialize(s)
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for NetSetting {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        let v = <Value as serde::Deserialize>::deserialize(d)?;
+        parse_json(&v)
+            .and_then(|l| NetSetting::from_layers(&l))
+            .map_err(|e| {
+                serde::de::Error::custom(
+                    e.to_string()
+                        .trim_start_matches("invalid configuration: ")
+                        .to_string(),
+                )
+            })
     }
 }

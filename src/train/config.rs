@@ -7,6 +7,7 @@
 
 use crate::backend::{BackendKind, MathMode};
 use crate::enkf::UpdateRule;
+use crate::model::spec::NetSetting;
 use crate::model::{Activation, Arch, Net};
 use crate::train::optim::Optimizer;
 use crate::{Error, Result};
@@ -97,6 +98,10 @@ pub struct TrainConfig {
     pub activation: Activation,
     /// Network architecture.
     pub arch: Arch,
+    /// A layer-spec network instead of `arch` and `activation` (absent: the fused
+    /// networks; see `crate::model::spec`).
+    #[serde(default)]
+    pub net: Option<NetSetting>,
     /// EnKF update rule.
     pub update: UpdateRule,
     /// Seed of every random stream of the run.
@@ -169,6 +174,7 @@ impl Default for TrainConfig {
             eval: vec![EvalMode::Mean],
             activation: Activation::Logistic,
             arch: Arch::Paper,
+            net: None,
             update: UpdateRule::Sequential,
             seed: 0,
             data: crate::data::default_mnist_dir(),
@@ -213,7 +219,7 @@ const INFORMATIONAL_KEYS: &[&str] = &[
     "program",
     "version",
     "backend_used",
-    "net",
+    "data_used",
     "params",
     "iterations_total",
 ];
@@ -243,6 +249,8 @@ pub struct PartialConfig {
     pub activation: Option<Activation>,
     #[allow(missing_docs)]
     pub arch: Option<Arch>,
+    #[allow(missing_docs)]
+    pub net: Option<NetSetting>,
     #[allow(missing_docs)]
     pub update: Option<UpdateRule>,
     #[allow(missing_docs)]
@@ -329,6 +337,10 @@ impl PartialConfig {
         // (key as written, the setting it maps to), to name the key in errors.
         let mut originals: Vec<(String, String)> = Vec::new();
         for (key, val) in map {
+            // Runs before layer specs wrote an object {train_images, test_images} as "net".
+            if key == "net" && val.is_object() {
+                continue;
+            }
             let target = AUTHOR_ALIASES
                 .iter()
                 .find(|(a, _)| *a == key)
@@ -427,6 +439,30 @@ impl PartialConfig {
     /// ([`PartialConfig::check_floats`]), or any check of [`TrainConfig::validate`].
     pub fn resolve(&self) -> Result<TrainConfig> {
         self.check_floats()?;
+        if self.net.is_some() {
+            for (key, set) in [
+                ("arch", self.arch.is_some()),
+                ("activation", self.activation.is_some()),
+            ] {
+                if set {
+                    return Err(Error::Config(format!(
+                        "net and {key} are both set: a layer-spec network (net, --net) \
+                         replaces --arch and --activation; give one or the other"
+                    )));
+                }
+            }
+            for (key, set) in [
+                ("stats_every", self.stats_every.is_some()),
+                ("hist_every", self.hist_every.is_some()),
+            ] {
+                if set {
+                    return Err(Error::Config(format!(
+                        "{key} is set with net: activation statistics (stats.csv, \
+                         hist.csv) are not available for layer-spec networks yet"
+                    )));
+                }
+            }
+        }
         let mut map = to_map(&TrainConfig::default());
         map.extend(to_map(self));
         let c: TrainConfig = serde_json::from_value(serde_json::Value::Object(map))
@@ -455,12 +491,31 @@ fn to_map<T: Serialize>(value: &T) -> serde_json::Map<String, serde_json::Value>
 impl TrainConfig {
     /// The network this configuration trains.
     pub fn net(&self) -> Net {
-        Net::new(self.arch, self.activation)
+        match &self.net {
+            Some(n) => Net::from_spec(n.0.clone()),
+            None => Net::new(self.arch, self.activation),
+        }
     }
 
     /// Checks every value; errors say which setting, the value, and what is allowed.
     pub fn validate(&self) -> Result<()> {
         let bad = |msg: String| Err(Error::Config(msg));
+        if let Some(n) = &self.net {
+            let net = n.0.short_form();
+            if self.optimizer != Optimizer::Enkf {
+                return bad(format!(
+                    "optimizer = {:?} with net = {net}: backpropagation (SGD, Adam) is not \
+                     available for layer-spec networks yet; use the EnKF or --arch",
+                    self.optimizer
+                ));
+            }
+            if self.backend == BackendKind::Cuda {
+                return bad(format!(
+                    "backend = cuda with net = {net}: layer-spec networks have no CUDA \
+                     kernels yet; use --backend cpu (auto picks the CPU for them)"
+                ));
+            }
+        }
         if self.members < 2 {
             return bad(format!(
                 "members (J) must be at least 2 for a covariance, got {}",
@@ -677,6 +732,8 @@ mod tests {
             eval: vec![EvalMode::Last, EvalMode::Mean],
             activation: Activation::Tanh,
             arch: Arch::Pooled,
+            // A layer spec replaces arch; its round trip is tested in tests/net_spec.rs.
+            net: None,
             update: UpdateRule::Batch,
             seed: 42,
             data: "/some/where".into(),

@@ -313,7 +313,7 @@ impl<'a> GradientTrainer<'a> {
         let n = self.data.train.len();
         let total = self.total_iterations();
         let per_epoch = self.cfg.iterations_per_epoch(n);
-        let net = self.cfg.net;
+        let net = self.cfg.net.clone();
         let start = Instant::now();
         let mut rows = Vec::with_capacity(total + 1);
         let mut x = Vec::new();

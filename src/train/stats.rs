@@ -245,6 +245,7 @@ pub fn stats_from_cache(
     grad: Option<&[f32]>,
     histograms: bool,
 ) -> Result<LayerStats> {
+    net.require_fused("activation statistics")?;
     let act_edges = || histograms.then(|| activation_edges(net.act));
     let mut layers = vec![
         stat(1, Quantity::Activation, &cache.a1, act_edges())?,
