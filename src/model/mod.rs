@@ -244,15 +244,7 @@ impl Net {
     /// The tensors in `state_dict` order (a spec's `"<i>.weight"`, `"<i>.bias"`).
     pub fn tensors(&self) -> Vec<TensorSpec> {
         if let Some(s) = self.spec() {
-            return s
-                .tensors()
-                .into_iter()
-                .map(|t| TensorSpec {
-                    name: t.name,
-                    shape: t.shape,
-                    offset: t.offset,
-                })
-                .collect();
+            return s.tensors();
         }
         vec![
             TensorSpec {

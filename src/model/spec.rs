@@ -23,7 +23,7 @@
 
 use serde_json::{json, Map, Value};
 
-use crate::model::{Activation, Arch};
+use crate::model::{Activation, Arch, TensorSpec};
 use crate::{Error, Result};
 
 /// An element-wise activation of a layer spec.
@@ -158,29 +158,6 @@ impl std::fmt::Display for Shape {
             Shape::Image { c, h, w } => write!(f, "{c} × {h} × {w}"),
             Shape::Vector(n) => write!(f, "{n}"),
         }
-    }
-}
-
-/// One parameter tensor of a spec network.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ParamTensor {
-    /// `state_dict` key: `"<layer index>.weight"` or `"<layer index>.bias"`.
-    pub name: String,
-    /// PyTorch shape.
-    pub shape: Vec<usize>,
-    /// First index in the flat parameter vector.
-    pub offset: usize,
-}
-
-impl ParamTensor {
-    /// Number of elements.
-    pub fn len(&self) -> usize {
-        self.shape.iter().product()
-    }
-
-    /// True when the tensor has no elements (never, for a built spec).
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
     }
 }
 
@@ -665,7 +642,7 @@ impl NetSpec {
     }
 
     /// The parameter tensors in `state_dict` order (`"<i>.weight"`, `"<i>.bias"`).
-    pub fn tensors(&self) -> Vec<ParamTensor> {
+    pub fn tensors(&self) -> Vec<TensorSpec> {
         let mut t = Vec::new();
         for (i, l) in self.layers.iter().enumerate() {
             let (wshape, out) = match (l.layer, l.input) {
@@ -682,13 +659,13 @@ impl NetSpec {
                 }
                 _ => continue,
             };
-            t.push(ParamTensor {
+            t.push(TensorSpec {
                 name: format!("{i}.weight"),
                 shape: wshape,
                 offset: l.weight_offset,
             });
             if let Some(b) = l.bias_offset {
-                t.push(ParamTensor {
+                t.push(TensorSpec {
                     name: format!("{i}.bias"),
                     shape: vec![out],
                     offset: b,
