@@ -47,7 +47,7 @@ pub enum Experiment {
     Fig5,
     /// Fig. 6: Adam, one epoch: activation mean ± std per layer, gradient histograms.
     Fig6,
-    /// Fig. 7: as Fig. 6 over 50 epochs.
+    /// Fig. 7: as Fig. 6 over 50 epochs, at σ = 3 (the σ whose slow learning Fig. 7 shows).
     Fig7,
     /// Fig. 8 (left): EnKF with logistic, ReLU and tanh activations.
     Fig8Activations,
