@@ -182,6 +182,17 @@ fn shape_errors_name_the_layer() {
         let msg = config_err(build(text));
         assert!(msg.contains(want), "{text}: {msg}");
     }
+    // Absurd sizes are errors, not overflows.
+    let msg = config_err(build("conv2d(4000000000,1) flatten linear(10)"));
+    assert!(
+        msg.contains("net[0] (conv2d): gives 4000000000 × 28 × 28 values"),
+        "{msg}"
+    );
+    let msg = config_err(build("flatten linear(3000000) linear(3000000) linear(10)"));
+    assert!(
+        msg.contains("net[2] (linear): more than 2^32 parameters"),
+        "{msg}"
+    );
     // Padding lets a kernel larger than the image fit, as in PyTorch.
     assert!(build("conv2d(2,29,padding=1) flatten linear(10)").is_ok());
 }

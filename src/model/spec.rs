@@ -482,6 +482,10 @@ pub fn preset(arch: Arch, act: Activation) -> Vec<Layer> {
     layers
 }
 
+/// The most values one layer may give per image (the forward pass indexes them in i32
+/// on the GPU).
+const MAX_VALUES: usize = 1 << 31;
+
 /// Output side of a convolution or pool, `None` when the window does not fit.
 fn out_side(side: usize, k: usize, stride: usize, padding: usize) -> Option<usize> {
     (side + 2 * padding).checked_sub(k).map(|d| d / stride + 1)
@@ -533,7 +537,9 @@ impl NetSpec {
                             h: oh,
                             w: ow,
                         },
-                        out_channels * c * k * k,
+                        out_channels
+                            .saturating_mul(c)
+                            .saturating_mul(k.saturating_mul(k)),
                         if bias { out_channels } else { 0 },
                     )
                 }
@@ -561,7 +567,7 @@ impl NetSpec {
                 (Layer::Flatten, s) => (Shape::Vector(s.len()), 0, 0),
                 (Layer::Linear { out_features, bias }, Shape::Vector(f)) => (
                     Shape::Vector(out_features),
-                    out_features * f,
+                    out_features.saturating_mul(f),
                     if bias { out_features } else { 0 },
                 ),
                 (Layer::Act(_), s) => (s, 0, 0),
@@ -583,9 +589,21 @@ impl NetSpec {
                     ))
                 }
             };
+            // Sizes saturate instead of wrapping, so an absurd value is caught here.
+            let values = match output {
+                Shape::Image { c, h, w } => c.saturating_mul(h).saturating_mul(w),
+                Shape::Vector(n) => n,
+            };
+            if values > MAX_VALUES {
+                return Err(layer_err(
+                    i,
+                    kind,
+                    format!("gives {output} values per image, more than 2^31"),
+                ));
+            }
             let weight_offset = offset;
             offset = offset
-                .checked_add(n_weight + n_bias)
+                .checked_add(n_weight.saturating_add(n_bias))
                 .filter(|&o| o <= u32::MAX as usize)
                 .ok_or_else(|| layer_err(i, kind, "more than 2^32 parameters"))?;
             built.push(BuiltLayer {
