@@ -591,7 +591,7 @@ fn write_config_json(
     data: &DataSplit,
     backend: &str,
 ) -> Result<()> {
-    let mut v = serde_json::to_value(cfg)?;
+    let mut v = cfg.to_file_json()?;
     if let serde_json::Value::Object(m) = &mut v {
         m.insert("program".into(), "enkf-dnn".into());
         m.insert("version".into(), env!("CARGO_PKG_VERSION").into());
@@ -602,14 +602,6 @@ fn write_config_json(
             "data_used".into(),
             serde_json::json!({ "train_images": data.train.len(), "test_images": data.test.len() }),
         );
-        // A layer-spec network replaces arch and activation and has no statistics yet:
-        // leave those settings out, so that the file reads back as a --config without
-        // a conflict.
-        if cfg.net.is_some() {
-            for key in ["arch", "activation", "stats_every", "hist_every"] {
-                m.remove(key);
-            }
-        }
     }
     let text = serde_json::to_string_pretty(&v)?;
     crate::io::atomic_write(path, text.as_bytes())

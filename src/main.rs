@@ -79,7 +79,7 @@ fn run() -> anyhow::Result<()> {
                     let (state, _) = enkf_dnn::train::checkpoint::read(&path)
                         .with_context(|| format!("reading the checkpoint in {}", dir.display()))?;
                     let mut base =
-                        PartialConfig::from_json(&serde_json::to_string(&state.config)?)?.0;
+                        PartialConfig::from_json(&state.config.to_file_json()?.to_string())?.0;
                     base.out = Some(dir.clone());
                     (base, Some((path, state.config)))
                 }

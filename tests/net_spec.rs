@@ -694,5 +694,31 @@ fn train_with_a_layer_spec_network() {
     assert!(!bad.exists());
     let o = run(&["--net", net, "--arch", "pooled"]);
     assert!(String::from_utf8_lossy(&o.stderr).contains("net and arch are both set"));
+    // A spec run resumes from its checkpoint (its stored configuration leaves out the
+    // keys the spec replaces, so it resolves again) and may be extended.
+    let ck = out.join("ck");
+    let o = run(&[
+        "--net",
+        net,
+        "--checkpoint-every",
+        "2",
+        "--out",
+        ck.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let o = std::process::Command::new(bin)
+        .args([
+            "train",
+            "--resume",
+            ck.to_str().unwrap(),
+            "--iterations",
+            "6",
+        ])
+        .args(["--threads", "1"])
+        .output()
+        .expect("resume");
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let metrics = std::fs::read_to_string(ck.join("metrics.csv")).unwrap();
+    assert_eq!(metrics.lines().count(), 1 + 7, "{metrics}");
     std::fs::remove_dir_all(&out).unwrap();
 }

@@ -489,6 +489,26 @@ fn to_map<T: Serialize>(value: &T) -> serde_json::Map<String, serde_json::Value>
 }
 
 impl TrainConfig {
+    /// The keys a layer-spec network (`net`) replaces, or has no use for yet: left out
+    /// of [`TrainConfig::to_file_json`], refused beside `net` by
+    /// [`PartialConfig::resolve`].
+    pub const REPLACED_BY_NET: [&'static str; 4] =
+        ["arch", "activation", "stats_every", "hist_every"];
+
+    /// This configuration as a config file states it (what `config.json` holds and a
+    /// resumed run starts from): every field, except that a layer-spec network's
+    /// configuration leaves out [`TrainConfig::REPLACED_BY_NET`], so that it resolves
+    /// again without a conflict. Errors: [`Error::Json`] (not expected).
+    pub fn to_file_json(&self) -> Result<serde_json::Value> {
+        let mut v = serde_json::to_value(self)?;
+        if let (Some(_), serde_json::Value::Object(m)) = (&self.net, &mut v) {
+            for key in Self::REPLACED_BY_NET {
+                m.remove(key);
+            }
+        }
+        Ok(v)
+    }
+
     /// The network this configuration trains.
     pub fn net(&self) -> Net {
         match &self.net {
