@@ -353,13 +353,27 @@ pub fn host_fits(shape: &crate::gpu::TrainShape, available: u64) -> Result<()> {
 /// an EnKF run. `--backend cuda` runs on the GPU (an error when none is usable), `auto`
 /// on the GPU when [`crate::gpu::CudaBackend::open`] succeeds, else on the CPU.
 fn gradient_command(cfg: &TrainConfig, data: &DataSplit, opened: Opened) -> Result<TrainSummary> {
-    use crate::train::gradient::GradDevice;
-    let (device, desc) = match opened {
-        Opened::Cuda(be, desc) => (GradDevice::Cuda(be), desc),
-        Opened::Cpu(desc) => (GradDevice::Cpu, desc),
-    };
     let gcfg = GradConfig::from_train(cfg, cfg.optimizer, cfg.lr, cfg.momentum, cfg.hist_every);
-    let mut trainer = GradientTrainer::with_device(&gcfg, data, device)?;
+    match opened {
+        Opened::Cuda(be, desc) => {
+            let trainer = GradientTrainer::on(*be, &gcfg, data)?;
+            run_gradient(cfg, &gcfg, data, trainer, desc)
+        }
+        Opened::Cpu(desc) => {
+            let trainer = GradientTrainer::new(&gcfg, data)?;
+            run_gradient(cfg, &gcfg, data, trainer, desc)
+        }
+    }
+}
+
+/// The body of [`gradient_command`] on either backend.
+fn run_gradient<B: Backend>(
+    cfg: &TrainConfig,
+    gcfg: &GradConfig,
+    data: &DataSplit,
+    mut trainer: GradientTrainer<'_, B>,
+    desc: String,
+) -> Result<TrainSummary> {
     let start = RunStart {
         total: gcfg.total_iterations(data.train.len()),
         iteration: 0,
@@ -368,9 +382,10 @@ fn gradient_command(cfg: &TrainConfig, data: &DataSplit, opened: Opened) -> Resu
         adaptive_log: &[],
     };
     let mut out = RunOutput::create(cfg, start, data, &trainer.device_name(), &desc)?;
-    let mut stats = match &cfg.out {
-        Some(dir) => Some(StatsWriter::create(dir, cfg.hist_every)?),
-        None => None,
+    // Layer-spec networks have no statistics yet (`resolve` refuses the flags).
+    let mut stats = match (&cfg.out, &cfg.net) {
+        (Some(dir), None) => Some(StatsWriter::create(dir, cfg.hist_every)?),
+        _ => None,
     };
     let result = trainer.run(&mut out, stats.as_mut());
     out.finish(result.is_ok());

@@ -10,8 +10,31 @@
 //! - ensemble U: J × P; outputs G: J × B × 10, i.e. J × m with column i = 10·d + k;
 //! - targets y: m (one-hot per image).
 
+use crate::cpu::backprop::ForwardCache;
 use crate::model::Net;
+use crate::train::optim::GradOptimizer;
 use crate::Result;
+
+/// Whether [`Backend::backprop`] hands back the forward intermediates.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CacheMode {
+    /// Return them on the host (the activation statistics need them).
+    Keep,
+    /// Drop them.
+    Drop,
+}
+
+/// What [`Backend::backprop`] returns besides the gradient.
+#[derive(Debug, Clone, PartialEq)]
+pub struct GradStep {
+    /// Mean softmax cross-entropy over the batch (natural log).
+    pub loss: f64,
+    /// Images whose arg-max output (ties to the lowest class) equals the label.
+    pub correct: usize,
+    /// The forward intermediates on the host, with [`CacheMode::Keep`] on a fused
+    /// network (`None` otherwise: layer-spec networks have no statistics yet).
+    pub cache: Option<ForwardCache<f32>>,
+}
 
 /// Transposition flag of a GEMM operand.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -72,6 +95,8 @@ pub trait Backend {
     type F32;
     /// A buffer of f64 values owned by this backend.
     type F64;
+    /// A gradient optimizer's state (SGD momentum buffer, Adam moments) on this backend.
+    type Optim;
 
     /// Short name for logs and `config.json` ("cpu", "cuda").
     fn name(&self) -> String;
@@ -103,6 +128,32 @@ pub trait Backend {
         x: &Self::F32,
         images: usize,
         out: &mut Self::F32,
+    ) -> Result<()>;
+
+    /// Backpropagation through ONE network (`weights`: P) on a mini-batch (`x`:
+    /// B × inputs, `labels`: B): the mean softmax cross-entropy (PyTorch's
+    /// `CrossEntropyLoss`) and the correct count; d loss / d weights overwrites `grad`
+    /// (P). Fused presets and layer-spec networks alike (the CUDA backend: presets only,
+    /// an [`Error::Config`](crate::Error::Config) for a spec).
+    fn backprop(
+        &self,
+        net: &Net,
+        weights: &Self::F32,
+        x: &Self::F32,
+        labels: &[u8],
+        grad: &mut Self::F32,
+        cache: CacheMode,
+    ) -> Result<GradStep>;
+
+    /// `opt` (with its state as it is) on this backend.
+    fn optimizer(&self, opt: &GradOptimizer) -> Result<Self::Optim>;
+
+    /// One optimizer step of `params` (P) with `grad` (P), as [`GradOptimizer::step`].
+    fn optimizer_step(
+        &self,
+        opt: &mut Self::Optim,
+        params: &mut Self::F32,
+        grad: &Self::F32,
     ) -> Result<()>;
 
     /// Mean over rows: `out[c] = (1/rows) Σ_r a[r, c]`; `a` is rows × cols.

@@ -87,8 +87,8 @@ pub struct TrainArgs {
     /// Architecture: paper (no second pool, P = 18,050) or pooled (P = 8,450) [default: paper].
     #[arg(long, value_enum)]
     pub arch: Option<Arch>,
-    /// A layer-spec network instead of --arch/--activation (CPU backend, EnKF only for
-    /// now), like torch.nn.Sequential: short form "conv2d(10,5) logistic maxpool2d(2)
+    /// A layer-spec network instead of --arch/--activation (CPU backend for now; the
+    /// EnKF, SGD and Adam), like torch.nn.Sequential: short form "conv2d(10,5) logistic maxpool2d(2)
     /// flatten linear(10)" (conv2d: out_channels, kernel_size, stride, padding; key=value
     /// for any argument, e.g. bias=false) or the JSON list config.json records. Layers:
     /// conv2d, maxpool2d, avgpool2d, flatten, linear, logistic, relu, tanh, heaviside;

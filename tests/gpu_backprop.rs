@@ -19,7 +19,7 @@ use enkf_dnn::data::{default_mnist_dir, load_dir, DataSplit};
 use enkf_dnn::gpu::backprop::{self as gbp, GpuOptimizer};
 use enkf_dnn::gpu::CudaBackend;
 use enkf_dnn::model::{Activation, Arch, Net};
-use enkf_dnn::train::gradient::{GradConfig, GradDevice, GradientTrainer};
+use enkf_dnn::train::gradient::{GradConfig, GradientTrainer};
 use enkf_dnn::train::optim::{Adam, GradOptimizer, Optimizer, Sgd};
 use enkf_dnn::train::stats::StatsWriter;
 
@@ -286,8 +286,7 @@ fn gpu_gradient_run_tracks_the_cpu_run_and_writes_statistics() {
             Some(be) => be,
             None => CudaBackend::new(0, MathMode::Fp32).expect("second backend"),
         };
-        let mut g = GradientTrainer::with_device(&cfg, &data, GradDevice::Cuda(Box::new(dev)))
-            .expect("gpu trainer");
+        let mut g = GradientTrainer::on(dev, &cfg, &data).expect("gpu trainer");
         assert!(g.device_name().starts_with("cuda"), "{}", g.device_name());
         let rg = g.run(&mut (), Some(&mut wg)).expect("gpu run");
         drop((wc, wg));

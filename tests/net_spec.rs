@@ -592,10 +592,6 @@ fn net_is_a_config_key_with_errors_before_any_work() {
             "stats_every is set with net",
         ),
         (
-            r#"{"net": [{"type": "flatten"}, {"type": "linear", "out_features": 10}], "optimizer": "adam"}"#,
-            "backpropagation (SGD, Adam) is not available",
-        ),
-        (
             r#"{"net": [{"type": "flatten"}, {"type": "linear", "out_features": 10}], "backend": "cuda"}"#,
             "no CUDA kernels yet",
         ),

@@ -232,26 +232,15 @@ pub fn backprop<T: Real>(net: &Net, weights: &[T], x: &[T], labels: &[u8]) -> Re
     net.require_fused("backpropagation (SGD, Adam)")?;
     let images = labels.len();
     let p = net.n_params();
-    check_len("backprop weights (P)", weights.len(), p)?;
-    check_len(
-        "backprop x (labels × 784)",
+    check_batch(
+        "backprop",
+        weights.len(),
+        p,
         x.len(),
-        images.saturating_mul(IMG_PIXELS),
+        IMG_PIXELS,
+        labels,
+        CLASSES,
     )?;
-    if images == 0 {
-        return Err(Error::Shape {
-            what: "backprop batch".to_string(),
-            expected: "at least one image".to_string(),
-            found: "0 images".to_string(),
-        });
-    }
-    if let Some(i) = labels.iter().position(|&l| usize::from(l) >= CLASSES) {
-        return Err(Error::Shape {
-            what: format!("backprop label of image {i}"),
-            expected: format!("a class below {CLASSES}"),
-            found: format!("{}", labels[i]),
-        });
-    }
     let scale = T::ONE / T::from_f64(images as f64);
     let mut cache = ForwardCache::zeros(net, images);
     let partials: Vec<(Vec<T>, f64, usize)> = split_cache(&mut cache, images)
@@ -292,6 +281,42 @@ pub fn backprop<T: Real>(net: &Net, weights: &[T], x: &[T], labels: &[u8]) -> Re
         grad,
         cache,
     })
+}
+
+/// Checks a backpropagation batch: `weights` P values, `x` (labels × `n_in`) values,
+/// at least one image, every label below `classes`. `what` names the caller.
+/// Errors: [`Error::Shape`] naming the first fault.
+pub(crate) fn check_batch(
+    what: &str,
+    weights: usize,
+    p: usize,
+    x: usize,
+    n_in: usize,
+    labels: &[u8],
+    classes: usize,
+) -> Result<()> {
+    let images = labels.len();
+    check_len(&format!("{what} weights (P)"), weights, p)?;
+    check_len(
+        &format!("{what} x (labels × {n_in})"),
+        x,
+        images.saturating_mul(n_in),
+    )?;
+    if images == 0 {
+        return Err(Error::Shape {
+            what: format!("{what} batch"),
+            expected: "at least one image".to_string(),
+            found: "0 images".to_string(),
+        });
+    }
+    if let Some(i) = labels.iter().position(|&l| usize::from(l) >= classes) {
+        return Err(Error::Shape {
+            what: format!("{what} label of image {i}"),
+            expected: format!("a class below {classes}"),
+            found: format!("{}", labels[i]),
+        });
+    }
+    Ok(())
 }
 
 /// Max-pool 2×2 stride 2 with arg-max: `input` c × h × w (h, w even), `out`
@@ -696,24 +721,28 @@ fn forward_image<T: Real>(net: &Net, w: &[T], img: &[T], v: &mut ImageView<'_, T
             .zip(feat)
             .fold(T::ZERO, |acc, (&wv, &f)| acc + wv * f);
     }
-    let max = v
-        .logits
+    softmax_into(v.logits, v.probs);
+    Ok(())
+}
+
+/// `probs` = softmax(`logits`) (same length, at least one), max-shifted.
+pub(crate) fn softmax_into<T: Real>(logits: &[T], probs: &mut [T]) {
+    let max = logits
         .iter()
-        .fold(v.logits[0], |m, &z| if z > m { z } else { m });
+        .fold(logits[0], |m, &z| if z > m { z } else { m });
     let mut sum = T::ZERO;
-    for (p, &z) in v.probs.iter_mut().zip(v.logits.iter()) {
+    for (p, &z) in probs.iter_mut().zip(logits) {
         *p = (z - max).exp();
         sum += *p;
     }
-    for p in v.probs.iter_mut() {
+    for p in probs.iter_mut() {
         *p = *p / sum;
     }
-    Ok(())
 }
 
 /// Cross-entropy of one image (natural log, computed in f64 from the logits) and
 /// whether its arg-max (ties to the lowest class) is `label`.
-fn cross_entropy<T: Real>(logits: &[T], label: usize) -> (f64, bool) {
+pub(crate) fn cross_entropy<T: Real>(logits: &[T], label: usize) -> (f64, bool) {
     let mut best = 0;
     for k in 1..logits.len() {
         if logits[k] > logits[best] {

@@ -7,10 +7,12 @@ pub mod backprop;
 pub mod forward;
 pub mod linalg;
 pub mod reduce;
+pub mod spec_backprop;
 pub mod spec_forward;
 
-use crate::backend::{check_len, Backend, MathMode, Trans};
+use crate::backend::{check_len, Backend, CacheMode, GradStep, MathMode, Trans};
 use crate::model::Net;
+use crate::train::optim::GradOptimizer;
 use crate::Result;
 
 /// The CPU backend. Uses the global rayon pool (set its size with `RAYON_NUM_THREADS`
@@ -31,6 +33,7 @@ impl CpuBackend {
 impl Backend for CpuBackend {
     type F32 = Vec<f32>;
     type F64 = Vec<f64>;
+    type Optim = GradOptimizer;
 
     fn name(&self) -> String {
         format!(
@@ -74,6 +77,48 @@ impl Backend for CpuBackend {
         out: &mut Vec<f32>,
     ) -> Result<()> {
         forward::ensemble_forward(net, weights, members, x, images, out)
+    }
+
+    fn backprop(
+        &self,
+        net: &Net,
+        weights: &Vec<f32>,
+        x: &Vec<f32>,
+        labels: &[u8],
+        grad: &mut Vec<f32>,
+        cache: CacheMode,
+    ) -> Result<GradStep> {
+        check_len("backprop grad (P)", grad.len(), net.n_params())?;
+        let (loss, correct, g, kept) = match net.spec() {
+            Some(spec) => {
+                let bp = spec_backprop::spec_backprop(spec, weights, x, labels)?;
+                (bp.loss, bp.correct, bp.grad, None)
+            }
+            None => {
+                let bp = backprop::backprop(net, weights, x, labels)?;
+                let kept = (cache == CacheMode::Keep).then_some(bp.cache);
+                (bp.loss, bp.correct, bp.grad, kept)
+            }
+        };
+        *grad = g;
+        Ok(GradStep {
+            loss,
+            correct,
+            cache: kept,
+        })
+    }
+
+    fn optimizer(&self, opt: &GradOptimizer) -> Result<GradOptimizer> {
+        Ok(opt.clone())
+    }
+
+    fn optimizer_step(
+        &self,
+        opt: &mut GradOptimizer,
+        params: &mut Vec<f32>,
+        grad: &Vec<f32>,
+    ) -> Result<()> {
+        opt.step(params, grad)
     }
 
     fn row_mean(&self, a: &Vec<f32>, rows: usize, cols: usize, out: &mut Vec<f32>) -> Result<()> {

@@ -18,6 +18,7 @@
 use rayon::prelude::*;
 
 use crate::backend::check_len;
+use crate::cpu::backprop::Real;
 use crate::model::spec::{BuiltLayer, Layer, NetSpec, Shape};
 use crate::Result;
 
@@ -85,15 +86,22 @@ fn forward_one(
                 continue;
             }
             Layer::Flatten => continue,
-            _ => layer_forward(l, w, &cur[..n_in], &mut next[..n_out]),
+            _ => layer_forward(l, w, &cur[..n_in], &mut next[..n_out], None),
         }
         std::mem::swap(&mut cur, &mut next);
     }
     out.copy_from_slice(&cur[..out.len()]);
 }
 
-/// One layer with parameters or a pool: `input` its input, `out` its output.
-fn layer_forward(l: &BuiltLayer, w: &[f32], input: &[f32], out: &mut [f32]) {
+/// One layer with parameters or a pool: `input` its input, `out` its output; `arg`
+/// receives each max-pool output's arg-max (an index into `input`) when given.
+pub(crate) fn layer_forward<T: Real>(
+    l: &BuiltLayer,
+    w: &[T],
+    input: &[T],
+    out: &mut [T],
+    arg: Option<&mut [u32]>,
+) {
     match (l.layer, l.input, l.output) {
         (
             Layer::Conv2d {
@@ -125,12 +133,12 @@ fn layer_forward(l: &BuiltLayer, w: &[f32], input: &[f32], out: &mut [f32]) {
             Layer::MaxPool2d { kernel_size: k },
             Shape::Image { h, w: wd, .. },
             Shape::Image { h: oh, w: ow, .. },
-        ) => pool(input, (h, wd), (oh, ow), k, Pool::Max, out),
+        ) => pool(input, (h, wd), (oh, ow), k, Pool::Max, out, arg),
         (
             Layer::AvgPool2d { kernel_size: k },
             Shape::Image { h, w: wd, .. },
             Shape::Image { h: oh, w: ow, .. },
-        ) => pool(input, (h, wd), (oh, ow), k, Pool::Avg, out),
+        ) => pool(input, (h, wd), (oh, ow), k, Pool::Avg, out, None),
         (Layer::Linear { .. }, Shape::Vector(f), Shape::Vector(n)) => {
             let weight = &w[l.weight_offset..][..n * f];
             let bias = l.bias_offset.map(|o| &w[o..][..n]);
@@ -149,16 +157,16 @@ fn layer_forward(l: &BuiltLayer, w: &[f32], input: &[f32], out: &mut [f32]) {
 
 /// The dot product of `a` and `b` (equal lengths) in the fixed order of the module
 /// notes: 8 interleaved partial sums, a pairwise tree, then the tail.
-pub fn dot8(a: &[f32], b: &[f32]) -> f32 {
+pub fn dot8<T: Real>(a: &[T], b: &[T]) -> T {
     let n8 = a.len() / 8 * 8;
-    let mut s = [0.0f32; 8];
+    let mut s = [T::ZERO; 8];
     for (wa, wb) in a[..n8].chunks_exact(8).zip(b[..n8].chunks_exact(8)) {
         for k in 0..8 {
             s[k] += wa[k] * wb[k];
         }
     }
     let mut total = ((s[0] + s[1]) + (s[2] + s[3])) + ((s[4] + s[5]) + (s[6] + s[7]));
-    for (x, y) in a[n8..].iter().zip(&b[n8..]) {
+    for (&x, &y) in a[n8..].iter().zip(&b[n8..]) {
         total += x * y;
     }
     total
@@ -166,7 +174,7 @@ pub fn dot8(a: &[f32], b: &[f32]) -> f32 {
 
 /// Valid range of output positions `x` whose input position `x·stride + kx − padding`
 /// lies in `0..side`.
-fn valid_range(
+pub(crate) fn valid_range(
     out_side: usize,
     side: usize,
     kx: usize,
@@ -184,17 +192,17 @@ fn valid_range(
 
 /// conv2d with stride and zero padding: `input` c × h × w, `weight` co × c × k × k,
 /// `out` co × oh × ow.
-fn conv2d(
-    input: &[f32],
+fn conv2d<T: Real>(
+    input: &[T],
     (c, h, w): (usize, usize, usize),
-    weight: &[f32],
-    bias: Option<&[f32]>,
+    weight: &[T],
+    bias: Option<&[T]>,
     (co, oh, ow): (usize, usize, usize),
     (k, stride, padding): (usize, usize, usize),
-    out: &mut [f32],
+    out: &mut [T],
 ) {
     for (o, plane) in out.chunks_exact_mut(oh * ow).enumerate().take(co) {
-        plane.fill(0.0);
+        plane.fill(T::ZERO);
         for i in 0..c {
             for ky in 0..k {
                 let (y0, y1) = valid_range(oh, h, ky, stride, padding);
@@ -208,7 +216,7 @@ fn conv2d(
                         if stride == 1 {
                             // x0 + kx ≥ padding by `valid_range`.
                             let start = x0 + kx - padding;
-                            for (d, s) in row[x0..x1].iter_mut().zip(&src[start..]) {
+                            for (d, &s) in row[x0..x1].iter_mut().zip(&src[start..]) {
                                 *d += wv * s;
                             }
                         } else {
@@ -235,36 +243,54 @@ enum Pool {
 }
 
 /// Max- or average-pool with window = stride = k over every plane of `input`
-/// (planes of h × w → oh × ow, floored).
-fn pool(
-    input: &[f32],
+/// (planes of h × w → oh × ow, floored). Max takes the first maximum in row-major
+/// window order with a strictly-greater scan, a NaN winning its window (PyTorch's CPU
+/// `max_pool2d`), and writes its flat index into `input` to `arg` when given; average
+/// sums the window row by row and divides by k².
+#[allow(clippy::too_many_arguments)]
+fn pool<T: Real>(
+    input: &[T],
     (h, w): (usize, usize),
     (oh, ow): (usize, usize),
     k: usize,
     kind: Pool,
-    out: &mut [f32],
+    out: &mut [T],
+    mut arg: Option<&mut [u32]>,
 ) {
-    let scale = (k * k) as f32;
-    for (src, dst) in input.chunks_exact(h * w).zip(out.chunks_exact_mut(oh * ow)) {
+    let scale = T::from_f64((k * k) as f64);
+    let planes = input.chunks_exact(h * w).zip(out.chunks_exact_mut(oh * ow));
+    for (ch, (src, dst)) in planes.enumerate() {
         for y in 0..oh {
             for x in 0..ow {
-                let mut acc = match kind {
-                    Pool::Max => f32::NEG_INFINITY,
-                    Pool::Avg => 0.0,
-                };
-                for ky in 0..k {
-                    let row = &src[(y * k + ky) * w + x * k..][..k];
-                    for &v in row {
-                        acc = match kind {
-                            Pool::Max => acc.max(v),
-                            Pool::Avg => acc + v,
-                        };
+                let j = y * ow + x;
+                match kind {
+                    Pool::Max => {
+                        let mut best = y * k * w + x * k;
+                        for ky in 0..k {
+                            for kx in 0..k {
+                                let idx = (y * k + ky) * w + x * k + kx;
+                                let (v, b) = (src[idx], src[best]);
+                                if v > b || (v.is_nan() && !b.is_nan()) {
+                                    best = idx;
+                                }
+                            }
+                        }
+                        dst[j] = src[best];
+                        if let Some(a) = arg.as_deref_mut() {
+                            // `NetSpec::build` caps a layer's values below 2^31.
+                            a[ch * oh * ow + j] = (ch * h * w + best) as u32;
+                        }
+                    }
+                    Pool::Avg => {
+                        let mut acc = T::ZERO;
+                        for ky in 0..k {
+                            for &v in &src[(y * k + ky) * w + x * k..][..k] {
+                                acc += v;
+                            }
+                        }
+                        dst[j] = acc / scale;
                     }
                 }
-                dst[y * ow + x] = match kind {
-                    Pool::Max => acc,
-                    Pool::Avg => acc / scale,
-                };
             }
         }
     }

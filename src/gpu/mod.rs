@@ -26,8 +26,9 @@ use cudarc::cusolver::DnHandle;
 use cudarc::driver::sys::CUdevice_attribute;
 use cudarc::driver::{CudaContext, CudaSlice, CudaStream, DeviceRepr, ValidAsZeroBits};
 
-use crate::backend::{check_len, check_rows, Backend, MathMode, Trans};
+use crate::backend::{check_len, check_rows, Backend, CacheMode, GradStep, MathMode, Trans};
 use crate::model::Net;
+use crate::train::optim::GradOptimizer;
 use crate::{Error, Result};
 
 pub use geometry::{ForwardGeometry, SharedMemoryLimits};
@@ -332,6 +333,7 @@ impl CudaBackend {
 impl Backend for CudaBackend {
     type F32 = CudaSlice<f32>;
     type F64 = CudaSlice<f64>;
+    type Optim = backprop::GpuOptimizer;
 
     fn name(&self) -> String {
         self.description.clone()
@@ -396,6 +398,49 @@ impl Backend for CudaBackend {
         out: &mut CudaSlice<f32>,
     ) -> Result<()> {
         forward::ensemble_forward(self, net, weights, members, x, images, out)
+    }
+
+    fn backprop(
+        &self,
+        net: &Net,
+        weights: &CudaSlice<f32>,
+        x: &CudaSlice<f32>,
+        labels: &[u8],
+        grad: &mut CudaSlice<f32>,
+        cache: CacheMode,
+    ) -> Result<GradStep> {
+        if let Some(spec) = net.spec() {
+            return Err(Error::Config(format!(
+                "backpropagation of the layer-spec network {} on CUDA: layer-spec \
+                 networks have no CUDA kernels yet; use --backend cpu",
+                spec.short_form()
+            )));
+        }
+        check_len("gpu backprop grad (P)", grad.len(), net.n_params())?;
+        let bp = backprop::backprop(self, net, weights, x, labels)?;
+        let kept = match cache {
+            CacheMode::Keep => Some(bp.cache.download(self)?),
+            CacheMode::Drop => None,
+        };
+        *grad = bp.grad;
+        Ok(GradStep {
+            loss: bp.loss,
+            correct: bp.correct,
+            cache: kept,
+        })
+    }
+
+    fn optimizer(&self, opt: &GradOptimizer) -> Result<backprop::GpuOptimizer> {
+        backprop::GpuOptimizer::from_host(self, opt)
+    }
+
+    fn optimizer_step(
+        &self,
+        opt: &mut backprop::GpuOptimizer,
+        params: &mut CudaSlice<f32>,
+        grad: &CudaSlice<f32>,
+    ) -> Result<()> {
+        opt.step(self, params, grad)
     }
 
     fn row_mean(

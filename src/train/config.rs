@@ -522,13 +522,6 @@ impl TrainConfig {
         let bad = |msg: String| Err(Error::Config(msg));
         if let Some(n) = &self.net {
             let net = n.0.short_form();
-            if self.optimizer != Optimizer::Enkf {
-                return bad(format!(
-                    "optimizer = {:?} with net = {net}: backpropagation (SGD, Adam) is not \
-                     available for layer-spec networks yet; use the EnKF or --arch",
-                    self.optimizer
-                ));
-            }
             if self.backend == BackendKind::Cuda {
                 return bad(format!(
                     "backend = cuda with net = {net}: layer-spec networks have no CUDA \

@@ -1,7 +1,10 @@
 //! The gradient baselines: ONE network trained by backpropagation with SGD or Adam,
-//! on the CPU or, with [`GradDevice::Cuda`], on the GPU (`crate::gpu::backprop`: the
-//! weights, optimizer state, mini-batch and test set live on the device; the two paths
-//! draw the same initial weights and batches and agree to the twins' tolerances).
+//! written once over the [`Backend`] seam ([`Backend::backprop`],
+//! [`Backend::optimizer_step`]) like the EnKF: on the CPU (`crate::cpu::backprop` for
+//! the fused presets, `crate::cpu::spec_backprop` for layer-spec networks) or on the GPU
+//! (`crate::gpu::backprop`, presets only: the weights, optimizer state, mini-batch and
+//! test set live on the device; the paths draw the same initial weights and batches and
+//! agree to the twins' tolerances).
 //!
 //! Same network, data, initialisation and seed as an EnKF run: the initial weights are
 //! the first P draws of the run's init stream (`ChaCha8Rng` seeded with `seed`, stream
@@ -26,16 +29,12 @@ use super::metrics::{self, MetricsRow};
 use super::optim::{GradOptimizer, Optimizer};
 use super::stats::{stats_from_cache, StatsWriter, DEFAULT_HIST_EVERY};
 use super::{Observer, TrainConfig, STREAM_INIT, STREAM_SHUFFLE};
-use crate::backend::Backend;
-use crate::cpu::backprop::backprop;
-use crate::cpu::forward::ensemble_forward;
+use crate::backend::{Backend, CacheMode};
+use crate::cpu::CpuBackend;
 use crate::data::DataSplit;
 use crate::enkf::init_ensemble;
-use crate::gpu::backprop::GpuOptimizer;
-use crate::gpu::CudaBackend;
 use crate::model::{Net, CLASSES};
 use crate::{Error, Result};
-use cudarc::driver::CudaSlice;
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
@@ -152,40 +151,26 @@ impl GradConfig {
     }
 }
 
-/// Where a gradient run computes.
-#[derive(Debug, Default)]
-pub enum GradDevice {
-    /// The CPU reference path (`crate::cpu::backprop`, [`GradOptimizer`]).
-    #[default]
-    Cpu,
-    /// The CUDA path (`crate::gpu::backprop`, [`GpuOptimizer`]) on this backend.
-    Cuda(Box<CudaBackend>),
-}
-
-/// The device state of a CUDA gradient run.
-struct CudaRun {
-    be: Box<CudaBackend>,
-    /// Current weights (P).
-    weights: CudaSlice<f32>,
-    opt: GpuOptimizer,
-    /// The current mini-batch (B × 784; reallocated when B changes).
-    x: CudaSlice<f32>,
-    /// The whole test set (N_test × 784) and its logits (N_test × 10).
-    test_x: CudaSlice<f32>,
-    test_out: CudaSlice<f32>,
-}
-
-/// A gradient training run; [`train_gradient`] is the one-call form.
-pub struct GradientTrainer<'a> {
+/// A gradient training run on backend `B` (the weights, optimizer state, mini-batch and
+/// test set live in `B`'s memory); [`train_gradient`] is the one-call form on the CPU.
+pub struct GradientTrainer<'a, B: Backend = CpuBackend> {
     cfg: GradConfig,
     data: &'a DataSplit,
-    /// Host weights: the state on the CPU; on the GPU a copy refreshed by [`Self::run`].
-    weights: Vec<f32>,
-    opt: GradOptimizer,
-    cuda: Option<CudaRun>,
+    be: B,
+    /// Current weights (P) on the backend.
+    weights: B::F32,
+    /// Host copy of the weights, refreshed at the end of [`Self::run`].
+    host_weights: Vec<f32>,
+    /// The last gradient (P).
+    grad: B::F32,
+    opt: B::Optim,
+    /// The current mini-batch (B × inputs; reallocated when B changes).
+    x: B::F32,
+    /// The whole test set (N_test × inputs) and its outputs (N_test × classes).
+    test_x: B::F32,
+    test_out: B::F32,
     order: Vec<usize>,
     shuffle_rng: ChaCha8Rng,
-    test_out: Vec<f32>,
     /// Seconds spent in backpropagation, optimizer steps and test evaluation.
     pub times: GradTimes,
 }
@@ -203,67 +188,58 @@ pub struct GradTimes {
     pub eval: f64,
 }
 
-impl<'a> GradientTrainer<'a> {
+impl<'a> GradientTrainer<'a, CpuBackend> {
     /// Validates `cfg` and the data, and draws the initial weights (see the module docs);
     /// runs on the CPU.
-    /// Errors: [`Error::Config`] for a bad setting, [`Error::Shape`] when the images are
-    /// not 28 × 28 or a split is empty.
+    /// Errors: [`Error::Config`] for a bad setting, [`Error::Shape`] when the images do
+    /// not fit the network or a split is empty.
     pub fn new(cfg: &GradConfig, data: &'a DataSplit) -> Result<Self> {
-        Self::with_device(cfg, data, GradDevice::Cpu)
+        Self::on(CpuBackend::new(), cfg, data)
     }
+}
 
-    /// As [`GradientTrainer::new`], computing on `device` (the same initial weights and
-    /// batches on either). On CUDA the weights, the optimizer state and the test set are
+impl<'a, B: Backend> GradientTrainer<'a, B> {
+    /// As [`GradientTrainer::new`], computing on `be` (the same initial weights and
+    /// batches on any backend). The weights, the optimizer state and the test set are
     /// uploaded here.
-    /// Errors: those of [`GradientTrainer::new`], and [`Error::Cuda`] when an upload fails.
-    pub fn with_device(cfg: &GradConfig, data: &'a DataSplit, device: GradDevice) -> Result<Self> {
+    /// Errors: those of [`GradientTrainer::new`], and the backend's when an upload fails.
+    pub fn on(be: B, cfg: &GradConfig, data: &'a DataSplit) -> Result<Self> {
         cfg.validate()?;
         super::check_splits(data)?;
         let mut rng = ChaCha8Rng::seed_from_u64(cfg.seed);
         rng.set_stream(STREAM_INIT);
-        let weights = init_ensemble(&mut rng, 1, cfg.net.n_params(), cfg.sigma);
+        let p = cfg.net.n_params();
+        let host_weights = init_ensemble(&mut rng, 1, p, cfg.sigma);
         let mut shuffle_rng = ChaCha8Rng::seed_from_u64(cfg.seed);
         shuffle_rng.set_stream(STREAM_SHUFFLE);
-        let opt = GradOptimizer::new(cfg.optimizer, cfg.lr, cfg.momentum)?;
-        let cuda = match device {
-            GradDevice::Cpu => None,
-            GradDevice::Cuda(be) => {
-                let test = &data.test;
-                Some(CudaRun {
-                    weights: be.upload_f32(&weights)?,
-                    opt: GpuOptimizer::from_host(&be, &opt)?,
-                    x: be.zeros_f32(0)?,
-                    test_x: be.upload_f32(&test.images)?,
-                    test_out: be.zeros_f32(test.len() * CLASSES)?,
-                    be,
-                })
-            }
-        };
+        let opt = be.optimizer(&GradOptimizer::new(cfg.optimizer, cfg.lr, cfg.momentum)?)?;
+        let test = &data.test;
         Ok(GradientTrainer {
             cfg: cfg.clone(),
             data,
-            weights,
+            weights: be.upload_f32(&host_weights)?,
+            grad: be.zeros_f32(p)?,
             opt,
-            cuda,
+            x: be.zeros_f32(1)?,
+            test_x: be.upload_f32(&test.images)?,
+            test_out: be.zeros_f32(test.len() * CLASSES)?,
+            host_weights,
+            be,
             order: (0..data.train.len()).collect(),
             shuffle_rng,
-            test_out: vec![0.0; data.test.len() * CLASSES],
             times: GradTimes::default(),
         })
     }
 
-    /// The current weights (P, `state_dict` order). On the GPU: as of the end of the
-    /// last [`Self::run`] (or the initial weights before it).
+    /// The current weights (P, `state_dict` order): as of the end of the last
+    /// [`Self::run`] (or the initial weights before it).
     pub fn weights(&self) -> &[f32] {
-        &self.weights
+        &self.host_weights
     }
 
-    /// The device in words: "cpu", or the CUDA backend's description.
+    /// The backend in words ("cpu (2 threads, avx2 forward)", the CUDA device).
     pub fn device_name(&self) -> String {
-        match &self.cuda {
-            None => "cpu".to_string(),
-            Some(c) => c.be.name(),
-        }
+        self.be.name()
     }
 
     /// Total iterations of this run.
@@ -272,48 +248,41 @@ impl<'a> GradientTrainer<'a> {
     }
 
     /// Test error (%) and mean cross-entropy of the current weights on the whole test
-    /// set. Errors: [`Error::Shape`] from the forward pass.
+    /// set. Errors: [`Error::Shape`] from the forward pass, the backend's errors.
     pub fn evaluate(&mut self) -> Result<(f64, f64)> {
         let test = &self.data.test;
         if test.is_empty() {
             return Ok((f64::NAN, f64::NAN));
         }
-        if let Some(c) = self.cuda.as_mut() {
-            crate::gpu::forward::ensemble_forward(
-                &c.be,
-                &self.cfg.net,
-                &c.weights,
-                1,
-                &c.test_x,
-                test.len(),
-                &mut c.test_out,
-            )?;
-            self.test_out = c.be.download_f32(&c.test_out)?;
-        } else {
-            ensemble_forward(
-                &self.cfg.net,
-                &self.weights,
-                1,
-                &test.images,
-                test.len(),
-                &mut self.test_out,
-            )?;
-        }
-        let (loss, correct) = metrics::score_logits(&self.test_out, &test.labels);
+        self.be.ensemble_forward(
+            &self.cfg.net,
+            &self.weights,
+            1,
+            &self.test_x,
+            test.len(),
+            &mut self.test_out,
+        )?;
+        let out = self.be.download_f32(&self.test_out)?;
+        let (loss, correct) = metrics::score_logits(&out, &test.labels);
         Ok((100.0 * (1.0 - correct as f64 / test.len() as f64), loss))
     }
 
     /// Runs every iteration, reporting each row to `observer` and, when given, writing
     /// the statistics of every iteration (histograms when `stats.wants_histograms`).
+    /// Errors: [`Error::Config`] when statistics are asked of a layer-spec network.
     pub fn run(
         &mut self,
         observer: &mut dyn Observer,
         mut stats: Option<&mut StatsWriter>,
     ) -> Result<Vec<MetricsRow>> {
+        if stats.is_some() {
+            self.cfg
+                .net
+                .require_fused("activation and gradient statistics")?;
+        }
         let n = self.data.train.len();
         let total = self.total_iterations();
         let per_epoch = self.cfg.iterations_per_epoch(n);
-        let net = self.cfg.net.clone();
         let start = Instant::now();
         let mut rows = Vec::with_capacity(total + 1);
         let mut x = Vec::new();
@@ -328,25 +297,7 @@ impl<'a> GradientTrainer<'a> {
             let lo = bi * self.cfg.batch;
             let hi = (lo + self.cfg.batch).min(n);
             let labels = self.data.train.gather(&self.order[lo..hi], &mut x);
-            let (loss, correct) = match self.cuda.as_mut() {
-                None => cpu_iteration(
-                    &net,
-                    &mut self.weights,
-                    &mut self.opt,
-                    &mut self.times,
-                    (&x, &labels),
-                    t,
-                    stats.as_deref_mut(),
-                )?,
-                Some(c) => cuda_iteration(
-                    &net,
-                    c,
-                    &mut self.times,
-                    (&x, &labels),
-                    t,
-                    stats.as_deref_mut(),
-                )?,
-            };
+            let (loss, correct) = self.iteration((&x, &labels), t, stats.as_deref_mut())?;
             let mut row = MetricsRow::training(
                 t,
                 t as f64 / per_epoch as f64,
@@ -369,76 +320,50 @@ impl<'a> GradientTrainer<'a> {
         if let Some(w) = stats {
             w.flush()?;
         }
-        if let Some(c) = &self.cuda {
-            self.weights = c.be.download_f32(&c.weights)?;
-        }
+        self.host_weights = self.be.download_f32(&self.weights)?;
         Ok(rows)
     }
-}
 
-/// Row t on the CPU: backpropagation on the mini-batch `(x, labels)`, the statistics
-/// when asked, and (t > 0) one optimizer step. Returns the batch's loss and correct count.
-fn cpu_iteration(
-    net: &Net,
-    weights: &mut [f32],
-    opt: &mut GradOptimizer,
-    times: &mut GradTimes,
-    (x, labels): (&[f32], &[u8]),
-    t: usize,
-    stats: Option<&mut StatsWriter>,
-) -> Result<(f64, usize)> {
-    let t0 = Instant::now();
-    let bp = backprop(net, weights, x, labels)?;
-    times.backprop += t0.elapsed().as_secs_f64();
-    if let Some(w) = stats {
+    /// Row t: backpropagation on the mini-batch `(x, labels)`, the statistics when
+    /// asked (computed on the host), and (t > 0) one optimizer step. Returns the batch's
+    /// loss and correct count. Each phase waits for the backend, so the times are its
+    /// own.
+    fn iteration(
+        &mut self,
+        (x, labels): (&[f32], &[u8]),
+        t: usize,
+        stats: Option<&mut StatsWriter>,
+    ) -> Result<(f64, usize)> {
+        let be = &self.be;
         let t0 = Instant::now();
-        let s = stats_from_cache(net, &bp.cache, Some(&bp.grad), w.wants_histograms(t))?;
-        w.write(t, &s)?;
-        times.stats += t0.elapsed().as_secs_f64();
+        if be.len_f32(&self.x) == x.len() {
+            be.write_f32(x, &mut self.x)?;
+        } else {
+            self.x = be.upload_f32(x)?;
+        }
+        let keep = match stats {
+            Some(_) => CacheMode::Keep,
+            None => CacheMode::Drop,
+        };
+        let net = &self.cfg.net;
+        let bp = be.backprop(net, &self.weights, &self.x, labels, &mut self.grad, keep)?;
+        be.synchronize()?;
+        self.times.backprop += t0.elapsed().as_secs_f64();
+        if let (Some(w), Some(cache)) = (stats, &bp.cache) {
+            let t0 = Instant::now();
+            let grad = be.download_f32(&self.grad)?;
+            let s = stats_from_cache(net, cache, Some(&grad), w.wants_histograms(t))?;
+            w.write(t, &s)?;
+            self.times.stats += t0.elapsed().as_secs_f64();
+        }
+        if t > 0 {
+            let t0 = Instant::now();
+            be.optimizer_step(&mut self.opt, &mut self.weights, &self.grad)?;
+            be.synchronize()?;
+            self.times.step += t0.elapsed().as_secs_f64();
+        }
+        Ok((bp.loss, bp.correct))
     }
-    if t > 0 {
-        let t0 = Instant::now();
-        opt.step(weights, &bp.grad)?;
-        times.step += t0.elapsed().as_secs_f64();
-    }
-    Ok((bp.loss, bp.correct))
-}
-
-/// Row t on the GPU, as [`cpu_iteration`]: the mini-batch is uploaded, the statistics
-/// are computed on the host from the downloaded cache and gradient. Each phase waits for
-/// the stream, so the times are device times.
-fn cuda_iteration(
-    net: &Net,
-    c: &mut CudaRun,
-    times: &mut GradTimes,
-    (x, labels): (&[f32], &[u8]),
-    t: usize,
-    stats: Option<&mut StatsWriter>,
-) -> Result<(f64, usize)> {
-    let t0 = Instant::now();
-    if c.be.len_f32(&c.x) == x.len() {
-        c.be.write_f32(x, &mut c.x)?;
-    } else {
-        c.x = c.be.upload_f32(x)?;
-    }
-    // backprop waits for the stream (the loss comes back to the host).
-    let bp = crate::gpu::backprop::backprop(&c.be, net, &c.weights, &c.x, labels)?;
-    times.backprop += t0.elapsed().as_secs_f64();
-    if let Some(w) = stats {
-        let t0 = Instant::now();
-        let cache = bp.cache.download(&c.be)?;
-        let grad = c.be.download_f32(&bp.grad)?;
-        let s = stats_from_cache(net, &cache, Some(&grad), w.wants_histograms(t))?;
-        w.write(t, &s)?;
-        times.stats += t0.elapsed().as_secs_f64();
-    }
-    if t > 0 {
-        let t0 = Instant::now();
-        c.opt.step(&c.be, &mut c.weights, &bp.grad)?;
-        c.be.synchronize()?;
-        times.step += t0.elapsed().as_secs_f64();
-    }
-    Ok((bp.loss, bp.correct))
 }
 
 /// Trains one network by backpropagation (see the module docs) and returns one metrics
