@@ -5,7 +5,7 @@ use crate::backend::{BackendKind, MathMode};
 use crate::enkf::UpdateRule;
 use crate::model::spec::NetSetting;
 use crate::model::{Activation, Arch};
-use crate::train::config::{Adaptation, FailurePolicy, LabelPairing};
+use crate::train::config::{Adaptation, BiasInit, FailurePolicy, LabelPairing};
 use crate::train::optim::Optimizer;
 use crate::train::{BatchOrder, EvalMode, PartialConfig};
 use clap::{Args, Parser, Subcommand};
@@ -84,6 +84,10 @@ pub struct TrainArgs {
     /// Activation after each convolution [default: logistic].
     #[arg(long, value_enum)]
     pub activation: Option<Activation>,
+    /// How the biases of a --net network start: zero (the paper's Sect. 2.2) or normal
+    /// (N(0, σ²) like the weights) [default: zero].
+    #[arg(long, value_enum)]
+    pub bias_init: Option<BiasInit>,
     /// Architecture: paper (no second pool, P = 18,050) or pooled (P = 8,450) [default: paper].
     #[arg(long, value_enum)]
     pub arch: Option<Arch>,
@@ -220,6 +224,7 @@ impl TrainArgs {
             activation: self.activation,
             arch: self.arch,
             net: self.net.clone(),
+            bias_init: self.bias_init,
             update: self.update,
             seed: self.seed,
             data: self.data.clone(),

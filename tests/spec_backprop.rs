@@ -247,3 +247,57 @@ fn sgd_and_adam_train_spec_networks_and_heaviside_stops_them() {
         .zip(&before[conv..])
         .any(|(a, b)| a != b));
 }
+
+/// Biases start at 0 (the paper's Sect. 2.2) in the EnKF ensemble and the gradient
+/// runs; `bias_init = normal` draws them N(0, σ²) with the weights, which are the same
+/// either way; asking for normal biases of a network without biases is an error.
+#[test]
+fn biases_start_at_zero_unless_normal_is_asked() {
+    use enkf_dnn::cpu::CpuBackend;
+    use enkf_dnn::train::{PartialConfig, Trainer};
+    let data = limited(64, 10);
+    let resolve = |extra: &str| {
+        let json = format!(
+            r#"{{"net": "flatten linear(8) tanh linear(10)", "members": 4, "sigma": 0.5{extra}}}"#
+        );
+        PartialConfig::from_json(&json).and_then(|(p, _)| p.resolve())
+    };
+    let cfg = resolve("").unwrap();
+    let net = cfg.net();
+    let ranges = net.bias_ranges();
+    assert_eq!(ranges, [784 * 8..784 * 8 + 8, 784 * 8 + 8 + 80..784 * 8 + 8 + 80 + 10]);
+    let be = CpuBackend::new();
+    let zero = Trainer::new(&be, &cfg, &data).unwrap().ensemble_host().unwrap();
+    let normal_cfg = resolve(r#", "bias_init": "normal""#).unwrap();
+    let normal = Trainer::new(&be, &normal_cfg, &data)
+        .unwrap()
+        .ensemble_host()
+        .unwrap();
+    let p = net.n_params();
+    let mut biases = 0;
+    for m in 0..4 {
+        for i in 0..p {
+            let (z, n) = (zero[m * p + i], normal[m * p + i]);
+            if ranges.iter().any(|r| r.contains(&i)) {
+                assert_eq!(z, 0.0);
+                assert!(n != 0.0 && n.abs() < 5.0 * 0.5);
+                biases += 1;
+            } else {
+                assert_eq!(z, n, "weights differ at member {m}, index {i}");
+            }
+        }
+    }
+    assert_eq!(biases, 4 * 18);
+    let mut g = GradConfig::from_train(&cfg, Optimizer::Sgd, None, 0.9, 200);
+    let w = GradientTrainer::new(&g, &data).unwrap().weights().to_vec();
+    assert!(ranges.iter().all(|r| w[r.clone()].iter().all(|&v| v == 0.0)));
+    assert_eq!(&w[..ranges[0].start], &zero[..ranges[0].start]);
+    g.bias_init = enkf_dnn::train::BiasInit::Normal;
+    let w = GradientTrainer::new(&g, &data).unwrap().weights().to_vec();
+    assert_eq!(&w[..p], &normal[..p]);
+    let msg = PartialConfig::from_json(r#"{"bias_init": "normal"}"#)
+        .and_then(|(p, _)| p.resolve())
+        .unwrap_err()
+        .to_string();
+    assert!(msg.contains("bias_init = normal") && msg.contains("no biases"), "{msg}");
+}

@@ -265,6 +265,28 @@ impl Net {
         ]
     }
 
+    /// The bias tensors' index ranges in the flat vector (none for the fused presets).
+    pub fn bias_ranges(&self) -> Vec<std::ops::Range<usize>> {
+        self.tensors()
+            .iter()
+            .filter(|t| t.name.ends_with(".bias"))
+            .map(TensorSpec::range)
+            .collect()
+    }
+
+    /// Sets every bias of `members` weight vectors (`weights`: members × P) to 0.
+    pub fn zero_biases(&self, weights: &mut [f32]) {
+        let (p, ranges) = (self.n_params(), self.bias_ranges());
+        if p == 0 || ranges.is_empty() {
+            return;
+        }
+        for row in weights.chunks_exact_mut(p) {
+            for r in &ranges {
+                row[r.clone()].fill(0.0);
+            }
+        }
+    }
+
     /// Multiply-adds of one forward pass of one image.
     pub fn macs_per_image(&self) -> usize {
         if let Some(s) = self.spec() {

@@ -305,9 +305,13 @@ fn parse_layer(index: usize, v: &Value) -> Result<Layer> {
     })
 }
 
-/// Parses the JSON form (an array of layer objects). Errors: [`Error::Config`] naming
-/// the layer index and key.
+/// Parses the JSON form (an array of layer objects; a string is read as the short
+/// form, so a config file may use either). Errors: [`Error::Config`] naming the layer
+/// index and key.
 pub fn parse_json(v: &Value) -> Result<Vec<Layer>> {
+    if let Value::String(text) = v {
+        return parse_short(text);
+    }
     let arr = v
         .as_array()
         .ok_or_else(|| Error::Config(format!("net: {v} is not a list of layers")))?;

@@ -51,6 +51,17 @@ pub enum LabelPairing {
     Authors,
 }
 
+/// How biases start (weights always start N(0, σ²)).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum BiasInit {
+    /// 0, as the paper's Sect. 2.2.
+    #[default]
+    Zero,
+    /// N(0, σ²) like the weights.
+    Normal,
+}
+
 /// Whether the ensemble size and repetitions adapt during training (the paper's Algorithm 1).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
@@ -102,6 +113,10 @@ pub struct TrainConfig {
     /// networks; see `crate::model::spec`).
     #[serde(default)]
     pub net: Option<NetSetting>,
+    /// How the biases of a layer-spec network start (drawn N(0, σ²) with the weights,
+    /// then set to 0 unless `normal`, so the weights are the same either way).
+    #[serde(default)]
+    pub bias_init: BiasInit,
     /// EnKF update rule.
     pub update: UpdateRule,
     /// Seed of every random stream of the run.
@@ -175,6 +190,7 @@ impl Default for TrainConfig {
             activation: Activation::Logistic,
             arch: Arch::Paper,
             net: None,
+            bias_init: BiasInit::Zero,
             update: UpdateRule::Sequential,
             seed: 0,
             data: crate::data::default_mnist_dir(),
@@ -251,6 +267,8 @@ pub struct PartialConfig {
     pub arch: Option<Arch>,
     #[allow(missing_docs)]
     pub net: Option<NetSetting>,
+    #[allow(missing_docs)]
+    pub bias_init: Option<BiasInit>,
     #[allow(missing_docs)]
     pub update: Option<UpdateRule>,
     #[allow(missing_docs)]
@@ -529,6 +547,12 @@ impl TrainConfig {
                 ));
             }
         }
+        if self.bias_init == BiasInit::Normal && self.net().bias_ranges().is_empty() {
+            return bad(format!(
+                "bias_init = normal, but the network ({}) has no biases",
+                self.net().describe()
+            ));
+        }
         if self.members < 2 {
             return bad(format!(
                 "members (J) must be at least 2 for a covariance, got {}",
@@ -745,8 +769,10 @@ mod tests {
             eval: vec![EvalMode::Last, EvalMode::Mean],
             activation: Activation::Tanh,
             arch: Arch::Pooled,
-            // A layer spec replaces arch; its round trip is tested in tests/net_spec.rs.
+            // A layer spec replaces arch; its round trip (and bias_init's, which needs a
+            // network with biases) is tested in tests/net_spec.rs.
             net: None,
+            bias_init: BiasInit::Zero,
             update: UpdateRule::Batch,
             seed: 42,
             data: "/some/where".into(),

@@ -25,6 +25,7 @@
 //! GPU they are computed on the host from the downloaded cache and gradient (only when a
 //! [`StatsWriter`] is given).
 
+use super::config::BiasInit;
 use super::metrics::{self, MetricsRow};
 use super::optim::{GradOptimizer, Optimizer};
 use super::stats::{stats_from_cache, StatsWriter, DEFAULT_HIST_EVERY};
@@ -66,6 +67,8 @@ pub struct GradConfig {
     pub sigma: f64,
     /// The network.
     pub net: Net,
+    /// How the biases start (the weights are drawn either way).
+    pub bias_init: BiasInit,
 }
 
 impl GradConfig {
@@ -91,6 +94,7 @@ impl GradConfig {
             seed: cfg.seed,
             sigma: cfg.sigma,
             net: cfg.net(),
+            bias_init: cfg.bias_init,
         }
     }
 
@@ -109,6 +113,7 @@ impl GradConfig {
             seed: 0,
             sigma: 1.0,
             net: Net::default(),
+            bias_init: BiasInit::Zero,
         }
     }
 
@@ -209,7 +214,10 @@ impl<'a, B: Backend> GradientTrainer<'a, B> {
         let mut rng = ChaCha8Rng::seed_from_u64(cfg.seed);
         rng.set_stream(STREAM_INIT);
         let p = cfg.net.n_params();
-        let host_weights = init_ensemble(&mut rng, 1, p, cfg.sigma);
+        let mut host_weights = init_ensemble(&mut rng, 1, p, cfg.sigma);
+        if cfg.bias_init == BiasInit::Zero {
+            cfg.net.zero_biases(&mut host_weights);
+        }
         let mut shuffle_rng = ChaCha8Rng::seed_from_u64(cfg.seed);
         shuffle_rng.set_stream(STREAM_SHUFFLE);
         let opt = be.optimizer(&GradOptimizer::new(cfg.optimizer, cfg.lr, cfg.momentum)?)?;

@@ -26,7 +26,8 @@ use crate::{Error, Result};
 use adaptive::{AdaptiveLogRow, AdaptiveRule};
 use checkpoint::{CheckpointState, RngState};
 pub use config::{
-    Adaptation, BatchOrder, EvalMode, FailurePolicy, LabelPairing, PartialConfig, TrainConfig,
+    Adaptation, BatchOrder, BiasInit, EvalMode, FailurePolicy, LabelPairing, PartialConfig,
+    TrainConfig,
 };
 pub use metrics::MetricsRow;
 use rand::seq::SliceRandom;
@@ -167,12 +168,18 @@ impl<'a, B: Backend> Trainer<'a, B> {
         let params = cfg.net().n_params();
         let host_u = match &cfg.init_ensemble {
             Some(path) => load_ensemble(path, cfg.members, params)?,
-            None => init_ensemble(
-                &mut rng(cfg.seed, STREAM_INIT),
-                cfg.members,
-                params,
-                cfg.sigma,
-            ),
+            None => {
+                let mut u = init_ensemble(
+                    &mut rng(cfg.seed, STREAM_INIT),
+                    cfg.members,
+                    params,
+                    cfg.sigma,
+                );
+                if cfg.bias_init == BiasInit::Zero {
+                    cfg.net().zero_biases(&mut u);
+                }
+                u
+            }
         };
         let mut t = Self::build(backend, cfg, data, &host_u, cfg.members)?;
         t.order = (0..data.train.len()).collect();
