@@ -201,6 +201,54 @@ fn fig10_tiny_runs_fixed_and_adaptive_with_a_decision_log() {
     std::fs::remove_dir_all(&out).ok();
 }
 
+/// `reproduce deep`: SGD, Adam and the EnKF on both layer-spec networks, on the CPU
+/// even with `--backend auto`; each run's config and done record hold its network;
+/// `--backend cuda` is refused before any run (heaviside's zero gradient is tested in
+/// `tests/spec_backprop.rs`).
+#[test]
+fn deep_tiny_trains_spec_networks_with_every_method() {
+    let out = tmp("deep");
+    let opts = ReproduceOptions {
+        seeds: 1,
+        backend: BackendKind::Auto,
+        ..tiny(&out)
+    };
+    run(Experiment::Deep, &opts).expect("deep tiny");
+    let dir = out.join("deep");
+    let (_, rows) = read_csv(&dir.join("summary.csv"));
+    for run in [
+        "mlp6-sgd",
+        "mlp6-adam",
+        "mlp6-enkf",
+        "step-sgd",
+        "step-adam",
+        "step-enkf",
+    ] {
+        assert!(rows.iter().any(|r| r[0] == run), "{run} missing: {rows:?}");
+    }
+    let cfg: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(dir.join("step-enkf/seed-0/config.json")).expect("config"),
+    )
+    .expect("json");
+    assert_eq!(cfg["net"][2]["type"], "heaviside", "{cfg}");
+    assert_eq!(cfg["backend"], "cpu");
+    let done = std::fs::read_to_string(dir.join("step-sgd/seed-0/done.json")).expect("done");
+    assert!(done.contains("heaviside"), "{done}");
+    let table = std::fs::read_to_string(dir.join("table.md")).expect("table");
+    assert!(table.contains("beyond the paper"), "{table}");
+    assert_chart(&dir.join("test-error"));
+    let err = run(
+        Experiment::Deep,
+        &ReproduceOptions {
+            backend: BackendKind::Cuda,
+            ..tiny(&tmp("deep-cuda"))
+        },
+    )
+    .expect_err("cuda with a layer spec");
+    assert!(err.to_string().contains("no CUDA kernels"), "{err}");
+    std::fs::remove_dir_all(&out).ok();
+}
+
 #[test]
 fn zero_seeds_is_a_config_error() {
     let out = tmp("zero");

@@ -265,9 +265,18 @@ fn biases_start_at_zero_unless_normal_is_asked() {
     let cfg = resolve("").unwrap();
     let net = cfg.net();
     let ranges = net.bias_ranges();
-    assert_eq!(ranges, [784 * 8..784 * 8 + 8, 784 * 8 + 8 + 80..784 * 8 + 8 + 80 + 10]);
+    assert_eq!(
+        ranges,
+        [
+            784 * 8..784 * 8 + 8,
+            784 * 8 + 8 + 80..784 * 8 + 8 + 80 + 10
+        ]
+    );
     let be = CpuBackend::new();
-    let zero = Trainer::new(&be, &cfg, &data).unwrap().ensemble_host().unwrap();
+    let zero = Trainer::new(&be, &cfg, &data)
+        .unwrap()
+        .ensemble_host()
+        .unwrap();
     let normal_cfg = resolve(r#", "bias_init": "normal""#).unwrap();
     let normal = Trainer::new(&be, &normal_cfg, &data)
         .unwrap()
@@ -290,7 +299,9 @@ fn biases_start_at_zero_unless_normal_is_asked() {
     assert_eq!(biases, 4 * 18);
     let mut g = GradConfig::from_train(&cfg, Optimizer::Sgd, None, 0.9, 200);
     let w = GradientTrainer::new(&g, &data).unwrap().weights().to_vec();
-    assert!(ranges.iter().all(|r| w[r.clone()].iter().all(|&v| v == 0.0)));
+    assert!(ranges
+        .iter()
+        .all(|r| w[r.clone()].iter().all(|&v| v == 0.0)));
     assert_eq!(&w[..ranges[0].start], &zero[..ranges[0].start]);
     g.bias_init = enkf_dnn::train::BiasInit::Normal;
     let w = GradientTrainer::new(&g, &data).unwrap().weights().to_vec();
@@ -299,5 +310,8 @@ fn biases_start_at_zero_unless_normal_is_asked() {
         .and_then(|(p, _)| p.resolve())
         .unwrap_err()
         .to_string();
-    assert!(msg.contains("bias_init = normal") && msg.contains("no biases"), "{msg}");
+    assert!(
+        msg.contains("bias_init = normal") && msg.contains("no biases"),
+        "{msg}"
+    );
 }

@@ -44,19 +44,73 @@ fn grad(ctx: &Ctx, opt: Optimizer, sigma: f64, epochs: usize) -> GradConfig {
     }
 }
 
+/// The networks of `deep` (folder prefix, short form): a 6-layer logistic MLP (five
+/// hidden layers of 32) and a network whose hidden layers are heaviside steps, where
+/// backpropagation reaches only the last layer.
+pub(crate) const DEEP_NETS: [(&str, &str); 2] = [
+    (
+        "mlp6",
+        "flatten linear(32) logistic linear(32) logistic linear(32) logistic linear(32) \
+         logistic linear(32) logistic linear(10)",
+    ),
+    (
+        "step",
+        "flatten linear(64) heaviside linear(32) heaviside linear(10)",
+    ),
+];
+
+/// The runs of `deep`: SGD, Adam (one epoch, σ = 1, shuffled) and the EnKF per network.
+fn deep_runs(ctx: &Ctx) -> Result<Vec<RunDef>> {
+    let mut runs = Vec::new();
+    for (prefix, text) in DEEP_NETS {
+        let cfg = ctx.deep_config(text)?;
+        let net = cfg.net();
+        for (opt, name) in [(Optimizer::Sgd, "sgd"), (Optimizer::Adam, "adam")] {
+            let g = GradConfig {
+                net: net.clone(),
+                ..grad(ctx, opt, 1.0, 1)
+            };
+            runs.push(RunDef {
+                name: format!("{prefix}-{name}"),
+                label: format!("{prefix}: {}", optimizer_label(opt)),
+                paper: "beyond the paper".into(),
+                kind: Kind::Grad(Box::new(g)),
+            });
+        }
+        runs.push(RunDef {
+            name: format!("{prefix}-enkf"),
+            label: format!(
+                "{prefix}: EnKF (J = {}, r = {})",
+                cfg.members, cfg.repetitions
+            ),
+            paper: "beyond the paper".into(),
+            kind: Kind::Enkf(Box::new(cfg)),
+        });
+    }
+    Ok(runs)
+}
+
+fn optimizer_label(opt: Optimizer) -> &'static str {
+    match opt {
+        Optimizer::Sgd => "SGD (lr 0.1, momentum 0.9)",
+        Optimizer::Adam => "Adam (lr 1e-3)",
+        Optimizer::Enkf => "EnKF",
+    }
+}
+
 fn comparison_runs(ctx: &Ctx, enkf_paper: &str, fig: &str) -> Vec<RunDef> {
     let cfg = ctx.enkf_config();
     let j = cfg.members;
     vec![
         RunDef {
             name: "sgd".into(),
-            label: "SGD (lr 0.1, momentum 0.9)".into(),
+            label: optimizer_label(Optimizer::Sgd).into(),
             paper: format!("does not learn (see paper Fig. {fig})"),
             kind: Kind::Grad(Box::new(grad(ctx, Optimizer::Sgd, 1.0, 1))),
         },
         RunDef {
             name: "adam".into(),
-            label: "Adam (lr 1e-3)".into(),
+            label: optimizer_label(Optimizer::Adam).into(),
             paper: format!("learns slowly (see paper Fig. {fig})"),
             kind: Kind::Grad(Box::new(grad(ctx, Optimizer::Adam, 1.0, 1))),
         },
@@ -243,6 +297,13 @@ pub(crate) fn run(ctx: &Ctx, exp: Experiment, in_all: bool) -> Result<()> {
                 "MNIST".into(),
             )
         }
+        Experiment::Deep => (
+            "Beyond the paper: deep logistic and heaviside networks on MNIST, σ = 1".into(),
+            "epoch",
+            mnist()?,
+            deep_runs(ctx)?,
+            "MNIST".into(),
+        ),
         other => {
             return Err(Error::Config(format!(
                 "internal: {} is not a test-error experiment",

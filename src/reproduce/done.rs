@@ -69,11 +69,17 @@ pub(crate) fn enkf_record(cfg: &TrainConfig, dir: &Path) -> Result<serde_json::V
 
 /// The configuration record of a gradient run on `data` (its `config.json`).
 pub(crate) fn grad_record(cfg: &GradConfig, data: &DataSplit) -> serde_json::Value {
-    serde_json::json!({
+    let mut v = serde_json::json!({
         "optimizer": cfg.optimizer, "lr": cfg.lr.or(cfg.optimizer.default_lr()),
         "momentum": cfg.momentum, "epochs": cfg.epochs, "iterations": cfg.iterations,
         "batch": cfg.batch, "eval_every": cfg.eval_every, "hist_every": cfg.hist_every,
         "seed": cfg.seed, "sigma": cfg.sigma, "arch": cfg.net.arch, "activation": cfg.net.act,
         "train_images": data.train.len(), "test_images": data.test.len(),
-    })
+    });
+    // Layer-spec networks (records of the presets stay as they were).
+    if let (Some(spec), Some(m)) = (cfg.net.spec(), v.as_object_mut()) {
+        m.insert("net".into(), spec.to_json());
+        m.insert("bias_init".into(), serde_json::json!(cfg.bias_init));
+    }
+    v
 }

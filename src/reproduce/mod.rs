@@ -57,19 +57,23 @@ pub enum Experiment {
     Fig9,
     /// Fig. 10: fixed vs adaptive ensemble (Algorithm 1).
     Fig10,
+    /// Beyond the paper: a 6-layer logistic MLP and a heaviside network (no useful
+    /// gradient), SGD and Adam against the EnKF at a CPU-sized J (layer-spec networks).
+    Deep,
     /// Every experiment above, in that order.
     All,
 }
 
 impl Experiment {
     /// The experiments `All` runs, in order.
-    pub const EVERY: [Experiment; 10] = [
+    pub const EVERY: [Experiment; 11] = [
         Experiment::Fig1,
         Experiment::Fig5,
         Experiment::Fig8Activations,
         Experiment::Fig8Members,
         Experiment::Fig9,
         Experiment::Fig10,
+        Experiment::Deep,
         Experiment::Fig3,
         Experiment::Fig6,
         Experiment::Fig4,
@@ -89,6 +93,7 @@ impl Experiment {
             Experiment::Fig8Members => "fig8-members",
             Experiment::Fig9 => "fig9",
             Experiment::Fig10 => "fig10",
+            Experiment::Deep => "deep",
             Experiment::All => "all",
         }
     }
@@ -256,6 +261,9 @@ pub struct Scale {
     pub hist_every: usize,
     /// Algorithm 1 for Fig. 10: (τ, b_l, b_u, v, ε %).
     pub adapt: (usize, usize, usize, usize, f64),
+    /// `deep`: the EnKF's J (`-J` overrides) and iterations; layer-spec networks run on
+    /// the CPU, so J is a CPU size.
+    pub deep_enkf: (usize, usize),
 }
 
 impl Scale {
@@ -274,6 +282,7 @@ impl Scale {
             long_epochs: 50,
             hist_every: 200,
             adapt: (500, 1000, 10_000, 1000, 10.0),
+            deep_enkf: (500, 1500),
         }
     }
 
@@ -295,6 +304,7 @@ impl Scale {
             long_epochs: 3,
             hist_every: 16,
             adapt: (25, 50, 200, 50, 100.0),
+            deep_enkf: (100, 100),
         }
     }
 
@@ -313,6 +323,7 @@ impl Scale {
             long_epochs: 2,
             hist_every: 1,
             adapt: (2, 4, 8, 2, 100.0),
+            deep_enkf: (6, 4),
         }
     }
 
@@ -349,7 +360,7 @@ pub fn run(exp: Experiment, opts: &ReproduceOptions) -> Result<()> {
     {
         return Err(Error::Config(format!(
             "--only selects curves of one test-error experiment (fig1, fig5, fig8-activations, \
-             fig8-members, fig9, fig10; e.g. `reproduce fig8-members --only J5000`), not {}",
+             fig8-members, fig9, fig10, deep; e.g. `reproduce fig8-members --only J5000`), not {}",
             exp.name()
         )));
     }
@@ -366,9 +377,16 @@ pub fn run(exp: Experiment, opts: &ReproduceOptions) -> Result<()> {
             scale: Scale::of(opts),
             dir: opts.out.join(e.name()),
         };
-        ctx.enkf_config()
-            .validate()
-            .map_err(|err| Error::Config(format!("reproduce {}: {err}", e.name())))?;
+        let check = |cfg: TrainConfig| {
+            cfg.validate()
+                .map_err(|err| Error::Config(format!("reproduce {}: {err}", e.name())))
+        };
+        check(ctx.enkf_config())?;
+        if e == Experiment::Deep {
+            for net in curves::DEEP_NETS {
+                check(ctx.deep_config(net.1)?)?;
+            }
+        }
     }
     std::fs::create_dir_all(&opts.out).map_err(|e| Error::io(&opts.out, e))?;
     crate::run_dir::check_dir_writable(&opts.out)?;
@@ -424,6 +442,26 @@ impl Ctx<'_> {
             data: self.opts.data_root.join("mnist"),
             ..TrainConfig::default()
         }
+    }
+
+    /// The EnKF configuration of `deep` for the layer-spec network `net` (short form):
+    /// J and iterations of [`Scale::deep_enkf`] (`-J` overrides J), the CPU backend
+    /// unless `--backend` asked for another (CUDA has no kernels for specs: an error).
+    /// Errors: [`Error::Config`] when `net` does not parse (not expected).
+    pub fn deep_config(&self, net: &str) -> Result<TrainConfig> {
+        let (members, iterations) = self.scale.deep_enkf;
+        let base = self.enkf_config();
+        Ok(TrainConfig {
+            members: self.opts.members.unwrap_or(members),
+            iterations: Some(iterations),
+            eval_every: (iterations / 10).max(1),
+            net: Some(crate::model::spec::NetSetting::parse(net)?),
+            backend: match self.opts.backend {
+                BackendKind::Auto => BackendKind::Cpu,
+                other => other,
+            },
+            ..base
+        })
     }
 
     /// Loads the folder of `cfg.data` (IDX files) with this scale's limits, reading
