@@ -3,8 +3,13 @@
 //!
 //! Shapes: `weights` J × P (P = [`NetSpec::n_params`], `Sequential` order), `x` B × n_in
 //! (n_in = the spec's input length, C × H × W row-major per image), `out` J × B × n_out.
-//! Work split: one (member, image) pair per rayon task, computed start to finish by one
-//! thread in a fixed order, so the result is bit-identical for any thread count.
+//! Work split: one member's images in fixed groups of four per rayon task, computed
+//! start to finish by one thread in a fixed order, so the result is bit-identical for
+//! any thread count. Linear layers take each weight row against the group's four inputs
+//! at once (one load of the row for four dot products, each in its own documented
+//! order); the whole task is compiled for AVX2 when the CPU has it (same operations,
+//! wider registers; Rust does not contract `a * b + c` into FMA, so the numbers are
+//! those of the baseline build).
 //!
 //! Every layer accumulates in f32 in a fixed order: conv2d adds the terms of each output
 //! in the order (input channel, ky, kx), skipping the zero padding, then the bias;
@@ -51,25 +56,75 @@ pub fn spec_forward(
     if members == 0 || images == 0 {
         return Ok(());
     }
-    let scratch = spec.max_activation_len();
-    out.par_chunks_mut(n_out).enumerate().for_each_init(
+    let scratch = spec.max_activation_len() * GROUP;
+    // Tasks: one member's images in groups of GROUP (fixed, not thread-dependent).
+    let groups = images.div_ceil(GROUP);
+    let mut tasks: Vec<(usize, usize, &mut [f32])> = Vec::with_capacity(members * groups);
+    for (m, block) in out.chunks_mut(images * n_out).enumerate() {
+        for (g, o) in block.chunks_mut(GROUP * n_out).enumerate() {
+            tasks.push((m, g * GROUP, o));
+        }
+    }
+    tasks.into_par_iter().for_each_init(
         || (vec![0.0f32; scratch], vec![0.0f32; scratch]),
-        |(a, b), (t, o)| {
-            let (m, d) = (t / images, t % images);
+        |(a, b), (m, d0, o)| {
             let w = &weights[m * p..][..p];
-            let input = &x[d * n_in..][..n_in];
-            forward_one(spec, w, input, a, b, o);
+            let nb = o.len() / n_out;
+            let input = &x[d0 * n_in..][..nb * n_in];
+            forward_group_dispatch(spec, w, input, nb, a, b, o);
         },
     );
     Ok(())
 }
 
-/// One member (`w`: P weights) on one input; `a`, `b` scratch of
-/// [`NetSpec::max_activation_len`] values each.
-fn forward_one(
+/// Images per task: the linear layers compute this many images against each weight row
+/// at once (one load of the row for all of them); each output keeps its own sums in
+/// the documented order, so the result does not depend on the grouping.
+const GROUP: usize = 4;
+
+/// [`forward_group`], compiled for AVX2 when the CPU has it (the same IEEE operations
+/// in the same order, only wider registers: bit-identical to the baseline build).
+fn forward_group_dispatch(
     spec: &NetSpec,
     w: &[f32],
     input: &[f32],
+    nb: usize,
+    a: &mut [f32],
+    b: &mut [f32],
+    out: &mut [f32],
+) {
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx2") {
+        // SAFETY: the CPU supports AVX2 (checked just above).
+        unsafe { forward_group_avx2(spec, w, input, nb, a, b, out) };
+        return;
+    }
+    forward_group(spec, w, input, nb, a, b, out);
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn forward_group_avx2(
+    spec: &NetSpec,
+    w: &[f32],
+    input: &[f32],
+    nb: usize,
+    a: &mut [f32],
+    b: &mut [f32],
+    out: &mut [f32],
+) {
+    forward_group(spec, w, input, nb, a, b, out);
+}
+
+/// One member (`w`: P weights) on `nb` ≤ [`GROUP`] inputs (`input`: nb × inputs,
+/// `out`: nb × outputs); `a`, `b` scratch of GROUP × [`NetSpec::max_activation_len`]
+/// values each, holding the nb activation rows of the current layer.
+#[inline(always)]
+fn forward_group(
+    spec: &NetSpec,
+    w: &[f32],
+    input: &[f32],
+    nb: usize,
     a: &mut [f32],
     b: &mut [f32],
     out: &mut [f32],
@@ -80,21 +135,149 @@ fn forward_one(
         let (n_in, n_out) = (l.input.len(), l.output.len());
         match l.layer {
             Layer::Act(act) => {
-                for v in &mut cur[..n_in] {
+                for v in &mut cur[..nb * n_in] {
                     *v = act.apply(*v);
                 }
                 continue;
             }
             Layer::Flatten => continue,
-            _ => layer_forward(l, w, &cur[..n_in], &mut next[..n_out], None),
+            Layer::Linear { .. } => linear_group(l, w, &cur[..nb * n_in], &mut next[..nb * n_out]),
+            _ => {
+                let rows = cur[..nb * n_in].chunks_exact(n_in);
+                for (src, dst) in rows.zip(next[..nb * n_out].chunks_exact_mut(n_out)) {
+                    layer_forward(l, w, src, dst, None);
+                }
+            }
         }
         std::mem::swap(&mut cur, &mut next);
     }
     out.copy_from_slice(&cur[..out.len()]);
 }
 
+/// A linear layer on the rows of `input` (nb × f) into `out` (nb × n): every weight row
+/// against up to four inputs at once, each output exactly [`dot8`] plus the bias.
+#[inline(always)]
+fn linear_group(l: &BuiltLayer, w: &[f32], input: &[f32], out: &mut [f32]) {
+    let (Shape::Vector(f), Shape::Vector(n)) = (l.input, l.output) else {
+        unreachable!("linear layers map vectors to vectors (NetSpec::build)")
+    };
+    let weight = &w[l.weight_offset..][..n * f];
+    let bias = l.bias_offset.map(|o| &w[o..][..n]);
+    let nb = input.len() / f.max(1);
+    let mut d = 0;
+    while d + 4 <= nb {
+        let x = [
+            &input[d * f..][..f],
+            &input[(d + 1) * f..][..f],
+            &input[(d + 2) * f..][..f],
+            &input[(d + 3) * f..][..f],
+        ];
+        for (k, row) in weight.chunks_exact(f).enumerate() {
+            let s = dot8x4_best(row, x);
+            for (i, v) in s.into_iter().enumerate() {
+                out[(d + i) * n + k] = match bias {
+                    Some(b) => v + b[k],
+                    None => v,
+                };
+            }
+        }
+        d += 4;
+    }
+    for d in d..nb {
+        let x = &input[d * f..][..f];
+        for (k, row) in weight.chunks_exact(f).enumerate() {
+            let v = dot8(row, x);
+            out[d * n + k] = match bias {
+                Some(b) => v + b[k],
+                None => v,
+            };
+        }
+    }
+}
+
+/// [`dot8x4`] with AVX when the CPU has it.
+#[inline(always)]
+fn dot8x4_best(a: &[f32], x: [&[f32]; 4]) -> [f32; 4] {
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx2") {
+        // SAFETY: the CPU supports AVX2 (checked just above).
+        return unsafe { dot8x4_avx(a, x) };
+    }
+    dot8x4(a, x)
+}
+
+/// [`dot8x4`] in AVX registers: one 8-lane register of partial sums per input, updated
+/// with a separate multiply and add (not FMA), so every lane rounds exactly as the
+/// scalar `s[k] += a[k] * x[k]`; then the same tree and tail. Bit-identical to
+/// [`dot8x4`] and to [`dot8`].
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn dot8x4_avx(a: &[f32], x: [&[f32]; 4]) -> [f32; 4] {
+    use std::arch::x86_64::*;
+    let n = a.len();
+    for xi in &x {
+        assert_eq!(xi.len(), n, "dot8x4_avx: unequal lengths");
+    }
+    let n8 = n / 8 * 8;
+    let mut s = [_mm256_setzero_ps(); 4];
+    let mut i = 0;
+    while i < n8 {
+        // SAFETY: i + 8 ≤ n8 ≤ n = len of a and of every x[j] (asserted above).
+        let wa = _mm256_loadu_ps(a.as_ptr().add(i));
+        for (sj, xj) in s.iter_mut().zip(&x) {
+            let xv = _mm256_loadu_ps(xj.as_ptr().add(i));
+            *sj = _mm256_add_ps(*sj, _mm256_mul_ps(wa, xv));
+        }
+        i += 8;
+    }
+    let mut r = [0.0f32; 4];
+    for ((rj, sj), xj) in r.iter_mut().zip(&s).zip(&x) {
+        let mut l = [0.0f32; 8];
+        _mm256_storeu_ps(l.as_mut_ptr(), *sj);
+        let mut total = ((l[0] + l[1]) + (l[2] + l[3])) + ((l[4] + l[5]) + (l[6] + l[7]));
+        for (&p, &q) in a[n8..].iter().zip(&xj[n8..]) {
+            total += p * q;
+        }
+        *rj = total;
+    }
+    r
+}
+
+/// Four [`dot8`]s of `a` with the four `x`, sharing the loads of `a`; each result is
+/// bit-identical to `dot8(a, x[i])`.
+#[inline(always)]
+fn dot8x4(a: &[f32], x: [&[f32]; 4]) -> [f32; 4] {
+    let n8 = a.len() / 8 * 8;
+    let mut s = [[0.0f32; 8]; 4];
+    let lanes = a[..n8]
+        .chunks_exact(8)
+        .zip(x[0][..n8].chunks_exact(8))
+        .zip(x[1][..n8].chunks_exact(8))
+        .zip(x[2][..n8].chunks_exact(8))
+        .zip(x[3][..n8].chunks_exact(8));
+    for ((((wa, x0), x1), x2), x3) in lanes {
+        for k in 0..8 {
+            s[0][k] += wa[k] * x0[k];
+            s[1][k] += wa[k] * x1[k];
+            s[2][k] += wa[k] * x2[k];
+            s[3][k] += wa[k] * x3[k];
+        }
+    }
+    let mut r = [0.0f32; 4];
+    for ((ri, si), xi) in r.iter_mut().zip(&s).zip(&x) {
+        let mut total =
+            ((si[0] + si[1]) + (si[2] + si[3])) + ((si[4] + si[5]) + (si[6] + si[7]));
+        for (&p, &q) in a[n8..].iter().zip(&xi[n8..]) {
+            total += p * q;
+        }
+        *ri = total;
+    }
+    r
+}
+
 /// One layer with parameters or a pool: `input` its input, `out` its output; `arg`
 /// receives each max-pool output's arg-max (an index into `input`) when given.
+#[inline(always)]
 pub(crate) fn layer_forward<T: Real>(
     l: &BuiltLayer,
     w: &[T],
@@ -157,6 +340,7 @@ pub(crate) fn layer_forward<T: Real>(
 
 /// The dot product of `a` and `b` (equal lengths) in the fixed order of the module
 /// notes: 8 interleaved partial sums, a pairwise tree, then the tail.
+#[inline(always)]
 pub fn dot8<T: Real>(a: &[T], b: &[T]) -> T {
     let n8 = a.len() / 8 * 8;
     let mut s = [T::ZERO; 8];
@@ -174,6 +358,7 @@ pub fn dot8<T: Real>(a: &[T], b: &[T]) -> T {
 
 /// Valid range of output positions `x` whose input position `x·stride + kx − padding`
 /// lies in `0..side`.
+#[inline(always)]
 pub(crate) fn valid_range(
     out_side: usize,
     side: usize,
@@ -192,6 +377,7 @@ pub(crate) fn valid_range(
 
 /// conv2d with stride and zero padding: `input` c × h × w, `weight` co × c × k × k,
 /// `out` co × oh × ow.
+#[inline(always)]
 fn conv2d<T: Real>(
     input: &[T],
     (c, h, w): (usize, usize, usize),
@@ -248,6 +434,7 @@ enum Pool {
 /// `max_pool2d`), and writes its flat index into `input` to `arg` when given; average
 /// sums the window row by row and divides by k².
 #[allow(clippy::too_many_arguments)]
+#[inline(always)]
 fn pool<T: Real>(
     input: &[T],
     (h, w): (usize, usize),
@@ -292,6 +479,30 @@ fn pool<T: Real>(
                     }
                 }
             }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::{Rng, SeedableRng};
+
+    /// The grouped dot products (portable and AVX) are bit-identical to [`dot8`] for
+    /// lengths with and without a tail; a sum in another order differs in the last
+    /// bits for most of these inputs, so the check can fail.
+    #[test]
+    fn grouped_dot_products_equal_dot8_bit_for_bit() {
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(1);
+        for n in [0, 1, 7, 8, 9, 31, 32, 100, 784] {
+            let mut v = || (0..n).map(|_| rng.random::<f32>() - 0.5).collect::<Vec<_>>();
+            let a = v();
+            let xs = [v(), v(), v(), v()];
+            let x = [&xs[0][..], &xs[1][..], &xs[2][..], &xs[3][..]];
+            let want: Vec<u32> = x.iter().map(|xi| dot8(&a, xi).to_bits()).collect();
+            let bits = |r: [f32; 4]| r.map(f32::to_bits).to_vec();
+            assert_eq!(bits(dot8x4(&a, x)), want, "portable, n = {n}");
+            assert_eq!(bits(dot8x4_best(&a, x)), want, "best, n = {n}");
         }
     }
 }
