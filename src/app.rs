@@ -666,6 +666,22 @@ pub struct BenchRow {
     pub iteration_ms: f64,
     /// Projected seconds per MNIST epoch (7504 iterations, 16 evaluations).
     pub epoch_s: f64,
+    /// Layer-spec networks: each layer's share of the forward pass (not in the CSV).
+    #[serde(skip)]
+    pub layers: Vec<LayerTime>,
+}
+
+/// One layer's part of a layer-spec forward pass in `bench`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LayerTime {
+    /// Index and short form, e.g. `0 conv2d(10,5,1,0,bias=false)`.
+    pub layer: String,
+    /// Its share of the forward pass's time.
+    pub share: f64,
+    /// That share of the median forward time, ms.
+    pub ms: f64,
+    /// Its multiply-adds ×2 per second, GFLOP/s (None for layers without any).
+    pub gflops: Option<f64>,
 }
 
 /// Settings of one benchmark.
@@ -784,6 +800,26 @@ impl BackendJob for BenchJob<'_> {
             let sgemm_gflops = 2.0 * jf * pf * mf / sg / 1e6;
             let up = gn + ap;
             let it_ms = f + up + sc;
+            let layers = match net.spec() {
+                Some(s) => {
+                    let shares = crate::cpu::spec_forward::spec_layer_shares(s, &u0, j, &hx, b)?;
+                    s.layers()
+                        .iter()
+                        .zip(shares)
+                        .enumerate()
+                        .map(|(i, (l, share))| {
+                            let flop = 2.0 * (l.macs() * b * j) as f64;
+                            LayerTime {
+                                layer: l.label(i),
+                                share,
+                                ms: share * f,
+                                gflops: (flop > 0.0).then(|| flop / (share * f) / 1e6),
+                            }
+                        })
+                        .collect()
+                }
+                None => Vec::new(),
+            };
             let epoch_iters = 938.0 * 8.0;
             rows.push(BenchRow {
                 backend: be.name(),
@@ -804,6 +840,7 @@ impl BackendJob for BenchJob<'_> {
                 eval_ms: e,
                 iteration_ms: it_ms,
                 epoch_s: (it_ms * epoch_iters + e * 16.0) / 1e3,
+                layers,
             });
             eprintln!(
                 "J = {j}: forward {f:.2} ms, update {up:.2} ms (reductions {r:.2}, gain {gn:.2}, \
@@ -821,6 +858,35 @@ pub fn bench_command(
     spec: &BenchSpec,
 ) -> Result<(Vec<BenchRow>, String)> {
     dispatch(kind, math, BenchJob(spec))
+}
+
+/// Formats the per-layer times of layer-spec rows as Markdown (empty without any).
+pub fn layer_table(rows: &[BenchRow]) -> String {
+    let mut s = String::new();
+    for r in rows.iter().filter(|r| !r.layers.is_empty()) {
+        s += &format!(
+            "\nJ = {}, B = 64: forward {:.2} ms; each layer's share of the summed task time \
+             (SGEMM of the update's shape on this backend: {:.1} GFLOP/s)\n\n\
+             | layer | share | ms | GFLOP/s | of SGEMM |\n|---|---|---|---|---|\n",
+            r.members, r.forward_ms, r.sgemm_gflops
+        );
+        for l in &r.layers {
+            let (g, of) = match l.gflops {
+                Some(g) => (
+                    format!("{g:.1}"),
+                    format!("{:.0} %", 100.0 * g / r.sgemm_gflops),
+                ),
+                None => ("—".into(), "—".into()),
+            };
+            s += &format!(
+                "| {} | {:.1} % | {:.2} | {g} | {of} |\n",
+                l.layer,
+                100.0 * l.share,
+                l.ms
+            );
+        }
+    }
+    s
 }
 
 /// Formats the benchmark table as Markdown.

@@ -268,12 +268,16 @@ pub struct BenchArgs {
     /// Update rule to time.
     #[arg(long, value_enum, default_value = "sequential")]
     pub update: UpdateRule,
-    /// Architecture.
-    #[arg(long, value_enum, default_value = "paper")]
-    pub arch: Arch,
-    /// Activation.
-    #[arg(long, value_enum, default_value = "logistic")]
-    pub activation: Activation,
+    /// Architecture [default: paper].
+    #[arg(long, value_enum)]
+    pub arch: Option<Arch>,
+    /// Activation [default: logistic].
+    #[arg(long, value_enum)]
+    pub activation: Option<Activation>,
+    /// A layer-spec network (as `train --net`) instead of --arch/--activation: timed on
+    /// the CPU's generic per-layer path, with a table of each layer's time and GFLOP/s.
+    #[arg(long, value_parser = parse_net, value_name = "LAYERS")]
+    pub net: Option<NetSetting>,
     /// Precision of the large products.
     #[arg(long, value_enum, default_value = "fp32")]
     pub math: MathMode,
@@ -292,6 +296,35 @@ pub struct BenchArgs {
     /// Also write the table as CSV here.
     #[arg(long, value_name = "FILE.csv")]
     pub csv: Option<PathBuf>,
+}
+
+impl BenchArgs {
+    /// The network these flags describe. Errors: [`crate::Error::Config`] when `--net`
+    /// is given with `--arch` or `--activation`, or with `--backend cuda`.
+    pub fn net(&self) -> crate::Result<crate::model::Net> {
+        match &self.net {
+            Some(n) => {
+                if self.arch.is_some() || self.activation.is_some() {
+                    return Err(crate::Error::Config(
+                        "bench: --net replaces --arch and --activation; give one or the other"
+                            .into(),
+                    ));
+                }
+                if self.backend == BackendKind::Cuda {
+                    return Err(crate::Error::Config(format!(
+                        "bench: --backend cuda with --net {}: layer-spec networks have no CUDA \
+                         kernels yet; use --backend cpu",
+                        n.0.short_form()
+                    )));
+                }
+                Ok(crate::model::Net::from_spec(n.0.clone()))
+            }
+            None => Ok(crate::model::Net::new(
+                self.arch.unwrap_or_default(),
+                self.activation.unwrap_or_default(),
+            )),
+        }
+    }
 }
 
 /// clap's parser of `--net`.

@@ -151,6 +151,17 @@ fn run() -> anyhow::Result<()> {
             if let Some(path) = &args.csv {
                 enkf_dnn::run_dir::check_output_file("--csv", path)?;
             }
+            let net = args.net()?;
+            if args.iters == 0 {
+                anyhow::bail!("bench: --iters 0: at least one timed iteration is needed");
+            }
+            // Layer-spec networks run on the CPU (`net()` refuses --backend cuda).
+            let backend = match (net.spec(), args.backend) {
+                (Some(_), enkf_dnn::backend::BackendKind::Auto) => {
+                    enkf_dnn::backend::BackendKind::Cpu
+                }
+                (_, kind) => kind,
+            };
             app::set_threads(args.threads);
             let dir = args
                 .data
@@ -160,20 +171,21 @@ fn run() -> anyhow::Result<()> {
                 .with_context(|| format!("loading {}", dir.display()))?;
             let spec = app::BenchSpec {
                 members: args.members.clone(),
-                net: enkf_dnn::model::Net::new(args.arch, args.activation),
+                net,
                 update: args.update,
-                iters: args.iters.max(1),
+                iters: args.iters,
                 warmup: args.warmup,
                 data,
             };
             let (rows, desc) =
-                app::bench_command(args.backend, args.math, &spec).context("benchmark")?;
+                app::bench_command(backend, args.math, &spec).context("benchmark")?;
             enkf_dnn::outln!(
                 "backend: {desc}; update rule {:?}, B = 64, median of {} runs",
                 args.update,
                 spec.iters
             )?;
             enkf_dnn::out!("{}", app::bench_table(&rows))?;
+            enkf_dnn::out!("{}", app::layer_table(&rows))?;
             if let Some(path) = &args.csv {
                 let mut w = csv::Writer::from_path(path)
                     .with_context(|| format!("creating {}", path.display()))?;

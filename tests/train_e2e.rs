@@ -256,3 +256,47 @@ fn bench_reports_every_phase() {
         "{table}"
     );
 }
+
+/// `bench` with a layer-spec network: every layer gets a share (they add up to 1, the
+/// parameter layers a GFLOP/s figure, the others none), and the layer table has one
+/// line per layer.
+#[test]
+fn bench_reports_each_layer_of_a_spec() {
+    let net = enkf_dnn::model::spec::NetSetting::parse(
+        "conv2d(3,5,stride=2) relu maxpool2d(2) flatten linear(16) tanh linear(10)",
+    )
+    .expect("spec");
+    let spec = app::BenchSpec {
+        members: vec![6],
+        net: enkf_dnn::model::Net::from_spec(net.0.clone()),
+        update: UpdateRule::Sequential,
+        iters: 1,
+        warmup: 0,
+        data: limited(64, 50),
+    };
+    let (rows, _) = app::bench_command(BackendKind::Cpu, enkf_dnn::backend::MathMode::Fp32, &spec)
+        .expect("bench");
+    let layers = &rows[0].layers;
+    assert_eq!(layers.len(), 7);
+    let total: f64 = layers.iter().map(|l| l.share).sum();
+    assert!((total - 1.0).abs() < 1e-9, "shares add up to {total}");
+    for (l, has_flops) in layers
+        .iter()
+        .zip([true, false, false, false, true, false, true])
+    {
+        assert_eq!(l.gflops.is_some(), has_flops, "{l:?}");
+        assert!(l.share >= 0.0 && l.ms >= 0.0, "{l:?}");
+    }
+    assert!(
+        layers[0].layer.starts_with("0 conv2d(3,5,2,0"),
+        "{}",
+        layers[0].layer
+    );
+    let table = app::layer_table(&rows);
+    assert_eq!(
+        table.lines().filter(|l| l.starts_with("| ")).count(),
+        1 + 7,
+        "{table}"
+    );
+    assert!(app::layer_table(&[]).is_empty());
+}

@@ -71,10 +71,55 @@ pub fn spec_forward(
             let w = &weights[m * p..][..p];
             let nb = o.len() / n_out;
             let input = &x[d0 * n_in..][..nb * n_in];
-            forward_group_dispatch(spec, w, input, nb, a, b, o);
+            forward_group_dispatch(spec, w, input, nb, a, b, o, None);
         },
     );
     Ok(())
+}
+
+/// [`spec_forward`] once more, timing every layer: returns each layer's share of the
+/// summed task time (shares add up to 1; multiply by a forward pass's wall time for
+/// its milliseconds). The output is discarded. For `bench`; the clock reads add about
+/// 50 ns per layer per group of four images.
+/// Errors: those of [`spec_forward`].
+pub fn spec_layer_shares(
+    spec: &NetSpec,
+    weights: &[f32],
+    members: usize,
+    x: &[f32],
+    images: usize,
+) -> Result<Vec<f64>> {
+    let (p, n_in, n_out) = (spec.n_params(), spec.input().len(), spec.outputs());
+    let mut out = vec![0.0f32; members.saturating_mul(images).saturating_mul(n_out)];
+    spec_forward(spec, weights, members, x, images, &mut out)?;
+    let scratch = spec.max_activation_len() * GROUP;
+    let layers = spec.layers().len();
+    let per_task: Vec<Vec<f64>> = out
+        .par_chunks_mut(images * n_out)
+        .enumerate()
+        .flat_map_iter(|(m, block)| {
+            let (mut a, mut b) = (vec![0.0f32; scratch], vec![0.0f32; scratch]);
+            let mut t = vec![0.0f64; layers];
+            for (g, o) in block.chunks_mut(GROUP * n_out).enumerate() {
+                let nb = o.len() / n_out;
+                let input = &x[g * GROUP * n_in..][..nb * n_in];
+                let w = &weights[m * p..][..p];
+                forward_group_dispatch(spec, w, input, nb, &mut a, &mut b, o, Some(&mut t));
+            }
+            std::iter::once(t)
+        })
+        .collect();
+    let mut total = vec![0.0f64; layers];
+    for t in per_task {
+        for (s, v) in total.iter_mut().zip(t) {
+            *s += v;
+        }
+    }
+    let sum: f64 = total.iter().sum();
+    Ok(total
+        .into_iter()
+        .map(|v| if sum > 0.0 { v / sum } else { 0.0 })
+        .collect())
 }
 
 /// Images per task: the linear layers compute this many images against each weight row
@@ -84,6 +129,7 @@ const GROUP: usize = 4;
 
 /// [`forward_group`], compiled for AVX2 when the CPU has it (the same IEEE operations
 /// in the same order, only wider registers: bit-identical to the baseline build).
+#[allow(clippy::too_many_arguments)]
 fn forward_group_dispatch(
     spec: &NetSpec,
     w: &[f32],
@@ -92,18 +138,20 @@ fn forward_group_dispatch(
     a: &mut [f32],
     b: &mut [f32],
     out: &mut [f32],
+    times: Option<&mut [f64]>,
 ) {
     #[cfg(target_arch = "x86_64")]
     if std::arch::is_x86_feature_detected!("avx2") {
         // SAFETY: the CPU supports AVX2 (checked just above).
-        unsafe { forward_group_avx2(spec, w, input, nb, a, b, out) };
+        unsafe { forward_group_avx2(spec, w, input, nb, a, b, out, times) };
         return;
     }
-    forward_group(spec, w, input, nb, a, b, out);
+    forward_group(spec, w, input, nb, a, b, out, times);
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2")]
+#[allow(clippy::too_many_arguments)]
 unsafe fn forward_group_avx2(
     spec: &NetSpec,
     w: &[f32],
@@ -112,14 +160,17 @@ unsafe fn forward_group_avx2(
     a: &mut [f32],
     b: &mut [f32],
     out: &mut [f32],
+    times: Option<&mut [f64]>,
 ) {
-    forward_group(spec, w, input, nb, a, b, out);
+    forward_group(spec, w, input, nb, a, b, out, times);
 }
 
 /// One member (`w`: P weights) on `nb` ≤ [`GROUP`] inputs (`input`: nb × inputs,
 /// `out`: nb × outputs); `a`, `b` scratch of GROUP × [`NetSpec::max_activation_len`]
-/// values each, holding the nb activation rows of the current layer.
+/// values each, holding the nb activation rows of the current layer. With `times`
+/// (one slot per layer), each layer's seconds are added to its slot.
 #[inline(always)]
+#[allow(clippy::too_many_arguments)]
 fn forward_group(
     spec: &NetSpec,
     w: &[f32],
@@ -128,10 +179,12 @@ fn forward_group(
     a: &mut [f32],
     b: &mut [f32],
     out: &mut [f32],
+    mut times: Option<&mut [f64]>,
 ) {
     a[..input.len()].copy_from_slice(input);
     let (mut cur, mut next) = (a, b);
-    for l in spec.layers() {
+    for (i, l) in spec.layers().iter().enumerate() {
+        let _clock = times.as_deref_mut().map(|t| LayerClock::start(&mut t[i]));
         let (n_in, n_out) = (l.input.len(), l.output.len());
         match l.layer {
             Layer::Act(act) => {
@@ -152,6 +205,27 @@ fn forward_group(
         std::mem::swap(&mut cur, &mut next);
     }
     out.copy_from_slice(&cur[..out.len()]);
+}
+
+/// Adds the time from its start to its drop to a slot.
+struct LayerClock<'a> {
+    slot: &'a mut f64,
+    t0: std::time::Instant,
+}
+
+impl<'a> LayerClock<'a> {
+    fn start(slot: &'a mut f64) -> Self {
+        LayerClock {
+            slot,
+            t0: std::time::Instant::now(),
+        }
+    }
+}
+
+impl Drop for LayerClock<'_> {
+    fn drop(&mut self) {
+        *self.slot += self.t0.elapsed().as_secs_f64();
+    }
 }
 
 /// A linear layer on the rows of `input` (nb × f) into `out` (nb × n): every weight row
@@ -265,8 +339,7 @@ fn dot8x4(a: &[f32], x: [&[f32]; 4]) -> [f32; 4] {
     }
     let mut r = [0.0f32; 4];
     for ((ri, si), xi) in r.iter_mut().zip(&s).zip(&x) {
-        let mut total =
-            ((si[0] + si[1]) + (si[2] + si[3])) + ((si[4] + si[5]) + (si[6] + si[7]));
+        let mut total = ((si[0] + si[1]) + (si[2] + si[3])) + ((si[4] + si[5]) + (si[6] + si[7]));
         for (&p, &q) in a[n8..].iter().zip(&xi[n8..]) {
             total += p * q;
         }
@@ -495,7 +568,11 @@ mod tests {
     fn grouped_dot_products_equal_dot8_bit_for_bit() {
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(1);
         for n in [0, 1, 7, 8, 9, 31, 32, 100, 784] {
-            let mut v = || (0..n).map(|_| rng.random::<f32>() - 0.5).collect::<Vec<_>>();
+            let mut v = || {
+                (0..n)
+                    .map(|_| rng.random::<f32>() - 0.5)
+                    .collect::<Vec<_>>()
+            };
             let a = v();
             let xs = [v(), v(), v(), v()];
             let x = [&xs[0][..], &xs[1][..], &xs[2][..], &xs[3][..]];

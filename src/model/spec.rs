@@ -706,43 +706,51 @@ impl NetSpec {
     pub fn short_form(&self) -> String {
         self.layers
             .iter()
-            .map(|l| match l.layer {
-                Layer::Conv2d {
-                    out_channels,
-                    kernel_size,
-                    stride,
-                    padding,
-                    bias,
-                } => format!("conv2d({out_channels},{kernel_size},{stride},{padding},bias={bias})"),
-                Layer::MaxPool2d { kernel_size } => format!("maxpool2d({kernel_size})"),
-                Layer::AvgPool2d { kernel_size } => format!("avgpool2d({kernel_size})"),
-                Layer::Linear { out_features, bias } => {
-                    format!("linear({out_features},bias={bias})")
-                }
-                Layer::Flatten => "flatten".into(),
-                Layer::Act(a) => a.name().into(),
-            })
+            .map(|l| layer_short(&l.layer))
             .collect::<Vec<_>>()
             .join(" ")
     }
 
     /// Multiply-adds of one forward pass of one image (convolutions and linear layers).
     pub fn macs_per_image(&self) -> usize {
-        self.layers
-            .iter()
-            .map(|l| match (l.layer, l.input) {
-                (
-                    Layer::Conv2d {
-                        out_channels: _,
-                        kernel_size: k,
-                        ..
-                    },
-                    Shape::Image { c, .. },
-                ) => l.output.len() * c * k * k,
-                (Layer::Linear { .. }, Shape::Vector(f)) => l.output.len() * f,
-                _ => 0,
-            })
-            .sum()
+        self.layers.iter().map(BuiltLayer::macs).sum()
+    }
+}
+
+impl BuiltLayer {
+    /// Multiply-adds of this layer for one image (0 for pools, activations, flatten;
+    /// the padding taps a convolution skips are counted, as is usual).
+    pub fn macs(&self) -> usize {
+        match (self.layer, self.input) {
+            (Layer::Conv2d { kernel_size: k, .. }, Shape::Image { c, .. }) => {
+                self.output.len() * c * k * k
+            }
+            (Layer::Linear { .. }, Shape::Vector(f)) => self.output.len() * f,
+            _ => 0,
+        }
+    }
+
+    /// The layer's short form with its index, e.g. `2 conv2d(20,5,bias=false)`.
+    pub fn label(&self, index: usize) -> String {
+        format!("{index} {}", layer_short(&self.layer))
+    }
+}
+
+/// One layer in the short form with every argument written out.
+fn layer_short(layer: &Layer) -> String {
+    match *layer {
+        Layer::Conv2d {
+            out_channels,
+            kernel_size,
+            stride,
+            padding,
+            bias,
+        } => format!("conv2d({out_channels},{kernel_size},{stride},{padding},bias={bias})"),
+        Layer::MaxPool2d { kernel_size } => format!("maxpool2d({kernel_size})"),
+        Layer::AvgPool2d { kernel_size } => format!("avgpool2d({kernel_size})"),
+        Layer::Linear { out_features, bias } => format!("linear({out_features},bias={bias})"),
+        Layer::Flatten => "flatten".into(),
+        Layer::Act(a) => a.name().into(),
     }
 }
 
