@@ -43,7 +43,7 @@ pub enum Experiment {
     Fig3,
     /// Fig. 4: as Fig. 3 over 50 epochs.
     Fig4,
-    /// Fig. 5: Adam over epochs for σ ∈ {1, 3}.
+    /// Fig. 5: Adam over 50 epochs for σ ∈ {0.1, 1, 3, 10}.
     Fig5,
     /// Fig. 6: Adam, one epoch: activation mean ± std per layer, gradient histograms.
     Fig6,
@@ -278,7 +278,7 @@ impl Scale {
             enkf_iterations: None,
             enkf_eval_every: 500,
             grad_eval_every: 100,
-            fig5_epochs: 10,
+            fig5_epochs: 50,
             long_epochs: 50,
             hist_every: 200,
             adapt: (500, 1000, 10_000, 1000, 10.0),
