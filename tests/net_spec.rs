@@ -659,15 +659,16 @@ fn train_with_a_layer_spec_network() {
         Some(NetSetting::parse(net).unwrap())
     );
     let tensors = enkf_dnn::io::safetensors::read(&out.join("model.safetensors")).unwrap();
-    let keys: Vec<_> = tensors
+    let mut keys: Vec<_> = tensors
         .iter()
         .map(|t| (t.name.as_str(), t.shape.clone()))
         .collect();
+    keys.sort();
     assert_eq!(
         keys,
         [
-            ("0.weight", vec![4, 1, 5, 5]),
             ("0.bias", vec![4]),
+            ("0.weight", vec![4, 1, 5, 5]),
             ("3.weight", vec![10, 576])
         ]
     );

@@ -1,27 +1,21 @@
-//! `.safetensors` writer and reader for the network's weights, so a PyTorch user loads
-//! them into the authors' `ConvNet`:
+//! `.safetensors` export and import of the network's weights through the Hugging Face
+//! `safetensors` crate (the format's reference implementation), so a PyTorch user loads
+//! them into the same network:
 //!
 //! ```python
 //! from safetensors.torch import load_file
 //! model.load_state_dict(load_file("runs/x/model.safetensors"))
 //! ```
 //!
-//! Layout (the safetensors specification):
-//! - bytes 0..8: N, the header length, unsigned 64-bit little-endian;
-//! - bytes 8..8+N: a UTF-8 JSON object, padded at the end with spaces (0x20) so that
-//!   8 + N is a multiple of 8. Per tensor `"name": {"dtype": "F32", "shape": [...],
-//!   "data_offsets": [begin, end]}` (byte offsets into the data buffer, end exclusive),
-//!   plus `"__metadata__": {"format": "pt"}`;
-//! - bytes 8+N..: the data buffer, every tensor row-major, little-endian, back to back
-//!   with no gaps, in the order of the offsets.
-//!
-//! We write `conv1.weight` [10,1,5,5], `conv2.weight` [20,10,5,5], `fc1.weight` [10,F]
-//! in `state_dict` order ([`Net::tensors`]); the flat weight vector is already that
-//! layout, so the data buffer is the vector's bytes.
+//! One F32 tensor per [`Net::tensors`] entry with PyTorch's shape (`conv1.weight` ...
+//! for the presets, `"<i>.weight"` / `"<i>.bias"` for layer specs), and
+//! `"__metadata__": {"format": "pt"}`. The crate lays the data buffer out sorted by
+//! name (the header's offsets say where each tensor is); readers go by name.
 
 use crate::model::Net;
 use crate::{Error, Result};
-use std::collections::BTreeMap;
+use safetensors::tensor::{Dtype, SafeTensors, TensorView};
+use std::collections::HashMap;
 use std::path::Path;
 
 /// One tensor read from a `.safetensors` file (F32 only).
@@ -45,36 +39,33 @@ fn bad(path: &Path, expected: impl Into<String>, found: impl Into<String>) -> Er
 
 /// Serialises the network `net` with flat weights `weights` (P values, `state_dict`
 /// order) to safetensors bytes (see the module docs).
-/// Errors: [`Error::Shape`] when `weights.len()` is not P.
+/// Errors: [`Error::Shape`] when `weights.len()` is not P (or the crate refuses the
+/// tensors, not expected).
 pub fn to_bytes(net: &Net, weights: &[f32]) -> Result<Vec<u8>> {
     if weights.len() != net.n_params() {
         return Err(Error::Shape {
             what: "weights to export as safetensors".into(),
-            expected: format!("{} values (P of {:?})", net.n_params(), net),
+            expected: format!("{} values (P of {})", net.n_params(), net.describe()),
             found: format!("{} values", weights.len()),
         });
     }
-    let mut header = serde_json::Map::new();
-    header.insert("__metadata__".into(), serde_json::json!({ "format": "pt" }));
-    for t in net.tensors() {
-        let begin = t.offset * 4;
-        let end = begin + t.len() * 4;
-        header.insert(
-            t.name,
-            serde_json::json!({ "dtype": "F32", "shape": t.shape, "data_offsets": [begin, end] }),
-        );
-    }
-    let mut json = serde_json::to_vec(&serde_json::Value::Object(header))?;
-    while (8 + json.len()) % 8 != 0 {
-        json.push(b' ');
-    }
-    let mut out = Vec::with_capacity(8 + json.len() + weights.len() * 4);
-    out.extend_from_slice(&(json.len() as u64).to_le_bytes());
-    out.extend_from_slice(&json);
-    for v in weights {
-        out.extend_from_slice(&v.to_le_bytes());
-    }
-    Ok(out)
+    let bytes: Vec<u8> = weights.iter().flat_map(|v| v.to_le_bytes()).collect();
+    let refused = |e: safetensors::SafeTensorError| Error::Shape {
+        what: "weights to export as safetensors".into(),
+        expected: "tensors the safetensors crate accepts".into(),
+        found: e.to_string(),
+    };
+    let views = net
+        .tensors()
+        .into_iter()
+        .map(|t| {
+            let data = &bytes[t.offset * 4..(t.offset + t.len()) * 4];
+            TensorView::new(Dtype::F32, t.shape.clone(), data).map(|v| (t.name, v))
+        })
+        .collect::<std::result::Result<Vec<_>, _>>()
+        .map_err(refused)?;
+    let meta = HashMap::from([("format".to_string(), "pt".to_string())]);
+    safetensors::serialize(views, Some(meta)).map_err(refused)
 }
 
 /// Writes `model.safetensors`-style bytes for `net` and `weights` to `path`, through a
@@ -85,117 +76,41 @@ pub fn write_net(path: &Path, net: &Net, weights: &[f32]) -> Result<()> {
     super::atomic_write(path, &to_bytes(net, weights)?)
 }
 
-/// Parses safetensors bytes; `path` only names the source in errors. Tensors are
-/// returned in the order of their data offsets. Only F32 tensors are accepted.
+/// Parses safetensors bytes with the crate (which checks the header, the offsets and
+/// that the tensors tile the data buffer); `path` only names the source in errors.
+/// Tensors are returned in the order of their data offsets. Only F32 is accepted.
 ///
-/// Errors: [`Error::Shape`] when the file is shorter than its header length says, the
-/// header is not a JSON object, a tensor is not F32, its offsets do not match its
-/// shape, or the tensors do not tile the data buffer exactly.
+/// Errors: [`Error::Shape`] naming the file and the crate's reason, or a tensor that is
+/// not F32.
 pub fn from_bytes(bytes: &[u8], path: &Path) -> Result<Vec<Tensor>> {
-    if bytes.len() < 8 {
-        return Err(bad(
-            path,
-            "at least 8 bytes (header length)",
-            format!("{} bytes", bytes.len()),
-        ));
-    }
-    let mut n8 = [0u8; 8];
-    n8.copy_from_slice(&bytes[..8]);
-    let n = u64::from_le_bytes(n8);
-    let avail = (bytes.len() - 8) as u64;
-    if n > avail {
-        return Err(bad(
-            path,
-            format!("a header of {n} bytes after the 8-byte length"),
-            format!("only {avail} bytes after the length (truncated, or not safetensors)"),
-        ));
-    }
-    let n = n as usize;
-    let header: serde_json::Value = serde_json::from_slice(&bytes[8..8 + n]).map_err(|e| {
-        bad(
-            path,
-            "a JSON object as header",
-            format!("invalid JSON: {e}"),
-        )
-    })?;
-    let serde_json::Value::Object(map) = header else {
-        return Err(bad(path, "a JSON object as header", "another JSON value"));
+    let invalid = |e: safetensors::SafeTensorError| {
+        bad(path, "a valid safetensors file", e.to_string())
     };
-    let data = &bytes[8 + n..];
-    let mut tensors: BTreeMap<usize, (usize, Tensor)> = BTreeMap::new();
-    for (name, info) in map {
-        if name == "__metadata__" {
-            continue;
-        }
-        let dtype = info.get("dtype").and_then(|v| v.as_str()).unwrap_or("");
-        if dtype != "F32" {
-            return Err(bad(
-                path,
-                format!("dtype F32 for {name}"),
-                format!("dtype '{dtype}'"),
-            ));
-        }
-        let shape: Vec<usize> = info
-            .get("shape")
-            .and_then(|v| serde_json::from_value(v.clone()).ok())
-            .ok_or_else(|| bad(path, format!("a shape for {name}"), "none or not integers"))?;
-        let offs: [usize; 2] = info
-            .get("data_offsets")
-            .and_then(|v| serde_json::from_value(v.clone()).ok())
-            .ok_or_else(|| {
-                bad(
+    let (_, meta) = SafeTensors::read_metadata(bytes).map_err(invalid)?;
+    let st = SafeTensors::deserialize(bytes).map_err(invalid)?;
+    meta.offset_keys()
+        .into_iter()
+        .map(|name| {
+            let view = st.tensor(&name).map_err(invalid)?;
+            if view.dtype() != Dtype::F32 {
+                return Err(bad(
                     path,
-                    format!("data_offsets [begin, end] for {name}"),
-                    "none",
-                )
-            })?;
-        let count: usize = shape.iter().product();
-        if offs[1] < offs[0] || offs[1] - offs[0] != count * 4 || offs[1] > data.len() {
-            return Err(bad(
-                path,
-                format!(
-                    "{name}: {} bytes for shape {shape:?} within a {}-byte buffer",
-                    count * 4,
-                    data.len()
-                ),
-                format!("data_offsets {offs:?}"),
-            ));
-        }
-        let values = data[offs[0]..offs[1]]
-            .chunks_exact(4)
-            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-            .collect();
-        tensors.insert(
-            offs[0],
-            (
-                offs[1],
-                Tensor {
-                    name,
-                    shape,
-                    data: values,
-                },
-            ),
-        );
-    }
-    let mut next = 0;
-    for (&begin, (end, t)) in &tensors {
-        if begin != next {
-            return Err(bad(
-                path,
-                format!("{} to start at byte {next} (no gaps or overlaps)", t.name),
-                format!("byte {begin}"),
-            ));
-        }
-        next = *end;
-    }
-    if next != data.len() {
-        return Err(bad(
-            path,
-            format!("a data buffer of {next} bytes (the tensors' extent)"),
-            format!("{} bytes", data.len()),
-        ));
-    }
-    Ok(tensors.into_values().map(|(_, t)| t).collect())
+                    format!("dtype F32 for {name}"),
+                    format!("dtype {:?}", view.dtype()),
+                ));
+            }
+            let data = view
+                .data()
+                .chunks_exact(4)
+                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                .collect();
+            Ok(Tensor {
+                name,
+                shape: view.shape().to_vec(),
+                data,
+            })
+        })
+        .collect()
 }
 
 /// Reads every tensor of a `.safetensors` file (see [`from_bytes`]).
@@ -221,7 +136,7 @@ pub fn read_net(path: &Path, net: &Net) -> Result<Vec<f32>> {
         if t.shape != spec.shape {
             return Err(bad(
                 path,
-                format!("{} of shape {:?} ({net:?})", spec.name, spec.shape),
+                format!("{} of shape {:?} ({})", spec.name, spec.shape, net.describe()),
                 format!("shape {:?}", t.shape),
             ));
         }
@@ -231,9 +146,10 @@ pub fn read_net(path: &Path, net: &Net) -> Result<Vec<f32>> {
         .iter()
         .find(|t| !specs.iter().any(|s| s.name == t.name))
     {
+        let keys: Vec<_> = specs.iter().map(|s| s.name.as_str()).collect();
         return Err(bad(
             path,
-            "only conv1.weight, conv2.weight, fc1.weight",
+            format!("only {}", keys.join(", ")),
             format!("also {}", extra.name),
         ));
     }
@@ -319,9 +235,31 @@ mod tests {
         let err = from_bytes(&bytes[..bytes.len() - 4], p).expect_err("truncated data");
         assert!(err.to_string().contains("x.safetensors"), "{err}");
         let err = from_bytes(&bytes[..20], p).expect_err("truncated header");
-        assert!(err.to_string().contains("header of"), "{err}");
+        assert!(err.to_string().contains("x.safetensors"), "{err}");
         let err = from_bytes(&bytes[..5], p).expect_err("no length");
-        assert!(err.to_string().contains("8 bytes"), "{err}");
+        assert!(err.to_string().contains("x.safetensors"), "{err}");
+    }
+
+    /// A spec network's keys: PyTorch's `Sequential` names, read back by name
+    /// whatever order the crate stored them in (it sorts: "0.bias" before "0.weight").
+    #[test]
+    fn spec_networks_round_trip_by_name() {
+        let spec = crate::model::spec::NetSetting::parse(
+            "conv2d(2,3) relu flatten linear(4) tanh linear(10,bias=false)",
+        )
+        .expect("spec");
+        let net = Net::from_spec(spec.0);
+        let w = weights(&net);
+        let back = from_bytes(&to_bytes(&net, &w).expect("serialise"), Path::new("m"))
+            .expect("parse");
+        let mut names: Vec<_> = back.iter().map(|t| t.name.clone()).collect();
+        names.sort();
+        assert_eq!(names, ["0.bias", "0.weight", "3.bias", "3.weight", "5.weight"]);
+        for t in net.tensors() {
+            let b = back.iter().find(|b| b.name == t.name).expect("key");
+            assert_eq!(b.shape, t.shape);
+            assert_eq!(b.data, w[t.range()]);
+        }
     }
 
     #[test]
