@@ -1,12 +1,11 @@
-//! Minimal `.npy` reader and writer: format versions 1.0–3.0, little-endian `<f4` / `<f8`,
-//! C order, 1-D or 2-D. Enough to exchange ensembles (J × P) and weight vectors with NumPy
-//! and PyTorch without another dependency.
+//! `.npy` reading and writing through the `npyz` crate (every format version, both
+//! byte orders, C and Fortran order): ensembles (J × P) and weight vectors exchanged
+//! with NumPy and PyTorch. We write little-endian `<f4` / `<f8` in C order and read any
+//! float32 or float64 array (a Fortran-order array is reordered to C order on reading).
 
 use crate::{Error, Result};
-use std::io::Read;
+use npyz::{DType, Order, TypeChar, WriterBuilder};
 use std::path::Path;
-
-const MAGIC: &[u8; 6] = b"\x93NUMPY";
 
 /// An array read from an `.npy` file, converted to f64 for the caller to narrow.
 #[derive(Debug, Clone, PartialEq)]
@@ -15,7 +14,7 @@ pub struct NpyArray {
     pub shape: Vec<usize>,
     /// The values in C order.
     pub data: Vec<f64>,
-    /// The stored element type: "<f4" or "<f8".
+    /// The stored element type as NumPy writes it, e.g. "<f4" or ">f8".
     pub dtype: String,
 }
 
@@ -30,155 +29,131 @@ fn npy_err(path: &Path, msg: impl Into<String>) -> Error {
 /// ([`super::atomic_write`]: no partial file, and no `.tmp` left after a failure).
 /// Errors: shape product ≠ `data.len()`, or I/O naming the file.
 pub fn write_f32(path: &Path, shape: &[usize], data: &[f32]) -> Result<()> {
-    let bytes: Vec<u8> = data.iter().flat_map(|v| v.to_le_bytes()).collect();
-    write_raw(path, shape, "<f4", data.len(), &bytes)
+    write_any(path, shape, data)
 }
 
 /// Writes `data` (C order) with the given shape as float64.
 pub fn write_f64(path: &Path, shape: &[usize], data: &[f64]) -> Result<()> {
-    let bytes: Vec<u8> = data.iter().flat_map(|v| v.to_le_bytes()).collect();
-    write_raw(path, shape, "<f8", data.len(), &bytes)
+    write_any(path, shape, data)
 }
 
-fn write_raw(path: &Path, shape: &[usize], descr: &str, n: usize, bytes: &[u8]) -> Result<()> {
+fn write_any<T: npyz::AutoSerialize + Copy>(
+    path: &Path,
+    shape: &[usize],
+    data: &[T],
+) -> Result<()> {
     let count: usize = shape.iter().product();
-    if count != n {
-        return Err(npy_err(
-            path,
-            format!("shape {shape:?} holds {count} values but {n} were given"),
-        ));
-    }
-    let shape_txt = match shape.len() {
-        1 => format!("({},)", shape[0]),
-        _ => format!(
-            "({})",
-            shape
-                .iter()
-                .map(|d| d.to_string())
-                .collect::<Vec<_>>()
-                .join(", ")
-        ),
-    };
-    let mut header =
-        format!("{{'descr': '{descr}', 'fortran_order': False, 'shape': {shape_txt}, }}");
-    // Magic (6) + version (2) + header length (2) + header + '\n' must be a multiple of 64.
-    let unpadded = 10 + header.len() + 1;
-    header.push_str(&" ".repeat((64 - unpadded % 64) % 64));
-    header.push('\n');
-    let mut out = Vec::with_capacity(10 + header.len() + bytes.len());
-    out.extend_from_slice(MAGIC);
-    out.extend_from_slice(&[1, 0]);
-    out.extend_from_slice(&(header.len() as u16).to_le_bytes());
-    out.extend_from_slice(header.as_bytes());
-    out.extend_from_slice(bytes);
-    super::atomic_write(path, &out)
-}
-
-/// Reads an `.npy` file of `<f4` or `<f8` values in C order.
-/// Errors name the file and the fault (bad magic, unsupported dtype, Fortran order, length).
-pub fn read(path: &Path) -> Result<NpyArray> {
-    let mut buf = Vec::new();
-    std::fs::File::open(path)
-        .and_then(|mut f| f.read_to_end(&mut buf))
-        .map_err(|e| Error::io(path, e))?;
-    if buf.len() < 10 || &buf[..6] != MAGIC {
-        return Err(npy_err(path, "not an .npy file (magic \\x93NUMPY missing)"));
-    }
-    let (hlen, hstart) = match buf[6] {
-        1 => (u16::from_le_bytes([buf[8], buf[9]]) as usize, 10),
-        2 | 3 if buf.len() >= 12 => (
-            u32::from_le_bytes([buf[8], buf[9], buf[10], buf[11]]) as usize,
-            12,
-        ),
-        v => {
-            return Err(npy_err(
-                path,
-                format!("unsupported .npy format version {v}"),
-            ))
-        }
-    };
-    let header = buf
-        .get(hstart..hstart + hlen)
-        .and_then(|h| std::str::from_utf8(h).ok())
-        .ok_or_else(|| npy_err(path, "truncated or non-text header"))?;
-    let descr =
-        dict_value(header, "descr").ok_or_else(|| npy_err(path, "header has no 'descr'"))?;
-    let descr = descr.trim_matches(|c| c == '\'' || c == '"').to_string();
-    let width = match descr.as_str() {
-        "<f4" => 4,
-        "<f8" => 8,
-        d => {
-            return Err(npy_err(
-                path,
-                format!("dtype {d} is not supported: save as float32 or float64"),
-            ))
-        }
-    };
-    let fortran = dict_value(header, "fortran_order")
-        .ok_or_else(|| npy_err(path, "header has no 'fortran_order'"))?;
-    if fortran.trim() != "False" {
-        return Err(npy_err(
-            path,
-            "Fortran-order arrays are not supported: save with np.ascontiguousarray",
-        ));
-    }
-    let shape_txt =
-        dict_value(header, "shape").ok_or_else(|| npy_err(path, "header has no 'shape'"))?;
-    let shape = shape_txt
-        .trim_matches(|c| c == '(' || c == ')')
-        .split(',')
-        .map(str::trim)
-        .filter(|s| !s.is_empty())
-        .map(|s| s.parse::<usize>())
-        .collect::<std::result::Result<Vec<_>, _>>()
-        .map_err(|_| npy_err(path, format!("cannot parse shape {shape_txt}")))?;
-    let body = &buf[hstart + hlen..];
-    let needed = shape
-        .iter()
-        .try_fold(width, |acc: usize, &d| acc.checked_mul(d));
-    if needed != Some(body.len()) {
-        let needed = needed.map_or("more than 2^64".to_string(), |n| n.to_string());
+    if count != data.len() {
         return Err(npy_err(
             path,
             format!(
-                "shape {shape:?} needs {needed} data bytes but the file has {}",
-                body.len()
+                "shape {shape:?} holds {count} values but {} were given",
+                data.len()
             ),
         ));
     }
-    let data = if width == 4 {
-        body.chunks_exact(4)
-            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]) as f64)
-            .collect()
-    } else {
-        body.chunks_exact(8)
-            .map(|c| f64::from_le_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]]))
-            .collect()
+    let dims: Vec<u64> = shape.iter().map(|&d| d as u64).collect();
+    let mut bytes = Vec::with_capacity(128 + std::mem::size_of_val(data));
+    let encode = |bytes: &mut Vec<u8>| -> std::io::Result<()> {
+        let mut w = npyz::WriteOptions::new()
+            .default_dtype()
+            .shape(&dims)
+            .writer(bytes)
+            .begin_nd()?;
+        w.extend(data.iter().copied())?;
+        w.finish()
     };
-    Ok(NpyArray {
-        shape,
-        data,
-        dtype: descr,
-    })
+    encode(&mut bytes).map_err(|e| npy_err(path, format!("encoding: {e}")))?;
+    super::atomic_write(path, &bytes)
 }
 
-/// The raw text of `key`'s value in a Python dict literal (up to the next top-level comma).
-fn dict_value<'a>(header: &'a str, key: &str) -> Option<&'a str> {
-    let pos = header
-        .find(&format!("'{key}'"))
-        .or_else(|| header.find(&format!("\"{key}\"")))?;
-    let rest = &header[pos + key.len() + 2..];
-    let rest = rest.trim_start().strip_prefix(':')?.trim_start();
-    let mut depth = 0i32;
-    for (i, ch) in rest.char_indices() {
-        match ch {
-            '(' | '[' => depth += 1,
-            ')' | ']' => depth -= 1,
-            ',' | '}' if depth == 0 => return Some(rest[..i].trim()),
-            _ => {}
+/// Reads an `.npy` file of float32 or float64 values (either byte order, C or Fortran
+/// order). Errors name the file and the fault (not an .npy file, another dtype, a
+/// length that does not match the shape).
+pub fn read(path: &Path) -> Result<NpyArray> {
+    let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+    if !bytes.starts_with(b"\x93NUMPY") {
+        return Err(npy_err(path, "not an .npy file (magic \\x93NUMPY missing)"));
+    }
+    let mut rest: &[u8] = &bytes;
+    let header =
+        npyz::NpyHeader::from_reader(&mut rest).map_err(|e| npy_err(path, e.to_string()))?;
+    let body = rest.len();
+    let npy = npyz::NpyFile::with_header(header, rest);
+    let shape: Vec<usize> = npy
+        .shape()
+        .iter()
+        .map(|&d| usize::try_from(d))
+        .collect::<std::result::Result<_, _>>()
+        .map_err(|_| npy_err(path, format!("shape {:?} is too large", npy.shape())))?;
+    let (dtype, width) = match npy.dtype() {
+        DType::Plain(ts)
+            if ts.type_char() == TypeChar::Float && matches!(ts.size_field(), 4 | 8) =>
+        {
+            (ts.to_string(), ts.size_field() as usize)
+        }
+        other => {
+            return Err(npy_err(
+                path,
+                format!(
+                    "dtype {} is not supported: save as float32 or float64",
+                    other.descr()
+                ),
+            ))
+        }
+    };
+    let needed = shape
+        .iter()
+        .try_fold(width, |acc: usize, &d| acc.checked_mul(d));
+    // npyz reads lazily; check the length first so a truncated file names its size.
+    if needed != Some(body) {
+        let needed = needed.map_or("more than 2^64".to_string(), |n| n.to_string());
+        return Err(npy_err(
+            path,
+            format!("shape {shape:?} needs {needed} data bytes but the file has {body}"),
+        ));
+    }
+    let order = npy.order();
+    let data: Vec<f64> = if width == 4 {
+        npy.into_vec::<f32>()
+            .map_err(|e| npy_err(path, e.to_string()))?
+            .into_iter()
+            .map(f64::from)
+            .collect()
+    } else {
+        npy.into_vec::<f64>()
+            .map_err(|e| npy_err(path, e.to_string()))?
+    };
+    let data = match order {
+        Order::C => data,
+        Order::Fortran => fortran_to_c(&data, &shape),
+    };
+    Ok(NpyArray { shape, data, dtype })
+}
+
+/// Reorders the values of an array stored in Fortran order (first index fastest) into C
+/// order (last index fastest).
+fn fortran_to_c(data: &[f64], shape: &[usize]) -> Vec<f64> {
+    let n = data.len();
+    let mut out = Vec::with_capacity(n);
+    let mut idx = vec![0usize; shape.len()];
+    for _ in 0..n {
+        // Fortran offset of the C-order position `idx`.
+        let (mut off, mut stride) = (0, 1);
+        for (i, &d) in idx.iter().zip(shape) {
+            off += i * stride;
+            stride *= d;
+        }
+        out.push(data[off]);
+        for (i, &d) in idx.iter_mut().zip(shape).rev() {
+            *i += 1;
+            if *i < d {
+                break;
+            }
+            *i = 0;
         }
     }
-    None
+    out
 }
 
 #[cfg(test)]
@@ -210,6 +185,31 @@ mod tests {
         let b = read(&q).expect("read");
         assert_eq!(b.shape, vec![3]);
         assert_eq!(b.data, d64);
+    }
+
+    /// A Fortran-order float64 file as NumPy writes it (`np.save(f, np.asfortranarray(
+    /// np.arange(6.).reshape(2, 3)))`): read back in C order.
+    #[test]
+    fn fortran_order_is_reordered() {
+        let p = tmp("f.npy");
+        let header = "{'descr': '<f8', 'fortran_order': True, 'shape': (2, 3), }";
+        let mut h = header.to_string();
+        while !(10 + h.len() + 1).is_multiple_of(64) {
+            h.push(' ');
+        }
+        h.push('\n');
+        let mut raw = b"\x93NUMPY\x01\x00".to_vec();
+        raw.extend((h.len() as u16).to_le_bytes());
+        raw.extend(h.as_bytes());
+        // Column-major storage of [[0, 1, 2], [3, 4, 5]].
+        for v in [0.0f64, 3.0, 1.0, 4.0, 2.0, 5.0] {
+            raw.extend(v.to_le_bytes());
+        }
+        std::fs::write(&p, &raw).expect("write");
+        let a = read(&p).expect("read");
+        assert_eq!(a.shape, vec![2, 3]);
+        assert_eq!(a.data, vec![0.0, 1.0, 2.0, 3.0, 4.0, 5.0]);
+        assert_eq!(fortran_to_c(&[0.0, 1.0], &[2]), vec![0.0, 1.0]);
     }
 
     #[test]

@@ -83,9 +83,8 @@ pub fn write_net(path: &Path, net: &Net, weights: &[f32]) -> Result<()> {
 /// Errors: [`Error::Shape`] naming the file and the crate's reason, or a tensor that is
 /// not F32.
 pub fn from_bytes(bytes: &[u8], path: &Path) -> Result<Vec<Tensor>> {
-    let invalid = |e: safetensors::SafeTensorError| {
-        bad(path, "a valid safetensors file", e.to_string())
-    };
+    let invalid =
+        |e: safetensors::SafeTensorError| bad(path, "a valid safetensors file", e.to_string());
     let (_, meta) = SafeTensors::read_metadata(bytes).map_err(invalid)?;
     let st = SafeTensors::deserialize(bytes).map_err(invalid)?;
     meta.offset_keys()
@@ -136,7 +135,12 @@ pub fn read_net(path: &Path, net: &Net) -> Result<Vec<f32>> {
         if t.shape != spec.shape {
             return Err(bad(
                 path,
-                format!("{} of shape {:?} ({})", spec.name, spec.shape, net.describe()),
+                format!(
+                    "{} of shape {:?} ({})",
+                    spec.name,
+                    spec.shape,
+                    net.describe()
+                ),
                 format!("shape {:?}", t.shape),
             ));
         }
@@ -250,11 +254,14 @@ mod tests {
         .expect("spec");
         let net = Net::from_spec(spec.0);
         let w = weights(&net);
-        let back = from_bytes(&to_bytes(&net, &w).expect("serialise"), Path::new("m"))
-            .expect("parse");
+        let back =
+            from_bytes(&to_bytes(&net, &w).expect("serialise"), Path::new("m")).expect("parse");
         let mut names: Vec<_> = back.iter().map(|t| t.name.clone()).collect();
         names.sort();
-        assert_eq!(names, ["0.bias", "0.weight", "3.bias", "3.weight", "5.weight"]);
+        assert_eq!(
+            names,
+            ["0.bias", "0.weight", "3.bias", "3.weight", "5.weight"]
+        );
         for t in net.tensors() {
             let b = back.iter().find(|b| b.name == t.name).expect("key");
             assert_eq!(b.shape, t.shape);
