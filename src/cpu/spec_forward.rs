@@ -195,6 +195,18 @@ fn forward_group(
             }
             Layer::Flatten => continue,
             Layer::Linear { .. } => linear_group(l, w, &cur[..nb * n_in], &mut next[..nb * n_out]),
+            #[cfg(target_arch = "x86_64")]
+            Layer::Conv2d {
+                stride: 1,
+                padding: 0,
+                ..
+            } if std::arch::is_x86_feature_detected!("avx2") => {
+                let rows = cur[..nb * n_in].chunks_exact(n_in);
+                for (src, dst) in rows.zip(next[..nb * n_out].chunks_exact_mut(n_out)) {
+                    // SAFETY: AVX2 is present (the guard above).
+                    unsafe { conv2d_s1_avx(l, w, src, dst) };
+                }
+            }
             _ => {
                 let rows = cur[..nb * n_in].chunks_exact(n_in);
                 for (src, dst) in rows.zip(next[..nb * n_out].chunks_exact_mut(n_out)) {
@@ -205,6 +217,148 @@ fn forward_group(
         std::mem::swap(&mut cur, &mut next);
     }
     out.copy_from_slice(&cur[..out.len()]);
+}
+
+/// A stride-1, unpadded conv2d layer on one image in AVX registers, output-stationary:
+/// per output channel and row, up to 32 outputs accumulate in four 8-lane registers
+/// over every tap in the order (input channel, ky, kx), each with a separate multiply
+/// and add, then the bias is added: the operations of [`conv2d`] in the same order per
+/// output, so the result is bit-identical. Columns past the last full 8 go scalar.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn conv2d_s1_avx(l: &BuiltLayer, w: &[f32], input: &[f32], out: &mut [f32]) {
+    let (
+        Layer::Conv2d { kernel_size: k, .. },
+        Shape::Image { c, h, w: wd },
+        Shape::Image {
+            c: co,
+            h: oh,
+            w: ow,
+        },
+    ) = (l.layer, l.input, l.output)
+    else {
+        unreachable!("conv2d maps images to images (NetSpec::build)")
+    };
+    assert!(input.len() == c * h * wd && out.len() == co * oh * ow && oh + k - 1 <= h);
+    assert!(ow + k - 1 <= wd, "conv2d_s1_avx: output wider than the input allows");
+    let weight = &w[l.weight_offset..][..co * c * k * k];
+    let bias = l.bias_offset.map(|o| &w[o..][..co]);
+    let full = ow / 8 * 8;
+    let plane = oh * ow;
+    for o in 0..co {
+        let wo = &weight[o * c * k * k..][..c * k * k];
+        let b = bias.map(|b| b[o]);
+        let dst = &mut out[o * plane..][..plane];
+        // Tiles of R rows × NB blocks of 8 columns, R·NB ≤ 6 independent accumulators
+        // held in registers (const sizes, so the loops unroll).
+        let blocks = full / 8;
+        let band = if blocks == 1 { 4 } else { 2 };
+        let g = ConvGeom1 { c, h, wd, ow, k };
+        let mut y0 = 0;
+        while y0 < oh && blocks > 0 {
+            let r = (oh - y0).min(band);
+            let mut x0 = 0;
+            while x0 < full {
+                let nb = ((full - x0) / 8).min(3);
+                let at = (y0, x0);
+                match (r, nb) {
+                    (4, 1) => conv_tile::<4, 1>(&g, input, wo, b, dst, at),
+                    (3, 1) => conv_tile::<3, 1>(&g, input, wo, b, dst, at),
+                    (2, 1) => conv_tile::<2, 1>(&g, input, wo, b, dst, at),
+                    (1, 1) => conv_tile::<1, 1>(&g, input, wo, b, dst, at),
+                    (2, 2) => conv_tile::<2, 2>(&g, input, wo, b, dst, at),
+                    (1, 2) => conv_tile::<1, 2>(&g, input, wo, b, dst, at),
+                    (2, 3) => conv_tile::<2, 3>(&g, input, wo, b, dst, at),
+                    (1, 3) => conv_tile::<1, 3>(&g, input, wo, b, dst, at),
+                    _ => unreachable!("r ≤ 4 with one block, ≤ 2 otherwise; nb ≤ 3"),
+                }
+                x0 += 8 * nb;
+            }
+            y0 += r;
+        }
+        for y in 0..oh {
+            let row = &mut dst[y * ow..][..ow];
+            for (x, d) in row.iter_mut().enumerate().skip(full) {
+                let mut s = 0.0f32;
+                let mut t = 0;
+                for i in 0..c {
+                    for ky in 0..k {
+                        let src = &input[(i * h + y + ky) * wd..][..wd];
+                        for kx in 0..k {
+                            s += wo[t] * src[x + kx];
+                            t += 1;
+                        }
+                    }
+                }
+                *d = match b {
+                    Some(b) => s + b,
+                    None => s,
+                };
+            }
+        }
+    }
+}
+
+/// The sides of a stride-1, unpadded convolution for [`conv_tile`]: c input channels
+/// of h × wd, output width ow, kernel k.
+#[cfg(target_arch = "x86_64")]
+struct ConvGeom1 {
+    c: usize,
+    h: usize,
+    wd: usize,
+    ow: usize,
+    k: usize,
+}
+
+/// R output rows × NB blocks of 8 columns of one output channel of [`conv2d_s1_avx`],
+/// starting at (row, column) `at`: every tap in the order (input channel, ky, kx), a
+/// separate multiply and add per tap, the bias last.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+#[inline]
+unsafe fn conv_tile<const R: usize, const NB: usize>(
+    g: &ConvGeom1,
+    input: &[f32],
+    wo: &[f32],
+    bias: Option<f32>,
+    dst: &mut [f32],
+    (y0, x0): (usize, usize),
+) {
+    use std::arch::x86_64::*;
+    let (c, h, wd, ow, k) = (g.c, g.h, g.wd, g.ow, g.k);
+    assert!(x0 + 8 * NB + k - 1 <= wd && (y0 + R) * ow <= dst.len());
+    assert!((c - 1) * h * wd + (y0 + R - 1 + k - 1) * wd + wd <= input.len());
+    let mut acc = [[_mm256_setzero_ps(); NB]; R];
+    let mut t = 0;
+    for i in 0..c {
+        for ky in 0..k {
+            for kx in 0..k {
+                let wv = _mm256_set1_ps(wo[t]);
+                t += 1;
+                for (r, ar) in acc.iter_mut().enumerate() {
+                    let base = (i * h + y0 + r + ky) * wd + x0 + kx;
+                    for (bi, a) in ar.iter_mut().enumerate() {
+                        // SAFETY: base + 8·bi + 8 ≤ the row's end (asserted above).
+                        let v = _mm256_loadu_ps(input.as_ptr().add(base + 8 * bi));
+                        *a = _mm256_add_ps(*a, _mm256_mul_ps(wv, v));
+                    }
+                }
+            }
+        }
+    }
+    for (r, ar) in acc.iter().enumerate() {
+        for (bi, a) in ar.iter().enumerate() {
+            let mut lanes = [0.0f32; 8];
+            _mm256_storeu_ps(lanes.as_mut_ptr(), *a);
+            let at = (y0 + r) * ow + x0 + 8 * bi;
+            for (d, v) in dst[at..][..8].iter_mut().zip(lanes) {
+                *d = match bias {
+                    Some(b) => v + b,
+                    None => v,
+                };
+            }
+        }
+    }
 }
 
 /// Adds the time from its start to its drop to a slot.
