@@ -7,9 +7,12 @@
 //! start to finish by one thread in a fixed order, so the result is bit-identical for
 //! any thread count. Linear layers take each weight row against the group's four inputs
 //! at once (one load of the row for four dot products, each in its own documented
-//! order); the whole task is compiled for AVX2 when the CPU has it (same operations,
-//! wider registers; Rust does not contract `a * b + c` into FMA, so the numbers are
-//! those of the baseline build).
+//! order); stride-1 unpadded convolutions keep tiles of outputs in AVX registers over
+//! all their taps (same order per output); an activation right before a max-pool runs
+//! after it (every activation is monotone non-decreasing, so the values are the same;
+//! `bench --net` books its time under the pool). The whole task is compiled for AVX2
+//! when the CPU has it (same operations, wider registers; Rust does not contract
+//! `a * b + c` into FMA, so the numbers are those of the baseline build).
 //!
 //! Every layer accumulates in f32 in a fixed order: conv2d adds the terms of each output
 //! in the order (input channel, ky, kx), skipping the zero padding, then the bias;
@@ -183,13 +186,21 @@ fn forward_group(
 ) {
     a[..input.len()].copy_from_slice(input);
     let (mut cur, mut next) = (a, b);
-    for (i, l) in spec.layers().iter().enumerate() {
+    let layers = spec.layers();
+    // An activation right before a max-pool runs after it, on a quarter of the values:
+    // every activation is monotone non-decreasing, so max(act(x)) = act(max(x)).
+    let mut deferred = None;
+    for (i, l) in layers.iter().enumerate() {
         let _clock = times.as_deref_mut().map(|t| LayerClock::start(&mut t[i]));
         let (n_in, n_out) = (l.input.len(), l.output.len());
         match l.layer {
             Layer::Act(act) => {
-                for v in &mut cur[..nb * n_in] {
-                    *v = act.apply(*v);
+                if let Some(Layer::MaxPool2d { .. }) = layers.get(i + 1).map(|n| n.layer) {
+                    deferred = Some(act);
+                } else {
+                    for v in &mut cur[..nb * n_in] {
+                        *v = act.apply(*v);
+                    }
                 }
                 continue;
             }
@@ -211,6 +222,11 @@ fn forward_group(
                 let rows = cur[..nb * n_in].chunks_exact(n_in);
                 for (src, dst) in rows.zip(next[..nb * n_out].chunks_exact_mut(n_out)) {
                     layer_forward(l, w, src, dst, None);
+                }
+                if let Some(act) = deferred.take() {
+                    for v in &mut next[..nb * n_out] {
+                        *v = act.apply(*v);
+                    }
                 }
             }
         }
@@ -240,7 +256,10 @@ unsafe fn conv2d_s1_avx(l: &BuiltLayer, w: &[f32], input: &[f32], out: &mut [f32
         unreachable!("conv2d maps images to images (NetSpec::build)")
     };
     assert!(input.len() == c * h * wd && out.len() == co * oh * ow && oh + k - 1 <= h);
-    assert!(ow + k - 1 <= wd, "conv2d_s1_avx: output wider than the input allows");
+    assert!(
+        ow + k - 1 <= wd,
+        "conv2d_s1_avx: output wider than the input allows"
+    );
     let weight = &w[l.weight_offset..][..co * c * k * k];
     let bias = l.bias_offset.map(|o| &w[o..][..co]);
     let full = ow / 8 * 8;
@@ -678,6 +697,18 @@ fn pool<T: Real>(
             for x in 0..ow {
                 let j = y * ow + x;
                 match kind {
+                    Pool::Max if k == 2 && arg.is_none() => {
+                        // The common 2 × 2 window without arg-max, unrolled.
+                        let top = &src[2 * y * w + 2 * x..][..2];
+                        let bottom = &src[(2 * y + 1) * w + 2 * x..][..2];
+                        let mut best = top[0];
+                        for v in [top[1], bottom[0], bottom[1]] {
+                            if v > best || (v.is_nan() && !best.is_nan()) {
+                                best = v;
+                            }
+                        }
+                        dst[j] = best;
+                    }
                     Pool::Max => {
                         let mut best = y * k * w + x * k;
                         for ky in 0..k {
