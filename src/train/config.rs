@@ -458,27 +458,23 @@ impl PartialConfig {
     pub fn resolve(&self) -> Result<TrainConfig> {
         self.check_floats()?;
         if self.net.is_some() {
-            for (key, set) in [
-                ("arch", self.arch.is_some()),
-                ("activation", self.activation.is_some()),
-            ] {
-                if set {
-                    return Err(Error::Config(format!(
+            // The keys a spec replaces, as this partial config sets them.
+            let set = to_map(self);
+            for key in TrainConfig::REPLACED_BY_NET {
+                if !set.contains_key(key) {
+                    continue;
+                }
+                return Err(Error::Config(if matches!(key, "arch" | "activation") {
+                    format!(
                         "net and {key} are both set: a layer-spec network (net, --net) \
                          replaces --arch and --activation; give one or the other"
-                    )));
-                }
-            }
-            for (key, set) in [
-                ("stats_every", self.stats_every.is_some()),
-                ("hist_every", self.hist_every.is_some()),
-            ] {
-                if set {
-                    return Err(Error::Config(format!(
+                    )
+                } else {
+                    format!(
                         "{key} is set with net: activation statistics (stats.csv, \
                          hist.csv) are not available for layer-spec networks yet"
-                    )));
-                }
+                    )
+                }));
             }
         }
         let mut map = to_map(&TrainConfig::default());
