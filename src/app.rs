@@ -167,8 +167,7 @@ impl BackendJob for TrainJob<'_> {
             adaptive_log: trainer.adaptive_log(),
         };
         let mut out = RunOutput::create(cfg, start, self.data, &backend.name(), desc)?;
-        // Layer-spec networks have no statistics yet (`resolve` refuses the flags).
-        if let (Some(dir), None) = (&cfg.out, &cfg.net) {
+        if let Some(dir) = &cfg.out {
             let writer = match self.resume {
                 Some(_) => StatsWriter::append(dir, cfg.hist_every)?,
                 None => StatsWriter::create(dir, cfg.hist_every)?,
@@ -382,10 +381,9 @@ fn run_gradient<B: Backend>(
         adaptive_log: &[],
     };
     let mut out = RunOutput::create(cfg, start, data, &trainer.device_name(), &desc)?;
-    // Layer-spec networks have no statistics yet (`resolve` refuses the flags).
-    let mut stats = match (&cfg.out, &cfg.net) {
-        (Some(dir), None) => Some(StatsWriter::create(dir, cfg.hist_every)?),
-        _ => None,
+    let mut stats = match &cfg.out {
+        Some(dir) => Some(StatsWriter::create(dir, cfg.hist_every)?),
+        None => None,
     };
     let result = trainer.run(&mut out, stats.as_mut());
     out.finish(result.is_ok());

@@ -32,7 +32,8 @@ pub struct GradStep {
     /// Images whose arg-max output (ties to the lowest class) equals the label.
     pub correct: usize,
     /// The forward intermediates on the host, with [`CacheMode::Keep`] on a fused
-    /// network (`None` otherwise: layer-spec networks have no statistics yet).
+    /// network (`None` otherwise: a layer-spec network's statistics come from its own
+    /// forward pass, `crate::train::stats::spec_stats`).
     pub cache: Option<ForwardCache<f32>>,
 }
 

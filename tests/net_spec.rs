@@ -588,10 +588,6 @@ fn net_is_a_config_key_with_errors_before_any_work() {
             "net and activation are both set",
         ),
         (
-            r#"{"net": [{"type": "flatten"}, {"type": "linear", "out_features": 10}], "stats_every": 5}"#,
-            "stats_every is set with net",
-        ),
-        (
             r#"{"net": [{"type": "flatten"}, {"type": "linear", "out_features": 10}], "backend": "cuda"}"#,
             "no CUDA kernels yet",
         ),
@@ -648,10 +644,17 @@ fn train_with_a_layer_spec_network() {
         "{cfg}"
     );
     assert_eq!(cfg["params"], 4 * 25 + 4 + 10 * 4 * 12 * 12);
+    // Statistics: the heaviside layer (1) and the softmax (2), every iteration.
+    let stats = std::fs::read_to_string(out.join("stats.csv")).unwrap();
     assert!(
-        !out.join("stats.csv").exists(),
-        "no statistics for spec networks yet"
+        stats.starts_with("iteration,layer,quantity,mean,std"),
+        "{stats}"
     );
+    let rows: Vec<_> = stats.lines().skip(1).collect();
+    assert_eq!(rows.len(), 5 * 2, "{stats}");
+    assert!(rows
+        .iter()
+        .all(|r| r.split(',').nth(2) == Some("activation")));
     let text = std::fs::read_to_string(out.join("config.json")).unwrap();
     let (partial, _) = PartialConfig::from_json(&text).unwrap();
     assert_eq!(

@@ -315,3 +315,65 @@ fn biases_start_at_zero_unless_normal_is_asked() {
         "{msg}"
     );
 }
+
+/// Statistics of a spec network: on the paper preset written as a spec they are the
+/// fused network's (same layers: conv1's and conv2's activations, the softmax; the
+/// three weight gradients), to f32 rounding of the different summation orders (1e-5
+/// relative; a wrong layer is off by order 1); a spec with biases has one gradient row
+/// per tensor.
+#[test]
+fn spec_statistics_match_the_fused_ones_on_the_preset() {
+    use enkf_dnn::train::stats::{spec_stats, stats_from_cache, Quantity};
+    let mut rng = ChaCha8Rng::seed_from_u64(15);
+    let net = Net::new(Arch::Paper, Activation::Logistic);
+    let spec = Net::from_spec(Arc::new(
+        NetSpec::build(
+            &preset(Arch::Paper, Activation::Logistic),
+            Shape::Image { c: 1, h: 28, w: 28 },
+            10,
+        )
+        .unwrap(),
+    ));
+    let w: Vec<f32> = normal(&mut rng, net.n_params(), 0.3)
+        .into_iter()
+        .map(|v| v as f32)
+        .collect();
+    let images = 6;
+    let x: Vec<f32> = (0..images * 784).map(|_| rng.random()).collect();
+    let labels: Vec<u8> = (0..images).map(|_| rng.random_range(0..10)).collect();
+    let bp = backprop(&net, &w, &x, &labels).unwrap();
+    let fused = stats_from_cache(&net, &bp.cache, Some(&bp.grad), true).unwrap();
+    let generic = spec_stats(&spec, &w, &x, images, Some(&bp.grad), true).unwrap();
+    assert_eq!(fused.layers.len(), generic.layers.len());
+    for (f, g) in fused.layers.iter().zip(&generic.layers) {
+        assert_eq!((f.layer, f.quantity), (g.layer, g.quantity));
+        assert_eq!(f.moments.count, g.moments.count);
+        for (a, b) in [
+            (f.moments.mean, g.moments.mean),
+            (f.moments.std, g.moments.std),
+        ] {
+            assert!((a - b).abs() <= 1e-5 * a.abs().max(1e-3), "{f:?} vs {g:?}");
+        }
+        let (hf, hg) = (f.histogram.as_ref().unwrap(), g.histogram.as_ref().unwrap());
+        assert_eq!(hf.total(), hg.total());
+    }
+    let biased = Net::from_spec(Arc::new(build(
+        "flatten linear(5) relu linear(10)",
+        Shape::Image { c: 1, h: 28, w: 28 },
+        10,
+    )));
+    let wb = vec![0.01f32; biased.n_params()];
+    let s = spec_stats(&biased, &wb, &x, images, Some(&wb), false).unwrap();
+    let kinds: Vec<_> = s.layers.iter().map(|l| (l.layer, l.quantity)).collect();
+    assert_eq!(
+        kinds,
+        [
+            (1, Quantity::Activation),
+            (2, Quantity::Activation),
+            (1, Quantity::Gradient),
+            (2, Quantity::Gradient),
+            (3, Quantity::Gradient),
+            (4, Quantity::Gradient),
+        ]
+    );
+}

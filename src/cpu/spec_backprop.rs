@@ -175,6 +175,52 @@ pub fn spec_backprop<T: Real>(
     })
 }
 
+/// The output of every activation layer of `spec` (`weights`: P) over `images` inputs
+/// (`x`: images × inputs), each images × its length, in layer order, and the softmax of
+/// the network's output (images × outputs): what the statistics describe.
+/// Errors: [`Error::Shape`] on a length mismatch.
+pub fn spec_activations(
+    spec: &NetSpec,
+    weights: &[f32],
+    x: &[f32],
+    images: usize,
+) -> Result<(Vec<Vec<f32>>, Vec<f32>)> {
+    let n_in = spec.input().len();
+    crate::backend::check_len(
+        "spec_activations weights (P)",
+        weights.len(),
+        spec.n_params(),
+    )?;
+    crate::backend::check_len(
+        "spec_activations x (images × inputs)",
+        x.len(),
+        images.saturating_mul(n_in),
+    )?;
+    let acts: Vec<usize> = spec
+        .layers()
+        .iter()
+        .enumerate()
+        .filter(|(_, l)| matches!(l.layer, Layer::Act(_)))
+        .map(|(i, _)| i)
+        .collect();
+    let mut out: Vec<Vec<f32>> = acts
+        .iter()
+        .map(|&i| Vec::with_capacity(images * spec.layers()[i].output.len()))
+        .collect();
+    let mut probs = Vec::with_capacity(images * spec.outputs());
+    let mut tape = Tape::new(spec);
+    for img in x.chunks_exact(n_in.max(1)).take(images) {
+        forward_image(spec, weights, img, &mut tape);
+        for (o, &i) in out.iter_mut().zip(&acts) {
+            o.extend_from_slice(&tape.outs[i]);
+        }
+        let logits = tape.outs.last().map_or(img, |v| v.as_slice());
+        softmax_into(logits, &mut tape.probs);
+        probs.extend_from_slice(&tape.probs);
+    }
+    Ok((out, probs))
+}
+
 /// The forward pass of one image, keeping every layer's output in `tape`.
 fn forward_image<T: Real>(spec: &NetSpec, w: &[T], img: &[T], tape: &mut Tape<T>) {
     for (i, l) in spec.layers().iter().enumerate() {

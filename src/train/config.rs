@@ -464,17 +464,10 @@ impl PartialConfig {
                 if !set.contains_key(key) {
                     continue;
                 }
-                return Err(Error::Config(if matches!(key, "arch" | "activation") {
-                    format!(
-                        "net and {key} are both set: a layer-spec network (net, --net) \
-                         replaces --arch and --activation; give one or the other"
-                    )
-                } else {
-                    format!(
-                        "{key} is set with net: activation statistics (stats.csv, \
-                         hist.csv) are not available for layer-spec networks yet"
-                    )
-                }));
+                return Err(Error::Config(format!(
+                    "net and {key} are both set: a layer-spec network (net, --net) \
+                     replaces --arch and --activation; give one or the other"
+                )));
             }
         }
         let mut map = to_map(&TrainConfig::default());
@@ -503,11 +496,10 @@ fn to_map<T: Serialize>(value: &T) -> serde_json::Map<String, serde_json::Value>
 }
 
 impl TrainConfig {
-    /// The keys a layer-spec network (`net`) replaces, or has no use for yet: left out
+    /// The keys a layer-spec network (`net`) replaces: left out
     /// of [`TrainConfig::to_file_json`], refused beside `net` by
     /// [`PartialConfig::resolve`].
-    pub const REPLACED_BY_NET: [&'static str; 4] =
-        ["arch", "activation", "stats_every", "hist_every"];
+    pub const REPLACED_BY_NET: [&'static str; 2] = ["arch", "activation"];
 
     /// This configuration as a config file states it (what `config.json` holds and a
     /// resumed run starts from): every field, except that a layer-spec network's

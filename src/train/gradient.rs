@@ -28,7 +28,7 @@
 use super::config::BiasInit;
 use super::metrics::{self, MetricsRow};
 use super::optim::{GradOptimizer, Optimizer};
-use super::stats::{stats_from_cache, StatsWriter, DEFAULT_HIST_EVERY};
+use super::stats::{spec_stats, stats_from_cache, StatsWriter, DEFAULT_HIST_EVERY};
 use super::{Observer, TrainConfig, STREAM_INIT, STREAM_SHUFFLE};
 use crate::backend::{Backend, CacheMode};
 use crate::cpu::CpuBackend;
@@ -283,11 +283,6 @@ impl<'a, B: Backend> GradientTrainer<'a, B> {
         observer: &mut dyn Observer,
         mut stats: Option<&mut StatsWriter>,
     ) -> Result<Vec<MetricsRow>> {
-        if stats.is_some() {
-            self.cfg
-                .net
-                .require_fused("activation and gradient statistics")?;
-        }
         let n = self.data.train.len();
         let total = self.total_iterations();
         let per_epoch = self.cfg.iterations_per_epoch(n);
@@ -357,10 +352,18 @@ impl<'a, B: Backend> GradientTrainer<'a, B> {
         let bp = be.backprop(net, &self.weights, &self.x, labels, &mut self.grad, keep)?;
         be.synchronize()?;
         self.times.backprop += t0.elapsed().as_secs_f64();
-        if let (Some(w), Some(cache)) = (stats, &bp.cache) {
+        if let Some(w) = stats {
             let t0 = Instant::now();
             let grad = be.download_f32(&self.grad)?;
-            let s = stats_from_cache(net, cache, Some(&grad), w.wants_histograms(t))?;
+            let hist = w.wants_histograms(t);
+            let s = match &bp.cache {
+                Some(cache) => stats_from_cache(net, cache, Some(&grad), hist)?,
+                // Layer-spec networks: one more forward pass of the weights, on the host.
+                None => {
+                    let weights = be.download_f32(&self.weights)?;
+                    spec_stats(net, &weights, x, labels.len(), Some(&grad), hist)?
+                }
+            };
             w.write(t, &s)?;
             self.times.stats += t0.elapsed().as_secs_f64();
         }

@@ -8,6 +8,10 @@
 //! images of the mini-batch. For `quantity = gradient`, layer 1, 2, 3 is the gradient of
 //! the mini-batch loss with respect to `conv1.weight`, `conv2.weight`, `fc1.weight`.
 //!
+//! Layer-spec networks ([`spec_stats`]): activation layer k is the output of the spec's
+//! k-th activation layer, the last one the softmax of its output; gradient layer i the
+//! i-th parameter tensor (weights and biases, `Sequential` order).
+//!
 //! Moments: mean and population standard deviation (divide by n), two-pass in f64.
 //!
 //! Histogram bins (edges fixed per activation, written with every count):
@@ -25,6 +29,7 @@
 
 use crate::backend::check_len;
 use crate::cpu::backprop::{forward_cached, ForwardCache};
+use crate::model::spec::{Layer, SpecActivation};
 use crate::model::{Activation, Net};
 use crate::{Error, Result};
 use serde::{Deserialize, Serialize};
@@ -171,6 +176,18 @@ pub fn activation_edges(act: Activation) -> Vec<f64> {
     uniform_edges(lo, hi, ACTIVATION_BINS)
 }
 
+/// Edges of the histogram of a layer-spec activation: as [`activation_edges`], and
+/// heaviside on [0, 1] like logistic.
+pub fn spec_activation_edges(act: SpecActivation) -> Vec<f64> {
+    match act {
+        SpecActivation::Logistic | SpecActivation::Heaviside => {
+            activation_edges(Activation::Logistic)
+        }
+        SpecActivation::Relu => activation_edges(Activation::Relu),
+        SpecActivation::Tanh => activation_edges(Activation::Tanh),
+    }
+}
+
 /// Edges of the softmax (layer 3) histogram: [0, 1] in 50 bins.
 pub fn softmax_edges() -> Vec<f64> {
     uniform_edges(0.0, 1.0, ACTIVATION_BINS)
@@ -273,7 +290,8 @@ pub fn stats_from_cache(
 
 /// Activation statistics (layers 1–3) of ONE network — for the EnKF, the ensemble-mean
 /// weights — on `images` images, computed on the CPU. `weights`: P, `x`: images × 784.
-/// Histograms when `histograms`. Errors: [`Error::Shape`] on a length mismatch.
+/// Histograms when `histograms`. A layer-spec network: [`spec_stats`].
+/// Errors: [`Error::Shape`] on a length mismatch.
 pub fn activation_stats(
     net: &Net,
     weights: &[f32],
@@ -281,8 +299,61 @@ pub fn activation_stats(
     images: usize,
     histograms: bool,
 ) -> Result<LayerStats> {
+    if net.spec().is_some() {
+        return spec_stats(net, weights, x, images, None, histograms);
+    }
     let cache = forward_cached(net, weights, x, images)?;
     stats_from_cache(net, &cache, None, histograms)
+}
+
+/// Statistics of a layer-spec network (`weights`: P) on `images` inputs and, when
+/// given, of its gradient (P). Activation layers 1 … n are the outputs of the spec's
+/// activation layers in order, layer n + 1 the softmax of its output; gradient layer
+/// i is the i-th tensor of [`Net::tensors`] (`0.weight`, `0.bias`, … in `Sequential`
+/// order). Histograms when `histograms` (edges per activation: [`spec_activation_edges`]).
+/// Errors: [`Error::Shape`] on a length mismatch.
+pub fn spec_stats(
+    net: &Net,
+    weights: &[f32],
+    x: &[f32],
+    images: usize,
+    grad: Option<&[f32]>,
+    histograms: bool,
+) -> Result<LayerStats> {
+    let Some(spec) = net.spec() else {
+        return Err(Error::Config(
+            "internal: spec_stats needs a layer-spec network".into(),
+        ));
+    };
+    let (acts, probs) = crate::cpu::spec_backprop::spec_activations(spec, weights, x, images)?;
+    let kinds = spec.layers().iter().filter_map(|l| match l.layer {
+        Layer::Act(a) => Some(a),
+        _ => None,
+    });
+    let mut layers = Vec::new();
+    for (i, (values, act)) in acts.iter().zip(kinds).enumerate() {
+        let edges = histograms.then(|| spec_activation_edges(act));
+        layers.push(stat(i + 1, Quantity::Activation, values, edges)?);
+    }
+    let n = layers.len();
+    layers.push(stat(
+        n + 1,
+        Quantity::Activation,
+        &probs,
+        histograms.then(softmax_edges),
+    )?);
+    if let Some(g) = grad {
+        check_len("stats gradient (P)", g.len(), net.n_params())?;
+        for (i, t) in net.tensors().iter().enumerate() {
+            layers.push(stat(
+                i + 1,
+                Quantity::Gradient,
+                &g[t.range()],
+                histograms.then(gradient_edges),
+            )?);
+        }
+    }
+    Ok(LayerStats { layers })
 }
 
 /// One row of `stats.csv`.
