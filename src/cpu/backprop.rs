@@ -266,6 +266,21 @@ pub fn backprop<T: Real>(net: &Net, weights: &[T], x: &[T], labels: &[u8]) -> Re
             Ok((grad, loss, correct))
         })
         .collect::<Result<_>>()?;
+    let (grad, loss, correct) = sum_partials(p, partials);
+    Ok(Backprop {
+        loss: loss / images as f64,
+        correct,
+        grad,
+        cache,
+    })
+}
+
+/// Sums the per-task (gradient, loss, correct) triples in task order (the fixed order
+/// that makes the result independent of the thread count).
+pub(crate) fn sum_partials<T: Real>(
+    p: usize,
+    partials: Vec<(Vec<T>, f64, usize)>,
+) -> (Vec<T>, f64, usize) {
     let mut grad = vec![T::ZERO; p];
     let (mut loss, mut correct) = (0.0f64, 0usize);
     for (g, l, c) in partials {
@@ -275,12 +290,7 @@ pub fn backprop<T: Real>(net: &Net, weights: &[T], x: &[T], labels: &[u8]) -> Re
         loss += l;
         correct += c;
     }
-    Ok(Backprop {
-        loss: loss / images as f64,
-        correct,
-        grad,
-        cache,
-    })
+    (grad, loss, correct)
 }
 
 /// Checks a backpropagation batch: `weights` P values, `x` (labels × `n_in`) values,

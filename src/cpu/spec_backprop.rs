@@ -23,7 +23,9 @@
 
 use rayon::prelude::*;
 
-use crate::cpu::backprop::{check_batch, cross_entropy, softmax_into, Real, GRAD_CHUNK};
+use crate::cpu::backprop::{
+    check_batch, cross_entropy, softmax_into, sum_partials, Real, GRAD_CHUNK,
+};
 use crate::cpu::spec_forward::{layer_forward, valid_range};
 use crate::model::spec::{BuiltLayer, Layer, NetSpec, Shape, SpecActivation};
 use crate::{Error, Result};
@@ -159,15 +161,7 @@ pub fn spec_backprop<T: Real>(
             Ok((grad, loss, correct))
         })
         .collect::<Result<_>>()?;
-    let mut grad = vec![T::ZERO; p];
-    let (mut loss, mut correct) = (0.0f64, 0usize);
-    for (g, l, c) in partials {
-        for (a, b) in grad.iter_mut().zip(g) {
-            *a += b;
-        }
-        loss += l;
-        correct += c;
-    }
+    let (grad, loss, correct) = sum_partials(p, partials);
     Ok(SpecBackprop {
         loss: loss / images as f64,
         correct,
