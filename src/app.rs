@@ -241,6 +241,7 @@ pub fn train_command(
     }
     let opened = match (&cfg.net, cfg.backend) {
         // No CUDA kernels for layer-spec networks yet (`validate` refuses `cuda`).
+        (Some(_), BackendKind::Cpu) => Opened::Cpu("cpu (requested)".into()),
         (Some(_), _) => Opened::Cpu("cpu (layer-spec network: no CUDA kernels yet)".into()),
         (None, kind) => open_backend(kind, cfg.math)?,
     };

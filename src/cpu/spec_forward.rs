@@ -81,8 +81,8 @@ pub fn spec_forward(
 }
 
 /// [`spec_forward`] once more, timing every layer: returns each layer's share of the
-/// summed task time (shares add up to 1; multiply by a forward pass's wall time for
-/// its milliseconds). The output is discarded. For `bench`; the clock reads add about
+/// summed task time (shares add up to 1, all 0 without members or images; multiply by a
+/// forward pass's wall time for its milliseconds). The output is discarded. For `bench`; the clock reads add about
 /// 50 ns per layer per group of four images.
 /// Errors: those of [`spec_forward`].
 pub fn spec_layer_shares(
@@ -95,8 +95,11 @@ pub fn spec_layer_shares(
     let (p, n_in, n_out) = (spec.n_params(), spec.input().len(), spec.outputs());
     let mut out = vec![0.0f32; members.saturating_mul(images).saturating_mul(n_out)];
     spec_forward(spec, weights, members, x, images, &mut out)?;
-    let scratch = spec.max_activation_len() * GROUP;
     let layers = spec.layers().len();
+    if out.is_empty() {
+        return Ok(vec![0.0; layers]);
+    }
+    let scratch = spec.max_activation_len() * GROUP;
     let per_task: Vec<Vec<f64>> = out
         .par_chunks_mut(images * n_out)
         .enumerate()
@@ -187,7 +190,7 @@ fn forward_group(
     a[..input.len()].copy_from_slice(input);
     let (mut cur, mut next) = (a, b);
     let layers = spec.layers();
-    // An activation right before a max-pool runs after it, on a quarter of the values:
+    // An activation right before a max-pool runs after it, on the pooled values only:
     // every activation is monotone non-decreasing, so max(act(x)) = act(max(x)).
     let mut deferred = None;
     for (i, l) in layers.iter().enumerate() {
@@ -766,5 +769,19 @@ mod tests {
             assert_eq!(bits(dot8x4(&a, x)), want, "portable, n = {n}");
             assert_eq!(bits(dot8x4_best(&a, x)), want, "best, n = {n}");
         }
+    }
+
+    /// No members or no images: every share is 0 (no division by a zero total, no
+    /// zero-sized chunks).
+    #[test]
+    fn layer_shares_without_work_are_zero() {
+        let layers = crate::model::spec::parse_short("flatten linear(10)").unwrap();
+        let spec = NetSpec::build(&layers, Shape::Vector(4), 10).unwrap();
+        let w = vec![0.5f32; spec.n_params()];
+        assert_eq!(
+            spec_layer_shares(&spec, &[], 0, &[0.0; 4], 1).unwrap(),
+            [0.0, 0.0]
+        );
+        assert_eq!(spec_layer_shares(&spec, &w, 1, &[], 0).unwrap(), [0.0, 0.0]);
     }
 }

@@ -75,6 +75,7 @@ pub fn read(path: &Path) -> Result<NpyArray> {
     if !bytes.starts_with(b"\x93NUMPY") {
         return Err(npy_err(path, "not an .npy file (magic \\x93NUMPY missing)"));
     }
+    check_shape_size(&bytes).map_err(|msg| npy_err(path, msg))?;
     let mut rest: &[u8] = &bytes;
     let header =
         npyz::NpyHeader::from_reader(&mut rest).map_err(|e| npy_err(path, e.to_string()))?;
@@ -129,6 +130,48 @@ pub fn read(path: &Path) -> Result<NpyArray> {
         Order::Fortran => fortran_to_c(&data, &shape),
     };
     Ok(NpyArray { shape, data, dtype })
+}
+
+/// Refuses a header whose shape holds more than 2^64 values before npyz sees it:
+/// npyz 0.9.1 multiplies the dimensions unchecked (`NpyHeader::read_and_interpret`), which
+/// panics in a build with overflow checks (found by `tests/fuzz_parsers.rs`). Only the
+/// `'shape': (...)` entry is looked at; anything it cannot read is left to npyz.
+fn check_shape_size(bytes: &[u8]) -> std::result::Result<(), String> {
+    let (len, start) = match bytes.get(6) {
+        Some(1) if bytes.len() >= 10 => {
+            (u16::from_le_bytes([bytes[8], bytes[9]]) as usize, 10usize)
+        }
+        Some(2 | 3) if bytes.len() >= 12 => (
+            u32::from_le_bytes([bytes[8], bytes[9], bytes[10], bytes[11]]) as usize,
+            12,
+        ),
+        _ => return Ok(()),
+    };
+    let Some(text) = bytes
+        .get(start..start.saturating_add(len))
+        .and_then(|h| std::str::from_utf8(h).ok())
+    else {
+        return Ok(());
+    };
+    let Some(at) = text.find("'shape'").or_else(|| text.find("\"shape\"")) else {
+        return Ok(());
+    };
+    let rest = &text[at..];
+    let (Some(open), Some(close)) = (rest.find('('), rest.find(')')) else {
+        return Ok(());
+    };
+    if close < open {
+        return Ok(());
+    }
+    let mut count: u64 = 1;
+    for part in rest[open + 1..close].split(',').map(str::trim) {
+        if let Ok(d) = part.parse::<u64>() {
+            count = count.checked_mul(d).ok_or_else(|| {
+                format!("shape {} holds more than 2^64 values", &rest[open..=close])
+            })?;
+        }
+    }
+    Ok(())
 }
 
 /// Reorders the values of an array stored in Fortran order (first index fastest) into C
