@@ -41,21 +41,7 @@ pub fn spec_forward(
     out: &mut [f32],
 ) -> Result<()> {
     let (p, n_in, n_out) = (spec.n_params(), spec.input().len(), spec.outputs());
-    check_len(
-        "spec_forward weights (members × P)",
-        weights.len(),
-        members.saturating_mul(p),
-    )?;
-    check_len(
-        "spec_forward x (images × inputs)",
-        x.len(),
-        images.saturating_mul(n_in),
-    )?;
-    check_len(
-        "spec_forward out (members × images × outputs)",
-        out.len(),
-        members.saturating_mul(images).saturating_mul(n_out),
-    )?;
+    check_lengths(spec, weights, members, x, images, out)?;
     if members == 0 || images == 0 {
         return Ok(());
     }
@@ -80,7 +66,36 @@ pub fn spec_forward(
     Ok(())
 }
 
-/// [`spec_forward`] once more, timing every layer: returns each layer's share of the
+/// The buffer lengths [`spec_forward`] needs. Errors: [`crate::Error::Shape`] naming
+/// the buffer that does not match.
+fn check_lengths(
+    spec: &NetSpec,
+    weights: &[f32],
+    members: usize,
+    x: &[f32],
+    images: usize,
+    out: &[f32],
+) -> Result<()> {
+    check_len(
+        "spec_forward weights (members × P)",
+        weights.len(),
+        members.saturating_mul(spec.n_params()),
+    )?;
+    check_len(
+        "spec_forward x (images × inputs)",
+        x.len(),
+        images.saturating_mul(spec.input().len()),
+    )?;
+    check_len(
+        "spec_forward out (members × images × outputs)",
+        out.len(),
+        members
+            .saturating_mul(images)
+            .saturating_mul(spec.outputs()),
+    )
+}
+
+/// [`spec_forward`] timing every layer: returns each layer's share of the
 /// summed task time (shares add up to 1, all 0 without members or images; multiply by a
 /// forward pass's wall time for its milliseconds). The output is discarded. For `bench`; the clock reads add about
 /// 50 ns per layer per group of four images.
@@ -94,7 +109,7 @@ pub fn spec_layer_shares(
 ) -> Result<Vec<f64>> {
     let (p, n_in, n_out) = (spec.n_params(), spec.input().len(), spec.outputs());
     let mut out = vec![0.0f32; members.saturating_mul(images).saturating_mul(n_out)];
-    spec_forward(spec, weights, members, x, images, &mut out)?;
+    check_lengths(spec, weights, members, x, images, &out)?;
     let layers = spec.layers().len();
     if out.is_empty() {
         return Ok(vec![0.0; layers]);

@@ -253,6 +253,28 @@ fn stat<T: Copy + Into<f64>>(
     })
 }
 
+/// Appends the statistics of a gradient (P values), when given: gradient layer i is the
+/// i-th tensor of [`Net::tensors`]. Errors: [`Error::Shape`] when its length is not P.
+fn push_gradient_stats(
+    net: &Net,
+    grad: Option<&[f32]>,
+    histograms: bool,
+    layers: &mut Vec<LayerStat>,
+) -> Result<()> {
+    if let Some(g) = grad {
+        check_len("stats gradient (P)", g.len(), net.n_params())?;
+        for (i, t) in net.tensors().iter().enumerate() {
+            layers.push(stat(
+                i + 1,
+                Quantity::Gradient,
+                &g[t.range()],
+                histograms.then(gradient_edges),
+            )?);
+        }
+    }
+    Ok(())
+}
+
 /// Statistics of a forward cache (activations of layers 1–3) and, when given, of a
 /// gradient (P values, `state_dict` order of `net`). Histograms when `histograms`.
 /// Errors: [`Error::Shape`] when the gradient length is not P.
@@ -274,17 +296,7 @@ pub fn stats_from_cache(
             histograms.then(softmax_edges),
         )?,
     ];
-    if let Some(g) = grad {
-        check_len("stats gradient (P)", g.len(), net.n_params())?;
-        for (i, spec) in net.tensors().iter().enumerate() {
-            layers.push(stat(
-                i + 1,
-                Quantity::Gradient,
-                &g[spec.range()],
-                histograms.then(gradient_edges),
-            )?);
-        }
-    }
+    push_gradient_stats(net, grad, histograms, &mut layers)?;
     Ok(LayerStats { layers })
 }
 
@@ -342,17 +354,7 @@ pub fn spec_stats(
         &probs,
         histograms.then(softmax_edges),
     )?);
-    if let Some(g) = grad {
-        check_len("stats gradient (P)", g.len(), net.n_params())?;
-        for (i, t) in net.tensors().iter().enumerate() {
-            layers.push(stat(
-                i + 1,
-                Quantity::Gradient,
-                &g[t.range()],
-                histograms.then(gradient_edges),
-            )?);
-        }
-    }
+    push_gradient_stats(net, grad, histograms, &mut layers)?;
     Ok(LayerStats { layers })
 }
 
