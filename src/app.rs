@@ -121,7 +121,11 @@ pub fn set_threads(threads: Option<usize>) {
 /// Only the first `--train-limit` / `--test-limit` images are read and decompressed
 /// ([`crate::data::load_dir_limited`]): memory and time follow the limits, not the
 /// files' headers.
+/// A NumPy data set (`--data-npy`) is read whole and then cut to the limits.
 pub fn load_data(cfg: &TrainConfig) -> Result<DataSplit> {
+    if let Some(paths) = &cfg.data_npy {
+        return crate::data::npy::load(paths, cfg.train_limit, cfg.test_limit);
+    }
     Ok(crate::data::load_dir_limited(
         &cfg.data,
         cfg.train_limit,

@@ -3,7 +3,7 @@
 
 use crate::backend::{BackendKind, MathMode};
 use crate::enkf::UpdateRule;
-use crate::model::spec::NetSetting;
+use crate::model::spec::NetLayers;
 use crate::model::{Activation, Arch};
 use crate::train::config::{Adaptation, BiasInit, FailurePolicy, LabelPairing};
 use crate::train::optim::Optimizer;
@@ -96,10 +96,10 @@ pub struct TrainArgs {
     /// flatten linear(10)" (conv2d: out_channels, kernel_size, stride, padding; key=value
     /// for any argument, e.g. bias=false) or the JSON list config.json records. Layers:
     /// conv2d, maxpool2d, avgpool2d, flatten, linear, logistic, relu, tanh, heaviside;
-    /// PyTorch's defaults (stride 1, padding 0, bias true); the last layer must give 10
-    /// outputs.
+    /// PyTorch's defaults (stride 1, padding 0, bias true); the last layer must give as
+    /// many outputs as the data has classes (10 for the IDX data sets) or real targets.
     #[arg(long, value_name = "LAYERS", value_parser = parse_net)]
-    pub net: Option<NetSetting>,
+    pub net: Option<NetLayers>,
     /// EnKF update rule: sequential (the authors') or batch (all 10·B outputs at once)
     /// [default: sequential].
     #[arg(long, value_enum)]
@@ -112,6 +112,19 @@ pub struct TrainArgs {
     /// [default: $ENKF_DATA_DIR/mnist, else data/mnist].
     #[arg(long, value_name = "DIR")]
     pub data: Option<PathBuf>,
+    /// A NumPy data set instead of --data: a folder holding train_x.npy, train_y.npy,
+    /// test_x.npy, test_y.npy, or those four files comma-separated. X: N×C×H×W or N×H×W
+    /// (images) or N×F (vectors), uint8 (scaled to [0, 1]) or float32. Y: integer class
+    /// labels (shape N; classes = largest label + 1) or float32 real targets (N×k or N:
+    /// regression, scored by the test mean squared error, which the test_error and
+    /// test_loss columns then hold). Other shapes than 1×28×28 with 10 classes need --net.
+    #[arg(
+        long,
+        value_name = "DIR|TX,TY,VX,VY",
+        value_delimiter = ',',
+        num_args = 1
+    )]
+    pub data_npy: Option<Vec<PathBuf>>,
     /// Train on the first N training images only [default: all].
     #[arg(long, value_name = "N")]
     pub train_limit: Option<usize>,
@@ -228,6 +241,7 @@ impl TrainArgs {
             update: self.update,
             seed: self.seed,
             data: self.data.clone(),
+            data_npy: self.data_npy.clone(),
             train_limit: self.train_limit,
             test_limit: self.test_limit,
             out: self.out.clone(),
@@ -277,7 +291,7 @@ pub struct BenchArgs {
     /// A layer-spec network (as `train --net`) instead of --arch/--activation: timed on
     /// the CPU's generic per-layer path, with a table of each layer's time and GFLOP/s.
     #[arg(long, value_parser = parse_net, value_name = "LAYERS")]
-    pub net: Option<NetSetting>,
+    pub net: Option<NetLayers>,
     /// Precision of the large products.
     #[arg(long, value_enum, default_value = "fp32")]
     pub math: MathMode,
@@ -310,6 +324,7 @@ impl BenchArgs {
                             .into(),
                     ));
                 }
+                let n = n.build(crate::model::spec::IDX_INPUT, crate::model::CLASSES)?;
                 if self.backend == BackendKind::Cuda {
                     return Err(crate::Error::Config(format!(
                         "bench: --backend cuda with --net {}: layer-spec networks have no CUDA \
@@ -328,6 +343,6 @@ impl BenchArgs {
 }
 
 /// clap's parser of `--net`.
-fn parse_net(text: &str) -> std::result::Result<NetSetting, String> {
-    NetSetting::parse(text).map_err(|e| e.to_string())
+fn parse_net(text: &str) -> std::result::Result<NetLayers, String> {
+    NetLayers::parse(text).map_err(|e| e.to_string())
 }

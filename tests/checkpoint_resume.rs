@@ -72,6 +72,7 @@ fn resume_is_bit_identical_and_bad_checkpoints_are_refused() {
         train: d.train.subset(192),
         test: d.test.subset(300),
         dir: d.dir.clone(),
+        task: Default::default(),
     };
     let root = std::env::temp_dir().join(format!("enkf-ckpt-{}", std::process::id()));
     let (dir_a, dir_b) = (root.join("a"), root.join("b"));

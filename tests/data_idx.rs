@@ -422,12 +422,12 @@ fn pixels_scale_exactly_like_totensor() {
 #[test]
 fn dataset_helpers_index_correctly() {
     // 4 images of 1×2 pixels: image i = [i, 10 + i] (as f32), labels 3 − i.
-    let set = Dataset {
-        images: vec![0.0, 10.0, 1.0, 11.0, 2.0, 12.0, 3.0, 13.0],
-        labels: vec![3, 2, 1, 0],
-        rows: 1,
-        cols: 2,
-    };
+    let set = Dataset::images(
+        vec![0.0, 10.0, 1.0, 11.0, 2.0, 12.0, 3.0, 13.0],
+        vec![3, 2, 1, 0],
+        1,
+        2,
+    );
     assert_eq!((set.len(), set.pixels(), set.is_empty()), (4, 2, false));
     assert_eq!(set.image(2), &[2.0, 12.0]);
 

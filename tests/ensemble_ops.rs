@@ -114,6 +114,7 @@ fn failed_members_stop_or_are_resampled() {
         train: d.train.subset(128),
         test: d.test.subset(100),
         dir: d.dir.clone(),
+        task: Default::default(),
     };
     let be = CpuBackend::new();
     let (j, p) = (12usize, 18_050usize);

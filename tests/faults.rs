@@ -165,16 +165,19 @@ fn a_split_declaring_zero_images_is_an_error_naming_the_file() {
 }
 
 fn synthetic(n_train: usize, n_test: usize) -> DataSplit {
-    let set = |n: usize| Dataset {
-        images: (0..n * IMG_PIXELS).map(|i| (i % 7) as f32 / 7.0).collect(),
-        labels: (0..n).map(|i| (i % 10) as u8).collect(),
-        rows: 28,
-        cols: 28,
+    let set = |n: usize| {
+        Dataset::images(
+            (0..n * IMG_PIXELS).map(|i| (i % 7) as f32 / 7.0).collect(),
+            (0..n).map(|i| (i % 10) as u8).collect(),
+            28,
+            28,
+        )
     };
     DataSplit {
         train: set(n_train),
         test: set(n_test),
         dir: PathBuf::from("synthetic"),
+        task: Default::default(),
     }
 }
 

@@ -246,6 +246,7 @@ fn mnist_subset(train: usize, test: usize) -> Option<DataSplit> {
         train: d.train.subset(train),
         test: d.test.subset(test),
         dir: d.dir.clone(),
+        task: Default::default(),
     })
 }
 

@@ -104,12 +104,7 @@ pub fn load_letters(
             images.extend(px.iter().map(|&b| f32::from(b) / 255.0));
             labels.push(label);
         }
-        sets.push(Dataset {
-            images,
-            labels,
-            rows: IMG,
-            cols: IMG,
-        });
+        sets.push(Dataset::images(images, labels, IMG, IMG));
     }
     let test = sets.pop();
     let train = sets.pop();
@@ -119,6 +114,7 @@ pub fn load_letters(
                 train,
                 test,
                 dir: dir.to_path_buf(),
+                task: crate::data::Task::default(),
             },
             report,
         )),

@@ -15,6 +15,7 @@
 
 mod idx;
 pub mod letters;
+pub mod npy;
 
 use std::path::{Path, PathBuf};
 
@@ -201,65 +202,204 @@ fn contents_text(contents: &Option<Vec<String>>) -> String {
     }
 }
 
-/// One split: n images of rows × cols pixels, row-major, values in [0, 1].
+/// How the values of one sample are laid out.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum SampleKind {
+    /// channels × rows × cols (IDX images, NumPy N × C × H × W or N × H × W).
+    #[default]
+    Image,
+    /// A flat vector of `cols` features (NumPy N × F; `channels` = `rows` = 1).
+    Vector,
+}
+
+/// What the targets of a data set are.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Task {
+    /// Class labels in `0..classes`: one-hot targets, test error in %, cross-entropy.
+    Classify {
+        /// Number of classes (the network's outputs).
+        classes: usize,
+    },
+    /// Real targets, `outputs` per sample: fitted directly, scored by mean squared error.
+    Regress {
+        /// Targets per sample (the network's outputs).
+        outputs: usize,
+    },
+}
+
+impl Default for Task {
+    fn default() -> Self {
+        Task::Classify { classes: CLASSES }
+    }
+}
+
+impl Task {
+    /// Values the network must give per sample.
+    pub fn outputs(self) -> usize {
+        match self {
+            Task::Classify { classes } => classes,
+            Task::Regress { outputs } => outputs,
+        }
+    }
+
+    /// The task in words, e.g. "10 classes" or "3 real targets".
+    pub fn describe(self) -> String {
+        match self {
+            Task::Classify { classes } => format!("{classes} classes"),
+            Task::Regress { outputs: 1 } => "1 real target (regression)".into(),
+            Task::Regress { outputs } => format!("{outputs} real targets (regression)"),
+        }
+    }
+}
+
+/// One split: n samples of channels × rows × cols values, values in [0, 1] for images
+/// read from bytes.
 ///
-/// Invariant (kept by every constructor here): `images.len() == labels.len() * rows * cols`
-/// and every label is below [`CLASSES`].
-#[derive(Debug, Clone, PartialEq)]
+/// Invariant (kept by every constructor here): `images.len() == len() * pixels()`; a
+/// classification split holds `len()` labels (below the task's classes) and no
+/// `values`, a regression split `len() × k` values and no labels.
+#[derive(Debug, Clone, PartialEq, Default)]
 pub struct Dataset {
-    /// n × rows × cols pixels, image-major then row-major, each `u8 / 255`.
+    /// n × channels × rows × cols values, sample-major then C order.
     pub images: Vec<f32>,
-    /// n labels in `0..CLASSES`.
+    /// n class labels (classification; empty for regression).
     pub labels: Vec<u8>,
-    /// Rows of an image.
+    /// n × k real targets, row-major (regression; empty for classification).
+    pub values: Vec<f32>,
+    /// Channels of a sample (1 for IDX images and vectors).
+    pub channels: usize,
+    /// Rows of an image (1 for vectors).
     pub rows: usize,
-    /// Columns of an image.
+    /// Columns of an image (the features of a vector).
     pub cols: usize,
+    /// Image or flat vector.
+    pub kind: SampleKind,
 }
 
 impl Dataset {
-    /// Number of images n.
+    /// A classification split of one-channel images (IDX files, notMNIST folders).
+    pub fn images(images: Vec<f32>, labels: Vec<u8>, rows: usize, cols: usize) -> Self {
+        Dataset {
+            images,
+            labels,
+            values: Vec::new(),
+            channels: 1,
+            rows,
+            cols,
+            kind: SampleKind::Image,
+        }
+    }
+
+    /// Number of samples n.
     pub fn len(&self) -> usize {
-        self.labels.len()
+        match self.pixels() {
+            0 => self.labels.len(),
+            p => self.images.len() / p,
+        }
     }
 
-    /// Whether the split holds no images.
+    /// Whether the split holds no samples.
     pub fn is_empty(&self) -> bool {
-        self.labels.is_empty()
+        self.len() == 0
     }
 
-    /// Pixels per image, rows × cols.
+    /// Values per sample, channels × rows × cols.
     pub fn pixels(&self) -> usize {
-        self.rows * self.cols
+        self.channels * self.rows * self.cols
     }
 
-    /// Image `i`: rows × cols pixels, row-major. Panics if `i >= len()`.
+    /// The shape of one sample, as the network's first layer sees it.
+    pub fn input_shape(&self) -> crate::model::spec::Shape {
+        match self.kind {
+            SampleKind::Image => crate::model::spec::Shape::Image {
+                c: self.channels,
+                h: self.rows,
+                w: self.cols,
+            },
+            SampleKind::Vector => crate::model::spec::Shape::Vector(self.cols),
+        }
+    }
+
+    /// The shape of one sample in words: "28×28" for one channel, "3×32×32", "8 features".
+    pub fn shape_text(&self) -> String {
+        match (self.kind, self.channels) {
+            (SampleKind::Vector, _) => format!("{} features", self.cols),
+            (SampleKind::Image, 1) => format!("{}×{}", self.rows, self.cols),
+            (SampleKind::Image, c) => format!("{c}×{}×{}", self.rows, self.cols),
+        }
+    }
+
+    /// Real targets per sample (0 for a classification split).
+    pub fn value_len(&self) -> usize {
+        match self.len() {
+            0 => 0,
+            n => self.values.len() / n,
+        }
+    }
+
+    /// Image `i`: `pixels()` values. Panics if `i >= len()`.
     pub fn image(&self, i: usize) -> &[f32] {
         let p = self.pixels();
         &self.images[i * p..(i + 1) * p]
     }
 
-    /// The first `min(n, len())` images and labels, copied.
+    /// The first `min(n, len())` samples and their targets, copied.
     pub fn subset(&self, n: usize) -> Dataset {
         let n = n.min(self.len());
+        let k = self.value_len();
         Dataset {
             images: self.images[..n * self.pixels()].to_vec(),
-            labels: self.labels[..n].to_vec(),
+            labels: self.labels[..n.min(self.labels.len())].to_vec(),
+            values: self.values[..n * k].to_vec(),
+            ..self.clone_shape()
+        }
+    }
+
+    /// An empty split with this one's sample shape.
+    fn clone_shape(&self) -> Dataset {
+        Dataset {
+            images: Vec::new(),
+            labels: Vec::new(),
+            values: Vec::new(),
+            channels: self.channels,
             rows: self.rows,
             cols: self.cols,
+            kind: self.kind,
         }
     }
 
     /// Gathers the images at `indices` into `out` (cleared first; afterwards
     /// `indices.len() × pixels()` values, in the order of `indices`) and returns their
-    /// labels (`indices.len()`). Panics if an index is `>= len()`.
+    /// labels (`indices.len()`; empty for a regression split). Panics if an index is
+    /// `>= len()`.
     pub fn gather(&self, indices: &[usize], out: &mut Vec<f32>) -> Vec<u8> {
         out.clear();
         out.reserve(indices.len() * self.pixels());
         for &i in indices {
             out.extend_from_slice(self.image(i));
         }
+        if self.labels.is_empty() {
+            return Vec::new();
+        }
         indices.iter().map(|&i| self.labels[i]).collect()
+    }
+
+    /// The targets of the samples at `indices`, `indices.len() × task.outputs()`
+    /// row-major: one-hot rows of the labels, or the real targets.
+    pub fn targets(&self, indices: &[usize], task: Task) -> Vec<f32> {
+        match task {
+            Task::Classify { classes } => {
+                let labels: Vec<u8> = indices.iter().map(|&i| self.labels[i]).collect();
+                crate::enkf::one_hot(&labels, classes)
+            }
+            Task::Regress { outputs } => {
+                let mut y = Vec::with_capacity(indices.len() * outputs);
+                for &i in indices {
+                    y.extend_from_slice(&self.values[i * outputs..(i + 1) * outputs]);
+                }
+                y
+            }
+        }
     }
 }
 
@@ -278,15 +418,17 @@ pub struct Images {
     pub cols: usize,
 }
 
-/// Both splits of a data set, as loaded by [`load_dir`].
+/// Both splits of a data set, as loaded by [`load_dir`] or [`npy::load`].
 #[derive(Debug, Clone, PartialEq)]
 pub struct DataSplit {
     /// The training split.
     pub train: Dataset,
-    /// The test split (same image size as `train`).
+    /// The test split (same sample shape and targets as `train`).
     pub test: Dataset,
     /// The folder the files came from.
     pub dir: PathBuf,
+    /// Class labels (IDX files are always [`Task::default`], 10 classes) or real targets.
+    pub task: Task,
 }
 
 /// Reads a rank-3 IDX image file (raw or gzip) and scales its pixels to [0, 1]
@@ -478,12 +620,7 @@ fn load_split(
             split,
         });
     }
-    let set = Dataset {
-        images: images.pixels,
-        labels,
-        rows: images.rows,
-        cols: images.cols,
-    };
+    let set = Dataset::images(images.pixels, labels, images.rows, images.cols);
     Ok((set, images_path))
 }
 
@@ -540,6 +677,7 @@ pub fn load_dir_limited(
         train,
         test,
         dir: dir.to_path_buf(),
+        task: Task::default(),
     })
 }
 

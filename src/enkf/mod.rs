@@ -141,6 +141,8 @@ pub struct EnkfWorkspace<B: Backend> {
     members: usize,
     params: usize,
     batch: usize,
+    /// Outputs per image (10 classes for the paper's networks); m = batch · outputs.
+    outputs: usize,
     order: ApplyOrder,
     /// A = ΠG, J × m.
     a64: B::F64,
@@ -163,6 +165,19 @@ impl<B: Backend> EnkfWorkspace<B> {
         Self::with_order(backend, members, params, batch, ApplyOrder::Auto)
     }
 
+    /// As [`EnkfWorkspace::new`] for networks of `outputs` values per image (the classes
+    /// or regression targets of the data; the sequential rule's blocks are that size).
+    /// Errors: as [`EnkfWorkspace::new`], and `outputs` = 0.
+    pub fn with_outputs(
+        backend: &B,
+        members: usize,
+        params: usize,
+        batch: usize,
+        outputs: usize,
+    ) -> Result<Self> {
+        Self::build(backend, members, params, batch, outputs, ApplyOrder::Auto)
+    }
+
     /// As [`EnkfWorkspace::new`] with a forced association of the apply phase (for tests
     /// and benchmarks; [`ApplyOrder::Auto`] picks by flop count).
     pub fn with_order(
@@ -172,13 +187,24 @@ impl<B: Backend> EnkfWorkspace<B> {
         batch: usize,
         order: ApplyOrder,
     ) -> Result<Self> {
-        if members < 2 || params == 0 || batch == 0 {
+        Self::build(backend, members, params, batch, CLASSES, order)
+    }
+
+    fn build(
+        backend: &B,
+        members: usize,
+        params: usize,
+        batch: usize,
+        outputs: usize,
+        order: ApplyOrder,
+    ) -> Result<Self> {
+        if members < 2 || params == 0 || batch == 0 || outputs == 0 {
             return Err(Error::Config(format!(
-                "EnKF needs at least 2 members, 1 weight and 1 image per batch; got \
-                 {members} members, {params} weights, batch {batch}"
+                "EnKF needs at least 2 members, 1 weight, 1 image per batch and 1 output; \
+                 got {members} members, {params} weights, batch {batch}, {outputs} outputs"
             )));
         }
-        let m = batch * CLASSES;
+        let m = batch * outputs;
         let order = match order {
             ApplyOrder::Auto => ApplyOrder::cheapest(members, params, m),
             o => o,
@@ -199,6 +225,7 @@ impl<B: Backend> EnkfWorkspace<B> {
             members,
             params,
             batch,
+            outputs,
             order,
             a64: backend.zeros_f64(members * m)?,
             x64: backend.zeros_f64(members * m)?,
@@ -248,7 +275,7 @@ impl<B: Backend> EnkfWorkspace<B> {
         g: &B::F32,
         y: &B::F32,
     ) -> Result<()> {
-        let (j, m) = (self.members, self.batch * CLASSES);
+        let (j, m) = (self.members, self.batch * self.outputs);
         if !(gamma.is_finite() && gamma >= 0.0) {
             return Err(Error::Config(format!(
                 "gamma must be finite and non-negative, got {gamma}"
@@ -283,7 +310,7 @@ impl<B: Backend> EnkfWorkspace<B> {
                 backend.block_cholesky_solve_f64(
                     &mut self.c64,
                     self.batch,
-                    CLASSES,
+                    self.outputs,
                     &mut self.x64,
                     j,
                 )?;
@@ -300,7 +327,7 @@ impl<B: Backend> EnkfWorkspace<B> {
                     0.0,
                     &mut self.l64,
                 )?;
-                backend.unit_block_lower_f64(&mut self.l64, m, CLASSES)?;
+                backend.unit_block_lower_f64(&mut self.l64, m, self.outputs)?;
                 // X = Bm (I − L)⁻¹.
                 backend.solve_unit_lower_right_f64(&self.l64, m, &mut self.x64, j)?;
             }
@@ -313,7 +340,7 @@ impl<B: Backend> EnkfWorkspace<B> {
     ///
     /// Errors: [`Error::Shape`] when u has the wrong length.
     pub fn apply(&mut self, backend: &B, u: &mut B::F32) -> Result<()> {
-        let (j, p, m) = (self.members, self.params, self.batch * CLASSES);
+        let (j, p, m) = (self.members, self.params, self.batch * self.outputs);
         crate::backend::check_len("EnKF ensemble u", backend.len_f32(u), j * p)?;
         let inv_j = 1.0 / j as f64;
         match &mut self.apply {

@@ -67,10 +67,182 @@ fn write_any<T: npyz::AutoSerialize + Copy>(
     super::atomic_write(path, &bytes)
 }
 
+/// The values of an array as stored (integers of any width are widened to `i64`).
+#[derive(Debug, Clone, PartialEq)]
+pub enum NpyValues {
+    /// `float32`.
+    F32(Vec<f32>),
+    /// `float64`.
+    F64(Vec<f64>),
+    /// `uint8`.
+    U8(Vec<u8>),
+    /// Any other signed or unsigned integer type (`int8` … `int64`, `uint16` … `uint64`).
+    Int(Vec<i64>),
+}
+
+impl NpyValues {
+    /// Number of values.
+    pub fn len(&self) -> usize {
+        match self {
+            NpyValues::F32(v) => v.len(),
+            NpyValues::F64(v) => v.len(),
+            NpyValues::U8(v) => v.len(),
+            NpyValues::Int(v) => v.len(),
+        }
+    }
+
+    /// True when there are no values.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// An array read from an `.npy` file with its own element type.
+#[derive(Debug, Clone, PartialEq)]
+pub struct NpyTyped {
+    /// The shape, outermost first (empty for a scalar).
+    pub shape: Vec<usize>,
+    /// The values in C order.
+    pub values: NpyValues,
+    /// The stored element type as NumPy writes it, e.g. "<f4" or "|u1".
+    pub dtype: String,
+}
+
+/// What the header of an `.npy` file declares, read without its data.
+#[derive(Debug, Clone, PartialEq)]
+pub struct NpyHeaderInfo {
+    /// The shape, outermost first.
+    pub shape: Vec<usize>,
+    /// The element type as NumPy writes it.
+    pub dtype: String,
+    /// Kind of element (float, signed or unsigned integer, other).
+    pub kind: TypeChar,
+    /// Bytes per element.
+    pub width: usize,
+}
+
 /// Reads an `.npy` file of float32 or float64 values (either byte order, C or Fortran
 /// order). Errors name the file and the fault (not an .npy file, another dtype, a
 /// length that does not match the shape).
 pub fn read(path: &Path) -> Result<NpyArray> {
+    let a = read_typed(path)?;
+    let data = match a.values {
+        NpyValues::F32(v) => v.into_iter().map(f64::from).collect(),
+        NpyValues::F64(v) => v,
+        NpyValues::U8(_) | NpyValues::Int(_) => {
+            return Err(npy_err(
+                path,
+                format!(
+                    "dtype {} is not supported: save as float32 or float64",
+                    a.dtype
+                ),
+            ))
+        }
+    };
+    Ok(NpyArray {
+        shape: a.shape,
+        data,
+        dtype: a.dtype,
+    })
+}
+
+/// Reads only the header of an `.npy` file (the data are not read) and checks that the
+/// file is as long as the header declares. Errors: as [`read_typed`].
+pub fn read_header(path: &Path) -> Result<NpyHeaderInfo> {
+    let mut f = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
+    let total = f.metadata().map_err(|e| Error::io(path, e))?.len();
+    let mut prefix = vec![0u8; 12];
+    let got = read_up_to(&mut f, &mut prefix).map_err(|e| Error::io(path, e))?;
+    prefix.truncate(got);
+    if !prefix.starts_with(b"\x93NUMPY") {
+        return Err(npy_err(path, "not an .npy file (magic \\x93NUMPY missing)"));
+    }
+    let (len, start) = match prefix.get(6) {
+        Some(1) if prefix.len() >= 10 => (u16::from_le_bytes([prefix[8], prefix[9]]) as usize, 10),
+        Some(2 | 3) if prefix.len() >= 12 => (
+            u32::from_le_bytes([prefix[8], prefix[9], prefix[10], prefix[11]]) as usize,
+            12,
+        ),
+        _ => return Err(npy_err(path, "truncated or unknown .npy header")),
+    };
+    let mut header = vec![0u8; (start + len).saturating_sub(prefix.len())];
+    let got = read_up_to(&mut f, &mut header).map_err(|e| Error::io(path, e))?;
+    prefix.extend_from_slice(&header[..got]);
+    check_shape_size(&prefix).map_err(|msg| npy_err(path, msg))?;
+    let mut rest: &[u8] = &prefix;
+    let h = npyz::NpyHeader::from_reader(&mut rest).map_err(|e| npy_err(path, e.to_string()))?;
+    let body = total.saturating_sub(prefix.len() as u64);
+    let npy = npyz::NpyFile::with_header(h, rest);
+    let (shape, info) = header_info(path, &npy)?;
+    check_body(path, &shape, info.1, body)?;
+    Ok(NpyHeaderInfo {
+        shape,
+        dtype: info.0,
+        kind: info.2,
+        width: info.1,
+    })
+}
+
+/// Fills `buf` as far as the file allows; returns the bytes read.
+fn read_up_to(f: &mut std::fs::File, buf: &mut [u8]) -> std::io::Result<usize> {
+    use std::io::Read;
+    let mut n = 0;
+    while n < buf.len() {
+        match f.read(&mut buf[n..])? {
+            0 => break,
+            k => n += k,
+        }
+    }
+    Ok(n)
+}
+
+/// The shape and (dtype text, element width, kind) of a plain (non-structured) array.
+fn header_info<R: std::io::Read>(
+    path: &Path,
+    npy: &npyz::NpyFile<R>,
+) -> Result<(Vec<usize>, (String, usize, TypeChar))> {
+    let shape: Vec<usize> = npy
+        .shape()
+        .iter()
+        .map(|&d| usize::try_from(d))
+        .collect::<std::result::Result<_, _>>()
+        .map_err(|_| npy_err(path, format!("shape {:?} is too large", npy.shape())))?;
+    match npy.dtype() {
+        DType::Plain(ts) => Ok((
+            shape,
+            (ts.to_string(), ts.size_field() as usize, ts.type_char()),
+        )),
+        other => Err(npy_err(
+            path,
+            format!(
+                "dtype {} (a structured or array dtype) is not supported",
+                other.descr()
+            ),
+        )),
+    }
+}
+
+/// Checks that `body` bytes hold exactly the values `shape` declares.
+fn check_body(path: &Path, shape: &[usize], width: usize, body: u64) -> Result<()> {
+    let needed = shape
+        .iter()
+        .try_fold(width, |acc: usize, &d| acc.checked_mul(d));
+    // npyz reads lazily; check the length first so a truncated file names its size.
+    if needed.map(|n| n as u64) != Some(body) {
+        let needed = needed.map_or("more than 2^64".to_string(), |n| n.to_string());
+        return Err(npy_err(
+            path,
+            format!("shape {shape:?} needs {needed} data bytes but the file has {body}"),
+        ));
+    }
+    Ok(())
+}
+
+/// Reads an `.npy` file of float32, float64 or integer values (either byte order, C or
+/// Fortran order), keeping the element type. Errors name the file and the fault (not an
+/// .npy file, another dtype such as bool, complex or a structured type, a length that
+/// does not match the shape).
+pub fn read_typed(path: &Path) -> Result<NpyTyped> {
     let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
     if !bytes.starts_with(b"\x93NUMPY") {
         return Err(npy_err(path, "not an .npy file (magic \\x93NUMPY missing)"));
@@ -81,55 +253,72 @@ pub fn read(path: &Path) -> Result<NpyArray> {
         npyz::NpyHeader::from_reader(&mut rest).map_err(|e| npy_err(path, e.to_string()))?;
     let body = rest.len();
     let npy = npyz::NpyFile::with_header(header, rest);
-    let shape: Vec<usize> = npy
-        .shape()
-        .iter()
-        .map(|&d| usize::try_from(d))
-        .collect::<std::result::Result<_, _>>()
-        .map_err(|_| npy_err(path, format!("shape {:?} is too large", npy.shape())))?;
-    let (dtype, width) = match npy.dtype() {
-        DType::Plain(ts)
-            if ts.type_char() == TypeChar::Float && matches!(ts.size_field(), 4 | 8) =>
-        {
-            (ts.to_string(), ts.size_field() as usize)
-        }
-        other => {
-            return Err(npy_err(
-                path,
-                format!(
-                    "dtype {} is not supported: save as float32 or float64",
-                    other.descr()
-                ),
-            ))
-        }
-    };
-    let needed = shape
-        .iter()
-        .try_fold(width, |acc: usize, &d| acc.checked_mul(d));
-    // npyz reads lazily; check the length first so a truncated file names its size.
-    if needed != Some(body) {
-        let needed = needed.map_or("more than 2^64".to_string(), |n| n.to_string());
-        return Err(npy_err(
+    let (shape, (dtype, width, kind)) = header_info(path, &npy)?;
+    let unsupported = || {
+        npy_err(
             path,
-            format!("shape {shape:?} needs {needed} data bytes but the file has {body}"),
-        ));
+            format!("dtype {dtype} is not supported: save as float32, float64 or an integer type"),
+        )
+    };
+    if !matches!(kind, TypeChar::Float | TypeChar::Int | TypeChar::Uint) {
+        return Err(unsupported());
     }
+    check_body(path, &shape, width, body as u64)?;
     let order = npy.order();
-    let data: Vec<f64> = if width == 4 {
-        npy.into_vec::<f32>()
-            .map_err(|e| npy_err(path, e.to_string()))?
-            .into_iter()
-            .map(f64::from)
-            .collect()
-    } else {
-        npy.into_vec::<f64>()
-            .map_err(|e| npy_err(path, e.to_string()))?
+    let err = |e: std::io::Error| npy_err(path, e.to_string());
+    let widen = |v: Vec<i64>| NpyValues::Int(reorder(v, &shape, order));
+    let values = match (kind, width) {
+        (TypeChar::Float, 4) => {
+            NpyValues::F32(reorder(npy.into_vec::<f32>().map_err(err)?, &shape, order))
+        }
+        (TypeChar::Float, 8) => {
+            NpyValues::F64(reorder(npy.into_vec::<f64>().map_err(err)?, &shape, order))
+        }
+        (TypeChar::Uint, 1) => {
+            NpyValues::U8(reorder(npy.into_vec::<u8>().map_err(err)?, &shape, order))
+        }
+        (TypeChar::Uint, 2) => widen(int_vec::<u16, _>(npy, err)?),
+        (TypeChar::Uint, 4) => widen(int_vec::<u32, _>(npy, err)?),
+        (TypeChar::Uint, 8) => {
+            let v = npy.into_vec::<u64>().map_err(err)?;
+            let v: Option<Vec<i64>> = v.into_iter().map(|x| i64::try_from(x).ok()).collect();
+            widen(v.ok_or_else(|| npy_err(path, "a uint64 value is above 2^63"))?)
+        }
+        (TypeChar::Int, 1) => widen(int_vec::<i8, _>(npy, err)?),
+        (TypeChar::Int, 2) => widen(int_vec::<i16, _>(npy, err)?),
+        (TypeChar::Int, 4) => widen(int_vec::<i32, _>(npy, err)?),
+        (TypeChar::Int, 8) => widen(npy.into_vec::<i64>().map_err(err)?),
+        _ => return Err(unsupported()),
     };
-    let data = match order {
+    Ok(NpyTyped {
+        shape,
+        values,
+        dtype,
+    })
+}
+
+/// The values of an integer array, widened to `i64`.
+fn int_vec<T, E>(
+    npy: npyz::NpyFile<&[u8]>,
+    err: impl Fn(std::io::Error) -> E,
+) -> std::result::Result<Vec<i64>, E>
+where
+    T: npyz::Deserialize + Into<i64>,
+{
+    Ok(npy
+        .into_vec::<T>()
+        .map_err(err)?
+        .into_iter()
+        .map(Into::into)
+        .collect())
+}
+
+/// `data` in C order (a Fortran-order array is reordered).
+fn reorder<T: Copy>(data: Vec<T>, shape: &[usize], order: Order) -> Vec<T> {
+    match order {
         Order::C => data,
-        Order::Fortran => fortran_to_c(&data, &shape),
-    };
-    Ok(NpyArray { shape, data, dtype })
+        Order::Fortran => fortran_to_c(&data, shape),
+    }
 }
 
 /// Refuses a header whose shape holds more than 2^64 values before npyz sees it:
@@ -176,7 +365,7 @@ fn check_shape_size(bytes: &[u8]) -> std::result::Result<(), String> {
 
 /// Reorders the values of an array stored in Fortran order (first index fastest) into C
 /// order (last index fastest).
-fn fortran_to_c(data: &[f64], shape: &[usize]) -> Vec<f64> {
+fn fortran_to_c<T: Copy>(data: &[T], shape: &[usize]) -> Vec<T> {
     let n = data.len();
     let mut out = Vec::with_capacity(n);
     let mut idx = vec![0usize; shape.len()];

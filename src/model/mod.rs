@@ -204,6 +204,28 @@ impl Net {
         }
     }
 
+    /// The shape of one input sample: 1 × 28 × 28 for the fused networks.
+    pub fn input_shape(&self) -> spec::Shape {
+        match self.spec() {
+            Some(s) => s.input(),
+            None => spec::IDX_INPUT,
+        }
+    }
+
+    /// Values per input sample (784 for the fused networks).
+    pub fn input_len(&self) -> usize {
+        self.input_shape().len()
+    }
+
+    /// Values the network gives per sample: the classes (10 for the fused networks) or
+    /// the regression targets.
+    pub fn outputs(&self) -> usize {
+        match self.spec() {
+            Some(s) => s.outputs(),
+            None => CLASSES,
+        }
+    }
+
     /// Side of the feature map that enters `fc1` (8 for Paper, 4 for Pooled).
     pub fn feature_side(&self) -> usize {
         match self.arch {

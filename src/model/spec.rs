@@ -754,25 +754,13 @@ fn layer_short(layer: &Layer) -> String {
     }
 }
 
-/// The input of every IDX data set here (MNIST, Fashion-MNIST, notMNIST): 1 × 28 × 28.
-pub const IDX_INPUT: Shape = Shape::Image { c: 1, h: 28, w: 28 };
-
-/// A layer-spec network as a setting (`net` in a config, `--net` on the command line):
-/// written as its JSON form with every default, read from the JSON form, and validated
-/// for [`IDX_INPUT`] images and 10 classes when read.
+/// A layer-spec network as written (`net` in a config file, `--net` on the command line):
+/// the layers, their keys and values checked, not yet built for a data set's shape (a
+/// NumPy data set's shape is known only from its files; see [`NetLayers::build`]).
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
-pub struct NetSetting(pub std::sync::Arc<NetSpec>);
+pub struct NetLayers(pub Vec<Layer>);
 
-impl NetSetting {
-    /// Validates `layers` for the IDX data sets. Errors: as [`NetSpec::build`].
-    pub fn from_layers(layers: &[Layer]) -> Result<Self> {
-        Ok(NetSetting(std::sync::Arc::new(NetSpec::build(
-            layers,
-            IDX_INPUT,
-            crate::model::CLASSES,
-        )?)))
-    }
-
+impl NetLayers {
     /// Parses the command line's text: the JSON form when it starts with `[`, else the
     /// short form. Errors: [`Error::Config`] naming the layer and key.
     pub fn parse(text: &str) -> Result<Self> {
@@ -783,7 +771,74 @@ impl NetSetting {
         } else {
             parse_short(text)?
         };
-        Self::from_layers(&layers)
+        if layers.is_empty() {
+            return Err(Error::Config("net: the list of layers is empty".into()));
+        }
+        Ok(NetLayers(layers))
+    }
+
+    /// Builds the network for samples of shape `input` and `outputs` values per sample.
+    /// Errors: as [`NetSpec::build`].
+    pub fn build(&self, input: Shape, outputs: usize) -> Result<NetSetting> {
+        Ok(NetSetting(std::sync::Arc::new(NetSpec::build(
+            &self.0, input, outputs,
+        )?)))
+    }
+
+    /// The JSON list, every default written out.
+    pub fn to_json(&self) -> Value {
+        Value::Array(self.0.iter().map(Layer::to_json).collect())
+    }
+}
+
+impl serde::Serialize for NetLayers {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+        self.to_json().serialize(s)
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for NetLayers {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        let v = <Value as serde::Deserialize>::deserialize(d)?;
+        parse_json(&v)
+            .and_then(|l| match l.is_empty() {
+                true => Err(Error::Config("net: the list of layers is empty".into())),
+                false => Ok(NetLayers(l)),
+            })
+            .map_err(|e| {
+                serde::de::Error::custom(
+                    e.to_string()
+                        .trim_start_matches("invalid configuration: ")
+                        .to_string(),
+                )
+            })
+    }
+}
+
+/// The input of every IDX data set here (MNIST, Fashion-MNIST, notMNIST): 1 × 28 × 28.
+pub const IDX_INPUT: Shape = Shape::Image { c: 1, h: 28, w: 28 };
+
+/// A layer-spec network built for one data shape (what a resolved configuration and the
+/// trainers hold); written as its JSON form with every default. Read from the JSON form
+/// it is built for [`IDX_INPUT`] images and 10 classes.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct NetSetting(pub std::sync::Arc<NetSpec>);
+
+impl NetSetting {
+    /// Validates `layers` for the IDX data sets. Errors: as [`NetSpec::build`].
+    pub fn from_layers(layers: &[Layer]) -> Result<Self> {
+        NetLayers(layers.to_vec()).build(IDX_INPUT, crate::model::CLASSES)
+    }
+
+    /// Parses the text (as [`NetLayers::parse`]) and builds it for the IDX data sets.
+    /// Errors: [`Error::Config`] naming the layer and key.
+    pub fn parse(text: &str) -> Result<Self> {
+        NetLayers::parse(text)?.build(IDX_INPUT, crate::model::CLASSES)
+    }
+
+    /// The layers as written.
+    pub fn layers(&self) -> NetLayers {
+        NetLayers(self.0.layers().iter().map(|l| l.layer).collect())
     }
 }
 

@@ -7,7 +7,7 @@
 
 use crate::backend::{BackendKind, MathMode};
 use crate::enkf::UpdateRule;
-use crate::model::spec::NetSetting;
+use crate::model::spec::{NetLayers, NetSetting};
 use crate::model::{Activation, Arch, Net};
 use crate::train::optim::Optimizer;
 use crate::{Error, Result};
@@ -123,6 +123,11 @@ pub struct TrainConfig {
     pub seed: u64,
     /// Folder with the four IDX files.
     pub data: PathBuf,
+    /// A NumPy data set instead of `data`: one folder holding `train_x.npy`,
+    /// `train_y.npy`, `test_x.npy`, `test_y.npy`, or those four paths (see
+    /// `crate::data::npy`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub data_npy: Option<Vec<PathBuf>>,
     /// Use only the first N training images (all when unset).
     pub train_limit: Option<usize>,
     /// Use only the first N test images (all when unset).
@@ -194,6 +199,7 @@ impl Default for TrainConfig {
             update: UpdateRule::Sequential,
             seed: 0,
             data: crate::data::default_mnist_dir(),
+            data_npy: None,
             train_limit: None,
             test_limit: None,
             out: None,
@@ -266,7 +272,7 @@ pub struct PartialConfig {
     #[allow(missing_docs)]
     pub arch: Option<Arch>,
     #[allow(missing_docs)]
-    pub net: Option<NetSetting>,
+    pub net: Option<NetLayers>,
     #[allow(missing_docs)]
     pub bias_init: Option<BiasInit>,
     #[allow(missing_docs)]
@@ -275,6 +281,8 @@ pub struct PartialConfig {
     pub seed: Option<u64>,
     #[allow(missing_docs)]
     pub data: Option<PathBuf>,
+    #[allow(missing_docs)]
+    pub data_npy: Option<Vec<PathBuf>>,
     #[allow(missing_docs)]
     pub train_limit: Option<usize>,
     #[allow(missing_docs)]
@@ -457,23 +465,31 @@ impl PartialConfig {
     /// ([`PartialConfig::check_floats`]), or any check of [`TrainConfig::validate`].
     pub fn resolve(&self) -> Result<TrainConfig> {
         self.check_floats()?;
-        if self.net.is_some() {
-            // The keys a spec replaces, as this partial config sets them.
-            let set = to_map(self);
-            for key in TrainConfig::REPLACED_BY_NET {
-                if !set.contains_key(key) {
-                    continue;
-                }
-                return Err(Error::Config(format!(
-                    "net and {key} are both set: a layer-spec network (net, --net) \
-                     replaces --arch and --activation; give one or the other"
-                )));
+        let set = to_map(self);
+        for (given, replaced) in [
+            (self.net.is_some(), &TrainConfig::REPLACED_BY_NET[..]),
+            (self.data_npy.is_some(), &TrainConfig::REPLACED_BY_NPY[..]),
+        ] {
+            if let Some(key) = replaced.iter().find(|k| given && set.contains_key(**k)) {
+                return Err(Error::Config(if self.net.is_some() && key != &"data" {
+                    format!(
+                        "net and {key} are both set: a layer-spec network (net, --net) \
+                         replaces --arch and --activation; give one or the other"
+                    )
+                } else {
+                    "data and data_npy are both set: a NumPy data set (--data-npy) replaces \
+                     the IDX folder (--data); give one or the other"
+                        .to_string()
+                }));
             }
         }
         let mut map = to_map(&TrainConfig::default());
-        map.extend(to_map(self));
-        let c: TrainConfig = serde_json::from_value(serde_json::Value::Object(map))
+        map.extend(set);
+        // The network is built below, for the data's shape.
+        map.remove("net");
+        let mut c: TrainConfig = serde_json::from_value(serde_json::Value::Object(map))
             .map_err(|e| Error::Config(format!("bad value: {e}")))?;
+        c.bind_data(self.net.as_ref())?;
         c.validate()?;
         Ok(c)
     }
@@ -501,15 +517,77 @@ impl TrainConfig {
     /// [`PartialConfig::resolve`].
     pub const REPLACED_BY_NET: [&'static str; 2] = ["arch", "activation"];
 
+    /// The keys a NumPy data set (`data_npy`) replaces: left out of
+    /// [`TrainConfig::to_file_json`], refused beside `data_npy`.
+    pub const REPLACED_BY_NPY: [&'static str; 1] = ["data"];
+
+    /// The sample shape and task of this configuration's data: the IDX data sets'
+    /// 1 × 28 × 28 images and 10 classes, or what a NumPy data set's files declare
+    /// ([`crate::data::npy::probe`]: the X headers and the Y files are read).
+    /// Errors: as [`crate::data::npy::probe`].
+    pub fn data_shape(&self) -> Result<(crate::model::spec::Shape, crate::data::Task)> {
+        match &self.data_npy {
+            None => Ok((crate::model::spec::IDX_INPUT, crate::data::Task::default())),
+            Some(paths) => {
+                let (set, task) = crate::data::npy::probe(paths)?;
+                Ok((set.input_shape(), task))
+            }
+        }
+    }
+
+    /// Builds the network `layers` (or checks the fused one) for this configuration's
+    /// data ([`TrainConfig::data_shape`]). Errors: [`Error::Config`] when the network
+    /// does not fit the data, naming the layer or the shapes; a data file's fault.
+    fn bind_data(&mut self, layers: Option<&NetLayers>) -> Result<()> {
+        if layers.is_none() && self.data_npy.is_none() {
+            return Ok(());
+        }
+        let (shape, task) = self.data_shape()?;
+        match layers {
+            Some(l) => {
+                self.net = Some(l.build(shape, task.outputs()).map_err(|e| match e {
+                    Error::Config(msg) if self.data_npy.is_some() => Error::Config(format!(
+                        "{msg} (the NumPy data set has samples of {shape} and {})",
+                        task.describe()
+                    )),
+                    other => other,
+                })?)
+            }
+            None => {
+                if shape != crate::model::spec::IDX_INPUT || task != crate::data::Task::default() {
+                    return Err(Error::Config(
+                        format!(
+                            "the NumPy data set has samples of {shape} and {}, but --arch {:?} \
+                         takes 1 × 28 × 28 images and 10 classes: give a layer-spec network \
+                         for this data with --net",
+                            task.describe(),
+                            self.arch
+                        )
+                        .replace("Paper", "paper")
+                        .replace("Pooled", "pooled"),
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+
     /// This configuration as a config file states it (what `config.json` holds and a
     /// resumed run starts from): every field, except that a layer-spec network's
     /// configuration leaves out [`TrainConfig::REPLACED_BY_NET`], so that it resolves
     /// again without a conflict. Errors: [`Error::Json`] (not expected).
     pub fn to_file_json(&self) -> Result<serde_json::Value> {
         let mut v = serde_json::to_value(self)?;
-        if let (Some(_), serde_json::Value::Object(m)) = (&self.net, &mut v) {
-            for key in Self::REPLACED_BY_NET {
-                m.remove(key);
+        if let serde_json::Value::Object(m) = &mut v {
+            if self.net.is_some() {
+                for key in Self::REPLACED_BY_NET {
+                    m.remove(key);
+                }
+            }
+            if self.data_npy.is_some() {
+                for key in Self::REPLACED_BY_NPY {
+                    m.remove(key);
+                }
             }
         }
         Ok(v)
@@ -764,6 +842,8 @@ mod tests {
             update: UpdateRule::Batch,
             seed: 42,
             data: "/some/where".into(),
+            // data_npy replaces data and reads its files: tests/data_npy.rs.
+            data_npy: None,
             train_limit: Some(1000),
             test_limit: Some(500),
             out: Some("/tmp/out".into()),

@@ -34,7 +34,7 @@ use crate::backend::{Backend, CacheMode};
 use crate::cpu::CpuBackend;
 use crate::data::DataSplit;
 use crate::enkf::init_ensemble;
-use crate::model::{Net, CLASSES};
+use crate::model::Net;
 use crate::{Error, Result};
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
@@ -210,7 +210,16 @@ impl<'a, B: Backend> GradientTrainer<'a, B> {
     /// Errors: those of [`GradientTrainer::new`], and the backend's when an upload fails.
     pub fn on(be: B, cfg: &GradConfig, data: &'a DataSplit) -> Result<Self> {
         cfg.validate()?;
-        super::check_splits(data)?;
+        super::check_splits(data, &cfg.net)?;
+        if let crate::data::Task::Regress { .. } = data.task {
+            return Err(Error::Config(format!(
+                "--optimizer {} with real targets ({}): backpropagation here minimises the \
+                 cross-entropy of class labels; regression data are trained by the EnKF \
+                 (--optimizer enkf) for now",
+                format!("{:?}", cfg.optimizer).to_lowercase(),
+                data.task.describe()
+            )));
+        }
         let mut rng = ChaCha8Rng::seed_from_u64(cfg.seed);
         rng.set_stream(STREAM_INIT);
         let p = cfg.net.n_params();
@@ -230,7 +239,7 @@ impl<'a, B: Backend> GradientTrainer<'a, B> {
             opt,
             x: be.zeros_f32(1)?,
             test_x: be.upload_f32(&test.images)?,
-            test_out: be.zeros_f32(test.len() * CLASSES)?,
+            test_out: be.zeros_f32(test.len() * cfg.net.outputs())?,
             host_weights,
             be,
             order: (0..data.train.len()).collect(),

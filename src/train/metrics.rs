@@ -1,15 +1,20 @@
 //! Scoring logits on the host and the per-iteration metrics record.
 
-use crate::model::CLASSES;
 use serde::{Deserialize, Serialize};
 
+/// Classes per row of a score matrix of `len` values for `n` samples (at least 1).
+fn classes_of(len: usize, n: usize) -> usize {
+    (len / n.max(1)).max(1)
+}
+
 /// Mean softmax cross-entropy (natural log, as PyTorch's `CrossEntropyLoss`) and the
-/// number of correct arg-max predictions. `logits` is n × 10 row-major, `labels` n.
-/// Ties in the arg-max go to the lowest class index, as `torch.argmax`.
+/// number of correct arg-max predictions. `logits` is n × k row-major (k classes),
+/// `labels` n. Ties in the arg-max go to the lowest class index, as `torch.argmax`.
 pub fn score_logits(logits: &[f32], labels: &[u8]) -> (f64, usize) {
     let mut loss = 0.0f64;
     let mut correct = 0usize;
-    for (row, &label) in logits.chunks_exact(CLASSES).zip(labels) {
+    let k = classes_of(logits.len(), labels.len());
+    for (row, &label) in logits.chunks_exact(k).zip(labels) {
         let (best, max) = argmax(row);
         let lse = max as f64
             + row
@@ -23,14 +28,15 @@ pub fn score_logits(logits: &[f32], labels: &[u8]) -> (f64, usize) {
     (loss / labels.len().max(1) as f64, correct)
 }
 
-/// Scores averaged class probabilities (n × 10, rows summing to 1): mean −ln p\[label\]
+/// Scores averaged class probabilities (n × k, rows summing to 1): mean −ln p\[label\]
 /// and correct arg-max count. Probabilities are floored at 1e-300 to keep the loss finite.
 pub fn score_probabilities(probs: &[f64], labels: &[u8]) -> (f64, usize) {
     let mut loss = 0.0f64;
     let mut correct = 0usize;
-    for (row, &label) in probs.chunks_exact(CLASSES).zip(labels) {
+    let classes = classes_of(probs.len(), labels.len());
+    for (row, &label) in probs.chunks_exact(classes).zip(labels) {
         let mut best = 0;
-        for k in 1..CLASSES {
+        for k in 1..classes {
             if row[k] > row[best] {
                 best = k;
             }
@@ -39,6 +45,18 @@ pub fn score_probabilities(probs: &[f64], labels: &[u8]) -> (f64, usize) {
         correct += usize::from(best == label as usize);
     }
     (loss / labels.len().max(1) as f64, correct)
+}
+
+/// Mean squared error of `outputs` against `targets` (same length), averaged over every
+/// value (PyTorch's `MSELoss` with its default `reduction='mean'`), in f64. NaN when
+/// there are no values.
+pub fn mean_squared_error(outputs: &[f32], targets: &[f32]) -> f64 {
+    let sum: f64 = outputs
+        .iter()
+        .zip(targets)
+        .map(|(&o, &t)| (f64::from(o) - f64::from(t)).powi(2))
+        .sum();
+    sum / targets.len() as f64
 }
 
 /// Softmax of one row of logits, added into `acc` (f64).

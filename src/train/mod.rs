@@ -19,9 +19,10 @@ pub mod resume;
 pub mod stats;
 
 use crate::backend::Backend;
+use crate::data::Task;
 use crate::data::{DataSplit, Dataset};
-use crate::enkf::{init_ensemble, one_hot, resize, EnkfWorkspace};
-use crate::model::{Net, CLASSES, IMG, IMG_PIXELS};
+use crate::enkf::{init_ensemble, resize, EnkfWorkspace};
+use crate::model::Net;
 use crate::{Error, Result};
 use adaptive::{AdaptiveLogRow, AdaptiveRule};
 use checkpoint::{CheckpointState, RngState};
@@ -107,6 +108,8 @@ struct LoadedBatch {
     global: usize,
     slot: usize,
     labels: Vec<u8>,
+    /// The targets as uploaded: one-hot rows, or the real targets (batch × outputs).
+    targets: Vec<f32>,
     x: Vec<f32>,
 }
 
@@ -122,6 +125,10 @@ pub struct Trainer<'a, B: Backend> {
     net: Net,
     train: &'a Dataset,
     test: &'a Dataset,
+    /// Classes or real targets of the data.
+    task: Task,
+    /// Values the network gives per image (`task.outputs()`).
+    outputs: usize,
     members: usize,
     repetitions: usize,
     params: usize,
@@ -272,15 +279,19 @@ impl<'a, B: Backend> Trainer<'a, B> {
         host_u: &[f32],
         members: usize,
     ) -> Result<Self> {
-        check_splits(data)?;
         let net = cfg.net();
+        check_splits(data, &net)?;
         let params = net.n_params();
+        let outputs = net.outputs();
         Ok(Trainer {
             backend,
             cfg: cfg.clone(),
             net,
             train: &data.train,
             test: &data.test,
+            task: data.task,
+            outputs,
+            test_out: backend.zeros_f32(data.test.len() * outputs)?,
             members,
             repetitions: cfg.repetitions,
             params,
@@ -288,7 +299,6 @@ impl<'a, B: Backend> Trainer<'a, B> {
             workspaces: Vec::new(),
             weights: backend.zeros_f32(params)?,
             test_x: backend.upload_f32(&data.test.images)?,
-            test_out: backend.zeros_f32(data.test.len() * CLASSES)?,
             t: 0,
             batch_global: 0,
             rep: 0,
@@ -373,7 +383,12 @@ impl<'a, B: Backend> Trainer<'a, B> {
         }
         let t0 = Instant::now();
         let w = self.backend.download_f32(&self.weights)?;
-        sink.send(self.t, w, batch.x.clone(), batch.labels.len())?;
+        sink.send(
+            self.t,
+            w,
+            batch.x.clone(),
+            batch.x.len() / self.train.pixels(),
+        )?;
         self.times.other += t0.elapsed().as_secs_f64();
         Ok(())
     }
@@ -394,13 +409,14 @@ impl<'a, B: Backend> Trainer<'a, B> {
             return Ok(i);
         }
         let be = self.backend;
-        let ws = EnkfWorkspace::new(be, self.members, self.params, b)?;
-        let g = be.zeros_f32(self.members * b * CLASSES)?;
-        let x = be.zeros_f32(b * IMG_PIXELS)?;
-        let y = be.zeros_f32(b * CLASSES)?;
-        let logits = be.zeros_f32(b * CLASSES)?;
+        let k = self.outputs;
+        let ws = EnkfWorkspace::with_outputs(be, self.members, self.params, b, k)?;
+        let g = be.zeros_f32(self.members * b * k)?;
+        let x = be.zeros_f32(b * self.train.pixels())?;
+        let y = be.zeros_f32(b * k)?;
+        let logits = be.zeros_f32(b * k)?;
         let row_sums = be.zeros_f32(self.members)?;
-        let ones = be.upload_f32(&vec![1.0; b * CLASSES])?;
+        let ones = be.upload_f32(&vec![1.0; b * k])?;
         self.workspaces.push(BatchSlot {
             batch: b,
             ws,
@@ -432,15 +448,17 @@ impl<'a, B: Backend> Trainer<'a, B> {
         }
         let mut host_x = Vec::new();
         let labels = self.train.gather(&self.order[lo..hi], &mut host_x);
+        let targets = self.train.targets(&self.order[lo..hi], self.task);
         let slot = self.workspace_for(hi - lo)?;
         let be = self.backend;
         let s = &mut self.workspaces[slot];
         be.write_f32(&host_x, &mut s.x)?;
-        be.write_f32(&one_hot(&labels, CLASSES), &mut s.y)?;
+        be.write_f32(&targets, &mut s.y)?;
         self.loaded = Some(LoadedBatch {
             global: self.batch_global,
             slot,
             labels,
+            targets,
             x: host_x,
         });
         Ok(slot)
@@ -670,7 +688,7 @@ impl<'a, B: Backend> Trainer<'a, B> {
         be.synchronize()?;
         let t1 = Instant::now();
         self.times.forward += (t1 - t0).as_secs_f64();
-        let cols = self.workspaces[slot].batch * CLASSES;
+        let cols = self.workspaces[slot].batch * self.outputs;
         let failed = {
             let s = &mut self.workspaces[slot];
             resize::nonfinite_rows(be, &s.g, self.members, cols, &s.ones, &mut s.row_sums)?
@@ -737,12 +755,12 @@ impl<'a, B: Backend> Trainer<'a, B> {
         evaluate: bool,
         start: (Instant, f64),
     ) -> Result<MetricsRow> {
-        let labels = self
+        let (labels, targets) = self
             .loaded
             .as_ref()
-            .map(|l| l.labels.clone())
+            .map(|l| (l.labels.clone(), l.targets.clone()))
             .unwrap_or_default();
-        let (train_loss, train_accuracy) = self.score_batch(slot, &labels)?;
+        let (train_loss, train_accuracy) = self.score_batch(slot, &labels, &targets)?;
         let batches = self.batches_per_epoch() as f64;
         // Position just after the last update (the current batch may already be the next).
         let done_batches = self.batch_global as f64 + self.rep as f64 / self.repetitions as f64;
@@ -784,24 +802,32 @@ impl<'a, B: Backend> Trainer<'a, B> {
         Ok(row)
     }
 
-    /// Loss and accuracy of the mean network on the mini-batch in workspace `slot`.
-    fn score_batch(&mut self, slot: usize, labels: &[u8]) -> Result<(f64, f64)> {
+    /// Loss and accuracy of the mean network on the mini-batch in workspace `slot`
+    /// (regression: the mean squared error against `targets`, accuracy NaN).
+    fn score_batch(&mut self, slot: usize, labels: &[u8], targets: &[f32]) -> Result<(f64, f64)> {
         let t0 = Instant::now();
         let be = self.backend;
         be.row_mean(&self.u, self.members, self.params, &mut self.weights)?;
         let s = &mut self.workspaces[slot];
         be.ensemble_forward(&self.net, &self.weights, 1, &s.x, s.batch, &mut s.logits)?;
-        let logits = be.download_f32(&s.logits)?;
-        let (loss, correct) = metrics::score_logits(&logits, labels);
+        let out = be.download_f32(&s.logits)?;
+        let scores = match self.task {
+            Task::Classify { .. } => {
+                let (loss, correct) = metrics::score_logits(&out, labels);
+                (loss, correct as f64 / labels.len().max(1) as f64)
+            }
+            Task::Regress { .. } => (metrics::mean_squared_error(&out, targets), f64::NAN),
+        };
         self.times.train_score += t0.elapsed().as_secs_f64();
-        Ok((loss, correct as f64 / labels.len().max(1) as f64))
+        Ok(scores)
     }
 
-    /// Test error (%) and cross-entropy of one evaluated network on the whole test set.
+    /// Test error (%) and cross-entropy of one evaluated network on the whole test set;
+    /// for real targets (regression) the test mean squared error twice.
     pub fn evaluate(&mut self, mode: EvalMode) -> Result<(f64, f64)> {
         let be = self.backend;
-        let n = self.test.len();
-        let (loss, correct) = match mode {
+        let (n, k) = (self.test.len(), self.outputs);
+        let out: Vec<f32> = match mode {
             EvalMode::Mean | EvalMode::Last => {
                 if mode == EvalMode::Mean {
                     be.row_mean(&self.u, self.members, self.params, &mut self.weights)?;
@@ -823,49 +849,72 @@ impl<'a, B: Backend> Trainer<'a, B> {
                     n,
                     &mut self.test_out,
                 )?;
-                let logits = be.download_f32(&self.test_out)?;
-                metrics::score_logits(&logits, &self.test.labels)
+                be.download_f32(&self.test_out)?
             }
             EvalMode::Ensemble => {
-                // Chunks of test images so that the J × chunk × 10 outputs stay ≤ 16 Mi floats.
-                let chunk = ((16usize << 20) / (self.members * CLASSES)).clamp(1, n);
-                let mut probs = vec![0.0f64; n * CLASSES];
+                // Chunks of test images so that the J × chunk × k outputs stay ≤ 16 Mi floats.
+                let chunk = ((16usize << 20) / (self.members * k)).clamp(1, n);
+                let px = self.test.pixels();
+                // The averaged prediction: softmax probabilities (classes) or outputs.
+                let mut acc = vec![0.0f64; n * k];
                 let mut lo = 0;
                 while lo < n {
                     let hi = (lo + chunk).min(n);
-                    let x = be.upload_f32(&self.test.images[lo * IMG_PIXELS..hi * IMG_PIXELS])?;
-                    let mut out = be.zeros_f32(self.members * (hi - lo) * CLASSES)?;
+                    let x = be.upload_f32(&self.test.images[lo * px..hi * px])?;
+                    let mut out = be.zeros_f32(self.members * (hi - lo) * k)?;
                     be.ensemble_forward(&self.net, &self.u, self.members, &x, hi - lo, &mut out)?;
                     let g = be.download_f32(&out)?;
                     for j in 0..self.members {
                         for i in lo..hi {
-                            let row = &g[(j * (hi - lo) + (i - lo)) * CLASSES..][..CLASSES];
-                            metrics::add_softmax(row, &mut probs[i * CLASSES..(i + 1) * CLASSES]);
+                            let row = &g[(j * (hi - lo) + (i - lo)) * k..][..k];
+                            let dst = &mut acc[i * k..(i + 1) * k];
+                            match self.task {
+                                Task::Classify { .. } => metrics::add_softmax(row, dst),
+                                Task::Regress { .. } => dst
+                                    .iter_mut()
+                                    .zip(row)
+                                    .for_each(|(a, &v)| *a += f64::from(v)),
+                            }
                         }
                     }
                     lo = hi;
                 }
-                for p in &mut probs {
+                for p in &mut acc {
                     *p /= self.members as f64;
                 }
-                metrics::score_probabilities(&probs, &self.test.labels)
+                if let Task::Classify { .. } = self.task {
+                    let (loss, correct) = metrics::score_probabilities(&acc, &self.test.labels);
+                    return Ok((100.0 * (1.0 - correct as f64 / n as f64), loss));
+                }
+                acc.iter().map(|&v| v as f32).collect()
             }
         };
-        Ok((100.0 * (1.0 - correct as f64 / n as f64), loss))
+        Ok(match self.task {
+            Task::Classify { .. } => {
+                let (loss, correct) = metrics::score_logits(&out, &self.test.labels);
+                (100.0 * (1.0 - correct as f64 / n as f64), loss)
+            }
+            Task::Regress { .. } => {
+                let mse = metrics::mean_squared_error(&out, &self.test.values);
+                (mse, mse)
+            }
+        })
     }
 }
 
-/// Checks that both splits of `data` hold at least one image of the network's input
-/// size (an empty training set has no mini-batch; an empty test set no test error).
+/// Checks that both splits of `data` hold at least one sample of the network's input
+/// shape (an empty training set has no mini-batch; an empty test set no test error) and
+/// that the network gives one output per class or real target.
 ///
 /// Errors: [`Error::Shape`] naming the split and the folder.
-pub fn check_splits(data: &DataSplit) -> Result<()> {
+pub fn check_splits(data: &DataSplit, net: &Net) -> Result<()> {
+    let input = net.input_shape();
     for (name, set) in [("training", &data.train), ("test", &data.test)] {
-        if set.rows != IMG || set.cols != IMG {
+        if set.input_shape() != input {
             return Err(Error::Shape {
-                what: format!("{name} images in {}", data.dir.display()),
-                expected: format!("{IMG}×{IMG} pixels (the network's input)"),
-                found: format!("{}×{}", set.rows, set.cols),
+                what: format!("{name} samples in {}", data.dir.display()),
+                expected: format!("{input} values per sample (the network's input)"),
+                found: set.shape_text(),
             });
         }
         if set.is_empty() {
@@ -875,6 +924,13 @@ pub fn check_splits(data: &DataSplit) -> Result<()> {
                 found: "0 images".into(),
             });
         }
+    }
+    if net.outputs() != data.task.outputs() {
+        return Err(Error::Shape {
+            what: format!("network outputs for the data in {}", data.dir.display()),
+            expected: format!("{} outputs ({})", data.task.outputs(), data.task.describe()),
+            found: format!("{} ({})", net.outputs(), net.describe()),
+        });
     }
     Ok(())
 }

@@ -108,6 +108,7 @@ pub fn limited(train: usize, test: usize) -> DataSplit {
         train: d.train.subset(train),
         test: d.test.subset(test),
         dir: d.dir.clone(),
+        task: Default::default(),
     }
 }
 
