@@ -144,6 +144,8 @@ pub struct TrainSummary {
     pub times: crate::train::PhaseTimes,
     /// Iterations run.
     pub iterations: usize,
+    /// Classes or real targets: how the test columns read.
+    pub task: crate::data::Task,
 }
 
 struct TrainJob<'a> {
@@ -269,6 +271,7 @@ pub fn train_command(
         backend,
         times,
         iterations,
+        task: data.task,
     })
 }
 
@@ -422,6 +425,7 @@ fn run_gradient<B: Backend>(
         backend: desc,
         times,
         iterations,
+        task: data.task,
     })
 }
 
@@ -431,6 +435,7 @@ struct RunOutput {
     adaptive: Option<(csv::Writer<std::fs::File>, PathBuf)>,
     bar: Option<indicatif::ProgressBar>,
     last_test: Option<f64>,
+    task: crate::data::Task,
 }
 
 impl RunOutput {
@@ -508,6 +513,7 @@ impl RunOutput {
             adaptive,
             bar,
             last_test: None,
+            task: data.task,
         })
     }
 
@@ -542,12 +548,11 @@ impl Observer for RunOutput {
         if let Some(err) = row.test_error {
             self.last_test = Some(err);
             self.log(format!(
-                "iteration {:>6}/{total}  J {:>5}  r {}  test error {:6.2} %  test loss {:.4}  train loss {:.4}  {:.1} s",
+                "iteration {:>6}/{total}  J {:>5}  r {}  {}  train loss {:.4}  {:.1} s",
                 row.iteration,
                 row.members,
                 row.repetitions,
-                err,
-                row.test_loss.unwrap_or(f64::NAN),
+                self.task.score_text(err, row.test_loss.unwrap_or(f64::NAN)),
                 row.train_loss,
                 row.elapsed_s
             ));
@@ -556,7 +561,7 @@ impl Observer for RunOutput {
             bar.set_length(total as u64);
             bar.set_position(row.iteration as u64);
             if let Some(err) = self.last_test {
-                bar.set_message(format!("test error {err:.2} %"));
+                bar.set_message(self.task.score_text(err, err));
             }
         }
         Ok(())

@@ -106,9 +106,11 @@ fn run() -> anyhow::Result<()> {
             let last = summary.rows.iter().rev().find(|r| r.test_error.is_some());
             if let Some(r) = last {
                 enkf_dnn::outln!(
-                    "final test error {:.2} % (test loss {:.4}) after {} iterations in {:.1} s on {}",
-                    r.test_error.unwrap_or(f64::NAN),
-                    r.test_loss.unwrap_or(f64::NAN),
+                    "final {} after {} iterations in {:.1} s on {}",
+                    summary.task.score_text(
+                        r.test_error.unwrap_or(f64::NAN),
+                        r.test_loss.unwrap_or(f64::NAN)
+                    ),
                     summary.iterations,
                     r.elapsed_s,
                     summary.backend

@@ -241,6 +241,73 @@ fn regression_targets_are_fitted_by_the_enkf() {
     );
 }
 
+/// One update of the batch rule on the whole training set of a noisy linear problem
+/// (J > P) moves the ensemble mean to the least-squares fit: the Kalman update with a
+/// prior whose precision (≈ 1) is negligible beside the data's (XᵀX/γ ≈ 6,700), so the
+/// mean may differ from least squares by about 1/6,700 of the weights (tolerance 2e-3).
+#[test]
+fn one_full_batch_update_is_least_squares() {
+    let dir = tmpdir("npy-lsq");
+    let mut rng = ChaCha8Rng::seed_from_u64(3);
+    let (f, n) = (3usize, 200usize);
+    let w_true = [0.7f64, -1.2, 0.4];
+    let x: Vec<f32> = (0..n * f).map(|_| rng.random_range(-1.0f32..1.0)).collect();
+    let y: Vec<f32> = (0..n)
+        .map(|i| {
+            let clean: f64 = (0..f).map(|d| w_true[d] * f64::from(x[i * f + d])).sum();
+            (clean + rng.random_range(-0.5..0.5)) as f32
+        })
+        .collect();
+    write_npy(&dir.join(NPY_NAMES[0]), &[n as u64, f as u64], &x);
+    write_npy(&dir.join(NPY_NAMES[1]), &[n as u64], &y);
+    write_npy(&dir.join(NPY_NAMES[2]), &[n as u64, f as u64], &x);
+    write_npy(&dir.join(NPY_NAMES[3]), &[n as u64], &y);
+    // Least squares by the normal equations (3 × 3, Cramer's rule), in f64.
+    let mut xtx = [[0.0f64; 3]; 3];
+    let mut xty = [0.0f64; 3];
+    for i in 0..n {
+        for a in 0..f {
+            xty[a] += f64::from(x[i * f + a]) * f64::from(y[i]);
+            for b in 0..f {
+                xtx[a][b] += f64::from(x[i * f + a]) * f64::from(x[i * f + b]);
+            }
+        }
+    }
+    let det = |m: &[[f64; 3]; 3]| {
+        m[0][0] * (m[1][1] * m[2][2] - m[1][2] * m[2][1])
+            - m[0][1] * (m[1][0] * m[2][2] - m[1][2] * m[2][0])
+            + m[0][2] * (m[1][0] * m[2][1] - m[1][1] * m[2][0])
+    };
+    let lsq: Vec<f64> = (0..f)
+        .map(|c| {
+            let mut m = xtx;
+            for (r, row) in m.iter_mut().enumerate() {
+                row[c] = xty[r];
+            }
+            det(&m) / det(&xtx)
+        })
+        .collect();
+
+    let mut p = partial(400, 1);
+    p.data_npy = Some(vec![dir.clone()]);
+    p.net = Some(NetLayers::parse("linear(1,bias=false)").expect("net"));
+    p.batch = Some(n);
+    p.repetitions = Some(1);
+    p.update = Some(enkf_dnn::enkf::UpdateRule::Batch);
+    let cfg = p.resolve().expect("config");
+    let data = load(std::slice::from_ref(&dir), None, None).expect("load");
+    let be = CpuBackend::new();
+    let mut t = Trainer::new(&be, &cfg, &data).expect("trainer");
+    t.run(&mut ()).expect("run");
+    let mean = t.mean_host().expect("mean");
+    for (m, l) in mean.iter().zip(&lsq) {
+        assert!(
+            (f64::from(*m) - l).abs() < 2e-3,
+            "mean {mean:?} vs least squares {lsq:?}"
+        );
+    }
+}
+
 /// Every fault of a file or between files is an error naming the file.
 #[test]
 fn faults_name_the_file() {

@@ -242,6 +242,15 @@ impl Task {
         }
     }
 
+    /// A test score for logs: `test error 3.06 %  test loss 0.1234`, or for real
+    /// targets `test MSE 0.4266` (`err` and `loss` both hold it).
+    pub fn score_text(self, err: f64, loss: f64) -> String {
+        match self {
+            Task::Classify { .. } => format!("test error {err:.2} %  test loss {loss:.4}"),
+            Task::Regress { .. } => format!("test MSE {loss:.4}"),
+        }
+    }
+
     /// The task in words, e.g. "10 classes" or "3 real targets".
     pub fn describe(self) -> String {
         match self {

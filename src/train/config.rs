@@ -543,6 +543,13 @@ impl TrainConfig {
             return Ok(());
         }
         let (shape, task) = self.data_shape()?;
+        if let (crate::data::Task::Regress { .. }, Adaptation::Adaptive) = (task, self.adaptation) {
+            return Err(Error::Config(format!(
+                "adaptation = adaptive with {}: Algorithm 1's thresholds (adapt_kappa, \
+                 adapt_epsilon) are in test-error percent, which real targets do not have",
+                task.describe()
+            )));
+        }
         match layers {
             Some(l) => {
                 self.net = Some(l.build(shape, task.outputs()).map_err(|e| match e {
