@@ -10,6 +10,11 @@
 //   result does not depend on timing (no atomics), and an f64 sum of J ≤ 10^6 f32 values
 //   is exact to well below f32 rounding, as in the CPU twin (src/cpu/reduce.rs).
 // Element-wise kernels: 1-D grid-stride loops over the flat index (long long), any grid.
+//   add_f64: y[i] += x[i] (n entries; the stochastic EnKF adds its perturbed observations
+//     to the innovations, J × m).
+//   inflate_rows_f32: u[r, c] = fmaf(lambda, u[r, c] − mean[c], mean[c]) over rows × cols
+//     (multiplicative inflation of the members about their mean; fmaf so that the CPU
+//     twin's mul_add gives the same bits).
 #include "common.cuh"
 
 #define MEAN_TX 32
@@ -80,5 +85,26 @@ extern "C" __global__ void f64_to_f32(const double* __restrict__ src, float* __r
     const long long stride = (long long)gridDim.x * blockDim.x;
     for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += stride) {
         dst[i] = (float)src[i];
+    }
+}
+
+// y[i] += x[i].
+extern "C" __global__ void add_f64(const double* __restrict__ x, double* __restrict__ y,
+                                   long long n) {
+    const long long stride = (long long)gridDim.x * blockDim.x;
+    for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += stride) {
+        y[i] += x[i];
+    }
+}
+
+// u[r, c] = mean[c] + lambda · (u[r, c] − mean[c]), as one fused multiply-add.
+extern "C" __global__ void inflate_rows_f32(float* __restrict__ u,
+                                            const float* __restrict__ mean, int rows,
+                                            int cols, float lambda) {
+    const long long n = (long long)rows * cols;
+    const long long stride = (long long)gridDim.x * blockDim.x;
+    for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += stride) {
+        const float m = mean[i % cols];
+        u[i] = fmaf(lambda, u[i] - m, m);
     }
 }

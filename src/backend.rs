@@ -244,6 +244,20 @@ pub trait Backend {
     /// Converts f64 to f32 (same length).
     fn f64_to_f32(&self, src: &Self::F64, dst: &mut Self::F32) -> Result<()>;
 
+    /// Adds host values to a buffer: `dst[i] += host[i]` (same length).
+    fn add_host_f64(&self, host: &[f64], dst: &mut Self::F64) -> Result<()>;
+
+    /// Multiplicative inflation of the rows of `u` (rows × cols) about `mean` (cols):
+    /// `u[r, c] = mean[c] + lambda · (u[r, c] − mean[c])`, one fused multiply-add.
+    fn inflate_rows_f32(
+        &self,
+        u: &mut Self::F32,
+        mean: &Self::F32,
+        rows: usize,
+        cols: usize,
+        lambda: f32,
+    ) -> Result<()>;
+
     /// Copies `src` into `dst` (same length).
     fn copy_f32(&self, src: &Self::F32, dst: &mut Self::F32) -> Result<()>;
 

@@ -104,6 +104,16 @@ pub struct TrainArgs {
     /// [default: sequential].
     #[arg(long, value_enum)]
     pub update: Option<UpdateRule>,
+    /// EnKF observations: exact (every member sees the targets y: the authors'
+    /// deterministic update) or perturbed (the stochastic EnKF: member j sees y + η_j,
+    /// η_j ~ N(0, γI), drawn from the seed at every update) [default: exact].
+    #[arg(long, value_enum)]
+    pub observations: Option<crate::train::config::Observations>,
+    /// Multiplicative inflation λ ≥ 1: before every update each member moves to
+    /// mean + λ·(member − mean), against the collapse of the ensemble's spread
+    /// [default: 1, none].
+    #[arg(long, value_name = "LAMBDA")]
+    pub inflation: Option<f64>,
     /// Seed of every random stream (initial ensemble, shuffling) [default: 0].
     #[arg(long)]
     pub seed: Option<u64>,
@@ -239,6 +249,8 @@ impl TrainArgs {
             net: self.net.clone(),
             bias_init: self.bias_init,
             update: self.update,
+            observations: self.observations,
+            inflation: self.inflation,
             seed: self.seed,
             data: self.data.clone(),
             data_npy: self.data_npy.clone(),

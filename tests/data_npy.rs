@@ -416,6 +416,23 @@ fn cli_records_and_resumes_a_numpy_run() {
         out.to_str().expect("utf-8"),
     ]);
     assert!(ok, "{err}");
+    assert!(
+        !err.contains("warning"),
+        "nothing of the checkpoint is dropped: {err}"
+    );
+    // Without --data-npy on the command line, the checkpoint's data set is used.
+    let o = std::process::Command::new(bin)
+        .args([
+            "train",
+            "--iterations",
+            "12",
+            "--resume",
+            out.to_str().expect("utf-8"),
+        ])
+        .output()
+        .expect("resume");
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success() && !err.contains("warning"), "{err}");
     let metrics = std::fs::read_to_string(out.join("metrics.csv")).expect("metrics");
-    assert_eq!(metrics.lines().count(), 1 + 9, "{metrics}");
+    assert_eq!(metrics.lines().count(), 1 + 13, "{metrics}");
 }

@@ -335,6 +335,40 @@ fn unit_block_lower_and_solve_match_cpu() {
     );
 }
 
+/// The stochastic EnKF's host-noise add and multiplicative inflation equal their CPU
+/// twins bit for bit (one f64 add; one fmaf against `mul_add`).
+#[test]
+fn noise_add_and_inflation_are_exact() {
+    let Some(be) = gpu(MathMode::Fp32) else {
+        return;
+    };
+    let cpu = CpuBackend::new();
+    let mut rng = ChaCha8Rng::seed_from_u64(73);
+    let x = normals(&mut rng, 10_007, 1.0);
+    let y = normals(&mut rng, 10_007, 3.0);
+    let mut want = y.clone();
+    cpu.add_host_f64(&x, &mut want).unwrap();
+    let mut yg = upload64(&be, &y);
+    be.add_host_f64(&x, &mut yg).unwrap();
+    assert_eq!(be.download_f64(&yg).unwrap(), want);
+
+    let (rows, cols) = (101, 1003);
+    let u = normals32(&mut rng, rows * cols, 2.0);
+    let mean = normals32(&mut rng, cols, 1.0);
+    let mut want = u.clone();
+    cpu.inflate_rows_f32(&mut want, &mean, rows, cols, 1.0625)
+        .unwrap();
+    let mut ug = be.upload_f32(&u).unwrap();
+    let mg = be.upload_f32(&mean).unwrap();
+    be.inflate_rows_f32(&mut ug, &mg, rows, cols, 1.0625)
+        .unwrap();
+    let got = be.download_f32(&ug).unwrap();
+    assert!(got
+        .iter()
+        .zip(&want)
+        .all(|(a, b)| a.to_bits() == b.to_bits()));
+}
+
 #[test]
 fn conversions_copies_and_diagonal_are_exact() {
     let Some(be) = gpu(MathMode::Fp32) else {

@@ -563,6 +563,66 @@ fn reduction_kernels_match_cpu() {
     }
 }
 
+type AddF64Fn = unsafe extern "C" fn(*const Launch, *const f64, *mut f64, i64) -> i32;
+type InflateFn = unsafe extern "C" fn(*const Launch, *mut f32, *const f32, i32, i32, f32) -> i32;
+
+/// The stochastic EnKF's `add_f64` and multiplicative inflation's `inflate_rows_f32`
+/// equal their CPU twins bit for bit (one f64 add; one fmaf against `mul_add`) under the
+/// backend's grid and a small grid, in both scheduling orders.
+#[test]
+fn add_and_inflation_kernels_are_exact() {
+    let Some(e) = emu() else { return };
+    let cpu = CpuBackend::new();
+    let mut rng = ChaCha8Rng::seed_from_u64(72);
+    let n = 1000;
+    let x = normals(&mut rng, n, 1.0);
+    let y = normals(&mut rng, n, 3.0);
+    let mut want = y.clone();
+    cpu.add_host_f64(&x, &mut want).unwrap();
+    let add = e.entry::<AddF64Fn>("add_f64");
+    let (rows, cols) = (37, 53);
+    let u = normals32(&mut rng, rows * cols, 2.0);
+    let mean = normals32(&mut rng, cols, 1.0);
+    let lambda = 1.0625f32;
+    let mut want_u = u.clone();
+    cpu.inflate_rows_f32(&mut want_u, &mean, rows, cols, lambda)
+        .unwrap();
+    assert!(want_u != u, "inflation must move the members");
+    let inflate = e.entry::<InflateFn>("inflate_rows_f32");
+    for order in [Order::Ascending, Order::Descending] {
+        for cfg in [geometry::elementwise_stride_launch(n), grid_1d(n, 32, 3)] {
+            let xg = Guarded::new(&x);
+            let mut yg = Guarded::new(&y);
+            // SAFETY: both hold n elements.
+            let rc = unsafe { add(&launch(&cfg, order), xg.ptr(), yg.mut_ptr(), n as i64) };
+            e.result(rc).expect("add_f64");
+            assert_eq!(yg.get("add_f64"), want);
+
+            let mut ug = Guarded::new(&u);
+            let mg = Guarded::new(&mean);
+            // SAFETY: u holds rows·cols, mean cols elements.
+            let rc = unsafe {
+                inflate(
+                    &launch(&cfg, order),
+                    ug.mut_ptr(),
+                    mg.ptr(),
+                    rows as i32,
+                    cols as i32,
+                    lambda,
+                )
+            };
+            e.result(rc).expect("inflate_rows_f32");
+            let got = ug.get("inflate_rows_f32");
+            assert!(
+                got.iter()
+                    .zip(&want_u)
+                    .all(|(a, b)| a.to_bits() == b.to_bits()),
+                "inflate_rows_f32 is one fmaf on both"
+            );
+        }
+    }
+}
+
 // ---------------------------------------------------------------------------------------
 // linalg.cu
 

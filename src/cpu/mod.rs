@@ -202,6 +202,21 @@ impl Backend for CpuBackend {
         reduce::f64_to_f32(src, dst)
     }
 
+    fn add_host_f64(&self, host: &[f64], dst: &mut Vec<f64>) -> Result<()> {
+        reduce::add_f64(host, dst)
+    }
+
+    fn inflate_rows_f32(
+        &self,
+        u: &mut Vec<f32>,
+        mean: &Vec<f32>,
+        rows: usize,
+        cols: usize,
+        lambda: f32,
+    ) -> Result<()> {
+        reduce::inflate_rows_f32(u, mean, rows, cols, lambda)
+    }
+
     fn copy_f32(&self, src: &Vec<f32>, dst: &mut Vec<f32>) -> Result<()> {
         check_len("copy_f32 destination", dst.len(), src.len())?;
         dst.copy_from_slice(src);

@@ -69,3 +69,35 @@ pub fn f64_to_f32(src: &[f64], dst: &mut [f32]) -> Result<()> {
         .for_each(|(d, &s)| *d = s as f32);
     Ok(())
 }
+
+/// `y[i] += x[i]` (twin of `add_f64` in `kernels/reduce.cu`).
+pub fn add_f64(x: &[f64], y: &mut [f64]) -> Result<()> {
+    check_len("add_f64 destination", y.len(), x.len())?;
+    y.par_chunks_mut(1 << 14)
+        .zip(x.par_chunks(1 << 14))
+        .for_each(|(y, x)| y.iter_mut().zip(x).for_each(|(a, b)| *a += b));
+    Ok(())
+}
+
+/// Multiplicative inflation about the mean: `u[r, c] = mean[c] + lambda · (u[r, c] −
+/// mean[c])` as one fused multiply-add (`mul_add`, the twin of `fmaf` in
+/// `inflate_rows_f32`, `kernels/reduce.cu`: the same bits). `u` is rows × cols.
+pub fn inflate_rows_f32(
+    u: &mut [f32],
+    mean: &[f32],
+    rows: usize,
+    cols: usize,
+    lambda: f32,
+) -> Result<()> {
+    check_len("inflate_rows_f32 ensemble", u.len(), rows * cols)?;
+    check_len("inflate_rows_f32 mean", mean.len(), cols)?;
+    if cols == 0 {
+        return Ok(());
+    }
+    u.par_chunks_mut(cols).for_each(|row| {
+        for (v, &m) in row.iter_mut().zip(mean) {
+            *v = lambda.mul_add(*v - m, m);
+        }
+    });
+    Ok(())
+}

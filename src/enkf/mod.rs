@@ -275,6 +275,28 @@ impl<B: Backend> EnkfWorkspace<B> {
         g: &B::F32,
         y: &B::F32,
     ) -> Result<()> {
+        self.gain_perturbed(backend, rule, gamma, g, y, None)
+    }
+
+    /// Members × m values per member for one update of this workspace.
+    pub fn innovation_len(&self) -> usize {
+        self.members * self.batch * self.outputs
+    }
+
+    /// As [`EnkfWorkspace::gain`], with perturbed observations when `noise` is given
+    /// (the stochastic EnKF): member j's targets are y + η_j, `noise` holding the η_j row
+    /// by row (J × m, drawn N(0, γ) by the caller), added to the innovations D before
+    /// the solves. Errors: as [`EnkfWorkspace::update`], [`Error::Shape`] for a `noise`
+    /// of another length than [`EnkfWorkspace::innovation_len`].
+    pub fn gain_perturbed(
+        &mut self,
+        backend: &B,
+        rule: UpdateRule,
+        gamma: f64,
+        g: &B::F32,
+        y: &B::F32,
+        noise: Option<&[f64]>,
+    ) -> Result<()> {
         let (j, m) = (self.members, self.batch * self.outputs);
         if !(gamma.is_finite() && gamma >= 0.0) {
             return Err(Error::Config(format!(
@@ -285,6 +307,10 @@ impl<B: Backend> EnkfWorkspace<B> {
         crate::backend::check_len("EnKF targets y", backend.len_f32(y), m)?;
         let inv_j = 1.0 / j as f64;
         backend.center_and_innovate(g, y, j, m, &mut self.a64, &mut self.x64)?;
+        if let Some(eta) = noise {
+            crate::backend::check_len("EnKF observation perturbations", eta.len(), j * m)?;
+            backend.add_host_f64(eta, &mut self.x64)?;
+        }
         // C = AᵀA/J + γI (m × m). The sequential rule reads only its 10 × 10 diagonal
         // blocks; the full product costs 2·m²·J, small against the apply phase.
         backend.gemm_f64(

@@ -530,6 +530,21 @@ impl Backend for CudaBackend {
         reduce::f64_to_f32(self, src, dst)
     }
 
+    fn add_host_f64(&self, host: &[f64], dst: &mut CudaSlice<f64>) -> Result<()> {
+        reduce::add_host_f64(self, host, dst)
+    }
+
+    fn inflate_rows_f32(
+        &self,
+        u: &mut CudaSlice<f32>,
+        mean: &CudaSlice<f32>,
+        rows: usize,
+        cols: usize,
+        lambda: f32,
+    ) -> Result<()> {
+        reduce::inflate_rows_f32(self, u, mean, rows, cols, lambda)
+    }
+
     fn copy_f32(&self, src: &CudaSlice<f32>, dst: &mut CudaSlice<f32>) -> Result<()> {
         check_len("copy_f32 destination", dst.len(), src.len())?;
         if src.is_empty() {

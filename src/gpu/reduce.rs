@@ -105,3 +105,59 @@ pub fn f64_to_f32(be: &CudaBackend, src: &CudaSlice<f64>, dst: &mut CudaSlice<f3
         .map(|_| ())
         .map_err(cuda_err("launching f64_to_f32"))
 }
+
+/// `dst[i] += host[i]`: the host values are uploaded into a temporary device buffer and
+/// added by `add_f64`. Errors: [`crate::Error::Shape`] on a length mismatch, the
+/// upload's or launch's error.
+pub fn add_host_f64(be: &CudaBackend, host: &[f64], dst: &mut CudaSlice<f64>) -> Result<()> {
+    check_len("add_host_f64 destination", dst.len(), host.len())?;
+    let n = host.len();
+    if n == 0 {
+        return Ok(());
+    }
+    let x = be
+        .stream()
+        .clone_htod(host)
+        .map_err(cuda_err(&format!("uploading {n} f64")))?;
+    let n_i = n as i64;
+    let f = be.kernels().get("add_f64")?;
+    let mut launch = be.stream().launch_builder(f);
+    launch.arg(&x).arg(dst).arg(&n_i);
+    // SAFETY: check_len proved dst holds n elements, x was uploaded with n; the loop
+    // stops at n.
+    unsafe { launch.launch(elementwise_stride_launch(n)) }
+        .map(|_| ())
+        .map_err(cuda_err("launching add_f64"))
+}
+
+/// Multiplicative inflation about `mean`: `u[r, c] = fmaf(lambda, u[r, c] − mean[c],
+/// mean[c])`. Errors: [`crate::Error::Shape`] on a length mismatch or a size past i32.
+pub fn inflate_rows_f32(
+    be: &CudaBackend,
+    u: &mut CudaSlice<f32>,
+    mean: &CudaSlice<f32>,
+    rows: usize,
+    cols: usize,
+    lambda: f32,
+) -> Result<()> {
+    check_len("inflate_rows_f32 ensemble", u.len(), rows * cols)?;
+    check_len("inflate_rows_f32 mean", mean.len(), cols)?;
+    if rows * cols == 0 {
+        return Ok(());
+    }
+    let rows_i = to_i32("inflate_rows_f32 rows", rows)?;
+    let cols_i = to_i32("inflate_rows_f32 cols", cols)?;
+    let f = be.kernels().get("inflate_rows_f32")?;
+    let mut launch = be.stream().launch_builder(f);
+    launch
+        .arg(u)
+        .arg(mean)
+        .arg(&rows_i)
+        .arg(&cols_i)
+        .arg(&lambda);
+    // SAFETY: check_len proved u = rows·cols and mean = cols elements; the loop stops at
+    // rows·cols and reads mean[i mod cols].
+    unsafe { launch.launch(elementwise_stride_launch(rows * cols)) }
+        .map(|_| ())
+        .map_err(cuda_err("launching inflate_rows_f32"))
+}

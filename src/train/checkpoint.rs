@@ -39,7 +39,8 @@ pub struct RngState {
 /// Everything but the ensemble.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct CheckpointState {
-    /// The run's configuration.
+    /// The run's configuration (its network built for the run's data when read back).
+    #[serde(deserialize_with = "super::config::deserialize_stored")]
     pub config: TrainConfig,
     /// Weights per member (identifies the network).
     pub params: usize,

@@ -51,6 +51,19 @@ pub enum LabelPairing {
     Authors,
 }
 
+/// Which targets each member's update is paired with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum Observations {
+    /// Every member sees the same targets y: the deterministic update the authors used.
+    #[default]
+    Exact,
+    /// The stochastic EnKF: member j sees y + η_j, η_j ~ N(0, γI) drawn anew at every
+    /// update from the run's seed (a function of the seed and the iteration, so a
+    /// resumed run draws the same values).
+    Perturbed,
+}
+
 /// How biases start (weights always start N(0, σ²)).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
@@ -119,6 +132,14 @@ pub struct TrainConfig {
     pub bias_init: BiasInit,
     /// EnKF update rule.
     pub update: UpdateRule,
+    /// Exact or perturbed (stochastic EnKF) observations (absent in configurations
+    /// written before the setting existed: [`Observations::Exact`]).
+    #[serde(default)]
+    pub observations: Observations,
+    /// Multiplicative inflation λ ≥ 1: before every update each member moves to
+    /// mean + λ · (member − mean) (1: none, the authors'; absent in older configurations).
+    #[serde(default = "one")]
+    pub inflation: f64,
     /// Seed of every random stream of the run.
     pub seed: u64,
     /// Folder with the four IDX files.
@@ -126,7 +147,7 @@ pub struct TrainConfig {
     /// A NumPy data set instead of `data`: one folder holding `train_x.npy`,
     /// `train_y.npy`, `test_x.npy`, `test_y.npy`, or those four paths (see
     /// `crate::data::npy`).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(default)]
     pub data_npy: Option<Vec<PathBuf>>,
     /// Use only the first N training images (all when unset).
     pub train_limit: Option<usize>,
@@ -197,6 +218,8 @@ impl Default for TrainConfig {
             net: None,
             bias_init: BiasInit::Zero,
             update: UpdateRule::Sequential,
+            observations: Observations::Exact,
+            inflation: 1.0,
             seed: 0,
             data: crate::data::default_mnist_dir(),
             data_npy: None,
@@ -226,6 +249,27 @@ impl Default for TrainConfig {
             hist_every: crate::train::stats::DEFAULT_HIST_EVERY,
         }
     }
+}
+
+fn one() -> f64 {
+    1.0
+}
+
+/// Reads a resolved configuration as the run stored it (a checkpoint's): every field as
+/// written, the layer-spec network built for the stored data's shape (a NumPy data set's
+/// files are probed), not for the IDX images a bare [`NetSetting`] assumes.
+pub fn deserialize_stored<'de, D: serde::Deserializer<'de>>(
+    d: D,
+) -> std::result::Result<TrainConfig, D::Error> {
+    use serde::de::Error as _;
+    let mut v = serde_json::Value::deserialize(d)?;
+    let layers = match v.as_object_mut().and_then(|m| m.remove("net")) {
+        Some(serde_json::Value::Null) | None => None,
+        Some(n) => Some(serde_json::from_value::<NetLayers>(n).map_err(D::Error::custom)?),
+    };
+    let mut c: TrainConfig = serde_json::from_value(v).map_err(D::Error::custom)?;
+    c.bind_data(layers.as_ref()).map_err(D::Error::custom)?;
+    Ok(c)
 }
 
 /// Keys accepted in a config file besides the field names of [`TrainConfig`]:
@@ -277,6 +321,10 @@ pub struct PartialConfig {
     pub bias_init: Option<BiasInit>,
     #[allow(missing_docs)]
     pub update: Option<UpdateRule>,
+    #[allow(missing_docs)]
+    pub observations: Option<Observations>,
+    #[allow(missing_docs)]
+    pub inflation: Option<f64>,
     #[allow(missing_docs)]
     pub seed: Option<u64>,
     #[allow(missing_docs)]
@@ -416,7 +464,7 @@ impl PartialConfig {
     /// The floating-point settings, by key: the values JSON cannot hold when they are not
     /// finite (they would turn into `null`, i.e. "unset"), so they are carried and
     /// checked by hand. A test checks that this lists every `f64` field.
-    fn floats(&self) -> [(&'static str, Option<f64>); 6] {
+    fn floats(&self) -> [(&'static str, Option<f64>); 7] {
         [
             ("gamma", self.gamma),
             ("sigma", self.sigma),
@@ -424,6 +472,7 @@ impl PartialConfig {
             ("adapt_epsilon", self.adapt_epsilon),
             ("lr", self.lr),
             ("momentum", self.momentum),
+            ("inflation", self.inflation),
         ]
     }
 
@@ -456,6 +505,7 @@ impl PartialConfig {
         merged.adapt_epsilon = other.adapt_epsilon.or(self.adapt_epsilon);
         merged.lr = other.lr.or(self.lr);
         merged.momentum = other.momentum.or(self.momentum);
+        merged.inflation = other.inflation.or(self.inflation);
         merged
     }
 
@@ -625,6 +675,22 @@ impl TrainConfig {
                 "bias_init = normal, but the network ({}) has no biases",
                 self.net().describe()
             ));
+        }
+        if !(self.inflation.is_finite() && self.inflation >= 1.0) {
+            return bad(format!(
+                "inflation must be a finite number ≥ 1 (1: none), got {}",
+                self.inflation
+            ));
+        }
+        if self.optimizer != Optimizer::Enkf
+            && (self.observations != Observations::Exact || self.inflation != 1.0)
+        {
+            return bad(format!(
+                "observations = {:?} and inflation = {} are EnKF settings; --optimizer {:?} \
+                 trains one network by backpropagation",
+                self.observations, self.inflation, self.optimizer
+            )
+            .to_lowercase());
         }
         if self.members < 2 {
             return bad(format!(
@@ -847,6 +913,8 @@ mod tests {
             net: None,
             bias_init: BiasInit::Zero,
             update: UpdateRule::Batch,
+            observations: Observations::Perturbed,
+            inflation: 1.25,
             seed: 42,
             data: "/some/where".into(),
             // data_npy replaces data and reads its files: tests/data_npy.rs.

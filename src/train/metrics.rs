@@ -90,9 +90,13 @@ pub struct MetricsRow {
     pub members: usize,
     /// Repetitions r at this iteration.
     pub repetitions: usize,
-    /// Cross-entropy of the mean network on this iteration's mini-batch.
+    /// Cross-entropy of the mean network on this iteration's mini-batch (regression: the
+    /// mean squared error).
+    #[serde(deserialize_with = "nan_if_null")]
     pub train_loss: f64,
-    /// Accuracy (fraction) of the mean network on this iteration's mini-batch.
+    /// Accuracy (fraction) of the mean network on this iteration's mini-batch (NaN for
+    /// real targets).
+    #[serde(deserialize_with = "nan_if_null")]
     pub train_accuracy: f64,
     /// Test error in percent of the first `--eval` mode (the mean network by default).
     pub test_error: Option<f64>,
@@ -112,6 +116,12 @@ pub struct MetricsRow {
     pub test_loss_mean: Option<f64>,
     /// Wall-clock seconds since training started (evaluation time included).
     pub elapsed_s: f64,
+}
+
+/// A float that JSON wrote as `null` (JSON has no NaN: a checkpoint's rows of a
+/// regression run hold NaN accuracies) reads back as NaN.
+fn nan_if_null<'de, D: serde::Deserializer<'de>>(d: D) -> Result<f64, D::Error> {
+    Ok(Option::<f64>::deserialize(d)?.unwrap_or(f64::NAN))
 }
 
 impl MetricsRow {

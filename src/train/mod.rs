@@ -27,8 +27,8 @@ use crate::{Error, Result};
 use adaptive::{AdaptiveLogRow, AdaptiveRule};
 use checkpoint::{CheckpointState, RngState};
 pub use config::{
-    Adaptation, BatchOrder, BiasInit, EvalMode, FailurePolicy, LabelPairing, PartialConfig,
-    TrainConfig,
+    Adaptation, BatchOrder, BiasInit, EvalMode, FailurePolicy, LabelPairing, Observations,
+    PartialConfig, TrainConfig,
 };
 pub use metrics::MetricsRow;
 use rand::seq::SliceRandom;
@@ -47,6 +47,24 @@ const STREAM_INIT: u64 = 0;
 const STREAM_SHUFFLE: u64 = 1;
 const STREAM_ADAPT: u64 = 2;
 const STREAM_RESAMPLE: u64 = 3;
+/// Perturbed observations: update t reads this stream from word t · 2^40 on, so the
+/// draws are a function of (seed, t) and need no state in the checkpoint.
+const STREAM_PERTURB: u64 = 4;
+
+/// The observation perturbations of update `t` (0-based): `n` draws of N(0, γ), a pure
+/// function of (`seed`, `t`) (see [`STREAM_PERTURB`]).
+pub fn perturbations(seed: u64, t: usize, n: usize, gamma: f64) -> Vec<f64> {
+    use rand_distr::{Distribution, StandardNormal};
+    let mut r = rng(seed, STREAM_PERTURB);
+    r.set_word_pos((t as u128) << 40);
+    let sd = gamma.sqrt();
+    (0..n)
+        .map(|_| {
+            let z: f64 = StandardNormal.sample(&mut r);
+            sd * z
+        })
+        .collect()
+}
 
 /// Seconds spent in each phase, with the device synchronised at phase boundaries.
 #[derive(Debug, Clone, Default, serde::Serialize)]
@@ -675,6 +693,18 @@ impl<'a, B: Backend> Trainer<'a, B> {
     fn step(&mut self, slot: usize, observer: &mut dyn Observer) -> Result<()> {
         let be = self.backend;
         let t0 = Instant::now();
+        if self.cfg.inflation != 1.0 {
+            // Prior inflation: the spread about the mean grows by λ before the forward pass.
+            be.row_mean(&self.u, self.members, self.params, &mut self.weights)?;
+            let lambda = self.cfg.inflation as f32;
+            be.inflate_rows_f32(
+                &mut self.u,
+                &self.weights,
+                self.members,
+                self.params,
+                lambda,
+            )?;
+        }
         let previous = self.stage_previous_batch(slot)?;
         {
             let _r = crate::gpu::timing::range("forward");
@@ -741,7 +771,18 @@ impl<'a, B: Backend> Trainer<'a, B> {
         self.times.other += (t2 - t1).as_secs_f64();
         let _r = crate::gpu::timing::range("update");
         let s = &mut self.workspaces[slot];
-        s.ws.update(be, self.cfg.update, self.cfg.gamma, &mut self.u, &s.g, &s.y)?;
+        let noise = match self.cfg.observations {
+            Observations::Exact => None,
+            Observations::Perturbed => Some(perturbations(
+                self.cfg.seed,
+                self.t,
+                s.ws.innovation_len(),
+                self.cfg.gamma,
+            )),
+        };
+        let (rule, gamma) = (self.cfg.update, self.cfg.gamma);
+        s.ws.gain_perturbed(be, rule, gamma, &s.g, &s.y, noise.as_deref())?;
+        s.ws.apply(be, &mut self.u)?;
         be.synchronize()?;
         self.times.update += t2.elapsed().as_secs_f64();
         Ok(())

@@ -37,6 +37,9 @@ EMU_ENTRY(center_and_innovate_f64,
            double* centred, double* innov),
           (g, y, mean, rows, cols, centred, innov))
 EMU_ENTRY(f64_to_f32, (const double* src, float* dst, long long n), (src, dst, n))
+EMU_ENTRY(add_f64, (const double* x, double* y, long long n), (x, y, n))
+EMU_ENTRY(inflate_rows_f32, (float* u, const float* mean, int rows, int cols, float lambda),
+          (u, mean, rows, cols, lambda))
 
 // linalg.cu
 EMU_ENTRY(add_diagonal_f64, (double* a, int n, double shift), (a, n, shift))
