@@ -3,7 +3,7 @@
 //! the EnKF, and every fault an error naming the file before any work.
 
 mod common;
-use common::{limited, tmpdir};
+use common::{limited, tmpdir, write_npy};
 
 use enkf_dnn::backend::BackendKind;
 use enkf_dnn::cpu::CpuBackend;
@@ -11,23 +11,9 @@ use enkf_dnn::data::npy::{load, NPY_NAMES};
 use enkf_dnn::data::{DataSplit, Task};
 use enkf_dnn::model::spec::NetLayers;
 use enkf_dnn::train::{PartialConfig, Trainer};
-use npyz::WriterBuilder;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use std::path::{Path, PathBuf};
-
-fn write_npy<T: npyz::AutoSerialize + Copy>(path: &Path, shape: &[u64], data: &[T]) {
-    let mut bytes = Vec::new();
-    let mut w = npyz::WriteOptions::<T>::new()
-        .default_dtype()
-        .shape(shape)
-        .writer(&mut bytes)
-        .begin_nd()
-        .expect("npy writer");
-    w.extend(data.iter().copied()).expect("npy data");
-    w.finish().expect("npy finish");
-    std::fs::write(path, bytes).expect("write npy");
-}
 
 /// MNIST pixels back to the bytes they were read from (`u8 / 255` is exact to invert).
 fn bytes(images: &[f32]) -> Vec<u8> {

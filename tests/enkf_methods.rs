@@ -4,7 +4,7 @@
 //! multiplicative inflation keeps the mean and scales the spread; both resume exactly.
 
 mod common;
-use common::tmpdir;
+use common::{tmpdir, write_npy};
 
 use enkf_dnn::backend::{Backend, BackendKind};
 use enkf_dnn::cpu::CpuBackend;
@@ -12,23 +12,9 @@ use enkf_dnn::data::npy::{load, NPY_NAMES};
 use enkf_dnn::enkf::UpdateRule;
 use enkf_dnn::model::spec::NetLayers;
 use enkf_dnn::train::{Observations, PartialConfig, Trainer};
-use npyz::WriterBuilder;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use std::path::Path;
-
-fn write_npy(path: &Path, shape: &[u64], data: &[f32]) {
-    let mut bytes = Vec::new();
-    let mut w = npyz::WriteOptions::<f32>::new()
-        .default_dtype()
-        .shape(shape)
-        .writer(&mut bytes)
-        .begin_nd()
-        .expect("npy writer");
-    w.extend(data.iter().copied()).expect("npy data");
-    w.finish().expect("npy finish");
-    std::fs::write(path, bytes).expect("write npy");
-}
 
 /// A linear problem y = H w + noise with P = 2 weights and n = 8 observations, as a
 /// NumPy folder; returns H (n × 2, row-major) in f64.

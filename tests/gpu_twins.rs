@@ -477,6 +477,7 @@ fn memory_check_names_the_largest_ensemble_that_fits() {
         eval_last: false,
         eval_ensemble: false,
         second_ensemble: true,
+        observations: enkf_dnn::train::Observations::Exact,
     };
     be.check_fits(&shape).expect("J = 256 fits any GPU");
     let huge = shape.with_members(100_000_000);

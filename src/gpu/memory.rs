@@ -28,7 +28,7 @@
 
 use crate::enkf::ApplyOrder;
 use crate::model::{CLASSES, IMG_PIXELS};
-use crate::train::{Adaptation, EvalMode, FailurePolicy, TrainConfig};
+use crate::train::{Adaptation, EvalMode, FailurePolicy, Observations, TrainConfig};
 use crate::{Error, Result};
 
 use super::{cuda_err, CudaBackend};
@@ -58,6 +58,9 @@ pub struct TrainShape {
     /// Whether the run builds a second J × P ensemble beside U at some point: Algorithm
     /// 1's resizes, or `--on-failure resample` (see [`resize_bytes`]).
     pub second_ensemble: bool,
+    /// Perturbed observations upload J × m f64 of noise at every update (a temporary
+    /// beside the workspace).
+    pub observations: Observations,
 }
 
 impl TrainShape {
@@ -92,6 +95,7 @@ impl TrainShape {
             eval_last: cfg.eval.contains(&EvalMode::Last),
             eval_ensemble: cfg.eval.contains(&EvalMode::Ensemble),
             second_ensemble: adaptive || cfg.on_failure == FailurePolicy::Resample,
+            observations: cfg.observations,
         }
     }
 
@@ -150,12 +154,17 @@ pub fn estimate(shape: &TrainShape) -> MemoryEstimate {
         shape.test_images as u64,
     );
     let ensemble = 4 * j * p;
-    let workspaces = shape
+    let workspaces: u64 = shape
         .batches
         .iter()
         .map(|&b| workspace_bytes(shape.members, shape.params, b))
         .sum();
     let largest_batch = shape.batches.iter().copied().max().unwrap_or(0) as u64;
+    let noise = match shape.observations {
+        Observations::Exact => 0,
+        Observations::Perturbed => 8 * j * largest_batch * CLASSES as u64,
+    };
+    let workspaces = workspaces + noise;
     let mut evaluation = 4 * (n * IMG_PIXELS as u64 + n * CLASSES as u64 + p);
     evaluation += 4 * largest_batch * CLASSES as u64;
     if shape.eval_last {
@@ -373,6 +382,7 @@ mod tests {
             eval_last: false,
             eval_ensemble: false,
             second_ensemble: false,
+            observations: Observations::Exact,
         }
     }
 
@@ -479,6 +489,19 @@ mod tests {
         assert_eq!(
             TrainShape::of(&adaptive_cfg(1000, 10_000, cap), 60_000, 100).batches,
             [64, 32]
+        );
+    }
+
+    #[test]
+    fn perturbed_observations_count_their_noise() {
+        let s = shape(5000, vec![64]);
+        let perturbed = TrainShape {
+            observations: Observations::Perturbed,
+            ..s.clone()
+        };
+        assert_eq!(
+            estimate(&perturbed).workspaces,
+            estimate(&s).workspaces + 8 * 5000 * 640
         );
     }
 

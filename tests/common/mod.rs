@@ -10,7 +10,7 @@ pub mod twins;
 use enkf_dnn::backend::MathMode;
 use enkf_dnn::data::{default_mnist_dir, load_dir, DataSplit};
 use enkf_dnn::gpu::CudaBackend;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
 /// Asserts `|got − want| ≤ atol + rtol·|want|` element-wise, reporting the worst element;
@@ -129,4 +129,19 @@ pub fn tmpdir(name: &str) -> PathBuf {
     let dir = std::env::temp_dir().join(format!("enkf-test-{}-{name}", std::process::id()));
     std::fs::create_dir_all(&dir).expect("temp dir");
     dir
+}
+
+/// Writes `data` as an `.npy` file of `shape` (NumPy's dtype for `T`, C order).
+pub fn write_npy<T: npyz::AutoSerialize + Copy>(path: &Path, shape: &[u64], data: &[T]) {
+    use npyz::WriterBuilder;
+    let mut bytes = Vec::new();
+    let mut w = npyz::WriteOptions::<T>::new()
+        .default_dtype()
+        .shape(shape)
+        .writer(&mut bytes)
+        .begin_nd()
+        .expect("npy writer");
+    w.extend(data.iter().copied()).expect("npy data");
+    w.finish().expect("npy finish");
+    std::fs::write(path, bytes).expect("write npy");
 }
