@@ -146,6 +146,25 @@ pub trait Backend {
         cache: CacheMode,
     ) -> Result<GradStep>;
 
+    /// As [`Backend::backprop`] for real targets (`targets`: batch × outputs): the mean
+    /// squared error and its gradient into `grad`; `correct` is 0 and no cache is kept.
+    /// The default is an error: only the CPU backend has it (for layer-spec networks).
+    fn backprop_mse(
+        &self,
+        net: &Net,
+        _weights: &Self::F32,
+        _x: &Self::F32,
+        _targets: &[f32],
+        _grad: &mut Self::F32,
+    ) -> Result<GradStep> {
+        Err(crate::Error::Config(format!(
+            "backpropagation of a squared error (real targets) runs on the CPU backend \
+             only, for layer-spec networks; {} on {} has none",
+            net.describe(),
+            self.name()
+        )))
+    }
+
     /// `opt` (with its state as it is) on this backend.
     fn optimizer(&self, opt: &GradOptimizer) -> Result<Self::Optim>;
 

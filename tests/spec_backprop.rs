@@ -7,7 +7,7 @@ mod common;
 use common::limited;
 
 use enkf_dnn::cpu::backprop::backprop;
-use enkf_dnn::cpu::spec_backprop::spec_backprop;
+use enkf_dnn::cpu::spec_backprop::{spec_backprop, spec_backprop_mse};
 use enkf_dnn::model::spec::{parse_short, preset, NetSpec, Shape};
 use enkf_dnn::model::{Activation, Arch, Net};
 use enkf_dnn::train::gradient::{GradConfig, GradientTrainer};
@@ -97,6 +97,46 @@ fn gradients_match_central_differences_on_random_specs() {
             spec.n_params()
         );
     }
+}
+
+/// The squared-error loss (regression targets) against central differences on the same
+/// specs, at the same step and tolerance as the cross-entropy above, and the loss is
+/// PyTorch's `MSELoss` (the mean over the batch and the outputs).
+#[test]
+fn squared_error_gradients_match_central_differences() {
+    let mut rng = ChaCha8Rng::seed_from_u64(12);
+    for (text, input, outputs) in specs() {
+        let spec = build(text, input, outputs);
+        let images = 3;
+        let w = normal(&mut rng, spec.n_params(), 0.8);
+        let x: Vec<f64> = (0..images * input.len()).map(|_| rng.random()).collect();
+        let y = normal(&mut rng, images * outputs, 1.0);
+        let bp = spec_backprop_mse(&spec, &w, &x, &y).unwrap();
+        let h = 1e-5;
+        let mut nonzero = 0;
+        for p in 0..spec.n_params() {
+            let mut wp = w.clone();
+            wp[p] += h;
+            let up = spec_backprop_mse(&spec, &wp, &x, &y).unwrap().loss;
+            wp[p] -= 2.0 * h;
+            let down = spec_backprop_mse(&spec, &wp, &x, &y).unwrap().loss;
+            let fd = (up - down) / (2.0 * h);
+            let g = bp.grad[p];
+            assert!(
+                (fd - g).abs() <= 1e-7 * (1.0 + g.abs()),
+                "{text}: parameter {p}: analytic {g}, finite difference {fd}"
+            );
+            nonzero += usize::from(g.abs() > 1e-9);
+        }
+        assert!(nonzero * 2 > spec.n_params(), "{text}: {nonzero} non-zero");
+    }
+    // MSELoss by hand: one output, two images, outputs 0 (zero weights) against 1 and 3.
+    let spec = build("flatten linear(1,bias=false)", Shape::Vector(2), 1);
+    let bp = spec_backprop_mse(&spec, &[0.0f64, 0.0], &[1.0, 0.0, 0.0, 1.0], &[1.0, 3.0]).unwrap();
+    assert_eq!(bp.loss, (1.0 + 9.0) / 2.0);
+    // d/dw of mean (w·x − y)²: 2/B Σ (w·x − y) x = [−1, −3].
+    assert_eq!(bp.grad, vec![-1.0, -3.0]);
+    assert!(spec_backprop_mse(&spec, &[0.0f64, 0.0], &[1.0, 0.0], &[1.0, 3.0]).is_err());
 }
 
 /// The loss is that of PyTorch's `CrossEntropyLoss` on the last layer's output.

@@ -108,6 +108,30 @@ impl Backend for CpuBackend {
         })
     }
 
+    fn backprop_mse(
+        &self,
+        net: &Net,
+        weights: &Vec<f32>,
+        x: &Vec<f32>,
+        targets: &[f32],
+        grad: &mut Vec<f32>,
+    ) -> Result<GradStep> {
+        check_len("backprop grad (P)", grad.len(), net.n_params())?;
+        let Some(spec) = net.spec() else {
+            return Err(crate::Error::Config(format!(
+                "real targets need a layer-spec network (--net); {} has 10 class outputs",
+                net.describe()
+            )));
+        };
+        let bp = spec_backprop::spec_backprop_mse(spec, weights, x, targets)?;
+        *grad = bp.grad;
+        Ok(GradStep {
+            loss: bp.loss,
+            correct: 0,
+            cache: None,
+        })
+    }
+
     fn optimizer(&self, opt: &GradOptimizer) -> Result<GradOptimizer> {
         Ok(opt.clone())
     }

@@ -169,6 +169,64 @@ pub fn spec_backprop<T: Real>(
     })
 }
 
+/// Mean squared error (PyTorch's `MSELoss`, the mean over the batch and the outputs) and
+/// its gradient for one spec network (`weights`: P) on a mini-batch (`x`: B × inputs,
+/// `targets`: B × outputs, real values); `correct` is 0. Same work split as
+/// [`spec_backprop`]: bit-identical for any thread count.
+/// Errors: [`Error::Shape`] on a length mismatch or an empty batch.
+pub fn spec_backprop_mse<T: Real>(
+    spec: &NetSpec,
+    weights: &[T],
+    x: &[T],
+    targets: &[T],
+) -> Result<SpecBackprop<T>> {
+    let (p, n_in, k) = (spec.n_params(), spec.input().len(), spec.outputs());
+    let images = targets.len() / k.max(1);
+    if weights.len() != p || images == 0 || targets.len() != images * k || x.len() != images * n_in
+    {
+        return Err(Error::Shape {
+            what: "spec_backprop_mse weights, inputs and targets".into(),
+            expected: format!("{p} weights, B × {n_in} inputs and B × {k} targets, B ≥ 1"),
+            found: format!(
+                "{} weights, {} inputs, {} targets",
+                weights.len(),
+                x.len(),
+                targets.len()
+            ),
+        });
+    }
+    // d/d out of (1/(B·k)) Σ (out − y)² is 2 (out − y) / (B·k).
+    let scale = T::from_f64(2.0 / (images * k) as f64);
+    let chunks: Vec<usize> = (0..images).step_by(GRAD_CHUNK).collect();
+    let partials: Vec<(Vec<T>, f64, usize)> = chunks
+        .into_par_iter()
+        .map(|i0| {
+            let mut grad = vec![T::ZERO; p];
+            let mut tape = Tape::new(spec);
+            let mut loss = 0.0f64;
+            for d in i0..(i0 + GRAD_CHUNK).min(images) {
+                let img = &x[d * n_in..][..n_in];
+                let y = &targets[d * k..][..k];
+                forward_image(spec, weights, img, &mut tape);
+                let out = tape.outs.last().map_or(img, |v| v.as_slice());
+                for ((g, &o), &t) in tape.g[..k].iter_mut().zip(out).zip(y) {
+                    let e = o - t;
+                    loss += (o.to_f64() - t.to_f64()).powi(2);
+                    *g = e * scale;
+                }
+                backward_from_output(spec, weights, img, &mut tape, &mut grad)?;
+            }
+            Ok((grad, loss, 0))
+        })
+        .collect::<Result<_>>()?;
+    let (grad, loss, _) = sum_partials(p, partials);
+    Ok(SpecBackprop {
+        loss: loss / (images * k) as f64,
+        correct: 0,
+        grad,
+    })
+}
+
 /// The output of every activation layer of `spec` (`weights`: P) over `images` inputs
 /// (`x`: images × inputs), each images × its length, in layer order, and the softmax of
 /// the network's output (images × outputs): what the statistics describe.
@@ -249,12 +307,24 @@ fn backward_image<T: Real>(
     scale: T,
     grad: &mut [T],
 ) -> Result<()> {
-    let layers = spec.layers();
     let n_out = spec.outputs();
     for (k, (g, &pk)) in tape.g[..n_out].iter_mut().zip(&tape.probs).enumerate() {
         let target = if k == label { T::ONE } else { T::ZERO };
         *g = (pk - target) * scale;
     }
+    backward_from_output(spec, w, img, tape, grad)
+}
+
+/// The backward pass of one image after [`forward_image`], from the loss gradient of the
+/// network's output in `tape.g[..outputs]`: adds the image's gradient into `grad`.
+fn backward_from_output<T: Real>(
+    spec: &NetSpec,
+    w: &[T],
+    img: &[T],
+    tape: &mut Tape<T>,
+    grad: &mut [T],
+) -> Result<()> {
+    let layers = spec.layers();
     for i in (0..layers.len()).rev() {
         let l = &layers[i];
         let input: &[T] = if i == 0 { img } else { &tape.outs[i - 1] };

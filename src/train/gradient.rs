@@ -33,6 +33,7 @@ use super::{Observer, TrainConfig, STREAM_INIT, STREAM_SHUFFLE};
 use crate::backend::{Backend, CacheMode};
 use crate::cpu::CpuBackend;
 use crate::data::DataSplit;
+use crate::data::Task;
 use crate::enkf::init_ensemble;
 use crate::model::Net;
 use crate::{Error, Result};
@@ -193,6 +194,14 @@ pub struct GradTimes {
     pub eval: f64,
 }
 
+/// One mini-batch: images, and the labels (classification) or real targets (regression).
+struct Batch<'b> {
+    x: &'b [f32],
+    labels: &'b [u8],
+    targets: &'b [f32],
+    images: usize,
+}
+
 impl<'a> GradientTrainer<'a, CpuBackend> {
     /// Validates `cfg` and the data, and draws the initial weights (see the module docs);
     /// runs on the CPU.
@@ -211,11 +220,9 @@ impl<'a, B: Backend> GradientTrainer<'a, B> {
     pub fn on(be: B, cfg: &GradConfig, data: &'a DataSplit) -> Result<Self> {
         cfg.validate()?;
         super::check_splits(data, &cfg.net)?;
-        if let crate::data::Task::Regress { .. } = data.task {
+        if let (crate::data::Task::Regress { .. }, None) = (data.task, cfg.net.spec()) {
             return Err(Error::Config(format!(
-                "--optimizer {} with real targets ({}): backpropagation here minimises the \
-                 cross-entropy of class labels; regression data are trained by the EnKF \
-                 (--optimizer enkf) for now",
+                "--optimizer {} with real targets ({}) needs a layer-spec network (--net)",
                 format!("{:?}", cfg.optimizer).to_lowercase(),
                 data.task.describe()
             )));
@@ -280,6 +287,10 @@ impl<'a, B: Backend> GradientTrainer<'a, B> {
             &mut self.test_out,
         )?;
         let out = self.be.download_f32(&self.test_out)?;
+        if let Task::Regress { .. } = self.data.task {
+            let mse = metrics::mean_squared_error(&out, &test.values);
+            return Ok((mse, mse));
+        }
         let (loss, correct) = metrics::score_logits(&out, &test.labels);
         Ok((100.0 * (1.0 - correct as f64 / test.len() as f64), loss))
     }
@@ -309,15 +320,25 @@ impl<'a, B: Backend> GradientTrainer<'a, B> {
             let lo = bi * self.cfg.batch;
             let hi = (lo + self.cfg.batch).min(n);
             let labels = self.data.train.gather(&self.order[lo..hi], &mut x);
-            let (loss, correct) = self.iteration((&x, &labels), t, stats.as_deref_mut())?;
-            let mut row = MetricsRow::training(
-                t,
-                t as f64 / per_epoch as f64,
-                1,
-                1,
-                loss,
-                correct as f64 / labels.len() as f64,
-            );
+            let targets = match self.data.task {
+                Task::Classify { .. } => Vec::new(),
+                Task::Regress { .. } => {
+                    self.data.train.targets(&self.order[lo..hi], self.data.task)
+                }
+            };
+            let batch = Batch {
+                x: &x,
+                labels: &labels,
+                targets: &targets,
+                images: hi - lo,
+            };
+            let (loss, correct) = self.iteration(batch, t, stats.as_deref_mut())?;
+            let accuracy = match self.data.task {
+                Task::Classify { .. } => correct as f64 / (hi - lo) as f64,
+                Task::Regress { .. } => f64::NAN,
+            };
+            let mut row =
+                MetricsRow::training(t, t as f64 / per_epoch as f64, 1, 1, loss, accuracy);
             if t.is_multiple_of(self.cfg.eval_every) || t.is_multiple_of(per_epoch) || t == total {
                 let t0 = Instant::now();
                 let (err, loss) = self.evaluate()?;
@@ -342,10 +363,11 @@ impl<'a, B: Backend> GradientTrainer<'a, B> {
     /// own.
     fn iteration(
         &mut self,
-        (x, labels): (&[f32], &[u8]),
+        batch: Batch<'_>,
         t: usize,
         stats: Option<&mut StatsWriter>,
     ) -> Result<(f64, usize)> {
+        let x = batch.x;
         let be = &self.be;
         let t0 = Instant::now();
         if be.len_f32(&self.x) == x.len() {
@@ -358,7 +380,19 @@ impl<'a, B: Backend> GradientTrainer<'a, B> {
             None => CacheMode::Drop,
         };
         let net = &self.cfg.net;
-        let bp = be.backprop(net, &self.weights, &self.x, labels, &mut self.grad, keep)?;
+        let bp = match self.data.task {
+            Task::Classify { .. } => be.backprop(
+                net,
+                &self.weights,
+                &self.x,
+                batch.labels,
+                &mut self.grad,
+                keep,
+            )?,
+            Task::Regress { .. } => {
+                be.backprop_mse(net, &self.weights, &self.x, batch.targets, &mut self.grad)?
+            }
+        };
         be.synchronize()?;
         self.times.backprop += t0.elapsed().as_secs_f64();
         if let Some(w) = stats {
@@ -370,7 +404,7 @@ impl<'a, B: Backend> GradientTrainer<'a, B> {
                 // Layer-spec networks: one more forward pass of the weights, on the host.
                 None => {
                     let weights = be.download_f32(&self.weights)?;
-                    spec_stats(net, &weights, x, labels.len(), Some(&grad), hist)?
+                    spec_stats(net, &weights, x, batch.images, Some(&grad), hist)?
                 }
             };
             w.write(t, &s)?;
