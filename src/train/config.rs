@@ -996,6 +996,7 @@ mod tests {
                     "adapt_epsilon" => &mut flags.adapt_epsilon,
                     "lr" => &mut flags.lr,
                     "momentum" => &mut flags.momentum,
+                    "inflation" => &mut flags.inflation,
                     other => panic!("no slot for {other}"),
                 };
                 *slot = Some(v);
