@@ -360,16 +360,6 @@ impl Dataset {
             images: self.images[..n * self.pixels()].to_vec(),
             labels: self.labels[..n.min(self.labels.len())].to_vec(),
             values: self.values[..n * k].to_vec(),
-            ..self.clone_shape()
-        }
-    }
-
-    /// An empty split with this one's sample shape.
-    fn clone_shape(&self) -> Dataset {
-        Dataset {
-            images: Vec::new(),
-            labels: Vec::new(),
-            values: Vec::new(),
             channels: self.channels,
             rows: self.rows,
             cols: self.cols,

@@ -18,6 +18,7 @@
 
 use super::{DataSplit, Dataset, SampleKind, Task};
 use crate::io::npy::{read_header, read_typed, NpyValues};
+use crate::model::spec::Shape;
 use crate::{Error, Result};
 use npyz::TypeChar;
 use std::path::{Path, PathBuf};
@@ -103,10 +104,9 @@ fn x_layout(path: &Path, shape: &[usize]) -> Result<(usize, SampleKind, usize, u
     Ok(layout)
 }
 
-/// What the files declare: the training split's sample shape (as a dataset without
-/// samples) and the task. Reads the two X headers only and the two Y files whole (labels
+/// What the files declare: the sample shape and the task. Reads the two X headers only and the two Y files whole (labels
 /// are needed for the number of classes). Errors: as [`load`].
-pub fn probe(paths: &[PathBuf]) -> Result<(Dataset, Task)> {
+pub fn probe(paths: &[PathBuf]) -> Result<(Shape, Task)> {
     let [tx, ty, vx, vy] = files(paths)?;
     let mut shapes = Vec::new();
     for x in [&tx, &vx] {
@@ -131,7 +131,7 @@ pub fn probe(paths: &[PathBuf]) -> Result<(Dataset, Task)> {
         kind,
         ..Dataset::default()
     };
-    Ok((empty, task))
+    Ok((empty.input_shape(), task))
 }
 
 fn check_x_dtype(path: &Path, dtype: &str, kind: TypeChar, width: usize) -> Result<()> {
@@ -189,13 +189,13 @@ impl Targets {
 
 fn read_targets(path: &Path) -> Result<Targets> {
     let a = read_typed(path)?;
-    let ints: Option<Vec<i64>> = match &a.values {
-        NpyValues::U8(v) => Some(v.iter().map(|&b| i64::from(b)).collect()),
-        NpyValues::Int(v) => Some(v.clone()),
-        _ => None,
+    let ints = match a.values {
+        NpyValues::U8(v) => Ok(v.into_iter().map(i64::from).collect::<Vec<_>>()),
+        NpyValues::Int(v) => Ok(v),
+        other => Err(other),
     };
-    match (a.shape.as_slice(), ints, a.values) {
-        ([_], Some(labels), _) => {
+    match (a.shape.as_slice(), ints) {
+        ([_], Ok(labels)) => {
             let mut out = Vec::with_capacity(labels.len());
             for (i, &l) in labels.iter().enumerate() {
                 match u8::try_from(l) {
@@ -213,7 +213,7 @@ fn read_targets(path: &Path) -> Result<Targets> {
             }
             Ok(Targets::Labels(out))
         }
-        (shape, None, NpyValues::F32(values))
+        (shape, Err(NpyValues::F32(values)))
             if matches!(shape.len(), 1 | 2) && shape.get(1).is_none_or(|&k| k > 0) =>
         {
             let k = shape.get(1).copied().unwrap_or(1);
@@ -225,11 +225,11 @@ fn read_targets(path: &Path) -> Result<Targets> {
             }
             Ok(Targets::Values { values, k })
         }
-        (shape, Some(_), _) => Err(npy_err(
+        (shape, Ok(_)) => Err(npy_err(
             path,
             format!("shape {shape:?}: class labels must be one integer per sample (shape N)"),
         )),
-        (shape, None, _) => Err(npy_err(
+        (shape, Err(_)) => Err(npy_err(
             path,
             format!(
                 "dtype {} with shape {shape:?}: targets must be integer class labels \
@@ -309,15 +309,13 @@ fn read_samples(path: &Path) -> Result<(Vec<f32>, Vec<usize>)> {
     Ok((values, a.shape))
 }
 
-/// One split: X and Y read, checked against each other, cut to `limit` samples.
-fn load_split(x: &Path, y: &Path, limit: usize, task: Task) -> Result<Dataset> {
+/// One split: X read, its sample shape, and its Y, checked against each other.
+fn load_split(x: &Path, y: &Path) -> Result<(Dataset, Vec<usize>, Targets)> {
     let (images, shape) = read_samples(x)?;
     let (n, kind, channels, rows, cols) = x_layout(x, &shape)?;
     let targets = read_targets(y)?;
     check_count(x, y, n, targets.count())?;
-    let keep = n.min(limit);
-    let pixels = channels * rows * cols;
-    let mut set = Dataset {
+    let set = Dataset {
         images,
         channels,
         rows,
@@ -325,25 +323,30 @@ fn load_split(x: &Path, y: &Path, limit: usize, task: Task) -> Result<Dataset> {
         kind,
         ..Dataset::default()
     };
-    set.images.truncate(keep * pixels);
-    match (targets, task) {
-        (Targets::Labels(mut l), Task::Classify { .. }) => {
+    Ok((set, shape, targets))
+}
+
+/// Keeps the first `limit` samples of `set` and gives it its targets.
+fn cut(mut set: Dataset, targets: Targets, limit: usize) -> Dataset {
+    let keep = set.len().min(limit);
+    set.images.truncate(keep * set.pixels());
+    match targets {
+        Targets::Labels(mut l) => {
             l.truncate(keep);
             set.labels = l;
         }
-        (Targets::Values { mut values, k }, Task::Regress { .. }) => {
+        Targets::Values { mut values, k } => {
             values.truncate(keep * k);
             set.values = values;
         }
-        // `task` comes from `probe` of the same files.
-        _ => return Err(npy_err(y, "its targets changed while it was read")),
     }
-    Ok(set)
+    set
 }
 
 /// Loads a NumPy data set (see the module documentation), keeping the first
 /// `train_limit` / `test_limit` samples of each split (all when `None`; the files are
-/// read whole either way).
+/// read whole either way, and the classes are those of the whole files, as [`probe`]
+/// finds them).
 ///
 /// Errors: [`Error::Config`] for the paths ([`files`]), [`Error::Npy`] naming the file for
 /// every fault of a file or between two files, [`Error::Io`] when a file cannot be read.
@@ -353,9 +356,12 @@ pub fn load(
     test_limit: Option<usize>,
 ) -> Result<DataSplit> {
     let [tx, ty, vx, vy] = files(paths)?;
-    let (_, task) = probe(paths)?;
-    let train = load_split(&tx, &ty, train_limit.unwrap_or(usize::MAX), task)?;
-    let test = load_split(&vx, &vy, test_limit.unwrap_or(usize::MAX), task)?;
+    let (train, train_shape, train_y) = load_split(&tx, &ty)?;
+    let (test, test_shape, test_y) = load_split(&vx, &vy)?;
+    check_same_shape(&tx, &vx, &train_shape, &test_shape)?;
+    let task = task_of(&ty, &vy, &train_y, &test_y)?;
+    let train = cut(train, train_y, train_limit.unwrap_or(usize::MAX));
+    let test = cut(test, test_y, test_limit.unwrap_or(usize::MAX));
     let dir = match paths {
         [dir] => dir.clone(),
         _ => tx.parent().map(Path::to_path_buf).unwrap_or_default(),

@@ -80,23 +80,6 @@ pub enum NpyValues {
     Int(Vec<i64>),
 }
 
-impl NpyValues {
-    /// Number of values.
-    pub fn len(&self) -> usize {
-        match self {
-            NpyValues::F32(v) => v.len(),
-            NpyValues::F64(v) => v.len(),
-            NpyValues::U8(v) => v.len(),
-            NpyValues::Int(v) => v.len(),
-        }
-    }
-
-    /// True when there are no values.
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-}
-
 /// An array read from an `.npy` file with its own element type.
 #[derive(Debug, Clone, PartialEq)]
 pub struct NpyTyped {

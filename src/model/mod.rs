@@ -212,11 +212,6 @@ impl Net {
         }
     }
 
-    /// Values per input sample (784 for the fused networks).
-    pub fn input_len(&self) -> usize {
-        self.input_shape().len()
-    }
-
     /// Values the network gives per sample: the classes (10 for the fused networks) or
     /// the regression targets.
     pub fn outputs(&self) -> usize {

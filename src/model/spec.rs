@@ -771,6 +771,11 @@ impl NetLayers {
         } else {
             parse_short(text)?
         };
+        Self::new(layers)
+    }
+
+    /// The layers, refused when there are none. Errors: [`Error::Config`].
+    fn new(layers: Vec<Layer>) -> Result<Self> {
         if layers.is_empty() {
             return Err(Error::Config("net: the list of layers is empty".into()));
         }
@@ -800,18 +805,13 @@ impl serde::Serialize for NetLayers {
 impl<'de> serde::Deserialize<'de> for NetLayers {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
         let v = <Value as serde::Deserialize>::deserialize(d)?;
-        parse_json(&v)
-            .and_then(|l| match l.is_empty() {
-                true => Err(Error::Config("net: the list of layers is empty".into())),
-                false => Ok(NetLayers(l)),
-            })
-            .map_err(|e| {
-                serde::de::Error::custom(
-                    e.to_string()
-                        .trim_start_matches("invalid configuration: ")
-                        .to_string(),
-                )
-            })
+        parse_json(&v).and_then(NetLayers::new).map_err(|e| {
+            serde::de::Error::custom(
+                e.to_string()
+                    .trim_start_matches("invalid configuration: ")
+                    .to_string(),
+            )
+        })
     }
 }
 
@@ -834,11 +834,6 @@ impl NetSetting {
     /// Errors: [`Error::Config`] naming the layer and key.
     pub fn parse(text: &str) -> Result<Self> {
         NetLayers::parse(text)?.build(IDX_INPUT, crate::model::CLASSES)
-    }
-
-    /// The layers as written.
-    pub fn layers(&self) -> NetLayers {
-        NetLayers(self.0.layers().iter().map(|l| l.layer).collect())
     }
 }
 

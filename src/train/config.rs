@@ -578,10 +578,7 @@ impl TrainConfig {
     pub fn data_shape(&self) -> Result<(crate::model::spec::Shape, crate::data::Task)> {
         match &self.data_npy {
             None => Ok((crate::model::spec::IDX_INPUT, crate::data::Task::default())),
-            Some(paths) => {
-                let (set, task) = crate::data::npy::probe(paths)?;
-                Ok((set.input_shape(), task))
-            }
+            Some(paths) => crate::data::npy::probe(paths),
         }
     }
 
