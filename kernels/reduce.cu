@@ -15,7 +15,18 @@
 //   inflate_rows_f32: u[r, c] = fmaf(lambda, u[r, c] − mean[c], mean[c]) over rows × cols
 //     (multiplicative inflation of the members about their mean; fmaf so that the CPU
 //     twin's mul_add gives the same bits).
+//   nesterov_f32: x = u[i]; u[i] = fmaf(beta, x − prev[i], x); prev[i] = x (Nesterov
+//     momentum on the members after an update, n = J·P entries).
+//   add_scaled_f32_f64: y[i] = fma(alpha, (double)x[i], y[i]) (f32 Gram matrices into the
+//     f64 member-space systems of the Tikhonov update).
+// Row sums of squares (row_sq_norms_f64): one block of ROWSQ_THREADS (256) threads per
+//   row, grid (rows); thread t sums a[r, t], a[r, t + 256], … with fma in f64, then the
+//   256 partial sums are added by a fixed halving tree in shared memory. The CPU twin
+//   follows the same order, so the two agree bit for bit (the data-misfit controller's
+//   Φ_j = |y − g_j|² / 2γ reads these from the innovations D, J × m).
 #include "common.cuh"
+
+#define ROWSQ_THREADS 256
 
 #define MEAN_TX 32
 #define MEAN_TY 16
@@ -106,5 +117,50 @@ extern "C" __global__ void inflate_rows_f32(float* __restrict__ u,
     for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += stride) {
         const float m = mean[i % cols];
         u[i] = fmaf(lambda, u[i] - m, m);
+    }
+}
+
+// x = u[i]; u[i] = x + beta · (x − prev[i]) as one fmaf; prev[i] = x.
+extern "C" __global__ void nesterov_f32(float* __restrict__ u, float* __restrict__ prev,
+                                        long long n, float beta) {
+    const long long stride = (long long)gridDim.x * blockDim.x;
+    for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += stride) {
+        const float x = u[i];
+        u[i] = fmaf(beta, x - prev[i], x);
+        prev[i] = x;
+    }
+}
+
+// y[i] += alpha · x[i] in f64 (x f32), one fma.
+extern "C" __global__ void add_scaled_f32_f64(const float* __restrict__ x, double alpha,
+                                              double* __restrict__ y, long long n) {
+    const long long stride = (long long)gridDim.x * blockDim.x;
+    for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += stride) {
+        y[i] = fma(alpha, (double)x[i], y[i]);
+    }
+}
+
+// out[r] = Σ_c a[r, c]², f64; blockDim.x must be ROWSQ_THREADS, grid.x = rows.
+extern "C" __global__ void row_sq_norms_f64(const double* __restrict__ a, int rows, int cols,
+                                            double* __restrict__ out) {
+    __shared__ double part[ROWSQ_THREADS];
+    const int r = blockIdx.x;
+    double s = 0.0;
+    if (r < rows) {
+        for (int c = threadIdx.x; c < cols; c += ROWSQ_THREADS) {
+            const double v = a[(long long)r * cols + c];
+            s = fma(v, v, s);
+        }
+    }
+    part[threadIdx.x] = s;
+    __syncthreads();
+    for (int h = ROWSQ_THREADS / 2; h > 0; h >>= 1) {
+        if (threadIdx.x < h) {
+            part[threadIdx.x] += part[threadIdx.x + h];
+        }
+        __syncthreads();
+    }
+    if (threadIdx.x == 0 && r < rows) {
+        out[r] = part[0];
     }
 }

@@ -277,6 +277,17 @@ pub trait Backend {
         lambda: f32,
     ) -> Result<()>;
 
+    /// Nesterov momentum: `x = u[i]; u[i] = x + beta · (x − prev[i])` (one fused
+    /// multiply-add); `prev[i] = x` (same lengths).
+    fn nesterov_f32(&self, u: &mut Self::F32, prev: &mut Self::F32, beta: f32) -> Result<()>;
+
+    /// `y[i] += alpha · x[i]` in f64, `x` f32 (same lengths; one fused multiply-add).
+    fn add_scaled_f32_f64(&self, x: &Self::F32, alpha: f64, y: &mut Self::F64) -> Result<()>;
+
+    /// Row sums of squares of `a` (rows × cols, f64), copied to the host: `out[r] =
+    /// Σ_c a[r, c]²`, in the fixed order of `row_sq_norms_f64` (`kernels/reduce.cu`).
+    fn row_sq_norms_f64(&self, a: &Self::F64, rows: usize, cols: usize) -> Result<Vec<f64>>;
+
     /// Copies `src` into `dst` (same length).
     fn copy_f32(&self, src: &Self::F32, dst: &mut Self::F32) -> Result<()>;
 

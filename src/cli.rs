@@ -114,6 +114,25 @@ pub struct TrainArgs {
     /// [default: 1, none].
     #[arg(long, value_name = "LAMBDA")]
     pub inflation: Option<f64>,
+    /// Tikhonov-regularised EKI with strength λ ≥ 0: the prior N(0, σ²/λ · I) joins the
+    /// data as P extra observations, solved in member space (J × J); needs --update batch
+    /// [default: 0, none].
+    #[arg(long, value_name = "LAMBDA")]
+    pub tikhonov: Option<f64>,
+    /// Step control: fixed (Γ/Δt with --dt every update) or dmc (the data-misfit
+    /// controller of Iglesias and Yang 2021, per mini-batch: Δt from the ensemble's
+    /// misfits until the algorithm time reaches 1; later repetitions of the batch do not
+    /// update) [default: fixed]. Δt is a column of metrics.csv.
+    #[arg(long, value_enum)]
+    pub step: Option<crate::train::config::StepControl>,
+    /// The fixed step Δt > 0 of --step fixed: the noise Γ becomes Γ/Δt [default: 1, the
+    /// authors'].
+    #[arg(long, value_name = "DT")]
+    pub dt: Option<f64>,
+    /// Momentum on the members after each update: none or nesterov (Nesterov-accelerated
+    /// EKI, EnsembleKalmanProcesses' default accelerator) [default: none].
+    #[arg(long, value_enum)]
+    pub accelerator: Option<crate::train::config::Accelerator>,
     /// Seed of every random stream (initial ensemble, shuffling) [default: 0].
     #[arg(long)]
     pub seed: Option<u64>,
@@ -251,6 +270,10 @@ impl TrainArgs {
             update: self.update,
             observations: self.observations,
             inflation: self.inflation,
+            tikhonov: self.tikhonov,
+            step: self.step,
+            dt: self.dt,
+            accelerator: self.accelerator,
             seed: self.seed,
             data: self.data.clone(),
             data_npy: self.data_npy.clone(),

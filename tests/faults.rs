@@ -389,6 +389,8 @@ fn checkpoint_state() -> CheckpointState {
         rows: vec![MetricsRow::training(0, 0.0, 2, 1, 2.3, 0.1)],
         adaptive_log: Vec::new(),
         resampled: 0,
+        algorithm_time: 0.0,
+        nesterov_theta: None,
     }
 }
 

@@ -437,6 +437,8 @@ fn checkpoint_state() -> CheckpointState {
             .collect(),
         adaptive_log: Vec::new(),
         resampled: 0,
+        algorithm_time: 0.0,
+        nesterov_theta: None,
     }
 }
 

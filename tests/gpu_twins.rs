@@ -4,8 +4,8 @@
 
 mod common;
 use common::twins::{
-    cholesky_inputs, normals, normals32, reduce_inputs, unit_lower_inputs, EPS32, EPS64,
-    FORWARD_TOL, SOLVE_TOL,
+    assert_bits, cholesky_inputs, normals, normals32, reduce_inputs, unit_lower_inputs, EPS32,
+    EPS64, FORWARD_TOL, SOLVE_TOL,
 };
 use common::{assert_close, gpu, max_abs, up};
 
@@ -335,6 +335,71 @@ fn unit_block_lower_and_solve_match_cpu() {
     );
 }
 
+/// The EKI variants' kernels on the device equal their CPU twins bit for bit
+/// (`nesterov_f32`, `add_scaled_f32_f64`: one fma each; `row_sq_norms_f64`: the same
+/// order of sums), and the member-space Tikhonov update (cuBLAS and cuSOLVER against the
+/// CPU's products) agrees to 1e-4 of each value (f32 J × P products).
+#[test]
+fn eki_variant_kernels_and_tikhonov_match() {
+    let Some(be) = gpu(MathMode::Fp32) else {
+        return;
+    };
+    let cpu = CpuBackend::new();
+    let mut rng = ChaCha8Rng::seed_from_u64(75);
+    let n = 100_003;
+    let u = normals32(&mut rng, n, 2.0);
+    let prev = normals32(&mut rng, n, 2.0);
+    let (mut want_u, mut want_p) = (u.clone(), prev.clone());
+    cpu.nesterov_f32(&mut want_u, &mut want_p, 0.8125).unwrap();
+    let (mut ug, mut pg) = (be.upload_f32(&u).unwrap(), be.upload_f32(&prev).unwrap());
+    be.nesterov_f32(&mut ug, &mut pg, 0.8125).unwrap();
+    assert_bits("nesterov_f32 u", &be.download_f32(&ug).unwrap(), &want_u);
+    assert_bits("nesterov_f32 prev", &be.download_f32(&pg).unwrap(), &want_p);
+
+    let y = normals(&mut rng, n, 3.0);
+    let mut want = y.clone();
+    cpu.add_scaled_f32_f64(&u, -0.3, &mut want).unwrap();
+    let mut yg = upload64(&be, &y);
+    let u0 = be.upload_f32(&u).unwrap();
+    be.add_scaled_f32_f64(&u0, -0.3, &mut yg).unwrap();
+    assert_eq!(be.download_f64(&yg).unwrap(), want);
+
+    let (rows, cols) = (1000, 640);
+    let a = normals(&mut rng, rows * cols, 1.5);
+    let want = cpu.row_sq_norms_f64(&a, rows, cols).unwrap();
+    let got = be.row_sq_norms_f64(&upload64(&be, &a), rows, cols).unwrap();
+    assert_eq!(got, want);
+
+    let (j, p, batch, outputs) = (300, 1000, 4, 10);
+    let u = normals32(&mut rng, j * p, 1.0);
+    let g = normals32(&mut rng, j * batch * outputs, 0.5);
+    let y = normals32(&mut rng, batch * outputs, 1.0);
+    let cpu_u = {
+        let mut ws = EnkfWorkspace::with_tikhonov(&cpu, j, p, batch, outputs, 0.7).unwrap();
+        let mut uc = u.clone();
+        ws.innovate(&cpu, &g, &y).unwrap();
+        ws.solve(&cpu, UpdateRule::Batch, 0.3, 0.5, None).unwrap();
+        ws.apply(&cpu, &mut uc).unwrap();
+        uc
+    };
+    let gpu_u = {
+        let mut ws = EnkfWorkspace::with_tikhonov(&be, j, p, batch, outputs, 0.7).unwrap();
+        let mut ud = be.upload_f32(&u).unwrap();
+        let (gd, yd) = (be.upload_f32(&g).unwrap(), be.upload_f32(&y).unwrap());
+        ws.innovate(&be, &gd, &yd).unwrap();
+        ws.solve(&be, UpdateRule::Batch, 0.3, 0.5, None).unwrap();
+        ws.apply(&be, &mut ud).unwrap();
+        be.download_f32(&ud).unwrap()
+    };
+    assert!(cpu_u != u, "the update must move the members");
+    for (i, (a, b)) in gpu_u.iter().zip(&cpu_u).enumerate() {
+        assert!(
+            (a - b).abs() <= 1e-4 * (1.0 + b.abs()),
+            "Tikhonov member value {i}: GPU {a} vs CPU {b}"
+        );
+    }
+}
+
 /// The stochastic EnKF's host-noise add and multiplicative inflation equal their CPU
 /// twins bit for bit (one f64 add; one fmaf against `mul_add`).
 #[test]
@@ -478,6 +543,8 @@ fn memory_check_names_the_largest_ensemble_that_fits() {
         eval_ensemble: false,
         second_ensemble: true,
         observations: enkf_dnn::train::Observations::Exact,
+        tikhonov: false,
+        momentum: false,
     };
     be.check_fits(&shape).expect("J = 256 fits any GPU");
     let huge = shape.with_members(100_000_000);

@@ -623,6 +623,97 @@ fn add_and_inflation_kernels_are_exact() {
     }
 }
 
+type NesterovFn = unsafe extern "C" fn(*const Launch, *mut f32, *mut f32, i64, f32) -> i32;
+type AddScaledFn = unsafe extern "C" fn(*const Launch, *const f32, f64, *mut f64, i64) -> i32;
+type RowSqFn = unsafe extern "C" fn(*const Launch, *const f64, i32, i32, *mut f64) -> i32;
+
+/// The EKI variants' kernels equal their CPU twins bit for bit: `nesterov_f32` and
+/// `add_scaled_f32_f64` (one fma each, against `mul_add`) under the backend's grid and a
+/// small grid, and `row_sq_norms_f64` (the twin sums in the kernel's order) at row
+/// lengths below, at and past the block's 256 threads.
+#[test]
+fn eki_variant_kernels_are_exact() {
+    let Some(e) = emu() else { return };
+    let cpu = CpuBackend::new();
+    let mut rng = ChaCha8Rng::seed_from_u64(74);
+    let n = 1000;
+    let u = normals32(&mut rng, n, 2.0);
+    let prev = normals32(&mut rng, n, 2.0);
+    let beta = 0.8125f32;
+    let (mut want_u, mut want_p) = (u.clone(), prev.clone());
+    cpu.nesterov_f32(&mut want_u, &mut want_p, beta).unwrap();
+    assert!(
+        want_u != u && want_p == u,
+        "momentum moves u and keeps the old u"
+    );
+    let x = normals32(&mut rng, n, 1.0);
+    let y = normals(&mut rng, n, 3.0);
+    let alpha = -0.3;
+    let mut want_y = y.clone();
+    cpu.add_scaled_f32_f64(&x, alpha, &mut want_y).unwrap();
+    let nesterov = e.entry::<NesterovFn>("nesterov_f32");
+    let add = e.entry::<AddScaledFn>("add_scaled_f32_f64");
+    for order in ORDERS {
+        for cfg in [geometry::elementwise_stride_launch(n), grid_1d(n, 32, 3)] {
+            let mut ug = Guarded::new(&u);
+            let mut pg = Guarded::new(&prev);
+            // SAFETY: u and prev hold n elements each.
+            let rc = unsafe {
+                nesterov(
+                    &launch(&cfg, order),
+                    ug.mut_ptr(),
+                    pg.mut_ptr(),
+                    n as i64,
+                    beta,
+                )
+            };
+            e.result(rc).expect("nesterov_f32");
+            assert_bits("nesterov_f32 u", &ug.get("nesterov_f32"), &want_u);
+            assert_bits("nesterov_f32 prev", &pg.get("nesterov_f32 prev"), &want_p);
+            let xg = Guarded::new(&x);
+            let mut yg = Guarded::new(&y);
+            // SAFETY: x and y hold n elements each.
+            let rc = unsafe {
+                add(
+                    &launch(&cfg, order),
+                    xg.ptr(),
+                    alpha,
+                    yg.mut_ptr(),
+                    n as i64,
+                )
+            };
+            e.result(rc).expect("add_scaled_f32_f64");
+            assert_eq!(yg.get("add_scaled_f32_f64"), want_y);
+        }
+    }
+    let rowsq = e.entry::<RowSqFn>("row_sq_norms_f64");
+    for (rows, cols) in [(5, 7), (3, 256), (9, 640), (2, 1001)] {
+        let a = normals(&mut rng, rows * cols, 1.5);
+        let want = cpu.row_sq_norms_f64(&a, rows, cols).unwrap();
+        let naive: Vec<f64> = a
+            .chunks_exact(cols)
+            .map(|r| r.iter().map(|v| v * v).sum())
+            .collect();
+        assert_close("row_sq_norms_f64 vs naive", &want, &naive, 0.0, 1e-13);
+        for order in ORDERS {
+            let ag = Guarded::new(&a);
+            let mut og = Guarded::new(&vec![f64::MARK; rows]);
+            // SAFETY: a holds rows·cols elements, out rows.
+            let rc = unsafe {
+                rowsq(
+                    &launch(&geometry::row_sq_launch(rows), order),
+                    ag.ptr(),
+                    rows as i32,
+                    cols as i32,
+                    og.mut_ptr(),
+                )
+            };
+            e.result(rc).expect("row_sq_norms_f64");
+            assert_eq!(og.get("row_sq_norms_f64"), want, "{rows} × {cols}");
+        }
+    }
+}
+
 // ---------------------------------------------------------------------------------------
 // linalg.cu
 

@@ -241,6 +241,18 @@ impl Backend for CpuBackend {
         reduce::inflate_rows_f32(u, mean, rows, cols, lambda)
     }
 
+    fn nesterov_f32(&self, u: &mut Vec<f32>, prev: &mut Vec<f32>, beta: f32) -> Result<()> {
+        reduce::nesterov_f32(u, prev, beta)
+    }
+
+    fn add_scaled_f32_f64(&self, x: &Vec<f32>, alpha: f64, y: &mut Vec<f64>) -> Result<()> {
+        reduce::add_scaled_f32_f64(x, alpha, y)
+    }
+
+    fn row_sq_norms_f64(&self, a: &Vec<f64>, rows: usize, cols: usize) -> Result<Vec<f64>> {
+        reduce::row_sq_norms_f64(a, rows, cols)
+    }
+
     fn copy_f32(&self, src: &Vec<f32>, dst: &mut Vec<f32>) -> Result<()> {
         check_len("copy_f32 destination", dst.len(), src.len())?;
         dst.copy_from_slice(src);

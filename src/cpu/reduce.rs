@@ -101,3 +101,69 @@ pub fn inflate_rows_f32(
     });
     Ok(())
 }
+
+/// Threads per row of `row_sq_norms_f64` in `kernels/reduce.cu` (`ROWSQ_THREADS`): the
+/// twin splits each row into the same partial sums.
+pub const ROWSQ_THREADS: usize = 256;
+
+/// Row sums of squares in f64, `out[r] = Σ_c a[r, c]²`, in the kernel's order: partial
+/// sum t takes columns t, t + 256, … by fused multiply-adds, then the 256 partial sums
+/// are added by the same halving tree (twin of `row_sq_norms_f64`: the same bits).
+pub fn row_sq_norms_f64(a: &[f64], rows: usize, cols: usize) -> Result<Vec<f64>> {
+    check_len("row_sq_norms_f64 input", a.len(), rows * cols)?;
+    let mut out = vec![0.0f64; rows];
+    if cols == 0 {
+        return Ok(out);
+    }
+    out.par_iter_mut()
+        .zip(a.par_chunks(cols))
+        .for_each(|(o, row)| {
+            let mut part = [0.0f64; ROWSQ_THREADS];
+            for (t, p) in part.iter_mut().enumerate() {
+                let mut s = 0.0f64;
+                for &v in row.iter().skip(t).step_by(ROWSQ_THREADS) {
+                    s = v.mul_add(v, s);
+                }
+                *p = s;
+            }
+            let mut h = ROWSQ_THREADS / 2;
+            while h > 0 {
+                for t in 0..h {
+                    part[t] += part[t + h];
+                }
+                h /= 2;
+            }
+            *o = part[0];
+        });
+    Ok(out)
+}
+
+/// Nesterov momentum on the members: `x = u[i]; u[i] = x + beta · (x − prev[i])` (one
+/// `mul_add`, the twin of `fmaf` in `nesterov_f32`, `kernels/reduce.cu`); `prev[i] = x`.
+pub fn nesterov_f32(u: &mut [f32], prev: &mut [f32], beta: f32) -> Result<()> {
+    check_len("nesterov_f32 previous ensemble", prev.len(), u.len())?;
+    u.par_chunks_mut(1 << 14)
+        .zip(prev.par_chunks_mut(1 << 14))
+        .for_each(|(u, p)| {
+            for (x, q) in u.iter_mut().zip(p) {
+                let old = *x;
+                *x = beta.mul_add(old - *q, old);
+                *q = old;
+            }
+        });
+    Ok(())
+}
+
+/// `y[i] += alpha · x[i]` in f64 with x in f32, one `mul_add` (twin of
+/// `add_scaled_f32_f64`: the same bits).
+pub fn add_scaled_f32_f64(x: &[f32], alpha: f64, y: &mut [f64]) -> Result<()> {
+    check_len("add_scaled_f32_f64 destination", y.len(), x.len())?;
+    y.par_chunks_mut(1 << 14)
+        .zip(x.par_chunks(1 << 14))
+        .for_each(|(y, x)| {
+            y.iter_mut()
+                .zip(x)
+                .for_each(|(a, &b)| *a = alpha.mul_add(f64::from(b), *a))
+        });
+    Ok(())
+}

@@ -52,6 +52,7 @@
 
 mod reference;
 pub mod resize;
+mod tikhonov;
 
 pub use reference::{batch_reference, sequential_literal};
 
@@ -131,6 +132,8 @@ enum ApplyBuffers<B: Backend> {
         s32: B::F32,
         u_copy: B::F32,
     },
+    /// The member-space Tikhonov update (see [`tikhonov`]; the batch rule only).
+    Tikhonov(Box<tikhonov::TikhonovBuffers<B>>),
 }
 
 /// Preallocated device buffers for one (J, P, B); reallocate when J changes.
@@ -153,6 +156,10 @@ pub struct EnkfWorkspace<B: Backend> {
     /// Lfull = AᵀBm/J, then I − L; m × m (sequential rule only).
     l64: B::F64,
     apply: ApplyBuffers<B>,
+    /// Noise variance γ/Δt of the last gain (the Tikhonov apply reads it).
+    gamma: f64,
+    /// Step Δt of the last gain.
+    dt: f64,
 }
 
 impl<B: Backend> EnkfWorkspace<B> {
@@ -175,7 +182,15 @@ impl<B: Backend> EnkfWorkspace<B> {
         batch: usize,
         outputs: usize,
     ) -> Result<Self> {
-        Self::build(backend, members, params, batch, outputs, ApplyOrder::Auto)
+        Self::build(
+            backend,
+            members,
+            params,
+            batch,
+            outputs,
+            ApplyOrder::Auto,
+            None,
+        )
     }
 
     /// As [`EnkfWorkspace::new`] with a forced association of the apply phase (for tests
@@ -187,7 +202,36 @@ impl<B: Backend> EnkfWorkspace<B> {
         batch: usize,
         order: ApplyOrder,
     ) -> Result<Self> {
-        Self::build(backend, members, params, batch, CLASSES, order)
+        Self::build(backend, members, params, batch, CLASSES, order, None)
+    }
+
+    /// As [`EnkfWorkspace::with_outputs`] for Tikhonov-regularised EKI with the prior
+    /// N(0, `prior_variance` · I) as P extra observations, solved in member space (see
+    /// [`tikhonov`]; [`UpdateRule::Batch`] only). Errors: as
+    /// [`EnkfWorkspace::with_outputs`], and a `prior_variance` that is not positive and
+    /// finite.
+    pub fn with_tikhonov(
+        backend: &B,
+        members: usize,
+        params: usize,
+        batch: usize,
+        outputs: usize,
+        prior_variance: f64,
+    ) -> Result<Self> {
+        if !(prior_variance.is_finite() && prior_variance > 0.0) {
+            return Err(Error::Config(format!(
+                "the Tikhonov prior variance must be positive and finite, got {prior_variance}"
+            )));
+        }
+        Self::build(
+            backend,
+            members,
+            params,
+            batch,
+            outputs,
+            ApplyOrder::Members,
+            Some(prior_variance),
+        )
     }
 
     fn build(
@@ -197,6 +241,7 @@ impl<B: Backend> EnkfWorkspace<B> {
         batch: usize,
         outputs: usize,
         order: ApplyOrder,
+        prior_variance: Option<f64>,
     ) -> Result<Self> {
         if members < 2 || params == 0 || batch == 0 || outputs == 0 {
             return Err(Error::Config(format!(
@@ -209,13 +254,16 @@ impl<B: Backend> EnkfWorkspace<B> {
             ApplyOrder::Auto => ApplyOrder::cheapest(members, params, m),
             o => o,
         };
-        let apply = match order {
-            ApplyOrder::Members => ApplyBuffers::Members {
+        let apply = match (prior_variance, order) {
+            (Some(tau), _) => ApplyBuffers::Tikhonov(Box::new(tikhonov::TikhonovBuffers::new(
+                backend, members, params, tau,
+            )?)),
+            (None, ApplyOrder::Members) => ApplyBuffers::Members {
                 s64: backend.zeros_f64(members * members)?,
                 s32: backend.zeros_f32(members * members)?,
                 u_copy: backend.zeros_f32(members * params)?,
             },
-            _ => ApplyBuffers::Params {
+            (None, _) => ApplyBuffers::Params {
                 x32: backend.zeros_f32(members * m)?,
                 a32: backend.zeros_f32(members * m)?,
                 t32: backend.zeros_f32(m * params)?,
@@ -232,6 +280,8 @@ impl<B: Backend> EnkfWorkspace<B> {
             c64: backend.zeros_f64(m * m)?,
             l64: backend.zeros_f64(m * m)?,
             apply,
+            gamma: 0.0,
+            dt: 1.0,
         })
     }
 
@@ -240,9 +290,16 @@ impl<B: Backend> EnkfWorkspace<B> {
         self.members
     }
 
-    /// The association of the apply phase in use (never [`ApplyOrder::Auto`]).
+    /// The association of the apply phase in use (never [`ApplyOrder::Auto`];
+    /// [`ApplyOrder::Members`] for the Tikhonov update).
     pub fn order(&self) -> ApplyOrder {
         self.order
+    }
+
+    /// Device bytes of the Tikhonov update's buffers for J members and P weights
+    /// (what [`EnkfWorkspace::with_tikhonov`] holds instead of the apply buffers).
+    pub fn tikhonov_bytes(members: usize, params: usize) -> u64 {
+        tikhonov::TikhonovBuffers::<B>::bytes(members, params)
     }
 
     /// One EnKF update of u (members × params) given outputs g (members × batch × 10)
@@ -297,19 +354,74 @@ impl<B: Backend> EnkfWorkspace<B> {
         y: &B::F32,
         noise: Option<&[f64]>,
     ) -> Result<()> {
+        self.innovate(backend, g, y)?;
+        self.solve(backend, rule, gamma, 1.0, noise)
+    }
+
+    /// First half of [`EnkfWorkspace::gain`]: A = ΠG and the innovations D = y1ᵀ − G
+    /// from g (members × batch × outputs) and y (batch · outputs). Errors:
+    /// [`Error::Shape`] on buffer lengths.
+    pub fn innovate(&mut self, backend: &B, g: &B::F32, y: &B::F32) -> Result<()> {
+        let (j, m) = (self.members, self.batch * self.outputs);
+        crate::backend::check_len("EnKF outputs g", backend.len_f32(g), j * m)?;
+        crate::backend::check_len("EnKF targets y", backend.len_f32(y), m)?;
+        backend.center_and_innovate(g, y, j, m, &mut self.a64, &mut self.x64)
+    }
+
+    /// The data misfits Φ_j = |y − g_j|² / (2γ) of the innovations of the last
+    /// [`EnkfWorkspace::innovate`] (the data-misfit controller's input), on the host.
+    pub fn misfits(&self, backend: &B, gamma: f64) -> Result<Vec<f64>> {
+        let (j, m) = (self.members, self.batch * self.outputs);
+        let mut phi = backend.row_sq_norms_f64(&self.x64, j, m)?;
+        phi.iter_mut().for_each(|v| *v /= 2.0 * gamma);
+        Ok(phi)
+    }
+
+    /// Second half of [`EnkfWorkspace::gain`], after [`EnkfWorkspace::innovate`]: the
+    /// step Δt = `dt` scales the noise to Γ/Δt (and a Tikhonov prior to τ/Δt); `noise`
+    /// as in [`EnkfWorkspace::gain_perturbed`] (drawn with variance γ/Δt by the caller).
+    /// Errors: as [`EnkfWorkspace::gain_perturbed`]; [`Error::Config`] for a `dt` that
+    /// is not positive and finite, or the sequential rule on a Tikhonov workspace.
+    pub fn solve(
+        &mut self,
+        backend: &B,
+        rule: UpdateRule,
+        gamma: f64,
+        dt: f64,
+        noise: Option<&[f64]>,
+    ) -> Result<()> {
         let (j, m) = (self.members, self.batch * self.outputs);
         if !(gamma.is_finite() && gamma >= 0.0) {
             return Err(Error::Config(format!(
                 "gamma must be finite and non-negative, got {gamma}"
             )));
         }
-        crate::backend::check_len("EnKF outputs g", backend.len_f32(g), j * m)?;
-        crate::backend::check_len("EnKF targets y", backend.len_f32(y), m)?;
+        if !(dt.is_finite() && dt > 0.0) {
+            return Err(Error::Config(format!(
+                "the step dt must be positive and finite, got {dt}"
+            )));
+        }
+        let gamma = gamma / dt;
         let inv_j = 1.0 / j as f64;
-        backend.center_and_innovate(g, y, j, m, &mut self.a64, &mut self.x64)?;
         if let Some(eta) = noise {
             crate::backend::check_len("EnKF observation perturbations", eta.len(), j * m)?;
             backend.add_host_f64(eta, &mut self.x64)?;
+        }
+        if let ApplyBuffers::Tikhonov(_) = self.apply {
+            if rule != UpdateRule::Batch {
+                return Err(Error::Config(
+                    "the Tikhonov update is built for update = batch only (the sequential \
+                     rule has no prior block); use --update batch"
+                        .into(),
+                ));
+            }
+            if gamma <= 0.0 {
+                return Err(Error::Config(format!(
+                    "the Tikhonov update needs a positive gamma, got {gamma}"
+                )));
+            }
+            (self.gamma, self.dt) = (gamma, dt);
+            return Ok(());
         }
         // C = AᵀA/J + γI (m × m). The sequential rule reads only its 10 × 10 diagonal
         // blocks; the full product costs 2·m²·J, small against the apply phase.
@@ -387,6 +499,12 @@ impl<B: Backend> EnkfWorkspace<B> {
                     t32,
                 )?;
                 backend.gemm_f32(Trans::No, Trans::No, j, p, m, 1.0, x32, t32, 1.0, u)?;
+            }
+            // No gain yet (γ is set by the first): nothing to apply.
+            ApplyBuffers::Tikhonov(_) if self.gamma == 0.0 => {}
+            ApplyBuffers::Tikhonov(t) => {
+                let tau = t.prior_variance / self.dt;
+                t.apply(backend, &self.a64, &self.x64, u, (j, p, m), self.gamma, tau)?;
             }
             ApplyBuffers::Members { s64, s32, u_copy } => {
                 // S = X Aᵀ/J (J × J, f64), then U += S U through a copy of U.

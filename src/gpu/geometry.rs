@@ -199,6 +199,18 @@ pub fn elementwise_stride_launch(n: usize) -> LaunchConfig {
     grid_1d(n, EW_THREADS, EW_MAX_BLOCKS)
 }
 
+/// Threads per row of `row_sq_norms_f64` (`ROWSQ_THREADS` in reduce.cu).
+pub const ROWSQ_THREADS: u32 = 256;
+
+/// `row_sq_norms_f64`: one block of [`ROWSQ_THREADS`] threads per row.
+pub fn row_sq_launch(rows: usize) -> LaunchConfig {
+    LaunchConfig {
+        grid_dim: (rows as u32, 1, 1),
+        block_dim: (ROWSQ_THREADS, 1, 1),
+        shared_mem_bytes: 0,
+    }
+}
+
 /// `add_diagonal_f64` on an n × n matrix: one thread per diagonal entry.
 pub fn add_diagonal_launch(n: usize) -> LaunchConfig {
     grid_1d(n, EW_THREADS, u32::MAX >> 1)

@@ -28,7 +28,7 @@
 
 use crate::enkf::ApplyOrder;
 use crate::model::{CLASSES, IMG_PIXELS};
-use crate::train::{Adaptation, EvalMode, FailurePolicy, Observations, TrainConfig};
+use crate::train::{Accelerator, Adaptation, EvalMode, FailurePolicy, Observations, TrainConfig};
 use crate::{Error, Result};
 
 use super::{cuda_err, CudaBackend};
@@ -61,6 +61,11 @@ pub struct TrainShape {
     /// Perturbed observations upload J × m f64 of noise at every update (a temporary
     /// beside the workspace).
     pub observations: Observations,
+    /// Whether the update is the member-space Tikhonov one (its J × P anomalies and J × J
+    /// systems replace the apply buffers; see [`tikhonov_workspace_bytes`]).
+    pub tikhonov: bool,
+    /// Whether Nesterov momentum keeps the previous J × P ensemble beside U.
+    pub momentum: bool,
 }
 
 impl TrainShape {
@@ -96,6 +101,8 @@ impl TrainShape {
             eval_ensemble: cfg.eval.contains(&EvalMode::Ensemble),
             second_ensemble: adaptive || cfg.on_failure == FailurePolicy::Resample,
             observations: cfg.observations,
+            tikhonov: cfg.tikhonov > 0.0,
+            momentum: cfg.accelerator == Accelerator::Nesterov,
         }
     }
 
@@ -131,11 +138,24 @@ impl MemoryEstimate {
 /// Bytes of one EnKF workspace plus the trainer's per-batch buffers, for `members` (J),
 /// `params` (P) and a mini-batch of `batch` images (m = 10·batch).
 pub fn workspace_bytes(members: usize, params: usize, batch: usize) -> u64 {
+    workspace_bytes_of(members, params, batch, false)
+}
+
+/// As [`workspace_bytes`] for the member-space Tikhonov update, whose buffers
+/// (`EnkfWorkspace::tikhonov_bytes`: E, J × J systems) replace the apply buffers.
+pub fn tikhonov_workspace_bytes(members: usize, params: usize, batch: usize) -> u64 {
+    workspace_bytes_of(members, params, batch, true)
+}
+
+fn workspace_bytes_of(members: usize, params: usize, batch: usize, tikhonov: bool) -> u64 {
     let (j, p, b) = (members as u64, params as u64, batch as u64);
     let m = b * CLASSES as u64;
     // A, X (J × m) and C, L (m × m), f64.
     let gain = 8 * (2 * j * m + 2 * m * m);
     let apply = match ApplyOrder::cheapest(members, params, batch * CLASSES) {
+        _ if tikhonov => {
+            crate::enkf::EnkfWorkspace::<crate::cpu::CpuBackend>::tikhonov_bytes(members, params)
+        }
         // S in f64 and f32 (J × J), copy of U (J × P f32).
         ApplyOrder::Members => 8 * j * j + 4 * j * j + 4 * j * p,
         // X, A in f32 (J × m), T (m × P f32).
@@ -153,11 +173,12 @@ pub fn estimate(shape: &TrainShape) -> MemoryEstimate {
         shape.params as u64,
         shape.test_images as u64,
     );
-    let ensemble = 4 * j * p;
+    // U, and the momentum's previous ensemble.
+    let ensemble = 4 * j * p * (1 + u64::from(shape.momentum));
     let workspaces: u64 = shape
         .batches
         .iter()
-        .map(|&b| workspace_bytes(shape.members, shape.params, b))
+        .map(|&b| workspace_bytes_of(shape.members, shape.params, b, shape.tikhonov))
         .sum();
     let largest_batch = shape.batches.iter().copied().max().unwrap_or(0) as u64;
     let noise = match shape.observations {
@@ -383,7 +404,34 @@ mod tests {
             eval_ensemble: false,
             second_ensemble: false,
             observations: Observations::Exact,
+            tikhonov: false,
+            momentum: false,
         }
+    }
+
+    #[test]
+    fn tikhonov_and_momentum_count_their_buffers() {
+        let s = shape(2000, vec![64]);
+        let (j, p) = (2000u64, P as u64);
+        let tik = TrainShape {
+            tikhonov: true,
+            ..s.clone()
+        };
+        // E (J × P f32), ū, three J-vectors and K, S (J × J) in f32; ones, v and M, N in f64.
+        let tik_apply = 4 * (j * p + p + 3 * j + 2 * j * j) + 8 * (2 * j + 2 * j * j);
+        let plain_apply = match ApplyOrder::cheapest(2000, P, 640) {
+            ApplyOrder::Members => 12 * j * j + 4 * j * p,
+            _ => 4 * (2 * j * 640 + 640 * p),
+        };
+        assert_eq!(
+            estimate(&tik).workspaces,
+            estimate(&s).workspaces - plain_apply + tik_apply
+        );
+        let mom = TrainShape {
+            momentum: true,
+            ..s.clone()
+        };
+        assert_eq!(estimate(&mom).ensemble, 2 * estimate(&s).ensemble);
     }
 
     #[test]

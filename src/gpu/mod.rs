@@ -545,6 +545,28 @@ impl Backend for CudaBackend {
         reduce::inflate_rows_f32(self, u, mean, rows, cols, lambda)
     }
 
+    fn nesterov_f32(
+        &self,
+        u: &mut CudaSlice<f32>,
+        prev: &mut CudaSlice<f32>,
+        beta: f32,
+    ) -> Result<()> {
+        reduce::nesterov_f32(self, u, prev, beta)
+    }
+
+    fn add_scaled_f32_f64(
+        &self,
+        x: &CudaSlice<f32>,
+        alpha: f64,
+        y: &mut CudaSlice<f64>,
+    ) -> Result<()> {
+        reduce::add_scaled_f32_f64(self, x, alpha, y)
+    }
+
+    fn row_sq_norms_f64(&self, a: &CudaSlice<f64>, rows: usize, cols: usize) -> Result<Vec<f64>> {
+        reduce::row_sq_norms_f64(self, a, rows, cols)
+    }
+
     fn copy_f32(&self, src: &CudaSlice<f32>, dst: &mut CudaSlice<f32>) -> Result<()> {
         check_len("copy_f32 destination", dst.len(), src.len())?;
         if src.is_empty() {

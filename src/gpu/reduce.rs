@@ -3,7 +3,7 @@
 
 use cudarc::driver::{CudaSlice, PushKernelArg};
 
-use super::geometry::{elementwise_stride_launch, mean_launch};
+use super::geometry::{elementwise_stride_launch, mean_launch, row_sq_launch};
 use super::{cuda_err, to_i32, CudaBackend};
 use crate::backend::check_len;
 use crate::Result;
@@ -160,4 +160,80 @@ pub fn inflate_rows_f32(
     unsafe { launch.launch(elementwise_stride_launch(rows * cols)) }
         .map(|_| ())
         .map_err(cuda_err("launching inflate_rows_f32"))
+}
+
+/// Nesterov momentum `u = u + beta (u − prev)`, `prev = old u` (`nesterov_f32`).
+/// Errors: [`crate::Error::Shape`] on a length mismatch.
+pub fn nesterov_f32(
+    be: &CudaBackend,
+    u: &mut CudaSlice<f32>,
+    prev: &mut CudaSlice<f32>,
+    beta: f32,
+) -> Result<()> {
+    check_len("nesterov_f32 previous ensemble", prev.len(), u.len())?;
+    let n = u.len();
+    if n == 0 {
+        return Ok(());
+    }
+    let n_i = n as i64;
+    let f = be.kernels().get("nesterov_f32")?;
+    let mut launch = be.stream().launch_builder(f);
+    launch.arg(u).arg(prev).arg(&n_i).arg(&beta);
+    // SAFETY: check_len proved u and prev both hold n elements; the loop stops at n.
+    unsafe { launch.launch(elementwise_stride_launch(n)) }
+        .map(|_| ())
+        .map_err(cuda_err("launching nesterov_f32"))
+}
+
+/// `y[i] += alpha · x[i]` in f64 (`add_scaled_f32_f64`). Errors: [`crate::Error::Shape`]
+/// on a length mismatch.
+pub fn add_scaled_f32_f64(
+    be: &CudaBackend,
+    x: &CudaSlice<f32>,
+    alpha: f64,
+    y: &mut CudaSlice<f64>,
+) -> Result<()> {
+    check_len("add_scaled_f32_f64 destination", y.len(), x.len())?;
+    let n = x.len();
+    if n == 0 {
+        return Ok(());
+    }
+    let n_i = n as i64;
+    let f = be.kernels().get("add_scaled_f32_f64")?;
+    let mut launch = be.stream().launch_builder(f);
+    launch.arg(x).arg(&alpha).arg(y).arg(&n_i);
+    // SAFETY: check_len proved x and y both hold n elements; the loop stops at n.
+    unsafe { launch.launch(elementwise_stride_launch(n)) }
+        .map(|_| ())
+        .map_err(cuda_err("launching add_scaled_f32_f64"))
+}
+
+/// Row sums of squares `Σ_c a[r, c]²` (`row_sq_norms_f64`), downloaded (rows values).
+/// Errors: [`crate::Error::Shape`] on a length mismatch or a size past i32.
+pub fn row_sq_norms_f64(
+    be: &CudaBackend,
+    a: &CudaSlice<f64>,
+    rows: usize,
+    cols: usize,
+) -> Result<Vec<f64>> {
+    check_len("row_sq_norms_f64 input", a.len(), rows * cols)?;
+    if rows == 0 {
+        return Ok(Vec::new());
+    }
+    let rows_i = to_i32("row_sq_norms_f64 rows", rows)?;
+    let cols_i = to_i32("row_sq_norms_f64 cols", cols)?;
+    let mut out = be
+        .stream()
+        .alloc_zeros::<f64>(rows)
+        .map_err(cuda_err("allocating the row sums"))?;
+    let f = be.kernels().get("row_sq_norms_f64")?;
+    let mut launch = be.stream().launch_builder(f);
+    launch.arg(a).arg(&rows_i).arg(&cols_i).arg(&mut out);
+    // SAFETY: check_len proved a = rows·cols elements, out has rows; block r reads row r
+    // only and thread 0 writes out[r]; rows ≤ i32::MAX fits the grid's x dimension.
+    unsafe { launch.launch(row_sq_launch(rows)) }
+        .map_err(cuda_err("launching row_sq_norms_f64"))?;
+    be.stream()
+        .clone_dtoh(&out)
+        .map_err(cuda_err("downloading the row sums"))
 }

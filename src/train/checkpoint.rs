@@ -70,6 +70,23 @@ pub struct CheckpointState {
     pub adaptive_log: Vec<AdaptiveLogRow>,
     /// Members resampled so far.
     pub resampled: usize,
+    /// `step = dmc`: the algorithm time reached on the current mini-batch (absent in
+    /// older checkpoints: 0).
+    #[serde(default)]
+    pub algorithm_time: f64,
+    /// `accelerator = nesterov`: the schedule's θ; the file then holds a second
+    /// members × params block after the ensemble, the un-accelerated members of the last
+    /// update (absent in older checkpoints and without momentum).
+    #[serde(default)]
+    pub nesterov_theta: Option<f64>,
+}
+
+impl CheckpointState {
+    /// Members × params blocks the file holds: the ensemble, and the momentum's previous
+    /// ensemble when there is one.
+    pub fn blocks(&self) -> usize {
+        1 + usize::from(self.nesterov_theta.is_some())
+    }
 }
 
 /// Path of the checkpoint in an output folder.
@@ -79,12 +96,13 @@ pub fn path_in(dir: &Path) -> PathBuf {
 
 /// Writes the checkpoint atomically.
 pub fn write(path: &Path, state: &CheckpointState, ensemble: &[f32]) -> Result<()> {
-    if ensemble.len() != state.members * state.params {
+    if ensemble.len() != state.members * state.params * state.blocks() {
         return Err(Error::Checkpoint {
             path: path.into(),
             msg: format!(
-                "ensemble has {} values, expected {} × {}",
+                "ensemble has {} values, expected {} × {} × {}",
                 ensemble.len(),
+                state.blocks(),
                 state.members,
                 state.params
             ),
@@ -152,11 +170,12 @@ pub fn read(path: &Path) -> Result<(CheckpointState, Vec<f32>)> {
     let expected = state
         .members
         .checked_mul(state.params)
-        .and_then(|n| n.checked_mul(4));
+        .and_then(|n| n.checked_mul(4 * state.blocks()));
     if expected != Some(data.len()) {
         return Err(bad(format!(
-            "ensemble holds {} bytes, expected {} members × {} weights × 4",
+            "ensemble holds {} bytes, expected {} block(s) of {} members × {} weights × 4",
             data.len(),
+            state.blocks(),
             state.members,
             state.params
         )));

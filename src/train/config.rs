@@ -64,6 +64,33 @@ pub enum Observations {
     Perturbed,
 }
 
+/// How the step Δt of each update is chosen (the noise Γ is scaled by 1/Δt).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum StepControl {
+    /// The same Δt every update (`dt`; 1: the authors' update).
+    #[default]
+    Fixed,
+    /// The data-misfit controller of Iglesias and Yang (2021), as EnsembleKalmanProcesses'
+    /// `DataMisfitController`: Δt = min(max(m / 2Φ̄, √(m / 2 var Φ)), 1 − t), Φ_j =
+    /// |y − g_j|² / 2γ, per mini-batch (its algorithm time t starts at 0 on each new
+    /// mini-batch; once t reaches 1 the batch's remaining repetitions do not update).
+    Dmc,
+}
+
+/// Momentum applied to the members after each update.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum Accelerator {
+    /// No momentum (the authors').
+    #[default]
+    None,
+    /// Nesterov-accelerated EKI (Vernon, Bach, Dunbar 2025; EnsembleKalmanProcesses'
+    /// `NesterovAccelerator`): u ← u + θ_k (1/θ_{k−1} − 1)(u − u_prev), θ_0 = 1,
+    /// θ_k = (−θ² + √(θ⁴ + 4θ²))/2 with θ = θ_{k−1}, counted over the whole run.
+    Nesterov,
+}
+
 /// How biases start (weights always start N(0, σ²)).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
@@ -140,6 +167,20 @@ pub struct TrainConfig {
     /// mean + λ · (member − mean) (1: none, the authors'; absent in older configurations).
     #[serde(default = "one")]
     pub inflation: f64,
+    /// Tikhonov-regularised EKI with strength λ ≥ 0: the prior N(0, σ²/λ · I) joins the
+    /// data as P extra observations, solved in member space (0: none; absent in older
+    /// configurations).
+    #[serde(default)]
+    pub tikhonov: f64,
+    /// How Δt is chosen (absent in older configurations: fixed).
+    #[serde(default)]
+    pub step: StepControl,
+    /// The fixed step Δt > 0 of `step = fixed`: Γ becomes Γ/Δt (1: the authors').
+    #[serde(default = "one")]
+    pub dt: f64,
+    /// Momentum on the members after each update (absent in older configurations: none).
+    #[serde(default)]
+    pub accelerator: Accelerator,
     /// Seed of every random stream of the run.
     pub seed: u64,
     /// Folder with the four IDX files.
@@ -220,6 +261,10 @@ impl Default for TrainConfig {
             update: UpdateRule::Sequential,
             observations: Observations::Exact,
             inflation: 1.0,
+            tikhonov: 0.0,
+            step: StepControl::Fixed,
+            dt: 1.0,
+            accelerator: Accelerator::None,
             seed: 0,
             data: crate::data::default_mnist_dir(),
             data_npy: None,
@@ -325,6 +370,14 @@ pub struct PartialConfig {
     pub observations: Option<Observations>,
     #[allow(missing_docs)]
     pub inflation: Option<f64>,
+    #[allow(missing_docs)]
+    pub tikhonov: Option<f64>,
+    #[allow(missing_docs)]
+    pub step: Option<StepControl>,
+    #[allow(missing_docs)]
+    pub dt: Option<f64>,
+    #[allow(missing_docs)]
+    pub accelerator: Option<Accelerator>,
     #[allow(missing_docs)]
     pub seed: Option<u64>,
     #[allow(missing_docs)]
@@ -464,7 +517,7 @@ impl PartialConfig {
     /// The floating-point settings, by key: the values JSON cannot hold when they are not
     /// finite (they would turn into `null`, i.e. "unset"), so they are carried and
     /// checked by hand. A test checks that this lists every `f64` field.
-    fn floats(&self) -> [(&'static str, Option<f64>); 7] {
+    fn floats(&self) -> [(&'static str, Option<f64>); 9] {
         [
             ("gamma", self.gamma),
             ("sigma", self.sigma),
@@ -473,6 +526,8 @@ impl PartialConfig {
             ("lr", self.lr),
             ("momentum", self.momentum),
             ("inflation", self.inflation),
+            ("tikhonov", self.tikhonov),
+            ("dt", self.dt),
         ]
     }
 
@@ -506,6 +561,8 @@ impl PartialConfig {
         merged.lr = other.lr.or(self.lr);
         merged.momentum = other.momentum.or(self.momentum);
         merged.inflation = other.inflation.or(self.inflation);
+        merged.tikhonov = other.tikhonov.or(self.tikhonov);
+        merged.dt = other.dt.or(self.dt);
         merged
     }
 
@@ -655,6 +712,62 @@ impl TrainConfig {
         }
     }
 
+    /// The checks of the EnKF variants of issue 13 (`tikhonov`, `step`, `dt`,
+    /// `accelerator`) and how they combine.
+    fn validate_methods(&self) -> Result<()> {
+        let bad = |msg: String| Err(Error::Config(msg));
+        if !(self.tikhonov.is_finite() && self.tikhonov >= 0.0) {
+            return bad(format!(
+                "tikhonov must be a finite number ≥ 0 (0: none), got {}",
+                self.tikhonov
+            ));
+        }
+        if self.tikhonov > 0.0 {
+            if self.update != UpdateRule::Batch {
+                return bad(format!(
+                    "tikhonov = {} needs update = batch (the member-space Tikhonov update \
+                     solves all observations at once); got update = {:?}",
+                    self.tikhonov, self.update
+                )
+                .replace("Sequential", "sequential"));
+            }
+            if self.observations != Observations::Exact {
+                return bad(format!(
+                    "tikhonov = {} with observations = perturbed is not built (the prior's P \
+                     extra observations would need J × P perturbations); use one or the other",
+                    self.tikhonov
+                ));
+            }
+            if self.sigma <= 0.0 || self.sigma.is_nan() {
+                return bad(format!(
+                    "tikhonov = {} needs sigma > 0 (the prior is N(0, σ²/λ · I)), got sigma = {}",
+                    self.tikhonov, self.sigma
+                ));
+            }
+        }
+        if !(self.dt.is_finite() && self.dt > 0.0) {
+            return bad(format!(
+                "dt must be a positive, finite number (1: the authors' step), got {}",
+                self.dt
+            ));
+        }
+        if self.step == StepControl::Dmc && self.dt != 1.0 {
+            return bad(format!(
+                "dt = {} with step = dmc: the data-misfit controller chooses every Δt itself; \
+                 give dt only with step = fixed",
+                self.dt
+            ));
+        }
+        if self.accelerator == Accelerator::Nesterov && self.adaptation == Adaptation::Adaptive {
+            return bad(
+                "accelerator = nesterov with adaptation = adaptive is not built (Algorithm 1 \
+                 changes J, and the momentum's previous ensemble would have to follow)"
+                    .into(),
+            );
+        }
+        Ok(())
+    }
+
     /// Checks every value; errors say which setting, the value, and what is allowed.
     pub fn validate(&self) -> Result<()> {
         let bad = |msg: String| Err(Error::Config(msg));
@@ -680,15 +793,28 @@ impl TrainConfig {
             ));
         }
         if self.optimizer != Optimizer::Enkf
-            && (self.observations != Observations::Exact || self.inflation != 1.0)
+            && (self.observations != Observations::Exact
+                || self.inflation != 1.0
+                || self.tikhonov != 0.0
+                || self.step != StepControl::Fixed
+                || self.dt != 1.0
+                || self.accelerator != Accelerator::None)
         {
             return bad(format!(
-                "observations = {:?} and inflation = {} are EnKF settings; --optimizer {:?} \
-                 trains one network by backpropagation",
-                self.observations, self.inflation, self.optimizer
+                "observations = {:?}, inflation = {}, tikhonov = {}, step = {:?}, dt = {} and \
+                 accelerator = {:?} are EnKF settings (their defaults: exact, 1, 0, fixed, 1, \
+                 none); --optimizer {:?} trains one network by backpropagation",
+                self.observations,
+                self.inflation,
+                self.tikhonov,
+                self.step,
+                self.dt,
+                self.accelerator,
+                self.optimizer
             )
             .to_lowercase());
         }
+        self.validate_methods()?;
         if self.members < 2 {
             return bad(format!(
                 "members (J) must be at least 2 for a covariance, got {}",
@@ -912,6 +1038,11 @@ mod tests {
             update: UpdateRule::Batch,
             observations: Observations::Perturbed,
             inflation: 1.25,
+            tikhonov: 0.0, // batch rule and exact observations only: tests/enkf_methods.rs
+            step: StepControl::Fixed,
+            dt: 0.5,
+            // Nesterov is not built for Algorithm 1 (adaptive below): the next test.
+            accelerator: Accelerator::None,
             seed: 42,
             data: "/some/where".into(),
             // data_npy replaces data and reads its files: tests/data_npy.rs.
@@ -956,6 +1087,43 @@ mod tests {
         assert_eq!(p.clone().overlay(&PartialConfig::default()), p);
     }
 
+    /// The EnKF variants that every_field_set cannot combine with its other settings.
+    #[test]
+    fn method_fields_round_trip() {
+        let c = TrainConfig {
+            update: UpdateRule::Batch,
+            tikhonov: 2.5,
+            step: StepControl::Dmc,
+            accelerator: Accelerator::Nesterov,
+            ..TrainConfig::default()
+        };
+        let text = serde_json::to_string(&c).expect("json");
+        let (p, _) = PartialConfig::from_json(&text).expect("parse");
+        assert_eq!(p.resolve().expect("resolve"), c);
+        // Each combination that is not built is an error naming the settings.
+        for (json, needle) in [
+            (r#"{"tikhonov": 1.0}"#, "update = batch"),
+            (
+                r#"{"tikhonov": 1.0, "update": "batch", "observations": "perturbed"}"#,
+                "perturbed",
+            ),
+            (r#"{"tikhonov": -1.0, "update": "batch"}"#, "got -1"),
+            (r#"{"step": "dmc", "dt": 0.5}"#, "dt = 0.5 with step = dmc"),
+            (r#"{"dt": 0.0}"#, "dt must be"),
+            (
+                r#"{"accelerator": "nesterov", "adaptation": "adaptive"}"#,
+                "nesterov",
+            ),
+            (r#"{"optimizer": "sgd", "step": "dmc"}"#, "enkf settings"),
+        ] {
+            let err = PartialConfig::from_json(json)
+                .and_then(|(p, _)| p.resolve())
+                .expect_err(json)
+                .to_string();
+            assert!(err.contains(needle), "{json}: {err}");
+        }
+    }
+
     #[test]
     fn bad_values_are_rejected_with_the_value() {
         let cases = [
@@ -994,6 +1162,8 @@ mod tests {
                     "lr" => &mut flags.lr,
                     "momentum" => &mut flags.momentum,
                     "inflation" => &mut flags.inflation,
+                    "tikhonov" => &mut flags.tikhonov,
+                    "dt" => &mut flags.dt,
                     other => panic!("no slot for {other}"),
                 };
                 *slot = Some(v);

@@ -116,6 +116,11 @@ pub struct MetricsRow {
     pub test_loss_mean: Option<f64>,
     /// Wall-clock seconds since training started (evaluation time included).
     pub elapsed_s: f64,
+    /// The EnKF step Δt of this iteration's update (Γ was scaled by 1/Δt; 0: no update,
+    /// `--step dmc` after the batch's algorithm time reached 1); empty at iteration 0
+    /// and for gradient runs.
+    #[serde(default)]
+    pub dt: Option<f64>,
 }
 
 /// A float that JSON wrote as `null` (JSON has no NaN: a checkpoint's rows of a
@@ -151,6 +156,7 @@ impl MetricsRow {
             test_error_mean: None,
             test_loss_mean: None,
             elapsed_s: 0.0,
+            dt: None,
         }
     }
 }

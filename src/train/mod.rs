@@ -13,6 +13,7 @@ pub mod adaptive;
 pub mod checkpoint;
 pub mod config;
 pub mod gradient;
+pub mod methods;
 pub mod metrics;
 pub mod optim;
 pub mod resume;
@@ -27,8 +28,8 @@ use crate::{Error, Result};
 use adaptive::{AdaptiveLogRow, AdaptiveRule};
 use checkpoint::{CheckpointState, RngState};
 pub use config::{
-    Adaptation, BatchOrder, BiasInit, EvalMode, FailurePolicy, LabelPairing, Observations,
-    PartialConfig, TrainConfig,
+    Accelerator, Adaptation, BatchOrder, BiasInit, EvalMode, FailurePolicy, LabelPairing,
+    Observations, PartialConfig, StepControl, TrainConfig,
 };
 pub use metrics::MetricsRow;
 use rand::seq::SliceRandom;
@@ -50,6 +51,10 @@ const STREAM_RESAMPLE: u64 = 3;
 /// Perturbed observations: update t reads this stream from word t · 2^40 on, so the
 /// draws are a function of (seed, t) and need no state in the checkpoint.
 const STREAM_PERTURB: u64 = 4;
+
+/// The algorithm time at which the data-misfit controller ends a mini-batch's inversion
+/// (EnsembleKalmanProcesses' `terminate_at`, the posterior in the linear-Gaussian case).
+const DMC_END: f64 = 1.0;
 
 /// The observation perturbations of update `t` (0-based): `n` draws of N(0, γ), a pure
 /// function of (`seed`, `t`) (see [`STREAM_PERTURB`]).
@@ -175,8 +180,21 @@ pub struct Trainer<'a, B: Backend> {
     rows: Vec<MetricsRow>,
     adaptive_log: Vec<AdaptiveLogRow>,
     resampled: usize,
+    /// `step = dmc`: the algorithm time reached on the current mini-batch.
+    algorithm_time: f64,
+    /// The step Δt of the last iteration (0: it did not update).
+    last_dt: f64,
+    /// `accelerator = nesterov`: the members before the last momentum step and θ.
+    momentum: Option<Momentum<B>>,
     /// Seconds per phase so far.
     pub times: PhaseTimes,
+}
+
+/// The state of Nesterov momentum: the un-accelerated ensemble of the last update and
+/// the schedule's θ (see [`methods::nesterov_next`]).
+struct Momentum<B: Backend> {
+    prev: B::F32,
+    theta: f64,
 }
 
 fn rng(seed: u64, stream: u64) -> ChaCha8Rng {
@@ -257,7 +275,8 @@ impl<'a, B: Backend> Trainer<'a, B> {
                 ),
             });
         }
-        let mut t = Self::build(backend, cfg, data, &host_u, state.members)?;
+        let n = state.members * state.params;
+        let mut t = Self::build(backend, cfg, data, &host_u[..n], state.members)?;
         t.repetitions = state.repetitions;
         t.t = state.t;
         t.batch_global = state.batch_global;
@@ -270,6 +289,21 @@ impl<'a, B: Backend> Trainer<'a, B> {
         t.rows = state.rows;
         t.adaptive_log = state.adaptive_log;
         t.resampled = state.resampled;
+        t.algorithm_time = state.algorithm_time;
+        match (&mut t.momentum, state.nesterov_theta) {
+            (Some(m), Some(theta)) => {
+                let n = state.members * state.params;
+                backend.write_f32(&host_u[n..], &mut m.prev)?;
+                m.theta = theta;
+            }
+            (None, None) => {}
+            _ => {
+                return Err(Error::Checkpoint {
+                    path: path.into(),
+                    msg: "its momentum state does not match accelerator".into(),
+                })
+            }
+        }
         if t.remaining_iterations() == 0 {
             return Err(Error::Config(format!(
                 "nothing to resume from {}: the run is at iteration {} and this configuration \
@@ -331,6 +365,15 @@ impl<'a, B: Backend> Trainer<'a, B> {
             rows: Vec::new(),
             adaptive_log: Vec::new(),
             resampled: 0,
+            algorithm_time: 0.0,
+            last_dt: 0.0,
+            momentum: match cfg.accelerator {
+                Accelerator::None => None,
+                Accelerator::Nesterov => Some(Momentum {
+                    prev: backend.upload_f32(host_u)?,
+                    theta: 1.0,
+                }),
+            },
             times: PhaseTimes::default(),
         })
     }
@@ -428,7 +471,12 @@ impl<'a, B: Backend> Trainer<'a, B> {
         }
         let be = self.backend;
         let k = self.outputs;
-        let ws = EnkfWorkspace::with_outputs(be, self.members, self.params, b, k)?;
+        let ws = if self.cfg.tikhonov > 0.0 {
+            let tau = self.cfg.sigma * self.cfg.sigma / self.cfg.tikhonov;
+            EnkfWorkspace::with_tikhonov(be, self.members, self.params, b, k, tau)?
+        } else {
+            EnkfWorkspace::with_outputs(be, self.members, self.params, b, k)?
+        };
         let g = be.zeros_f32(self.members * b * k)?;
         let x = be.zeros_f32(b * self.train.pixels())?;
         let y = be.zeros_f32(b * k)?;
@@ -494,6 +542,7 @@ impl<'a, B: Backend> Trainer<'a, B> {
     /// Moves to the next mini-batch, drawing a new order at an epoch boundary.
     fn next_batch(&mut self) {
         self.rep = 0;
+        self.algorithm_time = 0.0;
         self.batch_global += 1;
         if self.batch_global.is_multiple_of(self.batches_per_epoch())
             && self.cfg.order == BatchOrder::Shuffle
@@ -527,7 +576,8 @@ impl<'a, B: Backend> Trainer<'a, B> {
                 self.t.is_multiple_of(self.cfg.eval_every) || self.remaining_iterations() == 0;
             let due_adapt = self.cfg.adaptation == Adaptation::Adaptive
                 && self.t.is_multiple_of(self.cfg.adapt_every);
-            let row = self.make_row(slot, due_eval || due_adapt, start)?;
+            let mut row = self.make_row(slot, due_eval || due_adapt, start)?;
+            row.dt = Some(self.last_dt);
             self.send_stats()?;
             if due_adapt {
                 self.adapt(
@@ -595,8 +645,13 @@ impl<'a, B: Backend> Trainer<'a, B> {
             rows: self.rows.clone(),
             adaptive_log: self.adaptive_log.clone(),
             resampled: self.resampled,
+            algorithm_time: self.algorithm_time,
+            nesterov_theta: self.momentum.as_ref().map(|m| m.theta),
         };
-        let u = self.backend.download_f32(&self.u)?;
+        let mut u = self.backend.download_f32(&self.u)?;
+        if let Some(m) = &self.momentum {
+            u.extend(self.backend.download_f32(&m.prev)?);
+        }
         checkpoint::write(&checkpoint::path_in(&dir), &state, &u)?;
         self.times.other += t0.elapsed().as_secs_f64();
         Ok(())
@@ -693,6 +748,11 @@ impl<'a, B: Backend> Trainer<'a, B> {
     fn step(&mut self, slot: usize, observer: &mut dyn Observer) -> Result<()> {
         let be = self.backend;
         let t0 = Instant::now();
+        self.last_dt = 0.0;
+        if self.cfg.step == StepControl::Dmc && self.algorithm_time >= DMC_END {
+            // The controller reached the end of this mini-batch's inversion.
+            return Ok(());
+        }
         if self.cfg.inflation != 1.0 {
             // Prior inflation: the spread about the mean grows by λ before the forward pass.
             be.row_mean(&self.u, self.members, self.params, &mut self.weights)?;
@@ -766,23 +826,51 @@ impl<'a, B: Backend> Trainer<'a, B> {
                     members: self.members,
                 });
             }
+            // Fresh members have no history: the momentum restarts from here.
+            if let Some(m) = &mut self.momentum {
+                be.copy_f32(&self.u, &mut m.prev)?;
+                m.theta = 1.0;
+            }
         }
         let t2 = Instant::now();
         self.times.other += (t2 - t1).as_secs_f64();
         let _r = crate::gpu::timing::range("update");
         let s = &mut self.workspaces[slot];
+        let (rule, gamma) = (self.cfg.update, self.cfg.gamma);
+        s.ws.innovate(be, &s.g, &s.y)?;
+        let dt = match self.cfg.step {
+            StepControl::Fixed => self.cfg.dt,
+            StepControl::Dmc => {
+                let phi = s.ws.misfits(be, gamma)?;
+                let m = s.ws.innovation_len() / self.members;
+                methods::dmc_step(&phi, m, self.algorithm_time, DMC_END)
+            }
+        };
         let noise = match self.cfg.observations {
             Observations::Exact => None,
             Observations::Perturbed => Some(perturbations(
                 self.cfg.seed,
                 self.t,
                 s.ws.innovation_len(),
-                self.cfg.gamma,
+                gamma / dt,
             )),
         };
-        let (rule, gamma) = (self.cfg.update, self.cfg.gamma);
-        s.ws.gain_perturbed(be, rule, gamma, &s.g, &s.y, noise.as_deref())?;
+        s.ws.solve(be, rule, gamma, dt, noise.as_deref())?;
         s.ws.apply(be, &mut self.u)?;
+        if let Some(m) = &mut self.momentum {
+            let (theta, beta) = methods::nesterov_next(m.theta);
+            be.nesterov_f32(&mut self.u, &mut m.prev, beta as f32)?;
+            m.theta = theta;
+        }
+        if self.cfg.step == StepControl::Dmc {
+            // Exactly the end once the controller capped the step at the time left.
+            self.algorithm_time = if dt >= DMC_END - self.algorithm_time {
+                DMC_END
+            } else {
+                self.algorithm_time + dt
+            };
+        }
+        self.last_dt = dt;
         be.synchronize()?;
         self.times.update += t2.elapsed().as_secs_f64();
         Ok(())

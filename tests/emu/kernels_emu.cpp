@@ -40,6 +40,11 @@ EMU_ENTRY(f64_to_f32, (const double* src, float* dst, long long n), (src, dst, n
 EMU_ENTRY(add_f64, (const double* x, double* y, long long n), (x, y, n))
 EMU_ENTRY(inflate_rows_f32, (float* u, const float* mean, int rows, int cols, float lambda),
           (u, mean, rows, cols, lambda))
+EMU_ENTRY(nesterov_f32, (float* u, float* prev, long long n, float beta), (u, prev, n, beta))
+EMU_ENTRY(add_scaled_f32_f64, (const float* x, double alpha, double* y, long long n),
+          (x, alpha, y, n))
+EMU_ENTRY(row_sq_norms_f64, (const double* a, int rows, int cols, double* out),
+          (a, rows, cols, out))
 
 // linalg.cu
 EMU_ENTRY(add_diagonal_f64, (double* a, int n, double shift), (a, n, shift))

@@ -1,0 +1,407 @@
+//! The EKI variants of issue 13 beyond perturbed observations and multiplicative
+//! inflation (those: tests/enkf_methods.rs), on problems whose answer is known:
+//! Tikhonov-regularised EKI (one member-space step equals the explicit augmented update;
+//! the mean converges to the regularised least-squares solution), the data-misfit
+//! controller (each Δt is its formula on the ensemble of that iteration; the algorithm
+//! time ends at exactly 1), Nesterov momentum (faster to the least-squares solution),
+//! and a resumed run of each equal to the run in one go.
+
+mod common;
+use common::{tmpdir, write_npy};
+
+use enkf_dnn::backend::BackendKind;
+use enkf_dnn::cpu::CpuBackend;
+use enkf_dnn::data::npy::{load, NPY_NAMES};
+use enkf_dnn::data::DataSplit;
+use enkf_dnn::enkf::{EnkfWorkspace, UpdateRule};
+use enkf_dnn::model::spec::NetLayers;
+use enkf_dnn::train::methods::dmc_step;
+use enkf_dnn::train::{Accelerator, MetricsRow, PartialConfig, StepControl, Trainer};
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use rand_distr::{Distribution, StandardNormal};
+use std::path::Path;
+
+const GAMMA: f64 = 0.05;
+
+/// y = H w + noise, P = 2 weights, n = 8 observations, as a NumPy folder (the same
+/// samples for training and test); returns H (n × 2) and y in f64.
+fn linear_problem(dir: &Path) -> (Vec<f64>, Vec<f64>) {
+    let mut rng = ChaCha8Rng::seed_from_u64(11);
+    let n = 8;
+    let h: Vec<f32> = (0..n * 2).map(|_| rng.random_range(-1.0f32..1.0)).collect();
+    let y: Vec<f32> = (0..n)
+        .map(|i| 0.8 * h[2 * i] - 0.3 * h[2 * i + 1] + rng.random_range(-0.1f32..0.1))
+        .collect();
+    std::fs::create_dir_all(dir).expect("dir");
+    for (x, t) in [(0, 1), (2, 3)] {
+        write_npy(&dir.join(NPY_NAMES[x]), &[n as u64, 2], &h);
+        write_npy(&dir.join(NPY_NAMES[t]), &[n as u64], &y);
+    }
+    let up = |v: &[f32]| v.iter().map(|&x| f64::from(x)).collect();
+    (up(&h), up(&y))
+}
+
+/// Solves the 2 × 2 system (HᵀH/γ + λI) w = Hᵀy/γ (λ = 0: least squares).
+fn regularised(h: &[f64], y: &[f64], lambda: f64) -> [f64; 2] {
+    let mut a = [lambda, 0.0, 0.0, lambda];
+    let mut b = [0.0; 2];
+    for (row, &yi) in h.chunks_exact(2).zip(y) {
+        for r in 0..2 {
+            b[r] += row[r] * yi / GAMMA;
+            for c in 0..2 {
+                a[r * 2 + c] += row[r] * row[c] / GAMMA;
+            }
+        }
+    }
+    let det = a[0] * a[3] - a[1] * a[2];
+    [
+        (a[3] * b[0] - a[1] * b[1]) / det,
+        (a[0] * b[1] - a[2] * b[0]) / det,
+    ]
+}
+
+fn config(dir: &Path, iterations: usize, repetitions: usize) -> PartialConfig {
+    PartialConfig {
+        members: Some(64),
+        iterations: Some(iterations),
+        eval_every: Some(1000),
+        batch: Some(8),
+        repetitions: Some(repetitions),
+        update: Some(UpdateRule::Batch),
+        gamma: Some(GAMMA),
+        backend: Some(BackendKind::Cpu),
+        data_npy: Some(vec![dir.to_path_buf()]),
+        net: Some(NetLayers::parse("linear(1,bias=false)").expect("net")),
+        ..Default::default()
+    }
+}
+
+/// Runs `p` on `data`; returns the ensemble mean, the ensemble and the metrics rows.
+fn run(p: &PartialConfig, data: &DataSplit) -> (Vec<f64>, Vec<f32>, Vec<MetricsRow>) {
+    let cfg = p.resolve().expect("config");
+    let be = CpuBackend::new();
+    let mut t = Trainer::new(&be, &cfg, data).expect("trainer");
+    let rows = t.run(&mut ()).expect("run");
+    let mean = t.mean_host().expect("mean");
+    let u = t.ensemble_host().expect("ensemble");
+    (mean.iter().map(|&v| f64::from(v)).collect(), u, rows)
+}
+
+fn distance(a: &[f64], b: &[f64]) -> f64 {
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).powi(2))
+        .sum::<f64>()
+        .sqrt()
+}
+
+/// Gaussian elimination with partial pivoting: solves A X = B for X (A n × n, B n × k,
+/// row-major, f64).
+fn solve(mut a: Vec<f64>, mut b: Vec<f64>, n: usize, k: usize) -> Vec<f64> {
+    for col in 0..n {
+        let piv = (col..n)
+            .max_by(|&i, &j| a[i * n + col].abs().total_cmp(&a[j * n + col].abs()))
+            .expect("rows");
+        for c in 0..n {
+            a.swap(col * n + c, piv * n + c);
+        }
+        for c in 0..k {
+            b.swap(col * k + c, piv * k + c);
+        }
+        for r in col + 1..n {
+            let f = a[r * n + col] / a[col * n + col];
+            for c in col..n {
+                a[r * n + c] -= f * a[col * n + c];
+            }
+            for c in 0..k {
+                b[r * k + c] -= f * b[col * k + c];
+            }
+        }
+    }
+    for col in (0..n).rev() {
+        for c in 0..k {
+            let mut s = b[col * k + c];
+            for j in col + 1..n {
+                s -= a[col * n + j] * b[j * k + c];
+            }
+            b[col * k + c] = s / a[col * n + col];
+        }
+    }
+    b
+}
+
+/// One member-space Tikhonov step equals the update with the prior formed explicitly as
+/// P extra observations: Ĝ = [G, U], ŷ = [y, 0], Γ̂ = diag(γ/Δt, τ/Δt),
+/// ΔU = D̂ (ÂᵀÂ/J + Γ̂)⁻¹ ÂᵀE/J, in f64 on the host. The member-space path rounds its J × P products
+/// (E Eᵀ, the apply) in f32: 1e-4 of the largest change bounds that at these sizes.
+#[test]
+fn tikhonov_step_equals_the_augmented_update() {
+    let be = CpuBackend::new();
+    let (j, p, batch, outputs) = (12usize, 5usize, 2usize, 3usize);
+    let m = batch * outputs;
+    let mut rng = ChaCha8Rng::seed_from_u64(3);
+    let mut normal = |n: usize, s: f64| -> Vec<f32> {
+        (0..n)
+            .map(|_| {
+                let z: f64 = StandardNormal.sample(&mut rng);
+                (s * z) as f32
+            })
+            .collect()
+    };
+    let u0 = normal(j * p, 1.0);
+    let g = normal(j * m, 0.5);
+    let y = normal(m, 1.0);
+    let (gamma, tau) = (0.3, 0.7);
+    for dt in [1.0, 0.25] {
+        let mut ws = EnkfWorkspace::with_tikhonov(&be, j, p, batch, outputs, tau).expect("ws");
+        let mut u = u0.clone();
+        ws.innovate(&be, &g, &y).expect("innovate");
+        ws.solve(&be, UpdateRule::Batch, gamma, dt, None)
+            .expect("solve");
+        ws.apply(&be, &mut u).expect("apply");
+
+        // The explicit augmented update.
+        let q = m + p;
+        let row = |i: usize| -> Vec<f64> {
+            let mut r: Vec<f64> = g[i * m..(i + 1) * m]
+                .iter()
+                .map(|&v| f64::from(v))
+                .collect();
+            r.extend(u0[i * p..(i + 1) * p].iter().map(|&v| f64::from(v)));
+            r
+        };
+        let ghat: Vec<Vec<f64>> = (0..j).map(row).collect();
+        let mean: Vec<f64> = (0..q)
+            .map(|c| ghat.iter().map(|r| r[c]).sum::<f64>() / j as f64)
+            .collect();
+        let a: Vec<Vec<f64>> = ghat
+            .iter()
+            .map(|r| r.iter().zip(&mean).map(|(v, mu)| v - mu).collect())
+            .collect();
+        let mut c = vec![0.0f64; q * q];
+        for r in &a {
+            for x in 0..q {
+                for z in 0..q {
+                    c[x * q + z] += r[x] * r[z] / j as f64;
+                }
+            }
+        }
+        for x in 0..q {
+            c[x * q + x] += if x < m { gamma } else { tau } / dt;
+        }
+        // D̂ᵀ (q × J): data innovations y − g, prior innovations 0 − u.
+        let mut dt_mat = vec![0.0f64; q * j];
+        for (i, r) in ghat.iter().enumerate() {
+            for x in 0..q {
+                let target = if x < m { f64::from(y[x]) } else { 0.0 };
+                dt_mat[x * j + i] = target - r[x];
+            }
+        }
+        let xt = solve(c, dt_mat, q, j); // (Ĉ + Γ̂)⁻¹ D̂ᵀ, q × J
+        for i in 0..j {
+            for w in 0..p {
+                // ΔU[i, w] = Σ_x X̂[i, x] (Σ_k Â[k, x] E[k, w]) / J, E = the prior block of Â.
+                let mut d = 0.0;
+                for x in 0..q {
+                    let cov: f64 = a.iter().map(|r| r[x] * r[m + w]).sum::<f64>() / j as f64;
+                    d += xt[x * j + i] * cov;
+                }
+                let want = f64::from(u0[i * p + w]) + d;
+                let got = f64::from(u[i * p + w]);
+                assert!(
+                    (got - want).abs() < 1e-4 * (1.0 + want.abs()),
+                    "dt {dt}, member {i}, weight {w}: {got} vs {want}"
+                );
+            }
+        }
+        // The update moved the members (a no-op would fail above, but say so).
+        assert!(u != u0);
+    }
+}
+
+/// Tikhonov-regularised EKI's mean converges to the regularised least-squares solution
+/// (HᵀH/γ + λ/σ² I)⁻¹ Hᵀy/γ, the plain update's to least squares; λ = 20 puts the two
+/// 30 % apart here, and 400 full-batch steps bring each mean within 1 % of its own.
+#[test]
+fn tikhonov_mean_converges_to_the_regularised_solution() {
+    let dir = tmpdir("eki-tikhonov");
+    let (h, y) = linear_problem(&dir);
+    let data = load(std::slice::from_ref(&dir), None, None).expect("data");
+    let lambda = 20.0;
+    let reg = regularised(&h, &y, lambda);
+    let ls = regularised(&h, &y, 0.0);
+    assert!(distance(&reg, &ls) > 0.2 * distance(&reg, &[0.0, 0.0]));
+    let plain = config(&dir, 400, 1);
+    let tik = PartialConfig {
+        tikhonov: Some(lambda),
+        ..plain.clone()
+    };
+    let (m_tik, _, _) = run(&tik, &data);
+    let (m_plain, _, _) = run(&plain, &data);
+    eprintln!("tikhonov {m_tik:?} vs {reg:?}; plain {m_plain:?} vs {ls:?}");
+    assert!(distance(&m_tik, &reg) < 0.01 * distance(&reg, &[0.0, 0.0]));
+    assert!(distance(&m_plain, &ls) < 0.01 * distance(&ls, &[0.0, 0.0]));
+}
+
+/// The data-misfit controller: each iteration's Δt (metrics.csv's `dt`) is the
+/// controller's formula on the ensemble that iteration started from (recomputed on the
+/// host from runs stopped one iteration earlier), the algorithm time ends at exactly 1,
+/// and the batch's later repetitions change nothing.
+#[test]
+fn dmc_steps_follow_the_controller_and_end_at_time_one() {
+    let dir = tmpdir("eki-dmc");
+    let (h, y) = linear_problem(&dir);
+    let data = load(std::slice::from_ref(&dir), None, None).expect("data");
+    let reps = 12;
+    let base = PartialConfig {
+        step: Some(StepControl::Dmc),
+        ..config(&dir, reps, reps)
+    };
+    let (_, u_end, rows) = run(&base, &data);
+    let dts: Vec<f64> = rows[1..].iter().map(|r| r.dt.expect("dt")).collect();
+    eprintln!("dt per iteration: {dts:?}");
+    let last = dts.iter().rposition(|&d| d > 0.0).expect("some step");
+    assert!(
+        last + 1 < reps,
+        "the controller must reach t = 1 within {reps} steps"
+    );
+    assert_eq!(dts[..=last].iter().sum::<f64>(), 1.0);
+    assert!(dts[last + 1..].iter().all(|&d| d == 0.0));
+    // The ensemble after the last step is the final one.
+    let (_, u_stop, _) = run(
+        &PartialConfig {
+            iterations: Some(last + 1),
+            ..base.clone()
+        },
+        &data,
+    );
+    assert_eq!(u_stop, u_end);
+    // Each Δt from the ensemble of the iteration before.
+    let mut time = 0.0;
+    for (k, &dt) in dts[..=last].iter().enumerate() {
+        let u = if k == 0 {
+            let cfg = base.resolve().expect("config");
+            let be = CpuBackend::new();
+            Trainer::new(&be, &cfg, &data)
+                .expect("trainer")
+                .ensemble_host()
+                .expect("u")
+        } else {
+            run(
+                &PartialConfig {
+                    iterations: Some(k),
+                    ..base.clone()
+                },
+                &data,
+            )
+            .1
+        };
+        let phi: Vec<f64> = u
+            .chunks_exact(2)
+            .map(|w| {
+                h.chunks_exact(2)
+                    .zip(&y)
+                    .map(|(r, &yi)| {
+                        let g = f64::from(w[0]) * r[0] + f64::from(w[1]) * r[1];
+                        (yi - g).powi(2)
+                    })
+                    .sum::<f64>()
+                    / (2.0 * GAMMA)
+            })
+            .collect();
+        let want = dmc_step(&phi, y.len(), time, 1.0);
+        assert!(
+            (dt - want).abs() < 1e-5 * want,
+            "step {k}: dt {dt}, the controller gives {want}"
+        );
+        time += dt;
+    }
+}
+
+/// Nesterov momentum brings the deterministic EKI mean closer to the least-squares
+/// solution in the same number of steps (30 full-batch steps, J = 64 > P = 2).
+#[test]
+fn nesterov_converges_faster_than_plain_eki() {
+    let dir = tmpdir("eki-nesterov");
+    let (h, y) = linear_problem(&dir);
+    let data = load(std::slice::from_ref(&dir), None, None).expect("data");
+    let ls = regularised(&h, &y, 0.0);
+    let plain = config(&dir, 30, 1);
+    let fast = PartialConfig {
+        accelerator: Some(Accelerator::Nesterov),
+        ..plain.clone()
+    };
+    let (m_plain, _, _) = run(&plain, &data);
+    let (m_fast, _, _) = run(&fast, &data);
+    let (e_plain, e_fast) = (distance(&m_plain, &ls), distance(&m_fast, &ls));
+    eprintln!("|mean − LS| after 30 steps: plain {e_plain:.3e}, nesterov {e_fast:.3e}");
+    assert!(e_fast < 0.5 * e_plain, "plain {e_plain}, nesterov {e_fast}");
+}
+
+/// Runs stopped at a checkpoint and resumed end with the same mean network, bit for bit,
+/// as runs in one go: the controller's algorithm time, the momentum's θ and previous
+/// ensemble, and the Tikhonov update are all part of the state; and each variant changes
+/// the result against the plain update.
+#[test]
+fn variant_runs_resume_exactly() {
+    let dir = tmpdir("eki-variants-resume");
+    let data = dir.join("data");
+    linear_problem(&data);
+    let bin = env!("CARGO_BIN_EXE_enkf-dnn");
+    let train = |out: &Path, extra: &[&str]| {
+        let o = std::process::Command::new(bin)
+            .arg("train")
+            .args(["--data-npy", data.to_str().expect("utf-8")])
+            .args(["--net", "linear(1)", "-J", "16", "--backend", "cpu"])
+            .args(["--batch", "4", "--repetitions", "4"])
+            .args(["--out", out.to_str().expect("utf-8")])
+            .args(extra)
+            .output()
+            .expect("run enkf-dnn");
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        std::fs::read(out.join("mean.npy")).expect("mean.npy")
+    };
+    let plain = train(&dir.join("plain"), &["--iterations", "14"]);
+    let variants: [&[&str]; 2] = [
+        &["--step", "dmc", "--accelerator", "nesterov"],
+        &["--update", "batch", "--tikhonov", "5", "--dt", "0.5"],
+    ];
+    for (i, methods) in variants.iter().enumerate() {
+        let whole = train(
+            &dir.join(format!("whole{i}")),
+            &[&["--iterations", "14"][..], methods].concat(),
+        );
+        let part = dir.join(format!("part{i}"));
+        // Stopped inside a mini-batch (6 = one batch of 4 repetitions and 2 more).
+        train(
+            &part,
+            &[
+                &["--iterations", "6", "--checkpoint-every", "6"][..],
+                methods,
+            ]
+            .concat(),
+        );
+        let resumed = std::process::Command::new(bin)
+            .args(["train", "--resume", part.to_str().expect("utf-8")])
+            .args(["--iterations", "14"])
+            .output()
+            .expect("resume");
+        assert!(
+            resumed.status.success(),
+            "{}",
+            String::from_utf8_lossy(&resumed.stderr)
+        );
+        assert_eq!(
+            std::fs::read(part.join("mean.npy")).expect("mean"),
+            whole,
+            "{methods:?}"
+        );
+        assert_ne!(plain, whole, "{methods:?} must change the run");
+        let csv = std::fs::read_to_string(part.join("metrics.csv")).expect("metrics");
+        assert!(
+            csv.lines().next().expect("header").ends_with(",dt"),
+            "{csv}"
+        );
+    }
+}
