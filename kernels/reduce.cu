@@ -24,9 +24,46 @@
 //   256 partial sums are added by a fixed halving tree in shared memory. The CPU twin
 //   follows the same order, so the two agree bit for bit (the data-misfit controller's
 //   Φ_j = |y − g_j|² / 2γ reads these from the innovations D, J × m).
+// Column standard deviations (row_std_f32): as row_mean_f32, over (a[r, c] − mean[c])²,
+//   sqrt of the f64 mean, rounded once to f32 (additive inflation's "spread" scale).
+// Additive inflation (add_normal_f32): u[i] += mult · scale[i mod cols] · z_i with z_i
+//   standard normal from a counter-based generator, so the draws are a function of (key,
+//   step, i) and need no state: Philox4x32-10 (Salmon et al. 2011, Random123) with key
+//   (key0, key1) and counter (g mod 2^32, g / 2^32, step, 0) for the group g of elements
+//   4g … 4g + 3; its four 32-bit words give two uniform pairs u = (x + 0.5) 2^-32 and
+//   Box–Muller in f64: z = √(−2 ln u₁) (cos 2πu₂, sin 2πu₂). Grid-stride over the groups.
+//   The CPU twin computes the same integers; the f64 transcendentals (device: ≤ 2 ulp)
+//   round to the same f32 almost always: twins agree to 1 ulp of f32.
 #include "common.cuh"
 
 #define ROWSQ_THREADS 256
+
+#define PHILOX_M0 0xD2511F53u
+#define PHILOX_M1 0xCD9E8D57u
+#define PHILOX_W0 0x9E3779B9u
+#define PHILOX_W1 0xBB67AE85u
+
+// Philox4x32-10 of counter c under key (k0, k1), in place.
+__device__ __forceinline__ void philox4x32_10(unsigned int c[4], unsigned int k0,
+                                              unsigned int k1) {
+#pragma unroll
+    for (int r = 0; r < 10; ++r) {
+        if (r > 0) {
+            k0 += PHILOX_W0;
+            k1 += PHILOX_W1;
+        }
+        const unsigned long long p0 = (unsigned long long)PHILOX_M0 * c[0];
+        const unsigned long long p1 = (unsigned long long)PHILOX_M1 * c[2];
+        const unsigned int hi0 = (unsigned int)(p0 >> 32), lo0 = (unsigned int)p0;
+        const unsigned int hi1 = (unsigned int)(p1 >> 32), lo1 = (unsigned int)p1;
+        const unsigned int n0 = hi1 ^ c[1] ^ k0;
+        const unsigned int n2 = hi0 ^ c[3] ^ k1;
+        c[0] = n0;
+        c[1] = lo1;
+        c[2] = n2;
+        c[3] = lo0;
+    }
+}
 
 #define MEAN_TX 32
 #define MEAN_TY 16
@@ -70,6 +107,32 @@ extern "C" __global__ void row_mean_f64(const float* __restrict__ a, int rows, i
     const double m = column_mean(a, rows, cols, c);
     if (threadIdx.y == 0 && c < cols) {
         mean[c] = m;
+    }
+}
+
+// out[c] = sqrt((1/rows) Σ_r (a[r, c] − mean[c])²), f64 sums rounded once to f32.
+extern "C" __global__ void row_std_f32(const float* __restrict__ a,
+                                       const float* __restrict__ mean, int rows, int cols,
+                                       float* __restrict__ out) {
+    __shared__ double part[MEAN_TY][MEAN_TX + 1];
+    const int c = blockIdx.x * MEAN_TX + threadIdx.x;
+    double s = 0.0;
+    if (c < cols) {
+        const double m = (double)mean[c];
+        for (int r = threadIdx.y; r < rows; r += MEAN_TY) {
+            const double d = (double)a[(long long)r * cols + c] - m;
+            s += d * d;
+        }
+    }
+    part[threadIdx.y][threadIdx.x] = s;
+    __syncthreads();
+    if (threadIdx.y == 0 && c < cols) {
+        double t = 0.0;
+#pragma unroll
+        for (int i = 0; i < MEAN_TY; ++i) {
+            t += part[i][threadIdx.x];
+        }
+        out[c] = (float)sqrt(t / (double)rows);
     }
 }
 
@@ -162,5 +225,37 @@ extern "C" __global__ void row_sq_norms_f64(const double* __restrict__ a, int ro
     }
     if (threadIdx.x == 0 && r < rows) {
         out[r] = part[0];
+    }
+}
+
+// u[i] += mult · scale[i mod cols] · z_i (module header), n = rows · cols entries.
+extern "C" __global__ void add_normal_f32(float* __restrict__ u, long long n, int cols,
+                                          const float* __restrict__ scale, float mult,
+                                          unsigned int key0, unsigned int key1,
+                                          unsigned int step) {
+    const long long groups = (n + 3) / 4;
+    const long long stride = (long long)gridDim.x * blockDim.x;
+    for (long long g = (long long)blockIdx.x * blockDim.x + threadIdx.x; g < groups;
+         g += stride) {
+        unsigned int c[4] = {(unsigned int)g, (unsigned int)(g >> 32), step, 0u};
+        philox4x32_10(c, key0, key1);
+        double z[4];
+#pragma unroll
+        for (int k = 0; k < 2; ++k) {
+            const double u1 = ((double)c[2 * k] + 0.5) * 2.3283064365386963e-10;
+            const double u2 = ((double)c[2 * k + 1] + 0.5) * 2.3283064365386963e-10;
+            const double r = sqrt(-2.0 * log(u1));
+            const double t = 6.283185307179586 * u2;
+            z[2 * k] = r * cos(t);
+            z[2 * k + 1] = r * sin(t);
+        }
+#pragma unroll
+        for (int k = 0; k < 4; ++k) {
+            const long long i = 4 * g + k;
+            if (i < n) {
+                const double s = (double)mult * (double)scale[i % cols];
+                u[i] = (float)((double)u[i] + s * z[k]);
+            }
+        }
     }
 }

@@ -284,6 +284,30 @@ pub trait Backend {
     /// `y[i] += alpha · x[i]` in f64, `x` f32 (same lengths; one fused multiply-add).
     fn add_scaled_f32_f64(&self, x: &Self::F32, alpha: f64, y: &mut Self::F64) -> Result<()>;
 
+    /// Column standard deviations of `a` (rows × cols) about `mean` (cols), population
+    /// (divided by rows): `out[c] = √((1/rows) Σ_r (a[r, c] − mean[c])²)`.
+    fn row_std_f32(
+        &self,
+        a: &Self::F32,
+        mean: &Self::F32,
+        rows: usize,
+        cols: usize,
+        out: &mut Self::F32,
+    ) -> Result<()>;
+
+    /// Additive inflation: `u[i] += mult · scale[i mod cols] · z_i` (u rows × cols, scale
+    /// cols) with z_i standard normals from Philox4x32-10 under `key` at `step`, a
+    /// function of (key, step, i) only (`add_normal_f32` in `kernels/reduce.cu`).
+    fn add_normal_f32(
+        &self,
+        u: &mut Self::F32,
+        cols: usize,
+        scale: &Self::F32,
+        mult: f32,
+        key: [u32; 2],
+        step: u32,
+    ) -> Result<()>;
+
     /// Row sums of squares of `a` (rows × cols, f64), copied to the host: `out[r] =
     /// Σ_c a[r, c]²`, in the fixed order of `row_sq_norms_f64` (`kernels/reduce.cu`).
     fn row_sq_norms_f64(&self, a: &Self::F64, rows: usize, cols: usize) -> Result<Vec<f64>>;

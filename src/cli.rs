@@ -114,6 +114,17 @@ pub struct TrainArgs {
     /// [default: 1, none].
     #[arg(long, value_name = "LAMBDA")]
     pub inflation: Option<f64>,
+    /// Additive inflation s ≥ 0: before every update each weight of each member gets
+    /// Gaussian noise of standard deviation s times the scale of --additive-from (drawn on
+    /// the device by a counter-based generator from the seed and the iteration)
+    /// [default: 0, none].
+    #[arg(long, value_name = "S")]
+    pub additive_inflation: Option<f64>,
+    /// The scale of additive inflation: prior (σ, the initial ensemble's standard
+    /// deviation) or spread (each weight's current spread over the ensemble)
+    /// [default: prior].
+    #[arg(long, value_enum)]
+    pub additive_from: Option<crate::train::config::NoiseScale>,
     /// Tikhonov-regularised EKI with strength λ ≥ 0: the prior N(0, σ²/λ · I) joins the
     /// data as P extra observations, solved in member space (J × J); needs --update batch
     /// [default: 0, none].
@@ -270,6 +281,8 @@ impl TrainArgs {
             update: self.update,
             observations: self.observations,
             inflation: self.inflation,
+            additive_inflation: self.additive_inflation,
+            additive_from: self.additive_from,
             tikhonov: self.tikhonov,
             step: self.step,
             dt: self.dt,

@@ -4,12 +4,13 @@
 //! the mean converges to the regularised least-squares solution), the data-misfit
 //! controller (each Δt is its formula on the ensemble of that iteration; the algorithm
 //! time ends at exactly 1), Nesterov momentum (faster to the least-squares solution),
+//! additive inflation (standard normal draws; out of the initial ensemble's subspace),
 //! and a resumed run of each equal to the run in one go.
 
 mod common;
 use common::{tmpdir, write_npy};
 
-use enkf_dnn::backend::BackendKind;
+use enkf_dnn::backend::{Backend, BackendKind};
 use enkf_dnn::cpu::CpuBackend;
 use enkf_dnn::data::npy::{load, NPY_NAMES};
 use enkf_dnn::data::DataSplit;
@@ -319,6 +320,121 @@ fn dmc_steps_follow_the_controller_and_end_at_time_one() {
     }
 }
 
+/// Additive inflation's draws are standard normals (mean within 5 standard errors of 0,
+/// variance within 1 %, neighbours uncorrelated), a function of (key, step, index):
+/// the same again, other values at another step.
+#[test]
+fn additive_noise_is_standard_normal_and_reproducible() {
+    let be = CpuBackend::new();
+    let (rows, cols) = (1000, 1001);
+    let n = (rows * cols) as f64;
+    let draw = |step: u32| {
+        let mut u = vec![0.0f32; rows * cols];
+        be.add_normal_f32(&mut u, cols, &vec![1.0; cols], 1.0, [3, 4], step)
+            .expect("noise");
+        u
+    };
+    let z = draw(9);
+    let mean = z.iter().map(|&v| f64::from(v)).sum::<f64>() / n;
+    let var = z
+        .iter()
+        .map(|&v| (f64::from(v) - mean).powi(2))
+        .sum::<f64>()
+        / n;
+    let lag1 = z
+        .windows(2)
+        .map(|w| f64::from(w[0]) * f64::from(w[1]))
+        .sum::<f64>()
+        / n;
+    assert!(mean.abs() < 5.0 / n.sqrt(), "mean {mean}");
+    assert!((var - 1.0).abs() < 0.01, "variance {var}");
+    assert!(lag1.abs() < 5.0 / n.sqrt(), "lag-1 correlation {lag1}");
+    assert_eq!(draw(9), z);
+    assert_ne!(draw(10), z);
+}
+
+/// With J ≤ P the plain update keeps every member in the affine span of the initial
+/// ensemble (J = 4 members, P = 10 weights: a 3-dimensional subspace); additive
+/// inflation moves the ensemble out of it, as the paper's outlook proposes.
+#[test]
+fn additive_inflation_leaves_the_initial_subspace() {
+    let dir = tmpdir("eki-subspace");
+    let mut rng = ChaCha8Rng::seed_from_u64(12);
+    let (n, f) = (16usize, 10usize);
+    let x: Vec<f32> = (0..n * f).map(|_| rng.random_range(-1.0f32..1.0)).collect();
+    let y: Vec<f32> = (0..n).map(|_| rng.random_range(-1.0f32..1.0)).collect();
+    std::fs::create_dir_all(&dir).expect("dir");
+    for (a, b) in [(0, 1), (2, 3)] {
+        write_npy(&dir.join(NPY_NAMES[a]), &[n as u64, f as u64], &x);
+        write_npy(&dir.join(NPY_NAMES[b]), &[n as u64], &y);
+    }
+    let data = load(std::slice::from_ref(&dir), None, None).expect("data");
+    let base = PartialConfig {
+        members: Some(4),
+        iterations: Some(20),
+        eval_every: Some(1000),
+        batch: Some(16),
+        repetitions: Some(1),
+        gamma: Some(GAMMA),
+        backend: Some(BackendKind::Cpu),
+        data_npy: Some(vec![dir.clone()]),
+        net: Some(NetLayers::parse("linear(1,bias=false)").expect("net")),
+        ..Default::default()
+    };
+    let cfg = base.resolve().expect("config");
+    let be = CpuBackend::new();
+    let u0: Vec<f64> = Trainer::new(&be, &cfg, &data)
+        .expect("trainer")
+        .ensemble_host()
+        .expect("u0")
+        .iter()
+        .map(|&v| f64::from(v))
+        .collect();
+    // An orthonormal basis of the initial anomalies (Gram–Schmidt, 3 vectors).
+    let mean0: Vec<f64> = (0..f)
+        .map(|c| (0..4).map(|j| u0[j * f + c]).sum::<f64>() / 4.0)
+        .collect();
+    let mut basis: Vec<Vec<f64>> = Vec::new();
+    for j in 0..3 {
+        let mut v: Vec<f64> = (0..f).map(|c| u0[j * f + c] - mean0[c]).collect();
+        for b in &basis {
+            let d: f64 = v.iter().zip(b).map(|(a, c)| a * c).sum();
+            v.iter_mut().zip(b).for_each(|(a, c)| *a -= d * c);
+        }
+        let norm = v.iter().map(|a| a * a).sum::<f64>().sqrt();
+        basis.push(v.iter().map(|a| a / norm).collect());
+    }
+    // The largest distance of a member from mean0 + span(basis).
+    let off_span = |u: &[f32]| -> f64 {
+        u.chunks_exact(f)
+            .map(|m| {
+                let mut v: Vec<f64> = m
+                    .iter()
+                    .zip(&mean0)
+                    .map(|(&a, c)| f64::from(a) - c)
+                    .collect();
+                for b in &basis {
+                    let d: f64 = v.iter().zip(b).map(|(a, c)| a * c).sum();
+                    v.iter_mut().zip(b).for_each(|(a, c)| *a -= d * c);
+                }
+                v.iter().map(|a| a * a).sum::<f64>().sqrt()
+            })
+            .fold(0.0, f64::max)
+    };
+    let (_, plain, _) = run(&base, &data);
+    let (_, noisy, _) = run(
+        &PartialConfig {
+            additive_inflation: Some(0.05),
+            ..base.clone()
+        },
+        &data,
+    );
+    let (d_plain, d_noisy) = (off_span(&plain), off_span(&noisy));
+    eprintln!("distance from the initial subspace: plain {d_plain:.2e}, additive {d_noisy:.2e}");
+    assert!(d_plain < 1e-4, "plain {d_plain}");
+    assert!(d_noisy > 1e-2, "additive {d_noisy}");
+}
+
 /// Nesterov momentum brings the deterministic EKI mean closer to the least-squares
 /// solution in the same number of steps (30 full-batch steps, J = 64 > P = 2).
 #[test]
@@ -363,9 +479,10 @@ fn variant_runs_resume_exactly() {
         std::fs::read(out.join("mean.npy")).expect("mean.npy")
     };
     let plain = train(&dir.join("plain"), &["--iterations", "14"]);
-    let variants: [&[&str]; 2] = [
+    let variants: [&[&str]; 3] = [
         &["--step", "dmc", "--accelerator", "nesterov"],
         &["--update", "batch", "--tikhonov", "5", "--dt", "0.5"],
+        &["--additive-inflation", "0.02", "--additive-from", "spread"],
     ];
     for (i, methods) in variants.iter().enumerate() {
         let whole = train(

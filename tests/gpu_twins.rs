@@ -370,6 +370,30 @@ fn eki_variant_kernels_and_tikhonov_match() {
     let got = be.row_sq_norms_f64(&upload64(&be, &a), rows, cols).unwrap();
     assert_eq!(got, want);
 
+    // Additive inflation: the same Philox draws (1 ulp of f32: the f64 transcendentals).
+    let (rows, cols) = (501, 1003);
+    let u = normals32(&mut rng, rows * cols, 1.0);
+    let scale = normals32(&mut rng, cols, 1.0);
+    let mut want = u.clone();
+    cpu.add_normal_f32(&mut want, cols, &scale, 0.25, [7, 9], 123)
+        .unwrap();
+    let mut ug = be.upload_f32(&u).unwrap();
+    be.add_normal_f32(
+        &mut ug,
+        cols,
+        &be.upload_f32(&scale).unwrap(),
+        0.25,
+        [7, 9],
+        123,
+    )
+    .unwrap();
+    for (i, (a, b)) in be.download_f32(&ug).unwrap().iter().zip(&want).enumerate() {
+        assert!(
+            (a.to_bits() as i64 - b.to_bits() as i64).abs() <= 1,
+            "add_normal_f32 value {i}: GPU {a} vs CPU {b}"
+        );
+    }
+
     let (j, p, batch, outputs) = (300, 1000, 4, 10);
     let u = normals32(&mut rng, j * p, 1.0);
     let g = normals32(&mut rng, j * batch * outputs, 0.5);

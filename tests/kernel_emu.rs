@@ -625,6 +625,10 @@ fn add_and_inflation_kernels_are_exact() {
 
 type NesterovFn = unsafe extern "C" fn(*const Launch, *mut f32, *mut f32, i64, f32) -> i32;
 type AddScaledFn = unsafe extern "C" fn(*const Launch, *const f32, f64, *mut f64, i64) -> i32;
+type AddNormalFn =
+    unsafe extern "C" fn(*const Launch, *mut f32, i64, i32, *const f32, f32, u32, u32, u32) -> i32;
+type RowStdFn =
+    unsafe extern "C" fn(*const Launch, *const f32, *const f32, i32, i32, *mut f32) -> i32;
 type RowSqFn = unsafe extern "C" fn(*const Launch, *const f64, i32, i32, *mut f64) -> i32;
 
 /// The EKI variants' kernels equal their CPU twins bit for bit: `nesterov_f32` and
@@ -685,6 +689,71 @@ fn eki_variant_kernels_are_exact() {
             e.result(rc).expect("add_scaled_f32_f64");
             assert_eq!(yg.get("add_scaled_f32_f64"), want_y);
         }
+    }
+    // Additive inflation: the same Philox draws; f64 transcendentals round to the same
+    // f32 almost always, so the twins agree to 1 ulp of f32.
+    let add_normal = e.entry::<AddNormalFn>("add_normal_f32");
+    let row_std = e.entry::<RowStdFn>("row_std_f32");
+    let (rows, cols) = (37, 53); // rows·cols = 1961: a partial last group of 4
+    let u = normals32(&mut rng, rows * cols, 1.0);
+    let scale: Vec<f32> = (0..cols).map(|c| 0.1 + c as f32 / 10.0).collect();
+    let key = [0x1234_5678, 0x9abc_def0];
+    let mut want = u.clone();
+    cpu.add_normal_f32(&mut want, cols, &scale, 0.5, key, 7)
+        .unwrap();
+    let mut mean = vec![0.0f32; cols];
+    cpu.row_mean(&u, rows, cols, &mut mean).unwrap();
+    let mut want_std = vec![0.0f32; cols];
+    cpu.row_std_f32(&u, &mean, rows, cols, &mut want_std)
+        .unwrap();
+    for order in ORDERS {
+        let n = rows * cols;
+        for cfg in [
+            geometry::elementwise_stride_launch(n.div_ceil(4)),
+            grid_1d(n.div_ceil(4), 32, 3),
+        ] {
+            let mut ug = Guarded::new(&u);
+            let sg = Guarded::new(&scale);
+            // SAFETY: u holds rows·cols elements, scale cols.
+            let rc = unsafe {
+                add_normal(
+                    &launch(&cfg, order),
+                    ug.mut_ptr(),
+                    n as i64,
+                    cols as i32,
+                    sg.ptr(),
+                    0.5,
+                    key[0],
+                    key[1],
+                    7,
+                )
+            };
+            e.result(rc).expect("add_normal_f32");
+            let got = ug.get("add_normal_f32");
+            for (i, (a, b)) in got.iter().zip(&want).enumerate() {
+                assert!(
+                    (a.to_bits() as i64 - b.to_bits() as i64).abs() <= 1,
+                    "add_normal_f32 value {i}: {a} vs {b}"
+                );
+            }
+        }
+        let ag = Guarded::new(&u);
+        let mg = Guarded::new(&mean);
+        let mut og = Guarded::new(&vec![f32::MARK; cols]);
+        // SAFETY: a holds rows·cols elements, mean and out cols.
+        let rc = unsafe {
+            row_std(
+                &launch(&geometry::mean_launch(cols), order),
+                ag.ptr(),
+                mg.ptr(),
+                rows as i32,
+                cols as i32,
+                og.mut_ptr(),
+            )
+        };
+        e.result(rc).expect("row_std_f32");
+        let got = up(&og.get("row_std_f32"));
+        assert_close("row_std_f32", &got, &up(&want_std), 0.0, EPS32);
     }
     let rowsq = e.entry::<RowSqFn>("row_sq_norms_f64");
     for (rows, cols) in [(5, 7), (3, 256), (9, 640), (2, 1001)] {

@@ -249,6 +249,29 @@ impl Backend for CpuBackend {
         reduce::add_scaled_f32_f64(x, alpha, y)
     }
 
+    fn row_std_f32(
+        &self,
+        a: &Vec<f32>,
+        mean: &Vec<f32>,
+        rows: usize,
+        cols: usize,
+        out: &mut Vec<f32>,
+    ) -> Result<()> {
+        reduce::row_std_f32(a, mean, rows, cols, out)
+    }
+
+    fn add_normal_f32(
+        &self,
+        u: &mut Vec<f32>,
+        cols: usize,
+        scale: &Vec<f32>,
+        mult: f32,
+        key: [u32; 2],
+        step: u32,
+    ) -> Result<()> {
+        reduce::add_normal_f32(u, cols, scale, mult, key, step)
+    }
+
     fn row_sq_norms_f64(&self, a: &Vec<f64>, rows: usize, cols: usize) -> Result<Vec<f64>> {
         reduce::row_sq_norms_f64(a, rows, cols)
     }

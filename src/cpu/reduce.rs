@@ -167,3 +167,106 @@ pub fn add_scaled_f32_f64(x: &[f32], alpha: f64, y: &mut [f64]) -> Result<()> {
         });
     Ok(())
 }
+
+/// Column standard deviations about `mean`: `out[c] = √((1/rows) Σ_r (a[r, c] −
+/// mean[c])²)`, accumulated in f64 and rounded once (twin of `row_std_f32`; the kernel
+/// adds its 16 row slices in another order: they agree to f32 rounding).
+pub fn row_std_f32(
+    a: &[f32],
+    mean: &[f32],
+    rows: usize,
+    cols: usize,
+    out: &mut [f32],
+) -> Result<()> {
+    check_len("row_std_f32 input", a.len(), rows * cols)?;
+    check_len("row_std_f32 mean", mean.len(), cols)?;
+    check_len("row_std_f32 output", out.len(), cols)?;
+    let mut acc = vec![0.0f64; cols];
+    for r in 0..rows {
+        for ((s, &v), &m) in acc.iter_mut().zip(&a[r * cols..(r + 1) * cols]).zip(mean) {
+            let d = f64::from(v) - f64::from(m);
+            *s += d * d;
+        }
+    }
+    for (o, s) in out.iter_mut().zip(acc) {
+        *o = (s / rows as f64).sqrt() as f32;
+    }
+    Ok(())
+}
+
+/// Philox4x32-10 (Salmon et al. 2011) of counter `c` under key `k`: the generator of
+/// `add_normal_f32` (`kernels/reduce.cu`), the same integers on both sides.
+pub fn philox4x32_10(mut c: [u32; 4], k: [u32; 2]) -> [u32; 4] {
+    const M0: u32 = 0xD251_1F53;
+    const M1: u32 = 0xCD9E_8D57;
+    const W0: u32 = 0x9E37_79B9;
+    const W1: u32 = 0xBB67_AE85;
+    let (mut k0, mut k1) = (k[0], k[1]);
+    for r in 0..10 {
+        if r > 0 {
+            k0 = k0.wrapping_add(W0);
+            k1 = k1.wrapping_add(W1);
+        }
+        let p0 = u64::from(M0) * u64::from(c[0]);
+        let p1 = u64::from(M1) * u64::from(c[2]);
+        let (hi0, lo0) = ((p0 >> 32) as u32, p0 as u32);
+        let (hi1, lo1) = ((p1 >> 32) as u32, p1 as u32);
+        c = [hi1 ^ c[1] ^ k0, lo1, hi0 ^ c[3] ^ k1, lo0];
+    }
+    c
+}
+
+/// The four standard normals of group `g` (elements 4g … 4g + 3) at `step` under `key`
+/// (Box–Muller in f64 on Philox's words, as `add_normal_f32`).
+pub fn philox_normals(key: [u32; 2], step: u32, g: u64) -> [f64; 4] {
+    let c = philox4x32_10([g as u32, (g >> 32) as u32, step, 0], key);
+    let mut z = [0.0f64; 4];
+    for k in 0..2 {
+        let u1 = (f64::from(c[2 * k]) + 0.5) * 2.328_306_436_538_696_3e-10;
+        let u2 = (f64::from(c[2 * k + 1]) + 0.5) * 2.328_306_436_538_696_3e-10;
+        let r = (-2.0 * u1.ln()).sqrt();
+        let t = std::f64::consts::TAU * u2;
+        z[2 * k] = r * t.cos();
+        z[2 * k + 1] = r * t.sin();
+    }
+    z
+}
+
+/// Additive inflation: `u[i] += mult · scale[i mod cols] · z_i`, z_i standard normals of
+/// [`philox_normals`] at (`key`, `step`) (twin of `add_normal_f32`: the same draws; the
+/// f64 transcendentals may differ by an ulp, which rounds to the same f32 almost always).
+pub fn add_normal_f32(
+    u: &mut [f32],
+    cols: usize,
+    scale: &[f32],
+    mult: f32,
+    key: [u32; 2],
+    step: u32,
+) -> Result<()> {
+    check_len("add_normal_f32 scale", scale.len(), cols)?;
+    if cols == 0 || u.is_empty() {
+        return Ok(());
+    }
+    if !u.len().is_multiple_of(cols) {
+        return Err(crate::Error::Shape {
+            what: "add_normal_f32 ensemble".into(),
+            expected: format!("a multiple of {cols} values"),
+            found: format!("{}", u.len()),
+        });
+    }
+    u.par_chunks_mut(1 << 12)
+        .enumerate()
+        .for_each(|(chunk, part)| {
+            let base = chunk << 12; // a multiple of 4: groups do not straddle chunks
+            for (q, quad) in part.chunks_mut(4).enumerate() {
+                let g = ((base >> 2) + q) as u64;
+                let z = philox_normals(key, step, g);
+                for (k, v) in quad.iter_mut().enumerate() {
+                    let i = base + 4 * q + k;
+                    let s = f64::from(mult) * f64::from(scale[i % cols]);
+                    *v = (f64::from(*v) + s * z[k]) as f32;
+                }
+            }
+        });
+    Ok(())
+}

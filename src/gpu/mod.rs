@@ -563,6 +563,29 @@ impl Backend for CudaBackend {
         reduce::add_scaled_f32_f64(self, x, alpha, y)
     }
 
+    fn row_std_f32(
+        &self,
+        a: &CudaSlice<f32>,
+        mean: &CudaSlice<f32>,
+        rows: usize,
+        cols: usize,
+        out: &mut CudaSlice<f32>,
+    ) -> Result<()> {
+        reduce::row_std_f32(self, a, mean, rows, cols, out)
+    }
+
+    fn add_normal_f32(
+        &self,
+        u: &mut CudaSlice<f32>,
+        cols: usize,
+        scale: &CudaSlice<f32>,
+        mult: f32,
+        key: [u32; 2],
+        step: u32,
+    ) -> Result<()> {
+        reduce::add_normal_f32(self, u, cols, scale, mult, key, step)
+    }
+
     fn row_sq_norms_f64(&self, a: &CudaSlice<f64>, rows: usize, cols: usize) -> Result<Vec<f64>> {
         reduce::row_sq_norms_f64(self, a, rows, cols)
     }

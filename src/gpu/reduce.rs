@@ -237,3 +237,75 @@ pub fn row_sq_norms_f64(
         .clone_dtoh(&out)
         .map_err(cuda_err("downloading the row sums"))
 }
+
+/// Column standard deviations about `mean` (`row_std_f32`). Errors:
+/// [`crate::Error::Shape`] on a length mismatch or a size past i32.
+pub fn row_std_f32(
+    be: &CudaBackend,
+    a: &CudaSlice<f32>,
+    mean: &CudaSlice<f32>,
+    rows: usize,
+    cols: usize,
+    out: &mut CudaSlice<f32>,
+) -> Result<()> {
+    check_len("row_std_f32 input", a.len(), rows * cols)?;
+    check_len("row_std_f32 mean", mean.len(), cols)?;
+    check_len("row_std_f32 output", out.len(), cols)?;
+    if cols == 0 {
+        return Ok(());
+    }
+    let rows_i = to_i32("row_std_f32 rows", rows)?;
+    let cols_i = to_i32("row_std_f32 cols", cols)?;
+    let f = be.kernels().get("row_std_f32")?;
+    let mut launch = be.stream().launch_builder(f);
+    launch.arg(a).arg(mean).arg(&rows_i).arg(&cols_i).arg(out);
+    // SAFETY: check_len proved a = rows·cols, mean and out = cols elements; threads with
+    // column ≥ cols neither read nor write.
+    unsafe { launch.launch(mean_launch(cols)) }
+        .map(|_| ())
+        .map_err(cuda_err("launching row_std_f32"))
+}
+
+/// Additive inflation `u[i] += mult · scale[i mod cols] · z_i` with Philox normals
+/// (`add_normal_f32`). Errors: [`crate::Error::Shape`] on a length mismatch or a column
+/// count past i32.
+pub fn add_normal_f32(
+    be: &CudaBackend,
+    u: &mut CudaSlice<f32>,
+    cols: usize,
+    scale: &CudaSlice<f32>,
+    mult: f32,
+    key: [u32; 2],
+    step: u32,
+) -> Result<()> {
+    check_len("add_normal_f32 scale", scale.len(), cols)?;
+    let n = u.len();
+    if cols == 0 || n == 0 {
+        return Ok(());
+    }
+    if !n.is_multiple_of(cols) {
+        return Err(crate::Error::Shape {
+            what: "add_normal_f32 ensemble".into(),
+            expected: format!("a multiple of {cols} values"),
+            found: format!("{n}"),
+        });
+    }
+    let cols_i = to_i32("add_normal_f32 cols", cols)?;
+    let n_i = n as i64;
+    let f = be.kernels().get("add_normal_f32")?;
+    let mut launch = be.stream().launch_builder(f);
+    launch
+        .arg(u)
+        .arg(&n_i)
+        .arg(&cols_i)
+        .arg(scale)
+        .arg(&mult)
+        .arg(&key[0])
+        .arg(&key[1])
+        .arg(&step);
+    // SAFETY: u holds n elements (a multiple of cols), scale holds cols; each group g
+    // writes only u[4g .. 4g + 4) below n and reads scale[i mod cols].
+    unsafe { launch.launch(elementwise_stride_launch(n.div_ceil(4))) }
+        .map(|_| ())
+        .map_err(cuda_err("launching add_normal_f32"))
+}

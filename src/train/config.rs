@@ -78,6 +78,18 @@ pub enum StepControl {
     Dmc,
 }
 
+/// The scale of additive inflation's noise.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum NoiseScale {
+    /// N(0, (s·σ)²) for every weight: a multiple s of the prior's (the initial
+    /// ensemble's) standard deviation σ.
+    #[default]
+    Prior,
+    /// N(0, (s·sd_p)²) for weight p, sd_p the ensemble's current spread of that weight.
+    Spread,
+}
+
 /// Momentum applied to the members after each update.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
@@ -167,6 +179,14 @@ pub struct TrainConfig {
     /// mean + λ · (member − mean) (1: none, the authors'; absent in older configurations).
     #[serde(default = "one")]
     pub inflation: f64,
+    /// Additive inflation s ≥ 0: before every update (after the multiplicative
+    /// inflation) each weight of each member gets Gaussian noise of standard deviation s
+    /// times the scale of `additive_from` (0: none; absent in older configurations).
+    #[serde(default)]
+    pub additive_inflation: f64,
+    /// The scale of additive inflation's noise (absent in older configurations: prior).
+    #[serde(default)]
+    pub additive_from: NoiseScale,
     /// Tikhonov-regularised EKI with strength λ ≥ 0: the prior N(0, σ²/λ · I) joins the
     /// data as P extra observations, solved in member space (0: none; absent in older
     /// configurations).
@@ -261,6 +281,8 @@ impl Default for TrainConfig {
             update: UpdateRule::Sequential,
             observations: Observations::Exact,
             inflation: 1.0,
+            additive_inflation: 0.0,
+            additive_from: NoiseScale::Prior,
             tikhonov: 0.0,
             step: StepControl::Fixed,
             dt: 1.0,
@@ -370,6 +392,10 @@ pub struct PartialConfig {
     pub observations: Option<Observations>,
     #[allow(missing_docs)]
     pub inflation: Option<f64>,
+    #[allow(missing_docs)]
+    pub additive_inflation: Option<f64>,
+    #[allow(missing_docs)]
+    pub additive_from: Option<NoiseScale>,
     #[allow(missing_docs)]
     pub tikhonov: Option<f64>,
     #[allow(missing_docs)]
@@ -517,7 +543,7 @@ impl PartialConfig {
     /// The floating-point settings, by key: the values JSON cannot hold when they are not
     /// finite (they would turn into `null`, i.e. "unset"), so they are carried and
     /// checked by hand. A test checks that this lists every `f64` field.
-    fn floats(&self) -> [(&'static str, Option<f64>); 9] {
+    fn floats(&self) -> [(&'static str, Option<f64>); 10] {
         [
             ("gamma", self.gamma),
             ("sigma", self.sigma),
@@ -528,6 +554,7 @@ impl PartialConfig {
             ("inflation", self.inflation),
             ("tikhonov", self.tikhonov),
             ("dt", self.dt),
+            ("additive_inflation", self.additive_inflation),
         ]
     }
 
@@ -563,6 +590,7 @@ impl PartialConfig {
         merged.inflation = other.inflation.or(self.inflation);
         merged.tikhonov = other.tikhonov.or(self.tikhonov);
         merged.dt = other.dt.or(self.dt);
+        merged.additive_inflation = other.additive_inflation.or(self.additive_inflation);
         merged
     }
 
@@ -745,6 +773,20 @@ impl TrainConfig {
                 ));
             }
         }
+        if !(self.additive_inflation.is_finite() && self.additive_inflation >= 0.0) {
+            return bad(format!(
+                "additive_inflation must be a finite number ≥ 0 (0: none), got {}",
+                self.additive_inflation
+            ));
+        }
+        if self.additive_from != NoiseScale::Prior && self.additive_inflation == 0.0 {
+            return bad(format!(
+                "additive_from = {:?} without additive_inflation: give the noise's size with \
+                 --additive-inflation S",
+                self.additive_from
+            )
+            .replace("Spread", "spread"));
+        }
         if !(self.dt.is_finite() && self.dt > 0.0) {
             return bad(format!(
                 "dt must be a positive, finite number (1: the authors' step), got {}",
@@ -795,17 +837,22 @@ impl TrainConfig {
         if self.optimizer != Optimizer::Enkf
             && (self.observations != Observations::Exact
                 || self.inflation != 1.0
+                || self.additive_inflation != 0.0
+                || self.additive_from != NoiseScale::Prior
                 || self.tikhonov != 0.0
                 || self.step != StepControl::Fixed
                 || self.dt != 1.0
                 || self.accelerator != Accelerator::None)
         {
             return bad(format!(
-                "observations = {:?}, inflation = {}, tikhonov = {}, step = {:?}, dt = {} and \
-                 accelerator = {:?} are EnKF settings (their defaults: exact, 1, 0, fixed, 1, \
-                 none); --optimizer {:?} trains one network by backpropagation",
+                "observations = {:?}, inflation = {}, additive_inflation = {}, additive_from = \
+                 {:?}, tikhonov = {}, step = {:?}, dt = {} and accelerator = {:?} are EnKF \
+                 settings (their defaults: exact, 1, 0, prior, 0, fixed, 1, none); --optimizer \
+                 {:?} trains one network by backpropagation",
                 self.observations,
                 self.inflation,
+                self.additive_inflation,
+                self.additive_from,
                 self.tikhonov,
                 self.step,
                 self.dt,
@@ -1038,6 +1085,8 @@ mod tests {
             update: UpdateRule::Batch,
             observations: Observations::Perturbed,
             inflation: 1.25,
+            additive_inflation: 0.125,
+            additive_from: NoiseScale::Spread,
             tikhonov: 0.0, // batch rule and exact observations only: tests/enkf_methods.rs
             step: StepControl::Fixed,
             dt: 0.5,
@@ -1111,6 +1160,11 @@ mod tests {
             (r#"{"step": "dmc", "dt": 0.5}"#, "dt = 0.5 with step = dmc"),
             (r#"{"dt": 0.0}"#, "dt must be"),
             (
+                r#"{"additive_from": "spread"}"#,
+                "without additive_inflation",
+            ),
+            (r#"{"additive_inflation": -0.5}"#, "got -0.5"),
+            (
                 r#"{"accelerator": "nesterov", "adaptation": "adaptive"}"#,
                 "nesterov",
             ),
@@ -1164,6 +1218,7 @@ mod tests {
                     "inflation" => &mut flags.inflation,
                     "tikhonov" => &mut flags.tikhonov,
                     "dt" => &mut flags.dt,
+                    "additive_inflation" => &mut flags.additive_inflation,
                     other => panic!("no slot for {other}"),
                 };
                 *slot = Some(v);

@@ -29,7 +29,7 @@ use adaptive::{AdaptiveLogRow, AdaptiveRule};
 use checkpoint::{CheckpointState, RngState};
 pub use config::{
     Accelerator, Adaptation, BatchOrder, BiasInit, EvalMode, FailurePolicy, LabelPairing,
-    Observations, PartialConfig, StepControl, TrainConfig,
+    NoiseScale, Observations, PartialConfig, StepControl, TrainConfig,
 };
 pub use metrics::MetricsRow;
 use rand::seq::SliceRandom;
@@ -51,6 +51,18 @@ const STREAM_RESAMPLE: u64 = 3;
 /// Perturbed observations: update t reads this stream from word t · 2^40 on, so the
 /// draws are a function of (seed, t) and need no state in the checkpoint.
 const STREAM_PERTURB: u64 = 4;
+
+/// Additive inflation: the Philox key is the seed with this stream id in its low word,
+/// the counter's third word the iteration (see `add_normal_f32` in `kernels/reduce.cu`).
+const STREAM_ADDITIVE: u32 = 5;
+
+/// The Philox key of additive inflation for `seed`.
+pub fn additive_key(seed: u64) -> [u32; 2] {
+    [
+        (seed as u32) ^ STREAM_ADDITIVE.rotate_left(28),
+        (seed >> 32) as u32,
+    ]
+}
 
 /// The algorithm time at which the data-misfit controller ends a mini-batch's inversion
 /// (EnsembleKalmanProcesses' `terminate_at`, the posterior in the linear-Gaussian case).
@@ -186,6 +198,8 @@ pub struct Trainer<'a, B: Backend> {
     last_dt: f64,
     /// `accelerator = nesterov`: the members before the last momentum step and θ.
     momentum: Option<Momentum<B>>,
+    /// Additive inflation's per-weight scale (σ, or the spread computed each update).
+    noise_scale: Option<B::F32>,
     /// Seconds per phase so far.
     pub times: PhaseTimes,
 }
@@ -367,6 +381,13 @@ impl<'a, B: Backend> Trainer<'a, B> {
             resampled: 0,
             algorithm_time: 0.0,
             last_dt: 0.0,
+            noise_scale: match (cfg.additive_inflation > 0.0, cfg.additive_from) {
+                (false, _) => None,
+                (true, NoiseScale::Prior) => {
+                    Some(backend.upload_f32(&vec![cfg.sigma as f32; params])?)
+                }
+                (true, NoiseScale::Spread) => Some(backend.zeros_f32(params)?),
+            },
             momentum: match cfg.accelerator {
                 Accelerator::None => None,
                 Accelerator::Nesterov => Some(Momentum {
@@ -764,6 +785,22 @@ impl<'a, B: Backend> Trainer<'a, B> {
                 self.params,
                 lambda,
             )?;
+        }
+        if let Some(scale) = &mut self.noise_scale {
+            // Additive inflation, after the multiplicative one.
+            if self.cfg.additive_from == NoiseScale::Spread {
+                be.row_mean(&self.u, self.members, self.params, &mut self.weights)?;
+                be.row_std_f32(&self.u, &self.weights, self.members, self.params, scale)?;
+            }
+            let step = u32::try_from(self.t).map_err(|_| {
+                Error::Config(format!(
+                    "additive inflation counts iterations in 32 bits; iteration {} is past it",
+                    self.t
+                ))
+            })?;
+            let s = self.cfg.additive_inflation as f32;
+            let key = additive_key(self.cfg.seed);
+            be.add_normal_f32(&mut self.u, self.params, scale, s, key, step)?;
         }
         let previous = self.stage_previous_batch(slot)?;
         {

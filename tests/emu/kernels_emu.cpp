@@ -43,6 +43,12 @@ EMU_ENTRY(inflate_rows_f32, (float* u, const float* mean, int rows, int cols, fl
 EMU_ENTRY(nesterov_f32, (float* u, float* prev, long long n, float beta), (u, prev, n, beta))
 EMU_ENTRY(add_scaled_f32_f64, (const float* x, double alpha, double* y, long long n),
           (x, alpha, y, n))
+EMU_ENTRY(row_std_f32, (const float* a, const float* mean, int rows, int cols, float* out),
+          (a, mean, rows, cols, out))
+EMU_ENTRY(add_normal_f32,
+          (float* u, long long n, int cols, const float* scale, float mult, unsigned int key0,
+           unsigned int key1, unsigned int step),
+          (u, n, cols, scale, mult, key0, key1, step))
 EMU_ENTRY(row_sq_norms_f64, (const double* a, int rows, int cols, double* out),
           (a, rows, cols, out))
 
