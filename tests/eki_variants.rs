@@ -8,7 +8,7 @@
 //! and a resumed run of each equal to the run in one go.
 
 mod common;
-use common::{tmpdir, write_npy};
+use common::{linear_problem, tmpdir, write_npy};
 
 use enkf_dnn::backend::{Backend, BackendKind};
 use enkf_dnn::cpu::CpuBackend;
@@ -24,24 +24,6 @@ use rand_distr::{Distribution, StandardNormal};
 use std::path::Path;
 
 const GAMMA: f64 = 0.05;
-
-/// y = H w + noise, P = 2 weights, n = 8 observations, as a NumPy folder (the same
-/// samples for training and test); returns H (n × 2) and y in f64.
-fn linear_problem(dir: &Path) -> (Vec<f64>, Vec<f64>) {
-    let mut rng = ChaCha8Rng::seed_from_u64(11);
-    let n = 8;
-    let h: Vec<f32> = (0..n * 2).map(|_| rng.random_range(-1.0f32..1.0)).collect();
-    let y: Vec<f32> = (0..n)
-        .map(|i| 0.8 * h[2 * i] - 0.3 * h[2 * i + 1] + rng.random_range(-0.1f32..0.1))
-        .collect();
-    std::fs::create_dir_all(dir).expect("dir");
-    for (x, t) in [(0, 1), (2, 3)] {
-        write_npy(&dir.join(NPY_NAMES[x]), &[n as u64, 2], &h);
-        write_npy(&dir.join(NPY_NAMES[t]), &[n as u64], &y);
-    }
-    let up = |v: &[f32]| v.iter().map(|&x| f64::from(x)).collect();
-    (up(&h), up(&y))
-}
 
 /// Solves the 2 × 2 system (HᵀH/γ + λI) w = Hᵀy/γ (λ = 0: least squares).
 fn regularised(h: &[f64], y: &[f64], lambda: f64) -> [f64; 2] {

@@ -4,33 +4,17 @@
 //! multiplicative inflation keeps the mean and scales the spread; both resume exactly.
 
 mod common;
-use common::{tmpdir, write_npy};
+use common::{linear_problem, tmpdir};
 
 use enkf_dnn::backend::{Backend, BackendKind};
 use enkf_dnn::cpu::CpuBackend;
-use enkf_dnn::data::npy::{load, NPY_NAMES};
+use enkf_dnn::data::npy::load;
 use enkf_dnn::enkf::UpdateRule;
 use enkf_dnn::model::spec::NetLayers;
 use enkf_dnn::train::{Observations, PartialConfig, Trainer};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use std::path::Path;
-
-/// A linear problem y = H w + noise with P = 2 weights and n = 8 observations, as a
-/// NumPy folder; returns H (n × 2, row-major) in f64.
-fn linear_problem(dir: &Path) -> Vec<f64> {
-    let mut rng = ChaCha8Rng::seed_from_u64(11);
-    let n = 8;
-    let h: Vec<f32> = (0..n * 2).map(|_| rng.random_range(-1.0f32..1.0)).collect();
-    let y: Vec<f32> = (0..n)
-        .map(|i| 0.8 * h[2 * i] - 0.3 * h[2 * i + 1] + rng.random_range(-0.1f32..0.1))
-        .collect();
-    for (x, t) in [(0, 1), (2, 3)] {
-        write_npy(&dir.join(NPY_NAMES[x]), &[n as u64, 2], &h);
-        write_npy(&dir.join(NPY_NAMES[t]), &[n as u64], &y);
-    }
-    h.iter().map(|&v| f64::from(v)).collect()
-}
 
 /// The ensemble's 2 × 2 covariance (population, f64) after one full-batch update.
 fn covariance_after_one_update(dir: &Path, observations: Observations, members: usize) -> [f64; 4] {
@@ -83,7 +67,7 @@ fn covariance_after_one_update(dir: &Path, observations: Observations, members: 
 #[test]
 fn perturbed_observations_sample_the_gaussian_posterior() {
     let dir = tmpdir("enkf-posterior");
-    let h = linear_problem(&dir);
+    let (h, _) = linear_problem(&dir);
     let gamma = 0.05;
     let mut prec = [1.0, 0.0, 0.0, 1.0];
     for row in h.chunks_exact(2) {

@@ -145,3 +145,31 @@ pub fn write_npy<T: npyz::AutoSerialize + Copy>(path: &Path, shape: &[u64], data
     w.finish().expect("npy finish");
     std::fs::write(path, bytes).expect("write npy");
 }
+
+/// A linear problem y = H w + noise with P = 2 weights and n = 8 observations, as a
+/// NumPy folder (the same samples for training and test); returns H (n × 2, row-major)
+/// and y in f64 (tests/enkf_methods.rs, tests/eki_variants.rs).
+pub fn linear_problem(dir: &Path) -> (Vec<f64>, Vec<f64>) {
+    use rand::{Rng, SeedableRng};
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(11);
+    let n = 8;
+    let h: Vec<f32> = (0..n * 2).map(|_| rng.random_range(-1.0f32..1.0)).collect();
+    let y: Vec<f32> = (0..n)
+        .map(|i| 0.8 * h[2 * i] - 0.3 * h[2 * i + 1] + rng.random_range(-0.1f32..0.1))
+        .collect();
+    std::fs::create_dir_all(dir).expect("dir");
+    for (x, t) in [(0, 1), (2, 3)] {
+        write_npy(
+            &dir.join(enkf_dnn::data::npy::NPY_NAMES[x]),
+            &[n as u64, 2],
+            &h,
+        );
+        write_npy(
+            &dir.join(enkf_dnn::data::npy::NPY_NAMES[t]),
+            &[n as u64],
+            &y,
+        );
+    }
+    let up = |v: &[f32]| v.iter().map(|&x| f64::from(x)).collect();
+    (up(&h), up(&y))
+}
