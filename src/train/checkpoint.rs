@@ -1,7 +1,8 @@
 //! Checkpoints: the full state of an EnKF run in one file, written atomically.
 //!
 //! Layout of `checkpoint.bin`: the 8-byte magic `ENKFCKP1`, the JSON length (u64 LE),
-//! the JSON [`CheckpointState`], the ensemble (members × params f32 LE), and a CRC-32 of
+//! the JSON [`CheckpointState`], the ensemble (members × params f32 LE; under Nesterov
+//! momentum followed by the previous ensemble, [`CheckpointState::blocks`]), and a CRC-32 of
 //! everything before it (u32 LE). It is written to `checkpoint.bin.tmp`, fsynced, and
 //! renamed over `checkpoint.bin`, so a crash leaves either the old or the new file; a
 //! failed write (a full disk) removes the `.tmp` and reports the OS error with the file.
