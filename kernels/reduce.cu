@@ -17,6 +17,8 @@
 //     twin's mul_add gives the same bits).
 //   nesterov_f32: x = u[i]; u[i] = fmaf(beta, x − prev[i], x); prev[i] = x (Nesterov
 //     momentum on the members after an update, n = J·P entries).
+//   scale_rows_f64: a[r, c] *= w[r] over rows × cols (the transform update's matrix
+//     functions Qᵀ diag(w) Q; one multiply, the CPU twin's bits).
 //   add_scaled_f32_f64: y[i] = fma(alpha, (double)x[i], y[i]) (f32 Gram matrices into the
 //     f64 member-space systems of the Tikhonov update).
 // Row sums of squares (row_sq_norms_f64): one block of ROWSQ_THREADS (256) threads per
@@ -257,5 +259,15 @@ extern "C" __global__ void add_normal_f32(float* __restrict__ u, long long n, in
                 u[i] = (float)((double)u[i] + s * z[k]);
             }
         }
+    }
+}
+
+// a[r, c] *= w[r] over rows × cols.
+extern "C" __global__ void scale_rows_f64(double* __restrict__ a, const double* __restrict__ w,
+                                          int rows, int cols) {
+    const long long n = (long long)rows * cols;
+    const long long stride = (long long)gridDim.x * blockDim.x;
+    for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += stride) {
+        a[i] *= w[i / cols];
     }
 }

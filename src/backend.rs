@@ -308,6 +308,15 @@ pub trait Backend {
         step: u32,
     ) -> Result<()>;
 
+    /// `a[r, c] *= w[r]` over the rows × cols matrix `a` (`w` on the host, rows values).
+    fn scale_rows_f64(&self, a: &mut Self::F64, rows: usize, cols: usize, w: &[f64]) -> Result<()>;
+
+    /// Eigen-decomposes the symmetric n × n matrix `a` (row-major): returns the
+    /// eigenvalues ascending (on the host) and overwrites `a` with Q, whose row k is the
+    /// unit eigenvector of eigenvalue k (a = Qᵀ diag(λ) Q). CPU: Householder + QL
+    /// (`crate::cpu::eigen`); CUDA: cuSOLVER `syevd`. Eigenvector signs may differ.
+    fn sym_eigen_f64(&self, a: &mut Self::F64, n: usize) -> Result<Vec<f64>>;
+
     /// Row sums of squares of `a` (rows × cols, f64), copied to the host: `out[r] =
     /// Σ_c a[r, c]²`, in the fixed order of `row_sq_norms_f64` (`kernels/reduce.cu`).
     fn row_sq_norms_f64(&self, a: &Self::F64, rows: usize, cols: usize) -> Result<Vec<f64>>;

@@ -100,8 +100,9 @@ pub struct TrainArgs {
     /// many outputs as the data has classes (10 for the IDX data sets) or real targets.
     #[arg(long, value_name = "LAYERS", value_parser = parse_net)]
     pub net: Option<NetLayers>,
-    /// EnKF update rule: sequential (the authors') or batch (all 10·B outputs at once)
-    /// [default: sequential].
+    /// EnKF update rule: sequential (the authors'), batch (all 10·B outputs at once) or
+    /// transform (ETKI: the batch rule's mean, anomalies by the symmetric square root of
+    /// the transform) [default: sequential].
     #[arg(long, value_enum)]
     pub update: Option<UpdateRule>,
     /// EnKF observations: exact (every member sees the targets y: the authors'

@@ -5,6 +5,7 @@
 //! controller (each Δt is its formula on the ensemble of that iteration; the algorithm
 //! time ends at exactly 1), Nesterov momentum (faster to the least-squares solution),
 //! additive inflation (standard normal draws; out of the initial ensemble's subspace),
+//! the transform update (the Kalman mean and the exact posterior covariance),
 //! and a resumed run of each equal to the run in one go.
 
 mod common;
@@ -201,6 +202,109 @@ fn tikhonov_step_equals_the_augmented_update() {
         // The update moved the members (a no-op would fail above, but say so).
         assert!(u != u0);
     }
+}
+
+/// Mean and population covariance (P × P) of a J × P ensemble, in f64.
+fn moments(u: &[f32], p: usize) -> (Vec<f64>, Vec<f64>) {
+    let j = (u.len() / p) as f64;
+    let mean: Vec<f64> = (0..p)
+        .map(|c| {
+            u.iter()
+                .skip(c)
+                .step_by(p)
+                .map(|&v| f64::from(v))
+                .sum::<f64>()
+                / j
+        })
+        .collect();
+    let mut cov = vec![0.0f64; p * p];
+    for row in u.chunks_exact(p) {
+        for a in 0..p {
+            for b in 0..p {
+                cov[a * p + b] += (f64::from(row[a]) - mean[a]) * (f64::from(row[b]) - mean[b]) / j;
+            }
+        }
+    }
+    (mean, cov)
+}
+
+/// The transform update (ETKI) on a linear map G = U Hᵀ: its mean is the batch rule's
+/// (the Kalman mean), and its ensemble covariance is exactly the Kalman posterior of the
+/// ensemble's own prior covariance, C_f − C_f Hᵀ(H C_f Hᵀ + γI)⁻¹ H C_f (to 1e-5 of the
+/// largest entry: f32 ensembles), where the deterministic batch update shrinks it more.
+#[test]
+fn transform_update_keeps_the_mean_and_gives_the_posterior_covariance() {
+    let be = CpuBackend::new();
+    let (j, p, m) = (40usize, 3usize, 4usize);
+    let gamma = 0.2;
+    let mut rng = ChaCha8Rng::seed_from_u64(21);
+    let h: Vec<f64> = (0..m * p).map(|_| rng.random_range(-1.0..1.0)).collect();
+    let u0: Vec<f32> = (0..j * p)
+        .map(|_| {
+            let z: f64 = StandardNormal.sample(&mut rng);
+            z as f32
+        })
+        .collect();
+    let y: Vec<f32> = (0..m).map(|_| rng.random_range(-1.0f32..1.0)).collect();
+    let g: Vec<f32> = (0..j)
+        .flat_map(|i| {
+            let (h, u0) = (&h, &u0);
+            (0..m).map(move |o| {
+                (0..p)
+                    .map(|w| h[o * p + w] * f64::from(u0[i * p + w]))
+                    .sum::<f64>() as f32
+            })
+        })
+        .collect();
+    let step = |rule: UpdateRule| {
+        let mut ws = EnkfWorkspace::with_outputs(&be, j, p, m, 1).expect("ws");
+        let mut u = u0.clone();
+        ws.gain(&be, rule, gamma, &g, &y).expect("gain");
+        ws.apply(&be, &mut u).expect("apply");
+        u
+    };
+    let (mean_t, cov_t) = moments(&step(UpdateRule::Transform), p);
+    let (mean_b, cov_b) = moments(&step(UpdateRule::Batch), p);
+    for (a, b) in mean_t.iter().zip(&mean_b) {
+        assert!((a - b).abs() < 1e-5, "means {mean_t:?} vs {mean_b:?}");
+    }
+    // The Kalman posterior of the prior sample covariance.
+    let (_, cf) = moments(&u0, p);
+    let hc: Vec<f64> = (0..m * p)
+        .map(|i| (0..p).map(|k| h[(i / p) * p + k] * cf[k * p + i % p]).sum())
+        .collect(); // H C_f, m × p
+    let mut s: Vec<f64> = (0..m * m)
+        .map(|i| {
+            (0..p)
+                .map(|k| hc[(i / m) * p + k] * h[(i % m) * p + k])
+                .sum()
+        })
+        .collect(); // H C_f Hᵀ
+    for o in 0..m {
+        s[o * m + o] += gamma;
+    }
+    let sinv_hc = solve(s, hc.clone(), m, p); // (H C_f Hᵀ + γI)⁻¹ H C_f, m × p
+    let ca: Vec<f64> = (0..p * p)
+        .map(|i| {
+            let (a, b) = (i / p, i % p);
+            cf[i]
+                - (0..m)
+                    .map(|o| hc[o * p + a] * sinv_hc[o * p + b])
+                    .sum::<f64>()
+        })
+        .collect();
+    let scale = ca.iter().fold(0.0f64, |x, v| x.max(v.abs()));
+    eprintln!("posterior {ca:?}\ntransform {cov_t:?}\nbatch {cov_b:?}");
+    for (t, c) in cov_t.iter().zip(&ca) {
+        assert!(
+            (t - c).abs() < 1e-5 * scale,
+            "transform {cov_t:?} vs {ca:?}"
+        );
+    }
+    assert!(
+        cov_b[0] < 0.9 * ca[0] && cov_b[4] < 0.9 * ca[4],
+        "batch {cov_b:?} vs {ca:?}"
+    );
 }
 
 /// Tikhonov-regularised EKI's mean converges to the regularised least-squares solution
@@ -461,10 +565,11 @@ fn variant_runs_resume_exactly() {
         std::fs::read(out.join("mean.npy")).expect("mean.npy")
     };
     let plain = train(&dir.join("plain"), &["--iterations", "14"]);
-    let variants: [&[&str]; 3] = [
+    let variants: [&[&str]; 4] = [
         &["--step", "dmc", "--accelerator", "nesterov"],
         &["--update", "batch", "--tikhonov", "5", "--dt", "0.5"],
         &["--additive-inflation", "0.02", "--additive-from", "spread"],
+        &["--update", "transform"],
     ];
     for (i, methods) in variants.iter().enumerate() {
         let whole = train(

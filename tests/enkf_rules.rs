@@ -66,6 +66,7 @@ fn compare_rule(
         UpdateRule::Batch => {
             batch_reference(&mut want, &up(&g), &up(&y), members, params, batch, gamma)
         }
+        UpdateRule::Transform => panic!("the transform update is checked in tests/eki_variants.rs"),
     }
     .unwrap();
     let du_max = want

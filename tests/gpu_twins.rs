@@ -394,6 +394,34 @@ fn eki_variant_kernels_and_tikhonov_match() {
         );
     }
 
+    // cuSOLVER syevd against the CPU's Householder + QL: the same eigenvalues, and
+    // Qᵀ diag(λ) Q rebuilds the matrix (eigenvector signs may differ).
+    let n = 200;
+    let b = normals(&mut rng, n * n, 1.0);
+    let sym: Vec<f64> = (0..n * n)
+        .map(|i| {
+            (0..n)
+                .map(|k| b[(i / n) * n + k] * b[(i % n) * n + k])
+                .sum::<f64>()
+                / n as f64
+        })
+        .collect();
+    let mut qc = sym.clone();
+    let lc = cpu.sym_eigen_f64(&mut qc, n).unwrap();
+    let mut qg = upload64(&be, &sym);
+    let lg = be.sym_eigen_f64(&mut qg, n).unwrap();
+    let qg = be.download_f64(&qg).unwrap();
+    assert_close("syevd eigenvalues", &lg, &lc, 1e-12, 1e-10);
+    for i in (0..n).step_by(7) {
+        for jj in (0..n).step_by(11) {
+            let r: f64 = (0..n).map(|k| qg[k * n + i] * lg[k] * qg[k * n + jj]).sum();
+            assert!(
+                (r - sym[i * n + jj]).abs() < 1e-10,
+                "syevd rebuild ({i}, {jj})"
+            );
+        }
+    }
+
     let (j, p, batch, outputs) = (300, 1000, 4, 10);
     let u = normals32(&mut rng, j * p, 1.0);
     let g = normals32(&mut rng, j * batch * outputs, 0.5);
@@ -416,6 +444,31 @@ fn eki_variant_kernels_and_tikhonov_match() {
         be.download_f32(&ud).unwrap()
     };
     assert!(cpu_u != u, "the update must move the members");
+    // The transform update on the same inputs (eigenvector signs cancel in X).
+    let transform = |b: &dyn Fn(&mut Vec<f32>)| {
+        let mut out = u.clone();
+        b(&mut out);
+        out
+    };
+    let cpu_t = transform(&|uc| {
+        let mut ws = EnkfWorkspace::with_outputs(&cpu, j, p, batch, outputs).unwrap();
+        ws.gain(&cpu, UpdateRule::Transform, 0.3, &g, &y).unwrap();
+        ws.apply(&cpu, uc).unwrap();
+    });
+    let gpu_t = {
+        let mut ws = EnkfWorkspace::with_outputs(&be, j, p, batch, outputs).unwrap();
+        let mut ud = be.upload_f32(&u).unwrap();
+        let (gd, yd) = (be.upload_f32(&g).unwrap(), be.upload_f32(&y).unwrap());
+        ws.gain(&be, UpdateRule::Transform, 0.3, &gd, &yd).unwrap();
+        ws.apply(&be, &mut ud).unwrap();
+        be.download_f32(&ud).unwrap()
+    };
+    for (i, (a, b)) in gpu_t.iter().zip(&cpu_t).enumerate() {
+        assert!(
+            (a - b).abs() <= 1e-4 * (1.0 + b.abs()),
+            "transform member value {i}: GPU {a} vs CPU {b}"
+        );
+    }
     for (i, (a, b)) in gpu_u.iter().zip(&cpu_u).enumerate() {
         assert!(
             (a - b).abs() <= 1e-4 * (1.0 + b.abs()),
@@ -569,6 +622,7 @@ fn memory_check_names_the_largest_ensemble_that_fits() {
         observations: enkf_dnn::train::Observations::Exact,
         tikhonov: false,
         momentum: false,
+        transform: false,
     };
     be.check_fits(&shape).expect("J = 256 fits any GPU");
     let huge = shape.with_members(100_000_000);

@@ -629,6 +629,7 @@ type AddNormalFn =
     unsafe extern "C" fn(*const Launch, *mut f32, i64, i32, *const f32, f32, u32, u32, u32) -> i32;
 type RowStdFn =
     unsafe extern "C" fn(*const Launch, *const f32, *const f32, i32, i32, *mut f32) -> i32;
+type ScaleRowsFn = unsafe extern "C" fn(*const Launch, *mut f64, *const f64, i32, i32) -> i32;
 type RowSqFn = unsafe extern "C" fn(*const Launch, *const f64, i32, i32, *mut f64) -> i32;
 
 /// The EKI variants' kernels equal their CPU twins bit for bit: `nesterov_f32` and
@@ -754,6 +755,33 @@ fn eki_variant_kernels_are_exact() {
         e.result(rc).expect("row_std_f32");
         let got = up(&og.get("row_std_f32"));
         assert_close("row_std_f32", &got, &up(&want_std), 0.0, EPS32);
+    }
+    let scale_rows = e.entry::<ScaleRowsFn>("scale_rows_f64");
+    let (rows, cols) = (13, 77);
+    let a = normals(&mut rng, rows * cols, 1.0);
+    let w = normals(&mut rng, rows, 2.0);
+    let mut want = a.clone();
+    cpu.scale_rows_f64(&mut want, rows, cols, &w).unwrap();
+    for order in ORDERS {
+        for cfg in [
+            geometry::elementwise_stride_launch(rows * cols),
+            grid_1d(rows * cols, 32, 3),
+        ] {
+            let mut ag = Guarded::new(&a);
+            let wg = Guarded::new(&w);
+            // SAFETY: a holds rows·cols elements, w rows.
+            let rc = unsafe {
+                scale_rows(
+                    &launch(&cfg, order),
+                    ag.mut_ptr(),
+                    wg.ptr(),
+                    rows as i32,
+                    cols as i32,
+                )
+            };
+            e.result(rc).expect("scale_rows_f64");
+            assert_eq!(ag.get("scale_rows_f64"), want);
+        }
     }
     let rowsq = e.entry::<RowSqFn>("row_sq_norms_f64");
     for (rows, cols) in [(5, 7), (3, 256), (9, 640), (2, 1001)] {

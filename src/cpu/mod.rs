@@ -4,6 +4,7 @@
 //! reductions), `linalg.rs` (GEMM and the small solves).
 
 pub mod backprop;
+pub mod eigen;
 pub mod forward;
 pub mod linalg;
 pub mod reduce;
@@ -270,6 +271,14 @@ impl Backend for CpuBackend {
         step: u32,
     ) -> Result<()> {
         reduce::add_normal_f32(u, cols, scale, mult, key, step)
+    }
+
+    fn scale_rows_f64(&self, a: &mut Vec<f64>, rows: usize, cols: usize, w: &[f64]) -> Result<()> {
+        reduce::scale_rows_f64(a, rows, cols, w)
+    }
+
+    fn sym_eigen_f64(&self, a: &mut Vec<f64>, n: usize) -> Result<Vec<f64>> {
+        eigen::sym_eigen_f64(a, n)
     }
 
     fn row_sq_norms_f64(&self, a: &Vec<f64>, rows: usize, cols: usize) -> Result<Vec<f64>> {

@@ -270,3 +270,16 @@ pub fn add_normal_f32(
         });
     Ok(())
 }
+
+/// `a[r, c] *= w[r]` over rows × cols (twin of `scale_rows_f64`: one multiply each).
+pub fn scale_rows_f64(a: &mut [f64], rows: usize, cols: usize, w: &[f64]) -> Result<()> {
+    check_len("scale_rows_f64 matrix", a.len(), rows * cols)?;
+    check_len("scale_rows_f64 scales", w.len(), rows)?;
+    if cols == 0 {
+        return Ok(());
+    }
+    a.par_chunks_mut(cols)
+        .zip(w.par_iter())
+        .for_each(|(row, &s)| row.iter_mut().for_each(|v| *v *= s));
+    Ok(())
+}

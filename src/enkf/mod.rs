@@ -53,6 +53,7 @@
 mod reference;
 pub mod resize;
 mod tikhonov;
+pub mod transform;
 
 pub use reference::{batch_reference, sequential_literal};
 
@@ -81,6 +82,11 @@ pub enum UpdateRule {
     Sequential,
     /// One ensemble Kalman inversion step with all 10·B outputs at once.
     Batch,
+    /// The ensemble transform Kalman inversion (ETKI, a square-root update): the mean
+    /// moves as in `Batch`, the anomalies by the symmetric square root of the J × J
+    /// transform (see [`transform`]); deterministic, exact posterior covariance in the
+    /// linear-Gaussian case.
+    Transform,
 }
 
 /// Association of the final product `U += X (AᵀU) / J` (see the module docs).
@@ -160,6 +166,8 @@ pub struct EnkfWorkspace<B: Backend> {
     gamma: f64,
     /// Step Δt of the last gain.
     dt: f64,
+    /// The transform update's buffers (allocated on its first gain).
+    transform: Option<transform::TransformBuffers<B>>,
 }
 
 impl<B: Backend> EnkfWorkspace<B> {
@@ -282,6 +290,7 @@ impl<B: Backend> EnkfWorkspace<B> {
             apply,
             gamma: 0.0,
             dt: 1.0,
+            transform: None,
         })
     }
 
@@ -439,6 +448,28 @@ impl<B: Backend> EnkfWorkspace<B> {
         )?;
         backend.add_diagonal_f64(&mut self.c64, m, gamma)?;
         match rule {
+            UpdateRule::Transform => {
+                if noise.is_some() {
+                    return Err(Error::Config(
+                        "the transform update is deterministic: it takes no perturbed \
+                         observations (use --observations exact)"
+                            .into(),
+                    ));
+                }
+                if self.transform.is_none() {
+                    self.transform = Some(transform::TransformBuffers::new(backend, j, m)?);
+                }
+                if let Some(t) = &mut self.transform {
+                    t.gain(
+                        backend,
+                        &self.a64,
+                        &mut self.x64,
+                        &mut self.c64,
+                        (j, m),
+                        gamma,
+                    )?;
+                }
+            }
             UpdateRule::Batch => {
                 // X = Kᵀ = D C⁻¹.
                 backend.block_cholesky_solve_f64(&mut self.c64, 1, m, &mut self.x64, j)?;

@@ -557,6 +557,89 @@ pub fn solve_unit_lower_right_f64(
     .map_err(cuda_err("cublasDtrsm"))
 }
 
+/// Symmetric eigendecomposition by cuSOLVER `syevd` (eigenvectors, lower triangle): the
+/// row-major symmetric `a` is its own column-major transpose, and syevd's column-major
+/// eigenvector columns read row-major as rows, so on return row k of `a` is the
+/// eigenvector of eigenvalue k (ascending, returned on the host).
+///
+/// Errors: [`Error::Shape`] on the length; [`Error::Cuda`] for a cuSOLVER failure or
+/// `info ≠ 0` (no convergence, or an invalid argument).
+pub fn sym_eigen_f64(
+    be: &CudaBackend,
+    solver: &DnHandle,
+    a: &mut CudaSlice<f64>,
+    n: usize,
+) -> Result<Vec<f64>> {
+    check_len("sym_eigen_f64 matrix", a.len(), n * n)?;
+    if n == 0 {
+        return Ok(Vec::new());
+    }
+    let n_i = to_i32("sym_eigen_f64 n", n)?;
+    let stream = be.stream();
+    let h = solver.cu();
+    let mut w = super::device_zeros::<f64>(stream, n)?;
+    let mut info = super::device_zeros::<i32>(stream, 1)?;
+    let jobz = sol::cusolverEigMode_t::CUSOLVER_EIG_MODE_VECTOR;
+    let uplo = sol::cublasFillMode_t::CUBLAS_FILL_MODE_LOWER;
+    {
+        let (a_ptr, _ga) = a.device_ptr_mut(stream);
+        let (w_ptr, _gw) = w.device_ptr_mut(stream);
+        let mut lwork = 0i32;
+        // SAFETY: a holds n² doubles and w n (checked and allocated above); the query
+        // reads no data.
+        sol_check(
+            unsafe {
+                sol::cusolverDnDsyevd_bufferSize(
+                    h,
+                    jobz,
+                    uplo,
+                    n_i,
+                    a_ptr as *const f64,
+                    n_i,
+                    w_ptr as *const f64,
+                    &mut lwork,
+                )
+            },
+            "syevd_bufferSize",
+        )?;
+        let mut work = super::device_zeros::<f64>(stream, lwork.max(1) as usize)?;
+        let (work_ptr, _gk) = work.device_ptr_mut(stream);
+        let (i_ptr, _gi) = info.device_ptr_mut(stream);
+        // SAFETY: as above, with the queried lwork doubles of workspace and one int of
+        // info.
+        sol_check(
+            unsafe {
+                sol::cusolverDnDsyevd(
+                    h,
+                    jobz,
+                    uplo,
+                    n_i,
+                    a_ptr as *mut f64,
+                    n_i,
+                    w_ptr as *mut f64,
+                    work_ptr as *mut f64,
+                    lwork,
+                    i_ptr as *mut i32,
+                )
+            },
+            "syevd",
+        )?;
+    }
+    let info_h = stream
+        .clone_dtoh(&info)
+        .map_err(cuda_err("reading cuSOLVER info"))?;
+    if info_h.first().copied().unwrap_or(0) != 0 {
+        return Err(Error::Cuda(format!(
+            "cuSOLVER syevd: info = {} on a {n} × {n} matrix (no convergence or a bad \
+             argument)",
+            info_h[0]
+        )));
+    }
+    stream
+        .clone_dtoh(&w)
+        .map_err(cuda_err("downloading the eigenvalues"))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -66,6 +66,9 @@ pub struct TrainShape {
     pub tikhonov: bool,
     /// Whether Nesterov momentum keeps the previous J × P ensemble beside U.
     pub momentum: bool,
+    /// Whether the update is the transform one (an m × J f64 buffer and vectors more per
+    /// workspace, `TransformBuffers::bytes`).
+    pub transform: bool,
 }
 
 impl TrainShape {
@@ -103,6 +106,7 @@ impl TrainShape {
             observations: cfg.observations,
             tikhonov: cfg.tikhonov > 0.0,
             momentum: cfg.accelerator == Accelerator::Nesterov,
+            transform: cfg.update == crate::enkf::UpdateRule::Transform,
         }
     }
 
@@ -178,7 +182,17 @@ pub fn estimate(shape: &TrainShape) -> MemoryEstimate {
     let workspaces: u64 = shape
         .batches
         .iter()
-        .map(|&b| workspace_bytes_of(shape.members, shape.params, b, shape.tikhonov))
+        .map(|&b| {
+            let transform = if shape.transform {
+                crate::enkf::transform::TransformBuffers::<crate::cpu::CpuBackend>::bytes(
+                    shape.members,
+                    b * CLASSES,
+                )
+            } else {
+                0
+            };
+            workspace_bytes_of(shape.members, shape.params, b, shape.tikhonov) + transform
+        })
         .sum();
     let largest_batch = shape.batches.iter().copied().max().unwrap_or(0) as u64;
     let noise = match shape.observations {
@@ -406,6 +420,7 @@ mod tests {
             observations: Observations::Exact,
             tikhonov: false,
             momentum: false,
+            transform: false,
         }
     }
 
@@ -432,6 +447,15 @@ mod tests {
             ..s.clone()
         };
         assert_eq!(estimate(&mom).ensemble, 2 * estimate(&s).ensemble);
+        let tr = TrainShape {
+            transform: true,
+            ..s.clone()
+        };
+        // Ones (J), three m-vectors and Q Aᵀ (m × J), f64.
+        assert_eq!(
+            estimate(&tr).workspaces,
+            estimate(&s).workspaces + 8 * (j + 3 * 640 + 640 * j)
+        );
     }
 
     #[test]

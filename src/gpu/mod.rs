@@ -586,6 +586,20 @@ impl Backend for CudaBackend {
         reduce::add_normal_f32(self, u, cols, scale, mult, key, step)
     }
 
+    fn scale_rows_f64(
+        &self,
+        a: &mut CudaSlice<f64>,
+        rows: usize,
+        cols: usize,
+        w: &[f64],
+    ) -> Result<()> {
+        reduce::scale_rows_f64(self, a, rows, cols, w)
+    }
+
+    fn sym_eigen_f64(&self, a: &mut CudaSlice<f64>, n: usize) -> Result<Vec<f64>> {
+        linalg::sym_eigen_f64(self, &self.solver, a, n)
+    }
+
     fn row_sq_norms_f64(&self, a: &CudaSlice<f64>, rows: usize, cols: usize) -> Result<Vec<f64>> {
         reduce::row_sq_norms_f64(self, a, rows, cols)
     }

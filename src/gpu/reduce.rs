@@ -309,3 +309,33 @@ pub fn add_normal_f32(
         .map(|_| ())
         .map_err(cuda_err("launching add_normal_f32"))
 }
+
+/// `a[r, c] *= w[r]` (`scale_rows_f64`), `w` uploaded from the host. Errors:
+/// [`crate::Error::Shape`] on a length mismatch or a size past i32.
+pub fn scale_rows_f64(
+    be: &CudaBackend,
+    a: &mut CudaSlice<f64>,
+    rows: usize,
+    cols: usize,
+    w: &[f64],
+) -> Result<()> {
+    check_len("scale_rows_f64 matrix", a.len(), rows * cols)?;
+    check_len("scale_rows_f64 scales", w.len(), rows)?;
+    if rows * cols == 0 {
+        return Ok(());
+    }
+    let rows_i = to_i32("scale_rows_f64 rows", rows)?;
+    let cols_i = to_i32("scale_rows_f64 cols", cols)?;
+    let wd = be
+        .stream()
+        .clone_htod(w)
+        .map_err(cuda_err(&format!("uploading {rows} scales")))?;
+    let f = be.kernels().get("scale_rows_f64")?;
+    let mut launch = be.stream().launch_builder(f);
+    launch.arg(a).arg(&wd).arg(&rows_i).arg(&cols_i);
+    // SAFETY: check_len proved a = rows·cols elements, wd holds rows; the loop stops at
+    // rows·cols and reads w[i / cols] < rows.
+    unsafe { launch.launch(elementwise_stride_launch(rows * cols)) }
+        .map(|_| ())
+        .map_err(cuda_err("launching scale_rows_f64"))
+}

@@ -773,6 +773,13 @@ impl TrainConfig {
                 ));
             }
         }
+        if self.update == UpdateRule::Transform && self.observations != Observations::Exact {
+            return bad(
+                "update = transform with observations = perturbed: the transform (square-root) \
+                 update is deterministic and takes no perturbed observations"
+                    .into(),
+            );
+        }
         if !(self.additive_inflation.is_finite() && self.additive_inflation >= 0.0) {
             return bad(format!(
                 "additive_inflation must be a finite number ≥ 0 (0: none), got {}",

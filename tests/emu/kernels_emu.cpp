@@ -49,6 +49,7 @@ EMU_ENTRY(add_normal_f32,
           (float* u, long long n, int cols, const float* scale, float mult, unsigned int key0,
            unsigned int key1, unsigned int step),
           (u, n, cols, scale, mult, key0, key1, step))
+EMU_ENTRY(scale_rows_f64, (double* a, const double* w, int rows, int cols), (a, w, rows, cols))
 EMU_ENTRY(row_sq_norms_f64, (const double* a, int rows, int cols, double* out),
           (a, rows, cols, out))
 
