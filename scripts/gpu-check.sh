@@ -16,6 +16,8 @@
 #     1. one MNIST epoch at J = 5000, FP32 (the headline: test error ≤ 4.5 %);
 #     2. J = 50,000 for 20 iterations (memory and scale);
 #     3. bench with --math tf32 and with --update batch (J = 1000, 5000, 10000);
+#        then the EKI variants (transform, dmc, tikhonov, nesterov, additive inflation),
+#        100 iterations each at J = 5000 (never run on a GPU before);
 #     4. ncu --clock-control none on the forward kernel: its achieved FLOP rate (skipped
 #        or recorded as failed when ncu is missing or refuses);
 #     5. one MNIST epoch at J = 5000 with --math tf32, if the budget still allows.
@@ -197,6 +199,16 @@ long_stage() {
   local bench=(bench --backend cuda -J 1000,5000,10000 --iters 20 --warmup 3)
   step bench-tf32 60 25 "$note_bench" -- "$BIN" "${bench[@]}" --math tf32 --csv "$LOGS/bench-tf32.csv"
   step bench-batch 60 25 "$note_bench" -- "$BIN" "${bench[@]}" --update batch --csv "$LOGS/bench-batch.csv"
+  # ---- 3b. the EKI variants (issue 13) on the device: 100 iterations each at J = 5000
+  local v name
+  for v in "transform:--update transform" "dmc:--update batch --step dmc" \
+    "tikhonov:--update batch --tikhonov 1" "nesterov:--accelerator nesterov" \
+    "additive:--additive-inflation 0.3 --additive-from spread"; do
+    name="variant-${v%%:*}"
+    # shellcheck disable=SC2086 # the flags are meant to split
+    step "$name" 60 15 "$(note_run "$name")" -- "$BIN" train --backend cuda --members 5000 \
+      --iterations 100 --eval-every 50 ${v#*:} --out "$LOGS/$name"
+  done
   # ---- 4. the forward kernel's achieved FLOP rate (ncu, unlocked clocks). bench launches
   # ensemble_forward_f32 three times an iteration (J members, then the mean network on the
   # batch and on the test set): launch 3 is the J = 5000 forward of the second iteration.
