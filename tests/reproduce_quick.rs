@@ -249,6 +249,42 @@ fn deep_tiny_trains_spec_networks_with_every_method() {
     std::fs::remove_dir_all(&out).ok();
 }
 
+/// `reproduce methods`: the authors' update and the EKI variants, one run each; every
+/// run's config.json holds its variant.
+#[test]
+fn methods_tiny_runs_every_variant() {
+    let out = tmp("methods");
+    let opts = ReproduceOptions {
+        seeds: 1,
+        ..tiny(&out)
+    };
+    run(Experiment::Methods, &opts).expect("methods tiny");
+    let dir = out.join("methods");
+    let (_, rows) = read_csv(&dir.join("summary.csv"));
+    let config = |run: &str| -> serde_json::Value {
+        serde_json::from_str(
+            &std::fs::read_to_string(dir.join(run).join("seed-0/config.json")).expect("config"),
+        )
+        .expect("json")
+    };
+    for (run, key, value) in [
+        ("authors", "update", serde_json::json!("sequential")),
+        ("inflation1.05", "inflation", serde_json::json!(1.05)),
+        ("additive0.3", "additive_from", serde_json::json!("spread")),
+        ("transform", "update", serde_json::json!("transform")),
+        (
+            "transform-additive0.3",
+            "additive_inflation",
+            serde_json::json!(0.3),
+        ),
+    ] {
+        assert!(rows.iter().any(|r| r[0] == run), "{run} missing: {rows:?}");
+        assert_eq!(config(run)[key], value, "{run}");
+    }
+    assert_eq!(config("transform-additive0.3")["update"], "transform");
+    std::fs::remove_dir_all(&out).ok();
+}
+
 #[test]
 fn zero_seeds_is_a_config_error() {
     let out = tmp("zero");
