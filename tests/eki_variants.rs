@@ -542,7 +542,8 @@ fn nesterov_converges_faster_than_plain_eki() {
 }
 
 /// Runs stopped at a checkpoint and resumed end with the same mean network, bit for bit,
-/// as runs in one go: the controller's algorithm time, the momentum's θ and previous
+/// as runs in one go: the perturbations (a function of the seed and the iteration), the
+/// controller's algorithm time, the momentum's θ and previous
 /// ensemble, and the Tikhonov update are all part of the state; and each variant changes
 /// the result against the plain update.
 #[test]
@@ -565,7 +566,8 @@ fn variant_runs_resume_exactly() {
         std::fs::read(out.join("mean.npy")).expect("mean.npy")
     };
     let plain = train(&dir.join("plain"), &["--iterations", "14"]);
-    let variants: [&[&str]; 4] = [
+    let variants: [&[&str]; 5] = [
+        &["--observations", "perturbed", "--inflation", "1.02"],
         &["--step", "dmc", "--accelerator", "nesterov"],
         &["--update", "batch", "--tikhonov", "5", "--dt", "0.5"],
         &["--additive-inflation", "0.02", "--additive-from", "spread"],

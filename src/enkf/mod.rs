@@ -6,7 +6,7 @@
 //! and D = y1ᵀ − G the innovations (J × m each, f64). Because A is centred,
 //! cov(U, G) = (ΠU)ᵀA/J = UᵀA/J: U itself never needs centring.
 //!
-//! Both rules end in the same shape, `U ← U + X (AᵀU) / J` with X (J × m) computed from
+//! The rules end in the same shape, `U ← U + X (AᵀU) / J` with X (J × m) computed from
 //! G alone (the "gain" phase, all small f64 work):
 //!
 //! - [`UpdateRule::Batch`], one ensemble Kalman inversion step: C = AᵀA/J + γI (m × m),
@@ -40,6 +40,14 @@
 //!   block-lower part of AᵀBm/J, so the gain phase is: C = AᵀA/J (m × m), C += γI,
 //!   block-diagonal Cholesky solve turning D into Bm, Lfull = AᵀBm/J, T = I − L, and
 //!   X = Bm T⁻¹ by a unit-lower solve from the right (J × m², cheap).
+//!
+//! - [`UpdateRule::Transform`], the square-root update (ETKI): the batch rule's mean with
+//!   anomalies transformed by T^{1/2} instead of T; X from one m × m eigendecomposition
+//!   (see [`transform`]).
+//!
+//! Tikhonov-regularised EKI ([`EnkfWorkspace::with_tikhonov`], batch rule) adds the
+//! prior as P observations and is solved in member space, J × J (see `tikhonov.rs`): its
+//! apply phase replaces the one below.
 //!
 //! The "apply" phase `U += X (AᵀU)/J` is two large products. Two associations are
 //! exact in exact arithmetic ([`ApplyOrder`]): through parameter space,
