@@ -48,7 +48,7 @@ pub enum Existing {
 #[derive(Debug)]
 pub struct RunDir {
     path: PathBuf,
-    _lock: File,
+    lock: File,
 }
 
 impl RunDir {
@@ -116,13 +116,23 @@ impl RunDir {
         check_dir_writable(dir)?;
         Ok(RunDir {
             path: dir.to_path_buf(),
-            _lock: lock,
+            lock,
         })
     }
 
     /// The folder.
     pub fn path(&self) -> &Path {
         &self.path
+    }
+}
+
+impl Drop for RunDir {
+    /// Releases the lock explicitly. Closing our descriptor alone is not enough: a child
+    /// process forked by another thread (between its `fork` and `exec`) shares the open
+    /// file description, and an `flock` lock lives until every copy is closed. Unlocking
+    /// releases it for all of them at once.
+    fn drop(&mut self) {
+        let _ = self.lock.unlock();
     }
 }
 
