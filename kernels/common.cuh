@@ -18,6 +18,10 @@
 #define ENKF_ACT_LOGISTIC 0
 #define ENKF_ACT_RELU 1
 #define ENKF_ACT_TANH 2
+// Layer-spec networks only (`SpecActivation::code()` in src/model/spec.rs): heaviside,
+// and "no activation" for the spec kernels' optional epilogue.
+#define ENKF_ACT_HEAVISIDE 3
+#define ENKF_ACT_NONE -1
 
 // Architecture codes, set by the host wrapper (src/gpu/forward.rs).
 #define ENKF_ARCH_PAPER 0
@@ -46,6 +50,18 @@ __device__ __forceinline__ float enkf_activate(float x, int code) {
         return tanhf(x);
     }
     return 1.0f / (1.0f + expf(-x));
+}
+
+// A layer-spec activation (codes above, ENKF_ACT_NONE: the identity), exactly as
+// `SpecActivation::apply`: heaviside is 0 for x < 0, 1 for x ≥ 0, and keeps a NaN.
+__device__ __forceinline__ float enkf_spec_activate(float x, int code) {
+    if (code == ENKF_ACT_NONE) {
+        return x;
+    }
+    if (code == ENKF_ACT_HEAVISIDE) {
+        return x < 0.0f ? 0.0f : (x >= 0.0f ? 1.0f : x);
+    }
+    return enkf_activate(x, code);
 }
 
 // Sum over the 32 lanes of a full warp; every lane gets the total.

@@ -12,6 +12,9 @@ use rand_chacha::ChaCha8Rng;
 use rand_distr::{Distribution, StandardNormal};
 use serde_json::json;
 
+mod common;
+use common::twins::random_specs;
+
 const MNIST: Shape = Shape::Image { c: 1, h: 28, w: 28 };
 
 fn config_err(r: enkf_dnn::Result<impl std::fmt::Debug>) -> String {
@@ -371,56 +374,6 @@ fn normal(rng: &mut ChaCha8Rng, n: usize, scale: f32) -> Vec<f32> {
         .collect()
 }
 
-/// Random specs: several depths, channel counts, kernel sizes, strides, paddings,
-/// biases, both pools, every activation, image and vector inputs.
-fn random_specs(rng: &mut ChaCha8Rng) -> Vec<(String, Shape)> {
-    let acts = ["logistic", "relu", "tanh", "heaviside"];
-    let mut specs = vec![
-        ("flatten linear(10)".to_string(), Shape::Vector(37)),
-        (
-            "linear(24) heaviside linear(12,bias=false) tanh linear(10)".to_string(),
-            Shape::Vector(37),
-        ),
-    ];
-    for _ in 0..12 {
-        let (c, h, w) = (
-            rng.random_range(1..4),
-            rng.random_range(9..16),
-            rng.random_range(9..16),
-        );
-        let mut text = String::new();
-        let mut side = h.min(w);
-        for _ in 0..rng.random_range(1..4) {
-            let k = rng.random_range(1..4).min(side);
-            let stride = rng.random_range(1..3);
-            let padding = rng.random_range(0..2);
-            let bias = rng.random_bool(0.5);
-            text += &format!(
-                "conv2d({},{k},{stride},{padding},bias={bias}) {} ",
-                rng.random_range(1..5),
-                acts[rng.random_range(0..4)]
-            );
-            side = (side + 2 * padding - k) / stride + 1;
-            if side >= 4 && rng.random_bool(0.5) {
-                let pool = if rng.random_bool(0.5) {
-                    "maxpool2d"
-                } else {
-                    "avgpool2d"
-                };
-                text += &format!("{pool}(2) ");
-                side /= 2;
-            }
-        }
-        text += &format!(
-            "flatten linear({}) {} linear(10)",
-            rng.random_range(3..12),
-            acts[rng.random_range(0..4)]
-        );
-        specs.push((text, Shape::Image { c, h, w }));
-    }
-    specs
-}
-
 #[test]
 fn spec_forward_equals_naive_loops_on_random_specs() {
     let mut rng = ChaCha8Rng::seed_from_u64(3);
@@ -479,6 +432,56 @@ fn spec_forward_on_the_presets_matches_the_fused_kernels() {
                     "{arch:?}/{act:?}[{i}]: generic {g}, fused {f} (scale {scale})"
                 );
             }
+        }
+    }
+}
+
+/// The GPU's launch plan, executed with the CPU twins of its kernels (and of the
+/// strided-batched GEMM), in blocks of whole members and of one member's images (member
+/// strides, the shared-input stride 0, each block's output rows): the function of
+/// `spec_forward` on every random spec. The twins use fused multiply-adds in the
+/// convolutions, the CPU path does not: the forward tolerance (`FORWARD_TOL`, f32
+/// sums reordered) against an error of order 1 for a wrong buffer, stride or offset.
+#[test]
+fn the_gpu_launch_plan_equals_spec_forward() {
+    use common::twins::FORWARD_TOL;
+    use enkf_dnn::cpu::spec_kernels::run_plan;
+    use enkf_dnn::gpu::spec_plan::{blocks_of, SpecPlan};
+    let mut rng = ChaCha8Rng::seed_from_u64(31);
+    let mut specs = random_specs(&mut rng);
+    specs.push(("flatten".into(), Shape::Vector(10)));
+    specs.push((
+        "relu avgpool2d(2) flatten linear(10)".into(),
+        Shape::Image { c: 2, h: 9, w: 8 },
+    ));
+    for (text, input) in specs {
+        let spec = NetSpec::build(&parse_short(&text).unwrap(), input, 10).unwrap();
+        let plan = SpecPlan::of(&spec);
+        let (members, images) = (5, 3);
+        let w = normal(&mut rng, members * spec.n_params(), 0.7);
+        let x: Vec<f32> = (0..images * input.len())
+            .map(|_| rng.random::<f32>() - 0.25)
+            .collect();
+        let mut want = vec![0.0f32; members * images * 10];
+        spec_forward(&spec, &w, members, &x, images, &mut want).unwrap();
+        let scale = want.iter().fold(1.0f32, |m, v| m.max(v.abs())) as f64;
+        // Whole members in chunks of 1, 2 and all; one member at a time in chunks of 2
+        // images; the backend's own blocks.
+        for (mc, dc) in [(1, images), (2, images), (members, images), (1, 2), (0, 0)] {
+            let blocks = if mc == 0 {
+                plan.blocks(members, images)
+            } else {
+                blocks_of(members, images, mc, dc)
+            };
+            let mut got = vec![f32::NAN; want.len()];
+            run_plan(&plan, &spec, &w, members, &x, images, &mut got, &blocks).unwrap();
+            common::assert_close(
+                &format!("{text} on {input}, blocks of {mc} × {dc}"),
+                &common::up(&got),
+                &common::up(&want),
+                FORWARD_TOL * scale,
+                FORWARD_TOL,
+            );
         }
     }
 }

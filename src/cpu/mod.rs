@@ -10,6 +10,7 @@ pub mod linalg;
 pub mod reduce;
 pub mod spec_backprop;
 pub mod spec_forward;
+pub mod spec_kernels;
 
 use crate::backend::{check_len, Backend, CacheMode, GradStep, MathMode, Trans};
 use crate::model::Net;

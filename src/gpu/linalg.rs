@@ -9,7 +9,7 @@
 use cudarc::cublas::sys::{
     cublasDiagType_t, cublasFillMode_t, cublasMath_t, cublasOperation_t, cublasSideMode_t,
 };
-use cudarc::cublas::{CudaBlas, Gemm, GemmConfig};
+use cudarc::cublas::{CudaBlas, Gemm, GemmConfig, StridedBatchedConfig};
 use cudarc::cusolver::{sys as sol, DnHandle};
 use cudarc::driver::{CudaSlice, DevicePtr, DevicePtrMut, PushKernelArg};
 
@@ -151,6 +151,110 @@ where
     // SAFETY: check_len proved b = k·n, a = m·k, c = m·n elements, which are exactly the
     // extents cuBLAS reads/writes with these dimensions and leading dimensions.
     unsafe { blas.gemm(cfg, b, a, c) }.map_err(cuda_err("cuBLAS gemm"))
+}
+
+/// The linear layers of a spec network, one member per batch entry: for r < `members`,
+/// `out_r` (images × n) = `input_r` (images × f, at r·`in_mstride`; 0 shares one input)
+/// · W_rᵀ, W_r the row-major n × f weight at r·`w_stride` in `w` (a view starting at
+/// member 0's weight). One `cublasSgemmStridedBatched` (TF32 under
+/// [`MathMode::Tf32`]) through [`col_major_gemm`] (row-major a = input, b = W stored
+/// n × f, `Trans::Yes`).
+///
+/// Errors: [`Error::Shape`] when a view is shorter than the extents read or written, or
+/// a dimension or stride is beyond cuBLAS's `int` / `long long`.
+#[allow(clippy::too_many_arguments)]
+pub fn linear_strided_batched_f32<A, W, C>(
+    blas: &CudaBlas,
+    input: &A,
+    in_mstride: usize,
+    w: &W,
+    w_stride: usize,
+    out: &mut C,
+    (members, images): (usize, usize),
+    (f, n): (usize, usize),
+) -> Result<()>
+where
+    A: DevicePtr<f32> + ViewLen,
+    W: DevicePtr<f32> + ViewLen,
+    C: DevicePtrMut<f32> + ViewLen,
+{
+    if members == 0 || images == 0 || n == 0 {
+        return Ok(());
+    }
+    let last = members - 1;
+    let at_least = |what: &str, found: usize, needed: usize| {
+        if found >= needed {
+            Ok(())
+        } else {
+            Err(Error::Shape {
+                what: what.to_string(),
+                expected: format!("at least {needed}"),
+                found: found.to_string(),
+            })
+        }
+    };
+    at_least(
+        "linear input",
+        input.view_len(),
+        last * in_mstride + images * f,
+    )?;
+    at_least("linear weights", w.view_len(), last * w_stride + n * f)?;
+    check_len("linear output", out.view_len(), members * images * n)?;
+    let g = col_major_gemm(Trans::No, Trans::Yes, images, n, f);
+    let stride = |what: &str, v: usize| {
+        i64::try_from(v).map_err(|_| Error::Shape {
+            what: what.to_string(),
+            expected: "at most 2^63 − 1".into(),
+            found: v.to_string(),
+        })
+    };
+    let cfg = StridedBatchedConfig {
+        gemm: GemmConfig {
+            transa: op(g.transa),
+            transb: op(g.transb),
+            m: to_i32("linear n", g.m)?,
+            n: to_i32("linear images", g.n)?,
+            k: to_i32("linear f", g.k)?,
+            alpha: 1.0f32,
+            lda: to_i32("linear lda", g.lda)?,
+            ldb: to_i32("linear ldb", g.ldb)?,
+            beta: 0.0f32,
+            ldc: to_i32("linear ldc", g.ldc)?,
+        },
+        batch_size: to_i32("linear members", members)?,
+        stride_a: stride("linear weight stride", w_stride)?,
+        stride_b: stride("linear input stride", in_mstride)?,
+        stride_c: stride("linear output stride", images * n)?,
+    };
+    // SAFETY: batch r reads W at r·w_stride (n × f), the input at r·in_mstride
+    // (images × f) and writes images × n at r·images·n: the checks above proved every
+    // view long enough for the last batch entry.
+    unsafe { blas.gemm_strided_batched(cfg, w, input, out) }
+        .map_err(cuda_err("cuBLAS sgemm strided batched (linear layers)"))
+}
+
+/// The element count of a device buffer or view (for the bounds checks above).
+pub trait ViewLen {
+    /// Elements.
+    fn view_len(&self) -> usize;
+}
+
+impl<T> ViewLen for CudaSlice<T> {
+    fn view_len(&self) -> usize {
+        self.len()
+    }
+}
+
+impl<T> ViewLen for cudarc::driver::CudaView<'_, T> {
+    fn view_len(&self) -> usize {
+        self.len()
+    }
+}
+
+impl<T> ViewLen for cudarc::driver::CudaViewMut<'_, T> {
+    fn view_len(&self) -> usize {
+        self.len()
+    }
 }
 
 /// Adds `shift` to the diagonal of the n × n matrix `a`.

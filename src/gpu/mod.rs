@@ -17,9 +17,11 @@ pub mod linalg;
 pub mod memory;
 pub mod module;
 pub mod reduce;
+pub mod spec_forward;
+pub mod spec_plan;
 pub mod timing;
 
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 
 use cudarc::cublas::CudaBlas;
 use cudarc::cusolver::DnHandle;
@@ -50,6 +52,9 @@ pub struct CudaBackend {
     forward: ForwardGeometry,
     fp32_peak_gflops: Option<f64>,
     description: String,
+    /// The two scratch buffers of the layer-spec forward pass (`spec_forward.rs`),
+    /// grown on demand and kept between calls.
+    spec_scratch: Mutex<Vec<CudaSlice<f32>>>,
 }
 
 /// What [`CudaBackend::open`] found the first time in this process: the description, or
@@ -227,6 +232,7 @@ impl CudaBackend {
             forward,
             fp32_peak_gflops,
             description,
+            spec_scratch: Mutex::new(Vec::new()),
         })
     }
 
@@ -328,6 +334,28 @@ impl CudaBackend {
     pub(crate) fn kernels(&self) -> &Kernels {
         &self.kernels
     }
+
+    pub(crate) fn blas(&self) -> &CudaBlas {
+        &self.blas
+    }
+
+    /// The two scratch buffers of the layer-spec forward pass, each at least `len`
+    /// values (reallocated when smaller; contents undefined).
+    ///
+    /// Errors: [`Error::Cuda`] when an allocation fails.
+    pub(crate) fn spec_scratch(&self, len: usize) -> Result<MutexGuard<'_, Vec<CudaSlice<f32>>>> {
+        let mut guard = self
+            .spec_scratch
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if guard.len() != 2 || guard.iter().any(|b| b.len() < len) {
+            guard.clear();
+            for _ in 0..2 {
+                guard.push(self.zeros::<f32>(len)?);
+            }
+        }
+        Ok(guard)
+    }
 }
 
 impl Backend for CudaBackend {
@@ -397,6 +425,9 @@ impl Backend for CudaBackend {
         images: usize,
         out: &mut CudaSlice<f32>,
     ) -> Result<()> {
+        if let Some(spec) = net.spec() {
+            return spec_forward::spec_forward(self, spec, weights, members, x, images, out);
+        }
         forward::ensemble_forward(self, net, weights, members, x, images, out)
     }
 

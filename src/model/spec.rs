@@ -51,6 +51,17 @@ impl SpecActivation {
         }
     }
 
+    /// The code of the CUDA kernels (`ENKF_ACT_*` in `kernels/common.cuh`; the first
+    /// three equal [`Activation::code`]).
+    pub fn code(self) -> i32 {
+        match self {
+            SpecActivation::Logistic => 0,
+            SpecActivation::Relu => 1,
+            SpecActivation::Tanh => 2,
+            SpecActivation::Heaviside => 3,
+        }
+    }
+
     /// Applies the activation to one value (the first three exactly as
     /// [`Activation::apply`]).
     #[inline(always)]

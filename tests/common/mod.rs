@@ -5,6 +5,7 @@
 //! them; this file only applies them.
 #![allow(dead_code)]
 
+pub mod emu;
 pub mod twins;
 
 use enkf_dnn::backend::MathMode;

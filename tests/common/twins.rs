@@ -18,6 +18,7 @@ use enkf_dnn::backend::Backend;
 use enkf_dnn::cpu::backprop::{backprop, ForwardCache};
 use enkf_dnn::cpu::CpuBackend;
 use enkf_dnn::enkf::one_hot;
+use enkf_dnn::model::spec::Shape;
 use enkf_dnn::model::{Activation, Arch, Net, C1, C2, CLASSES, H1, H2, IMG_PIXELS};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -293,4 +294,54 @@ pub fn cholesky_inputs(
         .block_cholesky_solve_f64(&mut ac, blocks, bs, &mut want, nrhs)
         .expect("cpu block Cholesky of SPD blocks");
     (a, rhs, want)
+}
+
+/// Random specs: several depths, channel counts, kernel sizes, strides, paddings,
+/// biases, both pools, every activation, image and vector inputs.
+pub fn random_specs(rng: &mut ChaCha8Rng) -> Vec<(String, Shape)> {
+    let acts = ["logistic", "relu", "tanh", "heaviside"];
+    let mut specs = vec![
+        ("flatten linear(10)".to_string(), Shape::Vector(37)),
+        (
+            "linear(24) heaviside linear(12,bias=false) tanh linear(10)".to_string(),
+            Shape::Vector(37),
+        ),
+    ];
+    for _ in 0..12 {
+        let (c, h, w) = (
+            rng.random_range(1..4),
+            rng.random_range(9..16),
+            rng.random_range(9..16),
+        );
+        let mut text = String::new();
+        let mut side = h.min(w);
+        for _ in 0..rng.random_range(1..4) {
+            let k = rng.random_range(1..4).min(side);
+            let stride = rng.random_range(1..3);
+            let padding = rng.random_range(0..2);
+            let bias = rng.random_bool(0.5);
+            text += &format!(
+                "conv2d({},{k},{stride},{padding},bias={bias}) {} ",
+                rng.random_range(1..5),
+                acts[rng.random_range(0..4)]
+            );
+            side = (side + 2 * padding - k) / stride + 1;
+            if side >= 4 && rng.random_bool(0.5) {
+                let pool = if rng.random_bool(0.5) {
+                    "maxpool2d"
+                } else {
+                    "avgpool2d"
+                };
+                text += &format!("{pool}(2) ");
+                side /= 2;
+            }
+        }
+        text += &format!(
+            "flatten linear({}) {} linear(10)",
+            rng.random_range(3..12),
+            acts[rng.random_range(0..4)]
+        );
+        specs.push((text, Shape::Image { c, h, w }));
+    }
+    specs
 }

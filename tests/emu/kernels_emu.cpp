@@ -12,6 +12,7 @@
 #include "forward.cu"
 #include "linalg.cu"
 #include "reduce.cu"
+#include "spec.cu"
 
 #define EMU_ENTRY(kernel, params, args)                                      \
     extern "C" int emu_##kernel(const emu::Launch* launch, EMU_UNPAREN params) { \
@@ -52,6 +53,25 @@ EMU_ENTRY(add_normal_f32,
 EMU_ENTRY(scale_rows_f64, (double* a, const double* w, int rows, int cols), (a, w, rows, cols))
 EMU_ENTRY(row_sq_norms_f64, (const double* a, int rows, int cols, double* out),
           (a, rows, cols, out))
+
+// spec.cu
+EMU_ENTRY(spec_conv2d_f32,
+          (const float* in, long long in_mstride, const float* w, long long w_base,
+           long long w_stride, long long b_off, float* out, int members, int images, int c,
+           int h, int wd, int co, int oh, int ow, int k, int stride, int pad, int act),
+          (in, in_mstride, w, w_base, w_stride, b_off, out, members, images, c, h, wd, co, oh,
+           ow, k, stride, pad, act))
+EMU_ENTRY(spec_pool2d_f32,
+          (const float* in, long long in_mstride, float* out, long long planes,
+           long long planes_per_member, int h, int wd, int oh, int ow, int k, int mode,
+           int act),
+          (in, in_mstride, out, planes, planes_per_member, h, wd, oh, ow, k, mode, act))
+EMU_ENTRY(spec_bias_act_f32,
+          (const float* in, long long in_mstride, float* out, const float* w, long long w_base,
+           long long w_stride, int has_bias, int members, int images, int len, int plane,
+           int act),
+          (in, in_mstride, out, w, w_base, w_stride, has_bias, members, images, len, plane,
+           act))
 
 // linalg.cu
 EMU_ENTRY(add_diagonal_f64, (double* a, int n, double shift), (a, n, shift))
