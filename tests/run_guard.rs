@@ -329,3 +329,81 @@ fn sigterm_and_sigusr1_checkpoint_and_a_resume_may_only_extend_the_run() {
     assert!(state.t > target, "no progress saved: {}", state.t);
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// `reproduce` keeps an EnKF run that a signal stops: SIGTERM checkpoints it and exits
+/// 143 naming the command to rerun; the same command continues it from the checkpoint
+/// (not from iteration 0) and a second SIGTERM checkpoints it again further on.
+#[test]
+fn reproduce_checkpoints_on_sigterm_and_the_same_command_continues() {
+    use std::io::{BufRead, BufReader};
+    let out = fresh("guard-reproduce");
+    let run_dir = out.join("methods").join("authors").join("seed-0");
+    let start = || {
+        bin()
+            .args(["reproduce", "methods", "--out", out.to_str().unwrap()])
+            .args(["--only", "authors", "--seeds", "1", "-J", "4"])
+            .args(["--backend", "cpu", "--threads", "1"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn")
+    };
+    // Waits (a bound, not a timing assertion) until metrics.csv has more than `rows`
+    // lines, then stops the child with SIGTERM; returns its stderr and exit code.
+    let stop_after = |mut child: std::process::Child, rows: usize| {
+        let err = child.stderr.take().expect("stderr");
+        let reader = std::thread::spawn(move || {
+            BufReader::new(err)
+                .lines()
+                .map_while(|l| l.ok())
+                .collect::<Vec<_>>()
+                .join("\n")
+        });
+        let mut seen = 0;
+        for _ in 0..1200 {
+            seen = std::fs::read_to_string(run_dir.join("metrics.csv"))
+                .unwrap_or_default()
+                .lines()
+                .count();
+            if seen > rows {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        assert!(seen > rows, "the run did not get past {rows} rows in two minutes");
+        signal(&child, "TERM");
+        let status = child.wait().expect("wait");
+        (reader.join().expect("stderr reader"), status.code())
+    };
+    let (e, code) = stop_after(start(), 3);
+    assert_eq!(code, Some(143), "{e}");
+    assert!(e.contains("SIGTERM") && e.contains("reproduce"), "{e}");
+    let ckpt = enkf_dnn::train::checkpoint::path_in(&run_dir);
+    let (first, _) = enkf_dnn::train::checkpoint::read(&ckpt).expect("a checkpoint");
+    assert!(first.t >= 3, "stopped at {}", first.t);
+    assert!(!run_dir.join("done.json").exists(), "an unfinished run marked done");
+
+    let (e, code) = stop_after(start(), first.t + 3);
+    assert_eq!(code, Some(143), "{e}");
+    assert!(
+        e.contains(&format!(
+            "resuming from its checkpoint at iteration {}",
+            first.t
+        )),
+        "{e}"
+    );
+    let (second, _) = enkf_dnn::train::checkpoint::read(&ckpt).expect("a checkpoint");
+    assert!(second.t > first.t + 1, "{} after {}", second.t, first.t);
+    let rows = std::fs::read_to_string(run_dir.join("metrics.csv")).unwrap();
+    let iterations: Vec<usize> = rows
+        .lines()
+        .skip(1)
+        .map(|l| l.split(',').next().unwrap().parse().unwrap())
+        .collect();
+    assert_eq!(
+        iterations,
+        (0..=second.t).collect::<Vec<_>>(),
+        "every iteration once, in order"
+    );
+    let _ = std::fs::remove_dir_all(&out);
+}

@@ -350,6 +350,9 @@ impl Scale {
 /// Fashion-MNIST only skips Fig. 9 with a note in its `table.md`), and whatever a run,
 /// a CSV or a chart returns.
 pub fn run(exp: Experiment, opts: &ReproduceOptions) -> Result<()> {
+    // SIGINT, SIGTERM, SIGUSR1: the EnKF run in progress checkpoints and the command
+    // stops; the same command later continues it.
+    crate::signals::install();
     if opts.seeds == 0 || opts.stats_seeds == 0 {
         return Err(Error::Config("seeds must be at least 1".into()));
     }
@@ -544,10 +547,44 @@ struct EnkfJob<'a> {
 impl BackendJob for EnkfJob<'_> {
     type Output = Vec<MetricsRow>;
     fn run<B: Backend>(self, backend: &B, _desc: &str) -> Result<Vec<MetricsRow>> {
-        let mut trainer = Trainer::new(backend, self.cfg, self.data)?;
+        // A run stopped by a signal left a checkpoint: continue it (the configuration
+        // must match, `Trainer::resume` checks), rewriting its first rows.
+        let ckpt = crate::train::checkpoint::path_in(self.dir);
+        let mut trainer = if ckpt.exists() {
+            let t = Trainer::resume(backend, self.cfg, self.data, &ckpt)?;
+            eprintln!(
+                "  {}: resuming from its checkpoint at iteration {}",
+                self.dir.display(),
+                t.iteration()
+            );
+            t
+        } else {
+            Trainer::new(backend, self.cfg, self.data)?
+        };
         let mut obs = CsvObserver::create(self.dir)?;
-        let rows = trainer.run(&mut obs)?;
+        for row in trainer.rows() {
+            obs.on_row(row, 0)?;
+        }
+        let rows = trainer.run(&mut obs).map_err(|e| match e {
+            Error::Interrupted {
+                iteration,
+                signal,
+                exit_code,
+                ..
+            } => Error::Interrupted {
+                iteration,
+                signal,
+                exit_code,
+                resume: format!(
+                    "a checkpoint was written in {}; run the same `enkf-dnn reproduce` \
+                     command again to continue it (finished runs are reused)",
+                    self.dir.display()
+                ),
+            },
+            e => e,
+        });
         obs.finish()?;
+        let rows = rows?;
         if self.cfg.adaptation == crate::train::config::Adaptation::Adaptive {
             let path = self.dir.join("adaptive.csv");
             let mut w = csv::Writer::from_path(&path)?;
