@@ -17,7 +17,9 @@
 #     2. J = 50,000 for 20 iterations (memory and scale);
 #     3. bench with --math tf32 and with --update batch (J = 1000, 5000, 10000);
 #        then the EKI variants (transform, dmc, tikhonov, nesterov, additive inflation),
-#        100 iterations each at J = 5000 (never run on a GPU before);
+#        100 iterations each at J = 5000, and layer-spec networks on the per-layer kernels
+#        (bench of the paper's network as a spec; an MLP and a CNN, 100 iterations each at
+#        J = 5000), none of which has run on a GPU before;
 #     4. ncu --clock-control none on the forward kernel: its achieved FLOP rate (skipped
 #        or recorded as failed when ncu is missing or refuses);
 #     5. one MNIST epoch at J = 5000 with --math tf32, if the budget still allows.
@@ -208,6 +210,18 @@ long_stage() {
     # shellcheck disable=SC2086 # the flags are meant to split
     step "$name" 60 15 "$(note_run "$name")" -- "$BIN" train --backend cuda --members 5000 \
       --iterations 100 --eval-every 50 ${v#*:} --out "$LOGS/$name"
+  done
+  # ---- 3c. layer-spec networks on CUDA (issue 12, never run on a GPU before): the paper's
+  # network through the per-layer kernels (bench: against the fused rows above), the
+  # 6-layer MLP of `reproduce deep` and a deeper convolutional network, 100 iterations each
+  local paper_spec="conv2d(10,5,bias=false) logistic maxpool2d(2) conv2d(20,5,bias=false) logistic maxpool2d(2) flatten linear(10,bias=false)"
+  step bench-spec 60 20 "$note_bench" -- "$BIN" bench --backend cuda -J 1000,5000 --iters 10 \
+    --warmup 2 --net "$paper_spec" --csv "$LOGS/bench-spec.csv"
+  for v in "mlp6:flatten linear(32) logistic linear(32) logistic linear(32) logistic linear(32) logistic linear(32) logistic linear(10)" \
+    "cnn4:conv2d(16,3,padding=1) logistic conv2d(16,3,padding=1) logistic maxpool2d(2) conv2d(32,3,padding=1) logistic maxpool2d(2) flatten linear(64) logistic linear(10)"; do
+    name="spec-${v%%:*}"
+    step "$name" 60 15 "$(note_run "$name")" -- "$BIN" train --backend cuda --members 5000 \
+      --iterations 100 --eval-every 50 --net "${v#*:}" --out "$LOGS/$name"
   done
   # ---- 4. the forward kernel's achieved FLOP rate (ncu, unlocked clocks). bench launches
   # ensemble_forward_f32 three times an iteration (J members, then the mean network on the

@@ -245,11 +245,16 @@ pub fn train_command(
     if let Some(path) = &cfg.save_ensemble {
         check_output_file("--save-ensemble", path)?;
     }
-    let opened = match (&cfg.net, cfg.backend) {
-        // No CUDA kernels for layer-spec networks yet (`validate` refuses `cuda`).
-        (Some(_), BackendKind::Cpu) => Opened::Cpu("cpu (requested)".into()),
-        (Some(_), _) => Opened::Cpu("cpu (layer-spec network: no CUDA kernels yet)".into()),
-        (None, kind) => open_backend(kind, cfg.math)?,
+    let opened = match (&cfg.net, cfg.optimizer, cfg.backend) {
+        // No CUDA backpropagation for layer-spec networks yet (`validate` refuses
+        // `cuda` for the gradient optimizers); their EnKF forward pass has kernels.
+        (Some(_), Optimizer::Sgd | Optimizer::Adam, BackendKind::Cpu) => {
+            Opened::Cpu("cpu (requested)".into())
+        }
+        (Some(_), Optimizer::Sgd | Optimizer::Adam, _) => {
+            Opened::Cpu("cpu (backpropagation of a layer-spec network: no CUDA kernels yet)".into())
+        }
+        (_, _, kind) => open_backend(kind, cfg.math)?,
     };
     if cfg.optimizer == Optimizer::Enkf {
         check_memory_before_loading(cfg, &opened)?;
@@ -808,8 +813,10 @@ impl BackendJob for BenchJob<'_> {
             let sgemm_gflops = 2.0 * jf * pf * mf / sg / 1e6;
             let up = gn + ap;
             let it_ms = f + up + sc;
+            // Per-layer shares are measured on the CPU path only (its layers are timed
+            // in place); the CUDA rows report the whole pass.
             let layers = match net.spec() {
-                Some(s) => {
+                Some(s) if B::KIND == crate::backend::BackendKind::Cpu => {
                     let shares = crate::cpu::spec_forward::spec_layer_shares(s, &u0, j, &hx, b)?;
                     s.layers()
                         .iter()
@@ -826,7 +833,7 @@ impl BackendJob for BenchJob<'_> {
                         })
                         .collect()
                 }
-                None => Vec::new(),
+                _ => Vec::new(),
             };
             let epoch_iters = 938.0 * 8.0;
             rows.push(BenchRow {

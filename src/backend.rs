@@ -99,6 +99,9 @@ pub trait Backend {
     /// A gradient optimizer's state (SGD momentum buffer, Adam moments) on this backend.
     type Optim;
 
+    /// Which backend this is (never [`BackendKind::Auto`]).
+    const KIND: BackendKind;
+
     /// Short name for logs and `config.json` ("cpu", "cuda").
     fn name(&self) -> String;
 

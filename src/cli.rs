@@ -374,13 +374,6 @@ impl BenchArgs {
                     ));
                 }
                 let n = n.build(crate::model::spec::IDX_INPUT, crate::model::CLASSES)?;
-                if self.backend == BackendKind::Cuda {
-                    return Err(crate::Error::Config(format!(
-                        "bench: --backend cuda with --net {}: layer-spec networks have no CUDA \
-                         kernels yet; use --backend cpu",
-                        n.0.short_form()
-                    )));
-                }
                 Ok(crate::model::Net::from_spec(n.0.clone()))
             }
             None => Ok(crate::model::Net::new(

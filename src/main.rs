@@ -157,13 +157,7 @@ fn run() -> anyhow::Result<()> {
             if args.iters == 0 {
                 anyhow::bail!("bench: --iters 0: at least one timed iteration is needed");
             }
-            // Layer-spec networks run on the CPU (`net()` refuses --backend cuda).
-            let backend = match (net.spec(), args.backend) {
-                (Some(_), enkf_dnn::backend::BackendKind::Auto) => {
-                    enkf_dnn::backend::BackendKind::Cpu
-                }
-                (_, kind) => kind,
-            };
+            let backend = args.backend;
             app::set_threads(args.threads);
             let dir = args
                 .data

@@ -237,15 +237,18 @@ fn deep_tiny_trains_spec_networks_with_every_method() {
     let table = std::fs::read_to_string(dir.join("table.md")).expect("table");
     assert!(table.contains("beyond the paper"), "{table}");
     assert_chart(&dir.join("test-error"));
-    let err = run(
+    // The EnKF runs layer-spec networks on CUDA (the gradient runs stay on the CPU):
+    // without a GPU the only refusal is the missing GPU, not the networks.
+    let cuda = run(
         Experiment::Deep,
         &ReproduceOptions {
             backend: BackendKind::Cuda,
             ..tiny(&tmp("deep-cuda"))
         },
-    )
-    .expect_err("cuda with a layer spec");
-    assert!(err.to_string().contains("no CUDA kernels"), "{err}");
+    );
+    if let Err(err) = cuda {
+        assert!(err.to_string().contains("no GPU is usable"), "{err}");
+    }
     std::fs::remove_dir_all(&out).ok();
 }
 

@@ -370,7 +370,10 @@ fn reproduce_checkpoints_on_sigterm_and_the_same_command_continues() {
             }
             std::thread::sleep(Duration::from_millis(100));
         }
-        assert!(seen > rows, "the run did not get past {rows} rows in two minutes");
+        assert!(
+            seen > rows,
+            "the run did not get past {rows} rows in two minutes"
+        );
         signal(&child, "TERM");
         let status = child.wait().expect("wait");
         (reader.join().expect("stderr reader"), status.code())
@@ -381,7 +384,10 @@ fn reproduce_checkpoints_on_sigterm_and_the_same_command_continues() {
     let ckpt = enkf_dnn::train::checkpoint::path_in(&run_dir);
     let (first, _) = enkf_dnn::train::checkpoint::read(&ckpt).expect("a checkpoint");
     assert!(first.t >= 3, "stopped at {}", first.t);
-    assert!(!run_dir.join("done.json").exists(), "an unfinished run marked done");
+    assert!(
+        !run_dir.join("done.json").exists(),
+        "an unfinished run marked done"
+    );
 
     let (e, code) = stop_after(start(), first.t + 3);
     assert_eq!(code, Some(143), "{e}");

@@ -12,7 +12,7 @@ pub mod spec_backprop;
 pub mod spec_forward;
 pub mod spec_kernels;
 
-use crate::backend::{check_len, Backend, CacheMode, GradStep, MathMode, Trans};
+use crate::backend::{check_len, Backend, BackendKind, CacheMode, GradStep, MathMode, Trans};
 use crate::model::Net;
 use crate::train::optim::GradOptimizer;
 use crate::Result;
@@ -36,6 +36,7 @@ impl Backend for CpuBackend {
     type F32 = Vec<f32>;
     type F64 = Vec<f64>;
     type Optim = GradOptimizer;
+    const KIND: BackendKind = BackendKind::Cpu;
 
     fn name(&self) -> String {
         format!(

@@ -69,6 +69,52 @@ pub struct TrainShape {
     /// Whether the update is the transform one (an m × J f64 buffer and vectors more per
     /// workspace, `TransformBuffers::bytes`).
     pub transform: bool,
+    /// The network's sizes per image.
+    pub net: NetShape,
+}
+
+/// What the memory of a run depends on in its network, per image.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct NetShape {
+    /// Input values (784 for MNIST).
+    pub inputs: usize,
+    /// Outputs (10 classes).
+    pub outputs: usize,
+    /// Scratch row length of a layer-spec network's forward pass
+    /// ([`crate::gpu::spec_plan::SpecPlan::max_len`]; 0 for the fused paper networks,
+    /// which keep their activations in shared memory).
+    pub spec_len: usize,
+}
+
+impl Default for NetShape {
+    /// The paper's networks on MNIST.
+    fn default() -> Self {
+        NetShape {
+            inputs: IMG_PIXELS,
+            outputs: CLASSES,
+            spec_len: 0,
+        }
+    }
+}
+
+impl NetShape {
+    /// The sizes of `net` on inputs of `inputs` values.
+    pub fn of(net: &crate::model::Net) -> NetShape {
+        match net.spec() {
+            Some(spec) => NetShape {
+                inputs: spec.input().len(),
+                outputs: spec.outputs(),
+                spec_len: crate::gpu::spec_plan::SpecPlan::of(spec).max_len,
+            },
+            None => NetShape::default(),
+        }
+    }
+
+    /// Bytes of the two scratch buffers of a layer-spec forward pass over `members` ×
+    /// `images` (what `SpecPlan::scratch_len` allocates; 0 for the fused networks).
+    pub fn scratch_bytes(&self, members: usize, images: usize) -> u64 {
+        8 * crate::gpu::spec_plan::scratch_len(self.spec_len, members, images) as u64
+    }
 }
 
 impl TrainShape {
@@ -107,6 +153,7 @@ impl TrainShape {
             tikhonov: cfg.tikhonov > 0.0,
             momentum: cfg.accelerator == Accelerator::Nesterov,
             transform: cfg.update == crate::enkf::UpdateRule::Transform,
+            net: NetShape::of(&cfg.net()),
         }
     }
 
@@ -140,23 +187,29 @@ impl MemoryEstimate {
 }
 
 /// Bytes of one EnKF workspace plus the trainer's per-batch buffers, for `members` (J),
-/// `params` (P) and a mini-batch of `batch` images (m = 10·batch).
+/// `params` (P) and a mini-batch of `batch` images (m = 10·batch) of the paper's networks.
 pub fn workspace_bytes(members: usize, params: usize, batch: usize) -> u64 {
-    workspace_bytes_of(members, params, batch, false)
+    workspace_bytes_of(members, params, batch, NetShape::default(), false)
 }
 
 /// As [`workspace_bytes`] for the member-space Tikhonov update, whose buffers
 /// (`EnkfWorkspace::tikhonov_bytes`: E, J × J systems) replace the apply buffers.
 pub fn tikhonov_workspace_bytes(members: usize, params: usize, batch: usize) -> u64 {
-    workspace_bytes_of(members, params, batch, true)
+    workspace_bytes_of(members, params, batch, NetShape::default(), true)
 }
 
-fn workspace_bytes_of(members: usize, params: usize, batch: usize, tikhonov: bool) -> u64 {
+fn workspace_bytes_of(
+    members: usize,
+    params: usize,
+    batch: usize,
+    net: NetShape,
+    tikhonov: bool,
+) -> u64 {
     let (j, p, b) = (members as u64, params as u64, batch as u64);
-    let m = b * CLASSES as u64;
+    let m = b * net.outputs as u64;
     // A, X (J × m) and C, L (m × m), f64.
     let gain = 8 * (2 * j * m + 2 * m * m);
-    let apply = match ApplyOrder::cheapest(members, params, batch * CLASSES) {
+    let apply = match ApplyOrder::cheapest(members, params, batch * net.outputs) {
         _ if tikhonov => {
             crate::enkf::EnkfWorkspace::<crate::cpu::CpuBackend>::tikhonov_bytes(members, params)
         }
@@ -165,8 +218,8 @@ fn workspace_bytes_of(members: usize, params: usize, batch: usize, tikhonov: boo
         // X, A in f32 (J × m), T (m × P f32).
         _ => 4 * (2 * j * m + m * p),
     };
-    // G (J × m), images (b × 784), targets (m), f32.
-    let trainer = 4 * (j * m + b * IMG_PIXELS as u64 + m);
+    // G (J × m), images (b × inputs), targets (m), f32.
+    let trainer = 4 * (j * m + b * net.inputs as u64 + m);
     gain + apply + trainer
 }
 
@@ -177,6 +230,7 @@ pub fn estimate(shape: &TrainShape) -> MemoryEstimate {
         shape.params as u64,
         shape.test_images as u64,
     );
+    let (inputs, outputs) = (shape.net.inputs as u64, shape.net.outputs as u64);
     // U, and the momentum's previous ensemble.
     let ensemble = 4 * j * p * (1 + u64::from(shape.momentum));
     let workspaces: u64 = shape
@@ -186,28 +240,41 @@ pub fn estimate(shape: &TrainShape) -> MemoryEstimate {
             let transform = if shape.transform {
                 crate::enkf::transform::TransformBuffers::<crate::cpu::CpuBackend>::bytes(
                     shape.members,
-                    b * CLASSES,
+                    b * shape.net.outputs,
                 )
             } else {
                 0
             };
-            workspace_bytes_of(shape.members, shape.params, b, shape.tikhonov) + transform
+            workspace_bytes_of(shape.members, shape.params, b, shape.net, shape.tikhonov)
+                + transform
         })
         .sum();
-    let largest_batch = shape.batches.iter().copied().max().unwrap_or(0) as u64;
+    let largest_batch = shape.batches.iter().copied().max().unwrap_or(0);
     let noise = match shape.observations {
         Observations::Exact => 0,
-        Observations::Perturbed => 8 * j * largest_batch * CLASSES as u64,
+        Observations::Perturbed => 8 * j * largest_batch as u64 * outputs,
     };
-    let workspaces = workspaces + noise;
-    let mut evaluation = 4 * (n * IMG_PIXELS as u64 + n * CLASSES as u64 + p);
-    evaluation += 4 * largest_batch * CLASSES as u64;
+    // A layer-spec network's forward scratch, kept at the largest pass the run makes:
+    // the ensemble on a mini-batch, the mean network on the test set, the ensemble on a
+    // chunk of test images (`--eval ensemble`).
+    let eval_chunk = (ENSEMBLE_EVAL_CHUNK as usize / (shape.members * shape.net.outputs).max(1))
+        .clamp(1, shape.test_images.max(1));
+    let mut scratch = shape
+        .net
+        .scratch_bytes(shape.members, largest_batch)
+        .max(shape.net.scratch_bytes(1, shape.test_images));
+    if shape.eval_ensemble {
+        scratch = scratch.max(shape.net.scratch_bytes(shape.members, eval_chunk));
+    }
+    let workspaces = workspaces + noise + scratch;
+    let mut evaluation = 4 * (n * inputs + n * outputs + p);
+    evaluation += 4 * largest_batch as u64 * outputs;
     if shape.eval_last {
         evaluation += 4 * j;
     }
     if shape.eval_ensemble {
         // The chunk of outputs plus that chunk's images.
-        evaluation += 4 * ENSEMBLE_EVAL_CHUNK.max(j * CLASSES as u64) + 4 * n * IMG_PIXELS as u64;
+        evaluation += 4 * ENSEMBLE_EVAL_CHUNK.max(j * outputs) + 4 * n * inputs;
     }
     let counted = ensemble + workspaces + evaluation;
     MemoryEstimate {
@@ -421,7 +488,56 @@ mod tests {
             tikhonov: false,
             momentum: false,
             transform: false,
+            net: NetShape::default(),
         }
+    }
+
+    /// A layer-spec network counts its inputs, outputs and the forward pass's two
+    /// scratch buffers at the largest pass.
+    #[test]
+    fn layer_spec_networks_count_their_sizes_and_scratch() {
+        let layers = crate::model::spec::parse_short(
+            "conv2d(32,3,padding=1) relu maxpool2d(2) flatten linear(5)",
+        )
+        .unwrap();
+        let input = crate::model::spec::Shape::Image { c: 3, h: 32, w: 32 };
+        let spec = crate::model::spec::NetSpec::build(&layers, input, 5).unwrap();
+        let net = NetShape::of(&crate::model::Net::from_spec(std::sync::Arc::new(spec)));
+        assert_eq!((net.inputs, net.outputs), (3 * 32 * 32, 5));
+        assert_eq!(
+            net.spec_len,
+            32 * 32 * 32,
+            "the conv output before the pool"
+        );
+        let paper = crate::model::Net::new(
+            crate::model::Arch::Paper,
+            crate::model::Activation::Logistic,
+        );
+        assert_eq!(NetShape::of(&paper), NetShape::default());
+        let plain = shape(100, vec![64]);
+        let s = TrainShape {
+            net,
+            ..plain.clone()
+        };
+        let test_pass = crate::gpu::spec_plan::scratch_len(net.spec_len, 1, 10_000);
+        let batch_pass = crate::gpu::spec_plan::scratch_len(net.spec_len, 100, 64);
+        // Both passes fill a block up to the scratch target here.
+        assert_eq!(test_pass, batch_pass);
+        assert!(test_pass <= crate::gpu::spec_plan::SCRATCH_TARGET);
+        let m = 64 * 5;
+        let j = 100u64;
+        // Workspaces: the same formula with m = 64·5 and 3·32·32 inputs, plus scratch.
+        let gain = 8 * (2 * j * m + 2 * m * m);
+        let apply = 8 * j * j + 4 * j * j + 4 * j * P as u64;
+        let trainer = 4 * (j * m + 64 * 3 * 32 * 32 + m);
+        assert_eq!(
+            estimate(&s).workspaces,
+            gain + apply + trainer + 8 * test_pass as u64
+        );
+        assert_eq!(
+            estimate(&s).evaluation,
+            4 * (10_000 * 3 * 32 * 32 + 10_000 * 5 + P as u64 + 64 * 5)
+        );
     }
 
     #[test]

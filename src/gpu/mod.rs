@@ -362,6 +362,7 @@ impl Backend for CudaBackend {
     type F32 = CudaSlice<f32>;
     type F64 = CudaSlice<f64>;
     type Optim = backprop::GpuOptimizer;
+    const KIND: crate::backend::BackendKind = crate::backend::BackendKind::Cuda;
 
     fn name(&self) -> String {
         self.description.clone()

@@ -310,29 +310,36 @@ impl SpecPlan {
     /// [`SCRATCH_TARGET`] values; when one member's images alone exceed it (the test set
     /// through the mean network), one member at a time in chunks of images.
     pub fn blocks(&self, members: usize, images: usize) -> Vec<Block> {
-        let (mc, dc) = self.block_size(members, images);
+        let (mc, dc) = block_size(self.max_len, members, images);
         blocks_of(members, images, mc, dc)
-    }
-
-    /// (members, images) of the largest block.
-    fn block_size(&self, members: usize, images: usize) -> (usize, usize) {
-        let len = self.max_len.max(1);
-        let per_member = images.saturating_mul(len);
-        if per_member <= SCRATCH_TARGET {
-            (
-                (SCRATCH_TARGET / per_member.max(1)).clamp(1, members.max(1)),
-                images,
-            )
-        } else {
-            (1, (SCRATCH_TARGET / len).clamp(1, images.max(1)))
-        }
     }
 
     /// Values of each of the two scratch buffers for `members` × `images`.
     pub fn scratch_len(&self, members: usize, images: usize) -> usize {
-        let (mc, dc) = self.block_size(members, images);
-        mc.min(members) * dc.min(images) * self.max_len
+        scratch_len(self.max_len, members, images)
     }
+}
+
+/// (members, images) of the largest block of a plan whose scratch rows are `max_len`
+/// values (see [`SpecPlan::blocks`]).
+fn block_size(max_len: usize, members: usize, images: usize) -> (usize, usize) {
+    let len = max_len.max(1);
+    let per_member = images.saturating_mul(len);
+    if per_member <= SCRATCH_TARGET {
+        (
+            (SCRATCH_TARGET / per_member.max(1)).clamp(1, members.max(1)),
+            images,
+        )
+    } else {
+        (1, (SCRATCH_TARGET / len).clamp(1, images.max(1)))
+    }
+}
+
+/// Values of each scratch buffer of a plan with scratch rows of `max_len` values over
+/// `members` × `images` (the memory check counts two).
+pub fn scratch_len(max_len: usize, members: usize, images: usize) -> usize {
+    let (mc, dc) = block_size(max_len, members, images);
+    mc.min(members) * dc.min(images) * max_len
 }
 
 /// The blocks of `members` × `images` in chunks of `mc` members and `dc` images (both

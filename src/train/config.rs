@@ -822,10 +822,15 @@ impl TrainConfig {
         let bad = |msg: String| Err(Error::Config(msg));
         if let Some(n) = &self.net {
             let net = n.0.short_form();
-            if self.backend == BackendKind::Cuda {
+            if self.backend == BackendKind::Cuda && self.optimizer != Optimizer::Enkf {
                 return bad(format!(
-                    "backend = cuda with net = {net}: layer-spec networks have no CUDA \
-                     kernels yet; use --backend cpu (auto picks the CPU for them)"
+                    "backend = cuda with optimizer = {} and net = {net}: backpropagation of \
+                     layer-spec networks has no CUDA kernels yet (the EnKF's forward pass \
+                     does); use --backend cpu (auto picks the CPU for it)",
+                    match self.optimizer {
+                        Optimizer::Sgd => "sgd",
+                        _ => "adam",
+                    }
                 ));
             }
         }
