@@ -1,6 +1,9 @@
 //! IDX reader and data-folder loader: one test per fault on crafted files, gzip/raw
 //! equivalence, Dataset helpers, and the bundled MNIST.
 
+mod common;
+use common::idx_bytes;
+
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
@@ -30,16 +33,6 @@ impl Drop for TempDir {
     fn drop(&mut self) {
         let _ = std::fs::remove_dir_all(&self.0);
     }
-}
-
-/// IDX bytes: magic 00 00 08 rank, dims big-endian, then `data`.
-fn idx_bytes(dims: &[u32], data: &[u8]) -> Vec<u8> {
-    let mut v = vec![0, 0, 0x08, dims.len() as u8];
-    for d in dims {
-        v.extend_from_slice(&d.to_be_bytes());
-    }
-    v.extend_from_slice(data);
-    v
 }
 
 /// Image file bytes: `n` images of `rows × cols`, pixel j of the file = (j·7 + 3) mod 256.

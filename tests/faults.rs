@@ -6,6 +6,9 @@
 //! A full disk is `/dev/full` (every write fails with ENOSPC), reached through a
 //! symbolic link where the program would create its file.
 
+mod common;
+use common::idx_bytes;
+
 use enkf_dnn::backend::BackendKind;
 use enkf_dnn::cpu::CpuBackend;
 use enkf_dnn::data::{
@@ -32,16 +35,6 @@ fn tmp(name: &str) -> PathBuf {
     let _ = std::fs::remove_dir_all(&d);
     std::fs::create_dir_all(&d).expect("tmp dir");
     d
-}
-
-/// IDX bytes: magic 00 00 08 rank, dims big-endian, then `data`.
-fn idx_bytes(dims: &[u32], data: &[u8]) -> Vec<u8> {
-    let mut v = vec![0, 0, 0x08, dims.len() as u8];
-    for d in dims {
-        v.extend_from_slice(&d.to_be_bytes());
-    }
-    v.extend_from_slice(data);
-    v
 }
 
 fn gzip(bytes: &[u8]) -> Vec<u8> {

@@ -16,6 +16,9 @@
 //! Case counts are the constants below (3,500 in all); a failing case prints its seed,
 //! case number and mutation, so it can be replayed alone.
 
+mod common;
+use common::idx_bytes;
+
 use enkf_dnn::data::letters::{load_letters, LETTERS};
 use enkf_dnn::data::{load_dir_limited, TEST_IMAGES, TEST_LABELS, TRAIN_IMAGES, TRAIN_LABELS};
 use enkf_dnn::model::IMG_PIXELS;
@@ -226,15 +229,6 @@ fn gunzip_len(bytes: &[u8]) -> usize {
         n += k;
     }
     n
-}
-
-fn idx_bytes(dims: &[u32], data: &[u8]) -> Vec<u8> {
-    let mut v = vec![0, 0, 0x08, dims.len() as u8];
-    for d in dims {
-        v.extend_from_slice(&d.to_be_bytes());
-    }
-    v.extend_from_slice(data);
-    v
 }
 
 /// The four valid files: 20 training and 10 test images of 28 × 28 with labels.

@@ -731,3 +731,50 @@ fn train_with_a_layer_spec_network() {
     assert_eq!(metrics.lines().count(), 1 + 7, "{metrics}");
     std::fs::remove_dir_all(&out).unwrap();
 }
+
+/// IDX images of any size train a layer-spec network built for them (the shape is read
+/// from the training images' header); a network that does not fit them, or the fused
+/// paper network (28 × 28 only), is refused before any work, naming the size.
+#[test]
+fn idx_images_of_any_size_train_a_spec_network() {
+    let dir = common::tmpdir("net-spec-idx-12x14");
+    let _ = std::fs::remove_dir_all(&dir);
+    let data = dir.join("data");
+    common::write_idx_dir(&data, 96, 30, 12, 14);
+    let out = dir.join("run");
+    let run = |extra: &[&str]| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_enkf-dnn"))
+            .args(["train", "--backend", "cpu", "-J", "8", "--iterations", "3"])
+            .args(["--eval-every", "3", "--threads", "1", "--data"])
+            .arg(&data)
+            .args(extra)
+            .output()
+            .expect("run enkf-dnn")
+    };
+    let err = |o: &std::process::Output| String::from_utf8_lossy(&o.stderr).into_owned();
+    let o = run(&[
+        "--net",
+        "conv2d(4,5) relu maxpool2d(2) flatten linear(10)",
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", err(&o));
+    let cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("config.json")).unwrap()).unwrap();
+    // conv 4 × 1 × 5 × 5 + 4 on 12 × 14 → 4 × 8 × 10, pooled 4 × 4 × 5 = 80 features.
+    assert_eq!(cfg["params"], 4 * 25 + 4 + 10 * 80 + 10, "{cfg}");
+    let o = run(&["--net", "conv2d(4,13) flatten linear(10)"]);
+    assert!(!o.status.success());
+    assert!(err(&o).contains("1 × 12 × 14"), "{}", err(&o));
+    let o = run(&[]);
+    assert!(
+        !o.status.success(),
+        "the 28 × 28 paper network on 12 × 14 images"
+    );
+    assert!(
+        err(&o).contains("12") && err(&o).contains("14"),
+        "{}",
+        err(&o)
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}

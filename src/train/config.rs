@@ -656,13 +656,24 @@ impl TrainConfig {
     /// [`TrainConfig::to_file_json`], refused beside `data_npy`.
     pub const REPLACED_BY_NPY: [&'static str; 1] = ["data"];
 
-    /// The sample shape and task of this configuration's data: the IDX data sets'
-    /// 1 × 28 × 28 images and 10 classes, or what a NumPy data set's files declare
-    /// ([`crate::data::npy::probe`]: the X headers and the Y files are read).
-    /// Errors: as [`crate::data::npy::probe`].
+    /// The sample shape and task of this configuration's data: an IDX folder's images
+    /// (1 × H × W from the header of its training images, nothing else read) and 10
+    /// classes, or what a NumPy data set's files declare ([`crate::data::npy::probe`]:
+    /// the X headers and the Y files are read).
+    /// Errors: the IDX file's faults ([`crate::data::DataError`], naming the file); as
+    /// [`crate::data::npy::probe`].
     pub fn data_shape(&self) -> Result<(crate::model::spec::Shape, crate::data::Task)> {
         match &self.data_npy {
-            None => Ok((crate::model::spec::IDX_INPUT, crate::data::Task::default())),
+            None => {
+                let path = crate::data::find_file(&self.data, crate::data::TRAIN_IMAGES)?;
+                let head = crate::data::read_images_first(&path, 0)?;
+                let shape = crate::model::spec::Shape::Image {
+                    c: 1,
+                    h: head.rows,
+                    w: head.cols,
+                };
+                Ok((shape, crate::data::Task::default()))
+            }
             Some(paths) => crate::data::npy::probe(paths),
         }
     }
@@ -688,6 +699,10 @@ impl TrainConfig {
                     Error::Config(msg) if self.data_npy.is_some() => Error::Config(format!(
                         "{msg} (the NumPy data set has samples of {shape} and {})",
                         task.describe()
+                    )),
+                    Error::Config(msg) => Error::Config(format!(
+                        "{msg} (the images of {} are {shape})",
+                        self.data.display()
                     )),
                     other => other,
                 })?)

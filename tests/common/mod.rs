@@ -174,3 +174,38 @@ pub fn linear_problem(dir: &Path) -> (Vec<f64>, Vec<f64>) {
     let up = |v: &[f32]| v.iter().map(|&x| f64::from(x)).collect();
     (up(&h), up(&y))
 }
+
+/// IDX bytes: magic 00 00 08 rank, dims big-endian, then `data`.
+pub fn idx_bytes(dims: &[u32], data: &[u8]) -> Vec<u8> {
+    let mut v = vec![0, 0, 0x08, dims.len() as u8];
+    for d in dims {
+        v.extend_from_slice(&d.to_be_bytes());
+    }
+    v.extend_from_slice(data);
+    v
+}
+
+/// Writes an IDX data folder `dir` (the four files, raw): `train` and `test` images of
+/// `rows × cols` with pixel values from a fixed pattern and labels i mod 10.
+pub fn write_idx_dir(dir: &Path, train: u32, test: u32, rows: u32, cols: u32) {
+    std::fs::create_dir_all(dir).expect("create the data folder");
+    for (images, labels, n) in [
+        (
+            enkf_dnn::data::TRAIN_IMAGES,
+            enkf_dnn::data::TRAIN_LABELS,
+            train,
+        ),
+        (
+            enkf_dnn::data::TEST_IMAGES,
+            enkf_dnn::data::TEST_LABELS,
+            test,
+        ),
+    ] {
+        let px: Vec<u8> = (0..(n * rows * cols) as usize)
+            .map(|j| ((j * 37 + j / 11) % 256) as u8)
+            .collect();
+        std::fs::write(dir.join(images), idx_bytes(&[n, rows, cols], &px)).expect("images");
+        let l: Vec<u8> = (0..n).map(|i| (i % 10) as u8).collect();
+        std::fs::write(dir.join(labels), idx_bytes(&[n], &l)).expect("labels");
+    }
+}
