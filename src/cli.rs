@@ -126,6 +126,14 @@ pub struct TrainArgs {
     /// [default: prior].
     #[arg(long, value_enum)]
     pub additive_from: Option<crate::train::config::NoiseScale>,
+    /// How --inflation and --additive-inflation follow the updates t = 0, 1, …: constant,
+    /// linear (factor max(0, 1 − t/N) on λ − 1 and on s) or exponential (factor
+    /// exp(−t/N)), N = --inflation-horizon [default: constant].
+    #[arg(long, value_enum)]
+    pub inflation_schedule: Option<crate::train::config::InflationSchedule>,
+    /// The horizon N of --inflation-schedule linear|exponential, in updates.
+    #[arg(long, value_name = "N")]
+    pub inflation_horizon: Option<usize>,
     /// Tikhonov-regularised EKI with strength λ ≥ 0: the prior N(0, σ²/λ · I) joins the
     /// data as P extra observations, solved in member space (J × J); needs --update batch
     /// [default: 0, none].
@@ -284,6 +292,8 @@ impl TrainArgs {
             inflation: self.inflation,
             additive_inflation: self.additive_inflation,
             additive_from: self.additive_from,
+            inflation_schedule: self.inflation_schedule,
+            inflation_horizon: self.inflation_horizon,
             tikhonov: self.tikhonov,
             step: self.step,
             dt: self.dt,

@@ -134,3 +134,54 @@ fn inflation_keeps_the_mean_and_scales_the_spread() {
         .inflate_rows_f32(&mut u, &mean[1..].to_vec(), rows, cols, 1.5)
         .is_err());
 }
+
+/// An inflation schedule acts on the updates it says: with `linear` and horizon 1 the
+/// first update is inflated by λ and every later one not at all, so the run equals one
+/// inflated update followed by uninflated updates from that ensemble (bit for bit); the
+/// constant schedule inflates every update and differs.
+#[test]
+fn an_inflation_schedule_inflates_the_updates_it_says() {
+    use enkf_dnn::train::config::InflationSchedule;
+    let dir = tmpdir("inflation-schedule");
+    let _ = std::fs::remove_dir_all(&dir);
+    linear_problem(&dir);
+    let data = load(&[dir.clone()], None, None).expect("data");
+    let be = CpuBackend::new();
+    let run = |iterations: usize,
+               inflation: f64,
+               schedule: Option<(InflationSchedule, usize)>,
+               init: Option<std::path::PathBuf>| {
+        let p = PartialConfig {
+            members: Some(16),
+            iterations: Some(iterations),
+            eval_every: Some(1),
+            batch: Some(8),
+            repetitions: Some(1),
+            gamma: Some(0.05),
+            inflation: Some(inflation),
+            inflation_schedule: schedule.map(|s| s.0),
+            inflation_horizon: schedule.map(|s| s.1),
+            backend: Some(BackendKind::Cpu),
+            data_npy: Some(vec![dir.clone()]),
+            init_ensemble: init,
+            net: Some(NetLayers::parse("linear(1,bias=false)").expect("net")),
+            ..Default::default()
+        };
+        let cfg = p.resolve().expect("config");
+        let mut t = Trainer::new(&be, &cfg, &data).expect("trainer");
+        t.run(&mut ()).expect("run");
+        t.ensemble_host().expect("ensemble")
+    };
+    let first = run(1, 1.5, None, None);
+    let saved = dir.join("after-one.npy");
+    enkf_dnn::io::npy::write_f32(&saved, &[16, 2], &first).expect("save");
+    let then_plain = run(2, 1.0, None, Some(saved));
+    let scheduled = run(3, 1.5, Some((InflationSchedule::Linear, 1)), None);
+    assert_eq!(scheduled, then_plain, "inflated once, then not");
+    let constant = run(3, 1.5, None, None);
+    assert_ne!(
+        scheduled, constant,
+        "the constant schedule inflates every update"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}

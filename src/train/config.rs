@@ -64,6 +64,42 @@ pub enum Observations {
     Perturbed,
 }
 
+/// How the inflation of each update follows the iterations: the factor f(t) of update
+/// t (t = 0, 1, …) scales both the multiplicative excess and the additive noise,
+/// λ_t = 1 + (λ − 1)·f(t) and s_t = s·f(t), with horizon N (`inflation_horizon`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum InflationSchedule {
+    /// f(t) = 1: the same inflation at every update.
+    #[default]
+    Constant,
+    /// f(t) = max(0, 1 − t/N): down to none at update N.
+    Linear,
+    /// f(t) = exp(−t/N): decays by e every N updates.
+    Exponential,
+}
+
+impl InflationSchedule {
+    /// The setting's value as written.
+    pub fn name(self) -> &'static str {
+        match self {
+            InflationSchedule::Constant => "constant",
+            InflationSchedule::Linear => "linear",
+            InflationSchedule::Exponential => "exponential",
+        }
+    }
+
+    /// The factor f(t) at update `t` with horizon `n` (≥ 1; ignored by `Constant`).
+    pub fn factor(self, t: usize, n: usize) -> f64 {
+        let x = t as f64 / n.max(1) as f64;
+        match self {
+            InflationSchedule::Constant => 1.0,
+            InflationSchedule::Linear => (1.0 - x).max(0.0),
+            InflationSchedule::Exponential => (-x).exp(),
+        }
+    }
+}
+
 /// How the step Δt of each update is chosen (the noise Γ is scaled by 1/Δt).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
@@ -187,6 +223,13 @@ pub struct TrainConfig {
     /// The scale of additive inflation's noise (absent in older configurations: prior).
     #[serde(default)]
     pub additive_from: NoiseScale,
+    /// How both inflations follow the iterations (absent in older configurations:
+    /// constant).
+    #[serde(default)]
+    pub inflation_schedule: InflationSchedule,
+    /// The schedule's horizon N in updates (with a schedule other than constant only).
+    #[serde(default)]
+    pub inflation_horizon: Option<usize>,
     /// Tikhonov-regularised EKI with strength λ ≥ 0: the prior N(0, σ²/λ · I) joins the
     /// data as P extra observations, solved in member space (0: none; absent in older
     /// configurations).
@@ -283,6 +326,8 @@ impl Default for TrainConfig {
             inflation: 1.0,
             additive_inflation: 0.0,
             additive_from: NoiseScale::Prior,
+            inflation_schedule: InflationSchedule::Constant,
+            inflation_horizon: None,
             tikhonov: 0.0,
             step: StepControl::Fixed,
             dt: 1.0,
@@ -396,6 +441,10 @@ pub struct PartialConfig {
     pub additive_inflation: Option<f64>,
     #[allow(missing_docs)]
     pub additive_from: Option<NoiseScale>,
+    #[allow(missing_docs)]
+    pub inflation_schedule: Option<InflationSchedule>,
+    #[allow(missing_docs)]
+    pub inflation_horizon: Option<usize>,
     #[allow(missing_docs)]
     pub tikhonov: Option<f64>,
     #[allow(missing_docs)]
@@ -801,6 +850,32 @@ impl TrainConfig {
                 self.additive_inflation
             ));
         }
+        match (self.inflation_schedule, self.inflation_horizon) {
+            (InflationSchedule::Constant, Some(n)) => {
+                return bad(format!(
+                    "inflation_horizon = {n} with inflation_schedule = constant: a horizon \
+                     belongs to a linear or exponential schedule"
+                ))
+            }
+            (InflationSchedule::Constant, None) => {}
+            (sched, None | Some(0)) => {
+                return bad(format!(
+                    "inflation_schedule = {} needs inflation_horizon ≥ 1 (updates; \
+                     --inflation-horizon N), got {}",
+                    sched.name(),
+                    self.inflation_horizon
+                        .map_or("none".to_string(), |n| n.to_string())
+                ))
+            }
+            (sched, Some(_)) if self.inflation == 1.0 && self.additive_inflation == 0.0 => {
+                return bad(format!(
+                    "inflation_schedule = {} without inflation: give --inflation LAMBDA > 1 \
+                     or --additive-inflation S > 0 for the schedule to act on",
+                    sched.name()
+                ))
+            }
+            _ => {}
+        }
         if self.additive_from != NoiseScale::Prior && self.additive_inflation == 0.0 {
             return bad(format!(
                 "additive_from = {:?} without additive_inflation: give the noise's size with \
@@ -866,6 +941,8 @@ impl TrainConfig {
                 || self.inflation != 1.0
                 || self.additive_inflation != 0.0
                 || self.additive_from != NoiseScale::Prior
+                || self.inflation_schedule != InflationSchedule::Constant
+                || self.inflation_horizon.is_some()
                 || self.tikhonov != 0.0
                 || self.step != StepControl::Fixed
                 || self.dt != 1.0
@@ -873,13 +950,15 @@ impl TrainConfig {
         {
             return bad(format!(
                 "observations = {:?}, inflation = {}, additive_inflation = {}, additive_from = \
-                 {:?}, tikhonov = {}, step = {:?}, dt = {} and accelerator = {:?} are EnKF \
-                 settings (their defaults: exact, 1, 0, prior, 0, fixed, 1, none); --optimizer \
-                 {:?} trains one network by backpropagation",
+                 {:?}, inflation_schedule = {:?}, tikhonov = {}, step = {:?}, dt = {} and \
+                 accelerator = {:?} are EnKF settings (their defaults: exact, 1, 0, prior, \
+                 constant, 0, fixed, 1, none); --optimizer {:?} trains one network by \
+                 backpropagation",
                 self.observations,
                 self.inflation,
                 self.additive_inflation,
                 self.additive_from,
+                self.inflation_schedule,
                 self.tikhonov,
                 self.step,
                 self.dt,
@@ -1114,6 +1193,8 @@ mod tests {
             inflation: 1.25,
             additive_inflation: 0.125,
             additive_from: NoiseScale::Spread,
+            inflation_schedule: InflationSchedule::Exponential,
+            inflation_horizon: Some(300),
             tikhonov: 0.0, // batch rule and exact observations only: tests/enkf_methods.rs
             step: StepControl::Fixed,
             dt: 0.5,
@@ -1163,6 +1244,21 @@ mod tests {
         assert_eq!(p.clone().overlay(&PartialConfig::default()), p);
     }
 
+    /// The schedules' factors: constant 1, linear down to 0 at the horizon and past it,
+    /// exponential e^(−t/N).
+    #[test]
+    fn inflation_schedule_factors() {
+        use InflationSchedule::*;
+        assert_eq!(Constant.factor(1000, 3), 1.0);
+        assert_eq!(
+            [0, 1, 2, 4, 5, 9].map(|t| Linear.factor(t, 4)),
+            [1.0, 0.75, 0.5, 0.0, 0.0, 0.0]
+        );
+        assert_eq!(Exponential.factor(0, 7), 1.0);
+        assert!((Exponential.factor(7, 7) - (-1.0f64).exp()).abs() < 1e-15);
+        assert!((Exponential.factor(21, 7) - (-3.0f64).exp()).abs() < 1e-15);
+    }
+
     /// The EnKF variants that every_field_set cannot combine with its other settings.
     #[test]
     fn method_fields_round_trip() {
@@ -1178,6 +1274,26 @@ mod tests {
         assert_eq!(p.resolve().expect("resolve"), c);
         // Each combination that is not built is an error naming the settings.
         for (json, needle) in [
+            (
+                r#"{"inflation": 1.1, "inflation_schedule": "linear"}"#,
+                "needs inflation_horizon ≥ 1",
+            ),
+            (
+                r#"{"inflation": 1.1, "inflation_schedule": "linear", "inflation_horizon": 0}"#,
+                "got 0",
+            ),
+            (
+                r#"{"inflation": 1.1, "inflation_horizon": 5}"#,
+                "inflation_horizon = 5 with inflation_schedule = constant",
+            ),
+            (
+                r#"{"inflation_schedule": "exponential", "inflation_horizon": 10}"#,
+                "without inflation",
+            ),
+            (
+                r#"{"optimizer": "sgd", "inflation_schedule": "linear"}"#,
+                "are enkf settings",
+            ),
             (r#"{"tikhonov": 1.0}"#, "update = batch"),
             (
                 r#"{"tikhonov": 1.0, "update": "batch", "observations": "perturbed"}"#,

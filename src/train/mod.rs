@@ -774,10 +774,19 @@ impl<'a, B: Backend> Trainer<'a, B> {
             // The controller reached the end of this mini-batch's inversion.
             return Ok(());
         }
-        if self.cfg.inflation != 1.0 {
+        // The inflation schedule's factor at this update (1 when constant).
+        let f = self
+            .cfg
+            .inflation_schedule
+            .factor(self.t, self.cfg.inflation_horizon.unwrap_or(1));
+        if self.cfg.inflation != 1.0 && f > 0.0 {
             // Prior inflation: the spread about the mean grows by λ before the forward pass.
             be.row_mean(&self.u, self.members, self.params, &mut self.weights)?;
-            let lambda = self.cfg.inflation as f32;
+            let lambda = if f == 1.0 {
+                self.cfg.inflation
+            } else {
+                1.0 + (self.cfg.inflation - 1.0) * f
+            } as f32;
             be.inflate_rows_f32(
                 &mut self.u,
                 &self.weights,
@@ -786,7 +795,7 @@ impl<'a, B: Backend> Trainer<'a, B> {
                 lambda,
             )?;
         }
-        if let Some(scale) = &mut self.noise_scale {
+        if let Some(scale) = self.noise_scale.as_mut().filter(|_| f > 0.0) {
             // Additive inflation, after the multiplicative one.
             if self.cfg.additive_from == NoiseScale::Spread {
                 be.row_mean(&self.u, self.members, self.params, &mut self.weights)?;
@@ -798,7 +807,7 @@ impl<'a, B: Backend> Trainer<'a, B> {
                     self.t
                 ))
             })?;
-            let s = self.cfg.additive_inflation as f32;
+            let s = (self.cfg.additive_inflation * f) as f32;
             let key = additive_key(self.cfg.seed);
             be.add_normal_f32(&mut self.u, self.params, scale, s, key, step)?;
         }
