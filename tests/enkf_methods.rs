@@ -145,7 +145,7 @@ fn an_inflation_schedule_inflates_the_updates_it_says() {
     let dir = tmpdir("inflation-schedule");
     let _ = std::fs::remove_dir_all(&dir);
     linear_problem(&dir);
-    let data = load(&[dir.clone()], None, None).expect("data");
+    let data = load(std::slice::from_ref(&dir), None, None).expect("data");
     let be = CpuBackend::new();
     let run = |iterations: usize,
                inflation: f64,
