@@ -73,7 +73,11 @@ pub fn run_opened<J: BackendJob>(
             job.check_cuda(&backend)?;
             Ok((job.run(&*backend, &desc)?, desc))
         }
-        Opened::Cpu(desc) => Ok((job.run(&CpuBackend { math }, &desc)?, desc)),
+        Opened::Cpu(desc) => {
+            // Which GEMM the CPU products use (`--blas`) belongs to the description.
+            let desc = format!("{desc}, GEMM: {}", crate::cpu::blas::describe());
+            Ok((job.run(&CpuBackend { math }, &desc)?, desc))
+        }
     }
 }
 

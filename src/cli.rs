@@ -29,6 +29,11 @@ pub struct Cli {
     /// What to do.
     #[command(subcommand)]
     pub command: Command,
+    /// The CPU backend's matrix products: auto (OpenBLAS if it loads, else MKL, else the
+    /// built-in gemm crate), builtin, openblas or mkl (required: an error when missing).
+    /// Loaded at run time; the build needs none
+    #[arg(long, global = true, value_enum, default_value = "auto")]
+    pub blas: crate::cpu::blas::BlasChoice,
 }
 
 /// Sub-commands.

@@ -41,6 +41,7 @@ fn chain(err: &anyhow::Error) -> String {
 
 fn run() -> anyhow::Result<()> {
     let cli = Cli::parse();
+    enkf_dnn::cpu::blas::select(cli.blas)?;
     match cli.command {
         Command::Train(args) => {
             let file = match &args.config {

@@ -413,3 +413,32 @@ fn reproduce_checkpoints_on_sigterm_and_the_same_command_continues() {
     );
     let _ = std::fs::remove_dir_all(&out);
 }
+
+/// `--blas mkl` (or openblas) where that library does not load is an error before any
+/// work, naming the files looked for; `--blas builtin` is recorded in the description.
+#[test]
+fn a_required_blas_that_does_not_load_is_an_error() {
+    let o = bin()
+        .env("LD_LIBRARY_PATH", "/nonexistent")
+        .args(["--blas", "mkl", "plot", "/nonexistent-folder"])
+        .output()
+        .expect("run");
+    let e = stderr(&o);
+    if e.contains("--blas mkl") {
+        assert!(!o.status.success());
+        assert!(e.contains("libmkl_rt"), "{e}");
+    } else {
+        println!("MKL loads on this machine: {e}");
+    }
+    let dir = fresh("guard-blas");
+    let o = bin()
+        .args(["--blas", "builtin"])
+        .args(TINY)
+        .args(["--iterations", "1", "--out", dir.to_str().unwrap()])
+        .output()
+        .expect("run");
+    assert!(o.status.success(), "{}", stderr(&o));
+    let out = String::from_utf8_lossy(&o.stdout).into_owned() + &stderr(&o);
+    assert!(out.contains("GEMM: the built-in gemm crate"), "{out}");
+    let _ = std::fs::remove_dir_all(&dir);
+}

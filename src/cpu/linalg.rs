@@ -1,6 +1,7 @@
 //! Dense linear algebra on the CPU (twins of the cuBLAS/cuSOLVER calls in `src/gpu/linalg.rs`).
 //!
-//! Every matrix is row-major. The GEMMs go to the `gemm` crate, which takes arbitrary
+//! Every matrix is row-major. The GEMMs go to a system BLAS when one is selected
+//! (`cpu::blas`, `--blas`), else to the `gemm` crate, which takes arbitrary
 //! row and column strides, so a transposed operand is the same buffer read with its
 //! strides swapped (no copy). The small solves are written here in f64:
 //!
@@ -34,7 +35,7 @@ fn op_strides(t: Trans, stored_cols: usize) -> (isize, isize) {
 }
 
 macro_rules! gemm_impl {
-    ($name:ident, $t:ty, $doc:literal) => {
+    ($name:ident, $t:ty, $blas:path, $doc:literal) => {
         #[doc = $doc]
         ///
         /// `c = alpha · op(a) · op(b) + beta · c` with `op(a)` m × k, `op(b)` k × n, `c`
@@ -58,6 +59,10 @@ macro_rules! gemm_impl {
             check_len(concat!(stringify!($name), " b"), b.len(), k * n)?;
             check_len(concat!(stringify!($name), " c"), c.len(), m * n)?;
             if m == 0 || n == 0 {
+                return Ok(());
+            }
+            // A system BLAS when one is selected (`cpu::blas`).
+            if $blas(ta, tb, (m, n, k), alpha, a, b, beta, c) {
                 return Ok(());
             }
             // Stored column counts: a is m × k (No) or k × m (Yes); b is k × n or n × k.
@@ -104,11 +109,13 @@ macro_rules! gemm_impl {
 gemm_impl!(
     gemm_f32,
     f32,
+    crate::cpu::blas::sgemm,
     "Row-major f32 GEMM, see [`crate::backend::Backend::gemm_f32`]."
 );
 gemm_impl!(
     gemm_f64,
     f64,
+    crate::cpu::blas::dgemm,
     "Row-major f64 GEMM, see [`crate::backend::Backend::gemm_f64`]."
 );
 

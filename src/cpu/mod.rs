@@ -4,6 +4,7 @@
 //! reductions), `linalg.rs` (GEMM and the small solves).
 
 pub mod backprop;
+pub mod blas;
 pub mod eigen;
 pub mod forward;
 pub mod linalg;

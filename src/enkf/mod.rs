@@ -52,8 +52,9 @@
 //! The "apply" phase `U += X (AᵀU)/J` is two large products. Two associations are
 //! exact in exact arithmetic ([`ApplyOrder`]): through parameter space,
 //! T = AᵀU/J (m × P) then U += X T, 4·m·J·P flops; or through member space,
-//! S = X Aᵀ/J (J × J, f64) then U += S U, 2·J²·P flops (f32) + 2·J²·m (f64, counted
-//! twice) plus a copy of U (a GEMM cannot write its own operand). The workspace picks
+//! S = I + X Aᵀ/J (J × J, f64, then f32) and U ← S U, 2·J²·P flops (f32) + 2·J²·m (f64,
+//! counted twice), written into a second J × P buffer that then becomes U (a GEMM cannot
+//! write its own operand). The workspace picks
 //! the cheaper by that count (member space wins up to J ≈ 1200 for m = 640,
 //! P = 18,050), and member space whenever J ≤ m, where it is also the accurate one
 //! (see [`ApplyOrder::cheapest`]).
@@ -105,7 +106,7 @@ pub enum ApplyOrder {
     Auto,
     /// T = AᵀU/J (m × P), then U += X T.
     Params,
-    /// S = X Aᵀ/J (J × J), then U += S U (uses a J × P copy of U).
+    /// S = I + X Aᵀ/J (J × J), then U ← S U (into a second J × P buffer that becomes U).
     Members,
 }
 
@@ -140,7 +141,7 @@ enum ApplyBuffers<B: Backend> {
         a32: B::F32,
         t32: B::F32,
     },
-    /// S = X Aᵀ/J in f64 and f32 (J × J each) and a copy of U (J × P).
+    /// S = I + X Aᵀ/J in f64 and f32 (J × J each) and the second J × P buffer.
     Members {
         s64: B::F64,
         s32: B::F32,
@@ -546,7 +547,9 @@ impl<B: Backend> EnkfWorkspace<B> {
                 t.apply(backend, &self.a64, &self.x64, u, (j, p, m), self.gamma, tau)?;
             }
             ApplyBuffers::Members { s64, s32, u_copy } => {
-                // S = X Aᵀ/J (J × J, f64), then U += S U through a copy of U.
+                // S = I + X Aᵀ/J (J × J, f64, rounded once to f32), then the new U = S U
+                // into the second buffer, which becomes U (a GEMM cannot write its own
+                // operand; swapping saves copying U first).
                 backend.gemm_f64(
                     Trans::No,
                     Trans::Yes,
@@ -559,9 +562,10 @@ impl<B: Backend> EnkfWorkspace<B> {
                     0.0,
                     s64,
                 )?;
+                backend.add_diagonal_f64(s64, j, 1.0)?;
                 backend.f64_to_f32(s64, s32)?;
-                backend.copy_f32(u, u_copy)?;
-                backend.gemm_f32(Trans::No, Trans::No, j, p, j, 1.0, s32, u_copy, 1.0, u)?;
+                backend.gemm_f32(Trans::No, Trans::No, j, p, j, 1.0, s32, u, 0.0, u_copy)?;
+                std::mem::swap(u, u_copy);
             }
         }
         Ok(())

@@ -1,0 +1,362 @@
+//! The CPU backend's GEMMs through a system BLAS, loaded at run time.
+//!
+//! The two big products of every EnKF update are GEMMs. The `gemm` crate (built in,
+//! always there) reached 195 GFLOP/s at the update's shape (1000 × 18,050 × 640) on the
+//! 2-core AVX-512 Xeon where OpenBLAS 0.3.21 (Debian) reached 331 and MKL 2025 (PyPI)
+//! 321 (README, "The CPU products"). Like cudarc with the CUDA libraries, the library
+//! is opened with `dlopen` when the program starts, so the build needs none of them and
+//! a machine without one runs the built-in GEMM.
+//!
+//! `--blas auto` (the default) takes OpenBLAS (`libopenblas.so.0`, Debian's
+//! `libopenblas0`) when it loads, else MKL (`libmkl_rt.so.3`/`.2`, e.g. PyPI's `mkl` on
+//! `LD_LIBRARY_PATH`), else the built-in GEMM; `--blas openblas|mkl` requires that one
+//! (an error naming what was looked for when it is missing), `--blas builtin` never
+//! loads one. The library's threads are set to rayon's pool size (`--threads`) at the
+//! first product. Row-major CBLAS takes our layout as it is (no transposes).
+//!
+//! Numbers: a system BLAS sums in its own order, so results differ from the built-in
+//! GEMM's in the last bits (the EnKF's tolerances are written for that, as between CPU
+//! and GPU); both OpenBLAS and MKL split the products over rows and columns, not over
+//! the summed dimension, so a run is repeatable on one machine and library.
+
+use std::sync::{Once, OnceLock};
+
+use crate::{Error, Result};
+
+/// Which GEMM the CPU backend uses (`--blas`).
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    PartialEq,
+    Eq,
+    Default,
+    serde::Serialize,
+    serde::Deserialize,
+    clap::ValueEnum,
+)]
+#[serde(rename_all = "lowercase")]
+pub enum BlasChoice {
+    /// OpenBLAS, else MKL, else the built-in GEMM.
+    #[default]
+    Auto,
+    /// The `gemm` crate, compiled in.
+    Builtin,
+    /// OpenBLAS (`libopenblas.so.0`), required.
+    Openblas,
+    /// Intel MKL (`libmkl_rt`), required.
+    Mkl,
+}
+
+/// File names tried for each library (the dynamic loader's search path applies).
+const OPENBLAS_NAMES: &[&str] = &["libopenblas.so.0", "libopenblas.so", "libopenblasp-r0.so"];
+const MKL_NAMES: &[&str] = &["libmkl_rt.so.3", "libmkl_rt.so.2", "libmkl_rt.so"];
+
+type Sgemm = unsafe extern "C" fn(
+    i32,
+    i32,
+    i32,
+    i32,
+    i32,
+    i32,
+    f32,
+    *const f32,
+    i32,
+    *const f32,
+    i32,
+    f32,
+    *mut f32,
+    i32,
+);
+type Dgemm = unsafe extern "C" fn(
+    i32,
+    i32,
+    i32,
+    i32,
+    i32,
+    i32,
+    f64,
+    *const f64,
+    i32,
+    *const f64,
+    i32,
+    f64,
+    *mut f64,
+    i32,
+);
+type SetThreads = unsafe extern "C" fn(i32);
+
+/// CBLAS enumerations.
+const ROW_MAJOR: i32 = 101;
+const NO_TRANS: i32 = 111;
+const TRANS: i32 = 112;
+
+/// A loaded CBLAS library.
+pub struct Cblas {
+    /// What was loaded, for logs and `config.json`.
+    pub name: String,
+    sgemm: Sgemm,
+    dgemm: Dgemm,
+    set_threads: Option<SetThreads>,
+    threads: Once,
+    // Keeps the library mapped for the process's life (the pointers above point into it).
+    _lib: libloading::Library,
+}
+
+impl std::fmt::Debug for Cblas {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Cblas({})", self.name)
+    }
+}
+
+/// The selection, made once per process.
+static SELECTED: OnceLock<Option<Cblas>> = OnceLock::new();
+
+impl Cblas {
+    /// Opens the first of `names` that loads and has `cblas_sgemm` and `cblas_dgemm`.
+    /// Errors: a description of every attempt.
+    fn open(label: &str, names: &[&str], set_threads: &str) -> std::result::Result<Cblas, String> {
+        let mut why = Vec::new();
+        for file in names {
+            // SAFETY: loading a BLAS runs its initialisers (thread pools, CPU detection),
+            // which is what these libraries are made for; nothing else is called yet.
+            let lib = match unsafe { libloading::Library::new(*file) } {
+                Ok(l) => l,
+                Err(e) => {
+                    why.push(format!("{file}: {e}"));
+                    continue;
+                }
+            };
+            // SAFETY: the symbols are the CBLAS functions with the C signatures above
+            // (the reference CBLAS header: enums as int, LP64 integers).
+            let syms = unsafe {
+                (
+                    lib.get::<Sgemm>(b"cblas_sgemm\0").map(|s| *s),
+                    lib.get::<Dgemm>(b"cblas_dgemm\0").map(|s| *s),
+                    lib.get::<SetThreads>(format!("{set_threads}\0").as_bytes())
+                        .map(|s| *s)
+                        .ok(),
+                )
+            };
+            match syms {
+                (Ok(sgemm), Ok(dgemm), set) => {
+                    return Ok(Cblas {
+                        name: format!("{label} ({file})"),
+                        sgemm,
+                        dgemm,
+                        set_threads: set,
+                        threads: Once::new(),
+                        _lib: lib,
+                    })
+                }
+                (Err(_), _, _) => why.push(format!("{file}: no cblas_sgemm")),
+                (_, Err(_), _) => why.push(format!("{file}: no cblas_dgemm")),
+            }
+        }
+        Err(why.join("; "))
+    }
+
+    /// Sets the library's threads to rayon's pool size, once.
+    fn ensure_threads(&self) {
+        self.threads.call_once(|| {
+            if let Some(set) = self.set_threads {
+                let n = i32::try_from(rayon::current_num_threads()).unwrap_or(i32::MAX);
+                // SAFETY: the library's own thread-count setter, called before any
+                // product of ours runs on it.
+                unsafe { set(n) };
+            }
+        });
+    }
+}
+
+/// Selects the CPU GEMM for this process (the first call decides; later calls return
+/// the first call's result); returns what is used, in words.
+///
+/// Errors: [`Error::Config`] when `choice` names a library that does not load, with
+/// every file tried; or when a later call asks for another library than the first got.
+pub fn select(choice: BlasChoice) -> Result<String> {
+    let mut failure = None;
+    let chosen = SELECTED.get_or_init(|| {
+        let open_blas = || Cblas::open("OpenBLAS", OPENBLAS_NAMES, "openblas_set_num_threads");
+        let mkl = || Cblas::open("MKL", MKL_NAMES, "MKL_Set_Num_Threads");
+        match choice {
+            BlasChoice::Builtin => None,
+            BlasChoice::Auto => open_blas().or_else(|_| mkl()).ok(),
+            BlasChoice::Openblas => open_blas().map_err(|e| failure = Some(e)).ok(),
+            BlasChoice::Mkl => mkl().map_err(|e| failure = Some(e)).ok(),
+        }
+    });
+    if let Some(why) = failure {
+        return Err(Error::Config(format!(
+            "--blas {}: the library does not load ({why}); install it (Debian: \
+             libopenblas0; MKL: `pip install mkl` and its lib folder on LD_LIBRARY_PATH), or \
+             use --blas builtin",
+            choice_name(choice)
+        )));
+    }
+    let got = describe_selected(chosen.as_ref());
+    let consistent = match choice {
+        BlasChoice::Auto => true,
+        BlasChoice::Builtin => chosen.is_none(),
+        BlasChoice::Openblas => chosen
+            .as_ref()
+            .is_some_and(|c| c.name.starts_with("OpenBLAS")),
+        BlasChoice::Mkl => chosen.as_ref().is_some_and(|c| c.name.starts_with("MKL")),
+    };
+    if !consistent {
+        return Err(Error::Config(format!(
+            "--blas {}: this process already uses {got}",
+            choice_name(choice)
+        )));
+    }
+    Ok(got)
+}
+
+fn choice_name(c: BlasChoice) -> &'static str {
+    match c {
+        BlasChoice::Auto => "auto",
+        BlasChoice::Builtin => "builtin",
+        BlasChoice::Openblas => "openblas",
+        BlasChoice::Mkl => "mkl",
+    }
+}
+
+fn describe_selected(c: Option<&Cblas>) -> String {
+    match c {
+        Some(c) => c.name.clone(),
+        None => "the built-in gemm crate".into(),
+    }
+}
+
+/// What the CPU GEMMs use now (the built-in GEMM until [`select`] chose a library).
+pub fn describe() -> String {
+    describe_selected(SELECTED.get().and_then(Option::as_ref))
+}
+
+/// The selected library, if any.
+fn selected() -> Option<&'static Cblas> {
+    SELECTED.get().and_then(Option::as_ref)
+}
+
+/// `c = alpha · op(a) · op(b) + beta · c` (row-major, as `linalg::gemm_f32`) through the
+/// selected library; `false` (nothing done) when none is selected or a dimension is
+/// beyond its 32-bit integers. The caller has checked the lengths.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn sgemm(
+    ta: crate::backend::Trans,
+    tb: crate::backend::Trans,
+    (m, n, k): (usize, usize, usize),
+    alpha: f32,
+    a: &[f32],
+    b: &[f32],
+    beta: f32,
+    c: &mut [f32],
+) -> bool {
+    let Some(lib) = selected() else {
+        return false;
+    };
+    let Some(d) = dims(ta, tb, m, n, k) else {
+        return false;
+    };
+    lib.ensure_threads();
+    // SAFETY: the caller checked a = m·k, b = k·n, c = m·n elements; with these leading
+    // dimensions row-major CBLAS reads and writes exactly those extents; c is a unique
+    // borrow.
+    unsafe {
+        (lib.sgemm)(
+            ROW_MAJOR,
+            d.ta,
+            d.tb,
+            d.m,
+            d.n,
+            d.k,
+            alpha,
+            a.as_ptr(),
+            d.lda,
+            b.as_ptr(),
+            d.ldb,
+            beta,
+            c.as_mut_ptr(),
+            d.ldc,
+        )
+    };
+    true
+}
+
+/// As [`sgemm`] in f64.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn dgemm(
+    ta: crate::backend::Trans,
+    tb: crate::backend::Trans,
+    (m, n, k): (usize, usize, usize),
+    alpha: f64,
+    a: &[f64],
+    b: &[f64],
+    beta: f64,
+    c: &mut [f64],
+) -> bool {
+    let Some(lib) = selected() else {
+        return false;
+    };
+    let Some(d) = dims(ta, tb, m, n, k) else {
+        return false;
+    };
+    lib.ensure_threads();
+    // SAFETY: as in `sgemm`.
+    unsafe {
+        (lib.dgemm)(
+            ROW_MAJOR,
+            d.ta,
+            d.tb,
+            d.m,
+            d.n,
+            d.k,
+            alpha,
+            a.as_ptr(),
+            d.lda,
+            b.as_ptr(),
+            d.ldb,
+            beta,
+            c.as_mut_ptr(),
+            d.ldc,
+        )
+    };
+    true
+}
+
+/// Row-major CBLAS arguments of `op(a)` m × k times `op(b)` k × n.
+struct Dims {
+    ta: i32,
+    tb: i32,
+    m: i32,
+    n: i32,
+    k: i32,
+    lda: i32,
+    ldb: i32,
+    ldc: i32,
+}
+
+fn dims(
+    ta: crate::backend::Trans,
+    tb: crate::backend::Trans,
+    m: usize,
+    n: usize,
+    k: usize,
+) -> Option<Dims> {
+    use crate::backend::Trans;
+    let int = |v: usize| i32::try_from(v.max(1)).ok();
+    // Stored columns: a is m × k (No) or k × m (Yes); b is k × n (No) or n × k (Yes).
+    let lda = if ta == Trans::No { k } else { m };
+    let ldb = if tb == Trans::No { n } else { k };
+    let op = |t: Trans| if t == Trans::No { NO_TRANS } else { TRANS };
+    Some(Dims {
+        ta: op(ta),
+        tb: op(tb),
+        m: i32::try_from(m).ok()?,
+        n: i32::try_from(n).ok()?,
+        k: i32::try_from(k).ok()?,
+        lda: int(lda)?,
+        ldb: int(ldb)?,
+        ldc: int(n)?,
+    })
+}
