@@ -29,9 +29,8 @@ pub(super) struct TikhonovBuffers<B: Backend> {
     e32: B::F32,
     /// Ensemble mean ū, P.
     mean32: B::F32,
-    /// Ones, J (f32 and f64): the rank-one terms.
+    /// Ones, J: the rank-one terms.
     ones32: B::F32,
-    ones64: B::F64,
     /// E Eᵀ, J × J.
     k32: B::F32,
     /// E ū, J.
@@ -53,11 +52,6 @@ impl<B: Backend> TikhonovBuffers<B> {
             e32: backend.zeros_f32(j * p)?,
             mean32: backend.zeros_f32(p)?,
             ones32: backend.upload_f32(&vec![1.0; j])?,
-            ones64: {
-                let mut o = backend.zeros_f64(j)?;
-                backend.add_scaled_f32_f64(&backend.upload_f32(&vec![1.0; j])?, 1.0, &mut o)?;
-                o
-            },
             k32: backend.zeros_f32(j * j)?,
             v32: backend.zeros_f32(j)?,
             m64: backend.zeros_f64(j * j)?,
@@ -69,7 +63,7 @@ impl<B: Backend> TikhonovBuffers<B> {
     /// Device bytes of these buffers (for the memory check).
     pub fn bytes(members: usize, params: usize) -> u64 {
         let (j, p) = (members as u64, params as u64);
-        4 * (j * p + p + 3 * j + 2 * j * j) + 8 * (2 * j + 2 * j * j)
+        4 * (j * p + p + 2 * j + 2 * j * j) + 8 * (2 * j * j)
     }
 
     /// `u += N M⁻¹ E` (module docs) from A and D (`a64`, `d64`, J × m each) for
@@ -159,20 +153,21 @@ impl<B: Backend> TikhonovBuffers<B> {
             &mut self.n64,
         )?;
         backend.add_scaled_f32_f64(&self.k32, -1.0 / (jf * tau), &mut self.n64)?;
-        let mut v64 = backend.zeros_f64(j)?;
-        backend.add_scaled_f32_f64(&self.v32, 1.0, &mut v64)?;
-        backend.gemm_f64(
+        // The rank-one term 1 (E ū)ᵀ: formed exactly in f32 (each entry is one v_k times
+        // 1) in the scratch S, then added like K.
+        backend.gemm_f32(
             Trans::No,
             Trans::No,
             j,
             j,
             1,
-            -1.0 / (jf * tau),
-            &self.ones64,
-            &v64,
             1.0,
-            &mut self.n64,
+            &self.ones32,
+            &self.v32,
+            0.0,
+            &mut self.s32,
         )?;
+        backend.add_scaled_f32_f64(&self.s32, -1.0 / (jf * tau), &mut self.n64)?;
         // N ← N M⁻¹ (M symmetric), then U += (N M⁻¹) E.
         backend.block_cholesky_solve_f64(&mut self.m64, 1, j, &mut self.n64, j)?;
         backend.f64_to_f32(&self.n64, &mut self.s32)?;

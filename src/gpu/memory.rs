@@ -548,8 +548,8 @@ mod tests {
             tikhonov: true,
             ..s.clone()
         };
-        // E (J × P f32), ū, three J-vectors and K, S (J × J) in f32; ones, v and M, N in f64.
-        let tik_apply = 4 * (j * p + p + 3 * j + 2 * j * j) + 8 * (2 * j + 2 * j * j);
+        // E (J × P f32), ū, two J-vectors (ones, v) and K, S (J × J) in f32; M, N in f64.
+        let tik_apply = 4 * (j * p + p + 2 * j + 2 * j * j) + 8 * (2 * j * j);
         let plain_apply = match ApplyOrder::cheapest(2000, P, 640) {
             ApplyOrder::Members => 12 * j * j + 4 * j * p,
             _ => 4 * (2 * j * 640 + 640 * p),
