@@ -113,6 +113,8 @@ pub trait Backend {
     fn upload_f32(&self, host: &[f32]) -> Result<Self::F32>;
     /// Copies host values into an existing buffer of the same length.
     fn write_f32(&self, host: &[f32], dst: &mut Self::F32) -> Result<()>;
+    /// Copies host values into an existing f64 buffer of the same length.
+    fn write_f64(&self, host: &[f64], dst: &mut Self::F64) -> Result<()>;
     /// Copies a buffer to a new host vector.
     fn download_f32(&self, buf: &Self::F32) -> Result<Vec<f32>>;
     /// Copies a buffer to a new host vector.

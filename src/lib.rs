@@ -9,6 +9,7 @@
 pub mod backend;
 pub mod cpu;
 pub mod data;
+pub mod dist;
 pub mod enkf;
 pub mod error;
 pub mod gpu;

@@ -61,6 +61,11 @@ impl Backend for CpuBackend {
         dst.copy_from_slice(host);
         Ok(())
     }
+    fn write_f64(&self, host: &[f64], dst: &mut Vec<f64>) -> Result<()> {
+        check_len("write_f64 destination", dst.len(), host.len())?;
+        dst.copy_from_slice(host);
+        Ok(())
+    }
     fn download_f32(&self, buf: &Vec<f32>) -> Result<Vec<f32>> {
         Ok(buf.clone())
     }

@@ -58,7 +58,13 @@
 //! the cheaper by that count (member space wins up to J ≈ 1200 for m = 640,
 //! P = 18,050), and member space whenever J ≤ m, where it is also the accurate one
 //! (see [`ApplyOrder::cheapest`]).
+//!
+//! Sharded over ranks (members split into contiguous blocks, [`dist`]): every product
+//! over members above is a sum of per-rank products, so the ranks add up 1ᵀD (for the
+//! global centring of A), AᵀA, AᵀBm and AᵀU, and each applies U_r += X_r T to its own
+//! rows (parameter-space order; the member-space S = XAᵀ would need every rank's A).
 
+pub mod dist;
 mod reference;
 pub mod resize;
 mod tikhonov;

@@ -391,6 +391,15 @@ impl Backend for CudaBackend {
             .memcpy_htod(host, dst)
             .map_err(cuda_err("write_f32"))
     }
+    fn write_f64(&self, host: &[f64], dst: &mut CudaSlice<f64>) -> Result<()> {
+        check_len("write_f64 destination", dst.len(), host.len())?;
+        if host.is_empty() {
+            return Ok(());
+        }
+        self.stream
+            .memcpy_htod(host, dst)
+            .map_err(cuda_err("write_f64"))
+    }
     fn download_f32(&self, buf: &CudaSlice<f32>) -> Result<Vec<f32>> {
         if buf.is_empty() {
             return Ok(Vec::new());

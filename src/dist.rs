@@ -1,0 +1,232 @@
+//! Ranks that share one ensemble (issue 14): the communicator the sharded EnKF update
+//! needs ([`Comm`]), the members each rank holds ([`Shard`]), and two communicators:
+//! [`Solo`] (one rank, nothing to exchange) and [`ThreadGroup`] (ranks as threads of one
+//! process, for the tests and for checking the algebra without MPI). An MPI
+//! communicator (rsmpi, behind a Cargo feature) implements the same trait; it is not
+//! built yet.
+//!
+//! Every sum over ranks is taken in rank order (rank 0's values first), so a run on N
+//! ranks gives the same bits every time; runs on different N differ only in the order
+//! of floating-point sums.
+
+use std::sync::{Arc, Barrier, Mutex};
+
+use crate::{Error, Result};
+
+/// A group of ranks that add buffers together. Every rank calls each collective in the
+/// same order with buffers of the same length.
+pub trait Comm: Send + Sync {
+    /// This rank, 0 … size − 1.
+    fn rank(&self) -> usize;
+    /// Number of ranks.
+    fn size(&self) -> usize;
+    /// Element-wise sum over the ranks, in rank order; every rank gets the result.
+    ///
+    /// Errors: [`Error::Shape`] when the ranks' lengths differ; the transport's errors.
+    fn allreduce_sum_f64(&self, buf: &mut [f64]) -> Result<()>;
+    /// As [`Comm::allreduce_sum_f64`], in f32.
+    fn allreduce_sum_f32(&self, buf: &mut [f32]) -> Result<()>;
+}
+
+/// One rank: every collective is the identity.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Solo;
+
+impl Comm for Solo {
+    fn rank(&self) -> usize {
+        0
+    }
+    fn size(&self) -> usize {
+        1
+    }
+    fn allreduce_sum_f64(&self, _buf: &mut [f64]) -> Result<()> {
+        Ok(())
+    }
+    fn allreduce_sum_f32(&self, _buf: &mut [f32]) -> Result<()> {
+        Ok(())
+    }
+}
+
+/// The buffers the ranks of a [`ThreadGroup`] deposit for one collective.
+#[derive(Debug, Default)]
+struct Slots {
+    f64s: Vec<Vec<f64>>,
+    f32s: Vec<Vec<f32>>,
+}
+
+/// Ranks as threads of one process: rank r of [`ThreadGroup::new`]'s result is used by
+/// one thread; a collective waits until every rank has deposited its buffer, then each
+/// rank adds them up in rank order.
+#[derive(Debug)]
+pub struct ThreadGroup {
+    rank: usize,
+    size: usize,
+    slots: Arc<Mutex<Slots>>,
+    barrier: Arc<Barrier>,
+}
+
+impl ThreadGroup {
+    /// The `size` ranks of one group (hand one to each thread).
+    ///
+    /// Errors: [`Error::Config`] for `size` = 0.
+    pub fn new(size: usize) -> Result<Vec<ThreadGroup>> {
+        if size == 0 {
+            return Err(Error::Config("a group needs at least one rank".into()));
+        }
+        let slots = Arc::new(Mutex::new(Slots {
+            f64s: vec![Vec::new(); size],
+            f32s: vec![Vec::new(); size],
+        }));
+        let barrier = Arc::new(Barrier::new(size));
+        Ok((0..size)
+            .map(|rank| ThreadGroup {
+                rank,
+                size,
+                slots: slots.clone(),
+                barrier: barrier.clone(),
+            })
+            .collect())
+    }
+
+    /// Deposits `buf`, waits for every rank, sums all deposits in rank order into `buf`,
+    /// and waits again (so no deposit is replaced before every rank has read it).
+    fn allreduce<T: Copy + std::ops::AddAssign + Default>(
+        &self,
+        buf: &mut [T],
+        pick: impl Fn(&mut Slots) -> &mut Vec<Vec<T>>,
+    ) -> Result<()> {
+        let lock = || self.slots.lock().unwrap_or_else(|p| p.into_inner());
+        pick(&mut lock())[self.rank] = buf.to_vec();
+        self.barrier.wait();
+        let result = {
+            let mut slots = lock();
+            let all = pick(&mut slots);
+            if let Some(other) = all.iter().find(|v| v.len() != buf.len()) {
+                Err(Error::Shape {
+                    what: "allreduce buffer".into(),
+                    expected: format!("{} values on every rank", buf.len()),
+                    found: format!("{} on another rank", other.len()),
+                })
+            } else {
+                let mut sum = vec![T::default(); buf.len()];
+                for v in all.iter() {
+                    for (s, &x) in sum.iter_mut().zip(v) {
+                        *s += x;
+                    }
+                }
+                buf.copy_from_slice(&sum);
+                Ok(())
+            }
+        };
+        self.barrier.wait();
+        result
+    }
+}
+
+impl Comm for ThreadGroup {
+    fn rank(&self) -> usize {
+        self.rank
+    }
+    fn size(&self) -> usize {
+        self.size
+    }
+    fn allreduce_sum_f64(&self, buf: &mut [f64]) -> Result<()> {
+        self.allreduce(buf, |s| &mut s.f64s)
+    }
+    fn allreduce_sum_f32(&self, buf: &mut [f32]) -> Result<()> {
+        self.allreduce(buf, |s| &mut s.f32s)
+    }
+}
+
+/// The members rank `rank` of `ranks` holds of a global ensemble of `members`: a
+/// contiguous range, the first `members mod ranks` ranks one more than the others.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Shard {
+    /// Global ensemble size J.
+    pub members: usize,
+    /// First global member index of this rank.
+    pub first: usize,
+    /// Members of this rank, J_r.
+    pub count: usize,
+}
+
+impl Shard {
+    /// Rank `rank`'s share of `members` over `ranks` ranks.
+    ///
+    /// Errors: [`Error::Config`] when there are fewer members than ranks or `rank` is
+    /// not below `ranks`.
+    pub fn of(members: usize, rank: usize, ranks: usize) -> Result<Shard> {
+        if ranks == 0 || rank >= ranks || members < ranks {
+            return Err(Error::Config(format!(
+                "{members} members cannot be shared by {ranks} ranks as rank {rank}: every \
+                 rank needs at least one member"
+            )));
+        }
+        let (base, extra) = (members / ranks, members % ranks);
+        let count = base + usize::from(rank < extra);
+        let first = rank * base + rank.min(extra);
+        Ok(Shard {
+            members,
+            first,
+            count,
+        })
+    }
+
+    /// The global member indices of this shard.
+    pub fn range(&self) -> std::ops::Range<usize> {
+        self.first..self.first + self.count
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shards_tile_the_ensemble_in_order() {
+        for (members, ranks) in [(10, 3), (9, 3), (5, 5), (1000, 7)] {
+            let mut next = 0;
+            for r in 0..ranks {
+                let s = Shard::of(members, r, ranks).unwrap();
+                assert_eq!(s.first, next);
+                assert!(s.count == members / ranks || s.count == members / ranks + 1);
+                next = s.range().end;
+            }
+            assert_eq!(next, members);
+        }
+        assert!(Shard::of(2, 0, 3).is_err());
+        assert!(Shard::of(9, 3, 3).is_err());
+    }
+
+    /// Sums in rank order on every rank, repeatably; unequal lengths are an error on
+    /// every rank (none hangs).
+    #[test]
+    fn thread_group_sums_in_rank_order() {
+        let ranks = ThreadGroup::new(3).unwrap();
+        let out: Vec<(Vec<f64>, Vec<f32>, bool)> = std::thread::scope(|s| {
+            let handles: Vec<_> = ranks
+                .iter()
+                .map(|g| {
+                    s.spawn(move || {
+                        let r = g.rank() as f64;
+                        let mut a = vec![r, 1e16, -1e16 * (r - 1.0)];
+                        g.allreduce_sum_f64(&mut a).unwrap();
+                        let mut b = vec![g.rank() as f32 + 0.5; 2];
+                        g.allreduce_sum_f32(&mut b).unwrap();
+                        let mut bad = vec![0.0f64; 1 + g.rank()];
+                        let failed = g.allreduce_sum_f64(&mut bad).is_err();
+                        (a, b, failed)
+                    })
+                })
+                .collect();
+            handles.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        // Rank order: ((0 + 1) + 2); (1e16 + 1e16) + 1e16; (1e16 + 0) + −1e16.
+        let want = vec![3.0, 3e16, 0.0];
+        for (a, b, failed) in out {
+            assert_eq!(a, want);
+            assert_eq!(b, vec![4.5f32, 4.5]);
+            assert!(failed, "unequal lengths must fail");
+        }
+    }
+}

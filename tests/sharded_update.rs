@@ -1,0 +1,151 @@
+//! The EnKF update with the ensemble sharded over ranks (`enkf::dist`, issue 14) against
+//! the single-process update (`EnkfWorkspace`, parameter-space order): one rank bit for
+//! bit; 2 and 3 ranks (threads of a `ThreadGroup`) to the tolerance below, and bit for
+//! bit when repeated; a shard that does not match its rank is refused.
+//!
+//! Tolerance: the ranks add A_rᵀU_r (f32, J_r terms each) in another grouping than one
+//! J-term sum, and centre A by a correction instead of the global mean (f64): ~J·eps32
+//! relative to Σ|terms| in T, which cancellation can make ~100× |ΔU|. 1e-4·max|ΔU|
+//! absolute plus 4·eps32·|U| relative, against an error of order max|ΔU| for a wrong
+//! centring, a missing sum or a wrong shard offset.
+
+mod common;
+use common::twins::normals32;
+
+use enkf_dnn::backend::Backend;
+use enkf_dnn::cpu::CpuBackend;
+use enkf_dnn::dist::{Comm, Shard, Solo, ThreadGroup};
+use enkf_dnn::enkf::dist::{exchanged_bytes, ShardedWorkspace};
+use enkf_dnn::enkf::{ApplyOrder, EnkfWorkspace, UpdateRule};
+use rand::SeedableRng;
+use rand_chacha::ChaCha8Rng;
+
+const J: usize = 61;
+const P: usize = 45;
+const B: usize = 3;
+const M: usize = B * 10;
+const GAMMA: f64 = 0.05;
+
+/// U (J × P), G (J × m, with a different offset per member so shard means differ), y.
+fn problem(seed: u64) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    let u = normals32(&mut rng, J * P, 1.0);
+    let mut g = normals32(&mut rng, J * M, 0.3);
+    for (j, row) in g.chunks_exact_mut(M).enumerate() {
+        row.iter_mut().for_each(|v| *v += 0.02 * j as f32);
+    }
+    let y: Vec<f32> = (0..M).map(|i| f32::from(i % 10 == 3)).collect();
+    (u, g, y)
+}
+
+/// The update on `ranks` ranks (threads), gathered back into J × P.
+fn sharded(rule: UpdateRule, ranks: usize, seed: u64) -> Vec<f32> {
+    let (u, g, y) = problem(seed);
+    let group = ThreadGroup::new(ranks).unwrap();
+    let parts: Vec<Vec<f32>> = std::thread::scope(|s| {
+        let handles: Vec<_> = group
+            .iter()
+            .map(|comm| {
+                let (u, g, y) = (&u, &g, &y);
+                s.spawn(move || {
+                    let be = CpuBackend::new();
+                    let shard = Shard::of(J, comm.rank(), comm.size()).unwrap();
+                    let mut ws = ShardedWorkspace::new(&be, shard, P, B, 10).unwrap();
+                    let mut ur = u[shard.first * P..shard.range().end * P].to_vec();
+                    let gr = g[shard.first * M..shard.range().end * M].to_vec();
+                    ws.update(&be, comm, rule, GAMMA, &mut ur, &gr, y).unwrap();
+                    ur
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    parts.concat()
+}
+
+fn reference(rule: UpdateRule, seed: u64) -> (Vec<f32>, Vec<f32>) {
+    let (u0, g, y) = problem(seed);
+    let be = CpuBackend::new();
+    let mut ws = EnkfWorkspace::with_order(&be, J, P, B, ApplyOrder::Params).unwrap();
+    let mut u = u0.clone();
+    ws.update(&be, rule, GAMMA, &mut u, &g, &y).unwrap();
+    (u0, u)
+}
+
+#[test]
+fn one_rank_is_the_single_process_update_bit_for_bit() {
+    for rule in [UpdateRule::Sequential, UpdateRule::Batch] {
+        let (u0, want) = reference(rule, 1);
+        let (_, g, y) = problem(1);
+        let be = CpuBackend::new();
+        let shard = Shard::of(J, 0, 1).unwrap();
+        let mut ws = ShardedWorkspace::new(&be, shard, P, B, 10).unwrap();
+        let mut u = u0.clone();
+        ws.update(&be, &Solo, rule, GAMMA, &mut u, &g, &y).unwrap();
+        assert_eq!(u, want, "{rule:?}");
+        assert_ne!(u, u0, "the update moves the members");
+        assert_eq!(sharded(rule, 1, 1), want, "{rule:?} on a group of one");
+    }
+}
+
+#[test]
+fn two_and_three_ranks_agree_with_one_and_repeat_exactly() {
+    for rule in [UpdateRule::Sequential, UpdateRule::Batch] {
+        let (u0, want) = reference(rule, 2);
+        let step = want
+            .iter()
+            .zip(&u0)
+            .fold(0.0f64, |m, (a, b)| m.max(f64::from((a - b).abs())));
+        assert!(step > 1e-3, "a real step: {step}");
+        for ranks in [2, 3] {
+            let got = sharded(rule, ranks, 2);
+            for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+                let allow = 1e-4 * step + 4.0 * f64::from(f32::EPSILON) * f64::from(w.abs());
+                assert!(
+                    f64::from((g - w).abs()) <= allow,
+                    "{rule:?}, {ranks} ranks, element {i}: {g} vs {w} (allowed {allow:e})"
+                );
+            }
+            assert_eq!(
+                sharded(rule, ranks, 2),
+                got,
+                "{rule:?}: {ranks} ranks repeat"
+            );
+        }
+    }
+}
+
+#[test]
+fn a_shard_that_is_not_its_ranks_and_unsharded_rules_are_refused() {
+    let be = CpuBackend::new();
+    let (u, g, y) = problem(3);
+    let shard = Shard::of(J, 1, 2).unwrap();
+    let mut ws = ShardedWorkspace::new(&be, shard, P, B, 10).unwrap();
+    let (mut ur, gr) = (u[..shard.count * P].to_vec(), g[..shard.count * M].to_vec());
+    let e = ws
+        .update(&be, &Solo, UpdateRule::Batch, GAMMA, &mut ur, &gr, &y)
+        .expect_err("rank 1 of 2 on a group of one");
+    assert!(e.to_string().contains("this rank (0 of 1)"), "{e}");
+    let mut ws = ShardedWorkspace::new(&be, Shard::of(J, 0, 1).unwrap(), P, B, 10).unwrap();
+    let mut u = u.clone();
+    let e = ws
+        .update(&be, &Solo, UpdateRule::Transform, GAMMA, &mut u, &g, &y)
+        .expect_err("transform");
+    assert!(e.to_string().contains("not sharded"), "{e}");
+    assert_eq!(be.len_f32(&u), J * P);
+}
+
+/// The paper's network and batch: 5 KB + 2 · 3.3 MB + 46.2 MB per rank and update
+/// (sequential rule).
+#[test]
+fn exchanged_bytes_per_update() {
+    let m = 640u64;
+    assert_eq!(
+        exchanged_bytes(UpdateRule::Sequential, 18_050, 640),
+        8 * m + 16 * m * m + 4 * m * 18_050
+    );
+    assert_eq!(
+        exchanged_bytes(UpdateRule::Batch, 18_050, 640),
+        8 * m + 8 * m * m + 4 * m * 18_050
+    );
+}
