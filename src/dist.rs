@@ -1,9 +1,9 @@
 //! Ranks that share one ensemble (issue 14): the communicator the sharded EnKF update
 //! needs ([`Comm`]), the members each rank holds ([`Shard`]), and two communicators:
 //! [`Solo`] (one rank, nothing to exchange) and [`ThreadGroup`] (ranks as threads of one
-//! process, for the tests and for checking the algebra without MPI). An MPI
-//! communicator (rsmpi, behind a Cargo feature) implements the same trait; it is not
-//! built yet.
+//! process, for the tests and for checking the algebra without MPI), and with
+//! `--features mpi` [`mpi_comm::MpiComm`] (rsmpi over the system's MPI: ranks are
+//! processes started by `mpirun` or `srun`).
 //!
 //! Every sum over ranks is taken in rank order (rank 0's values first), so a run on N
 //! ranks gives the same bits every time; runs on different N differ only in the order
@@ -15,7 +15,7 @@ use crate::{Error, Result};
 
 /// A group of ranks that add buffers together. Every rank calls each collective in the
 /// same order with buffers of the same length.
-pub trait Comm: Send + Sync {
+pub trait Comm {
     /// This rank, 0 … size − 1.
     fn rank(&self) -> usize;
     /// Number of ranks.
@@ -175,6 +175,78 @@ impl Shard {
     /// The global member indices of this shard.
     pub fn range(&self) -> std::ops::Range<usize> {
         self.first..self.first + self.count
+    }
+}
+
+/// MPI ranks (`--features mpi`).
+#[cfg(feature = "mpi")]
+pub mod mpi_comm {
+    use super::Comm;
+    use crate::{Error, Result};
+    use mpi::collective::SystemOperation;
+    use mpi::traits::{Communicator, CommunicatorCollectives};
+
+    /// The world communicator of this MPI process; MPI is finalised when it is dropped.
+    pub struct MpiComm {
+        world: mpi::topology::SimpleCommunicator,
+        _universe: mpi::environment::Universe,
+    }
+
+    impl MpiComm {
+        /// Initialises MPI (once per process) and takes its world.
+        ///
+        /// Errors: [`Error::Config`] when MPI was initialised already in this process.
+        pub fn init() -> Result<MpiComm> {
+            let universe = mpi::initialize().ok_or_else(|| {
+                Error::Config("MPI is initialised already in this process".into())
+            })?;
+            Ok(MpiComm {
+                world: universe.world(),
+                _universe: universe,
+            })
+        }
+
+        /// Every rank's buffer length must be the same: checked with one small
+        /// reduction (max of len and of −len), so a mismatch is an error on every rank
+        /// instead of undefined behaviour inside MPI.
+        fn check_len(&self, len: usize) -> Result<()> {
+            let l = len as i64;
+            let mine = [l, -l];
+            let mut ext = [0i64; 2];
+            self.world
+                .all_reduce_into(&mine[..], &mut ext[..], SystemOperation::max());
+            if ext[0] != l || ext[1] != -l {
+                return Err(Error::Shape {
+                    what: "allreduce buffer".into(),
+                    expected: format!("{len} values on every rank"),
+                    found: format!("lengths {} … {} across the ranks", -ext[1], ext[0]),
+                });
+            }
+            Ok(())
+        }
+    }
+
+    impl Comm for MpiComm {
+        fn rank(&self) -> usize {
+            self.world.rank() as usize
+        }
+        fn size(&self) -> usize {
+            self.world.size() as usize
+        }
+        fn allreduce_sum_f64(&self, buf: &mut [f64]) -> Result<()> {
+            self.check_len(buf.len())?;
+            let local = buf.to_vec();
+            self.world
+                .all_reduce_into(&local[..], buf, SystemOperation::sum());
+            Ok(())
+        }
+        fn allreduce_sum_f32(&self, buf: &mut [f32]) -> Result<()> {
+            self.check_len(buf.len())?;
+            let local = buf.to_vec();
+            self.world
+                .all_reduce_into(&local[..], buf, SystemOperation::sum());
+            Ok(())
+        }
     }
 }
 

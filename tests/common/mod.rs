@@ -6,6 +6,7 @@
 #![allow(dead_code)]
 
 pub mod emu;
+pub mod sharded;
 pub mod twins;
 
 use enkf_dnn::backend::MathMode;
