@@ -5,8 +5,10 @@
 //! `--features mpi` [`mpi_comm::MpiComm`] (rsmpi over the system's MPI: ranks are
 //! processes started by `mpirun` or `srun`).
 //!
-//! Every sum over ranks is taken in rank order (rank 0's values first), so a run on N
-//! ranks gives the same bits every time; runs on different N differ only in the order
+//! `ThreadGroup` adds the ranks' buffers in rank order (rank 0's values first); MPI adds
+//! them in the order of its allreduce algorithm, which OpenMPI picks from the message
+//! size and the rank count (the same for the same run: `tests/mpi_ranks.rs` checks
+//! that repeated runs agree bit for bit). Runs on different N differ only in the order
 //! of floating-point sums.
 
 use std::sync::{Arc, Barrier, Mutex};
