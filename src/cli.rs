@@ -374,6 +374,11 @@ pub struct BenchArgs {
     /// Also write the table as CSV here.
     #[arg(long, value_name = "FILE.csv")]
     pub csv: Option<PathBuf>,
+    /// Time only the update with the ensemble sharded over MPI ranks (run under `mpirun
+    /// -np N`; needs a build with `--features mpi`): each -J is split over the ranks,
+    /// rank 0 prints the median update time and the bytes each rank exchanges.
+    #[arg(long)]
+    pub sharded: bool,
 }
 
 impl BenchArgs {

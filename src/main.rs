@@ -150,6 +150,7 @@ fn run() -> anyhow::Result<()> {
             enkf_dnn::reproduce::plot_dir(&args.dir)
                 .with_context(|| format!("plotting {}", args.dir.display()))?;
         }
+        Command::Bench(args) if args.sharded => bench_sharded(&args)?,
         Command::Bench(args) => {
             if let Some(path) = &args.csv {
                 enkf_dnn::run_dir::check_output_file("--csv", path)?;
@@ -194,4 +195,53 @@ fn run() -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+/// `bench --sharded`: the sharded update's time per -J over the MPI ranks of this run.
+#[cfg(feature = "mpi")]
+fn bench_sharded(args: &enkf_dnn::cli::BenchArgs) -> anyhow::Result<()> {
+    use enkf_dnn::dist::Comm;
+    if args.backend == enkf_dnn::backend::BackendKind::Cuda || args.net.is_some() {
+        anyhow::bail!(
+            "bench --sharded times the CPU update of the paper's network: --backend cuda and \
+             --net are not taken with it"
+        );
+    }
+    app::set_threads(args.threads);
+    let comm = enkf_dnn::dist::mpi_comm::MpiComm::init()?;
+    let p = enkf_dnn::model::Net::new(Default::default(), Default::default()).n_params();
+    for &j in &args.members {
+        let t = enkf_dnn::enkf::dist::bench_sharded(
+            &comm,
+            j,
+            p,
+            args.update,
+            (args.warmup, args.iters),
+        )?;
+        let mut sorted = t.clone();
+        sorted.sort_by(f64::total_cmp);
+        let median = sorted.get(sorted.len() / 2).copied().unwrap_or(f64::NAN);
+        if comm.rank() == 0 {
+            let bytes = enkf_dnn::enkf::dist::exchanged_bytes(args.update, p, 640);
+            enkf_dnn::outln!(
+                "J = {j} over {} ranks ({} threads each): update {median:.2} ms (median of {}), \
+                 {:.1} MB exchanged per rank and update",
+                comm.size(),
+                rayon::current_num_threads(),
+                t.len(),
+                bytes as f64 / 1e6
+            )?;
+        }
+    }
+    Ok(())
+}
+
+/// `bench --sharded` needs the MPI build.
+#[cfg(not(feature = "mpi"))]
+fn bench_sharded(_args: &enkf_dnn::cli::BenchArgs) -> anyhow::Result<()> {
+    anyhow::bail!(
+        "bench --sharded runs over MPI ranks: build with `cargo build --release --features \
+         mpi` (OpenMPI: Debian libopenmpi-dev openmpi-bin libclang-dev) and start it with \
+         mpirun -np N"
+    )
 }

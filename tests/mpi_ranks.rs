@@ -60,7 +60,12 @@ fn run_ranks(ranks: usize, dir: &Path) -> Option<Vec<(String, Vec<f32>)>> {
     std::fs::create_dir_all(dir).expect("dir");
     let exe = std::env::current_exe().expect("test executable");
     let out = Command::new("mpirun")
-        .args(["--oversubscribe", "--allow-run-as-root", "-np", &ranks.to_string()])
+        .args([
+            "--oversubscribe",
+            "--allow-run-as-root",
+            "-np",
+            &ranks.to_string(),
+        ])
         .args(["--mca", "btl", "self,vader"])
         .args(["--mca", "btl_vader_single_copy_mechanism", "none"])
         .arg(&exe)

@@ -279,3 +279,39 @@ pub fn exchanged_bytes(rule: UpdateRule, params: usize, obs: usize) -> u64 {
     let sequential = u64::from(rule == UpdateRule::Sequential);
     8 * m + 8 * m * m * (1 + sequential) + 4 * m * p
 }
+
+/// Times the sharded update of this rank's share of `members` (the paper's P = 18,050
+/// and m = 640 by default) on the CPU backend: `warmup` untimed then `iters` timed
+/// updates of random members and outputs; returns the milliseconds of each timed one
+/// (every rank takes part; the allreduce waits are part of the time). For
+/// `bench --sharded` under `mpirun`.
+///
+/// Errors: as [`Shard::of`] and [`ShardedWorkspace::update`].
+pub fn bench_sharded(
+    comm: &dyn Comm,
+    members: usize,
+    params: usize,
+    rule: UpdateRule,
+    (warmup, iters): (usize, usize),
+) -> Result<Vec<f64>> {
+    use rand::SeedableRng;
+    let be = crate::cpu::CpuBackend::new();
+    let shard = Shard::of(members, comm.rank(), comm.size())?;
+    let (batch, outputs) = (64, crate::model::CLASSES);
+    let m = batch * outputs;
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(comm.rank() as u64);
+    let mut u = super::init_ensemble(&mut rng, shard.count, params, 1.0);
+    let g: Vec<f32> = super::init_ensemble(&mut rng, shard.count, m, 0.3);
+    let labels: Vec<u8> = (0..batch).map(|i| (i % outputs) as u8).collect();
+    let y = super::one_hot(&labels, outputs);
+    let mut ws = ShardedWorkspace::new(&be, shard, params, batch, outputs)?;
+    let mut times = Vec::with_capacity(iters);
+    for it in 0..warmup + iters {
+        let t0 = std::time::Instant::now();
+        ws.update(&be, comm, rule, 0.01, &mut u, &g, &y)?;
+        if it >= warmup {
+            times.push(t0.elapsed().as_secs_f64() * 1e3);
+        }
+    }
+    Ok(times)
+}
