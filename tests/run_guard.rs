@@ -442,3 +442,15 @@ fn a_required_blas_that_does_not_load_is_an_error() {
     assert!(out.contains("GEMM: the built-in gemm crate"), "{out}");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// `bench --sharded` in a build without MPI says how to get one, before any work.
+#[cfg(not(feature = "mpi"))]
+#[test]
+fn bench_sharded_without_the_mpi_build_says_how_to_build_it() {
+    let o = bin()
+        .args(["bench", "--sharded", "-J", "10"])
+        .output()
+        .expect("run");
+    assert!(!o.status.success());
+    assert!(stderr(&o).contains("--features mpi"), "{}", stderr(&o));
+}
