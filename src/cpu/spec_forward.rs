@@ -7,8 +7,10 @@
 //! start to finish by one thread in a fixed order, so the result is bit-identical for
 //! any thread count. Linear layers take each weight row against the group's four inputs
 //! at once (one load of the row for four dot products, each in its own documented
-//! order); stride-1 unpadded convolutions keep tiles of outputs in AVX registers over
-//! all their taps (same order per output); an activation right before a max-pool runs
+//! order); stride-1 convolutions keep tiles of outputs in AVX registers over all their
+//! taps (same order per output; a padded one, or one whose output width is not a
+//! multiple of 8, runs on a zero-padded copy of its input into a wider output, whose
+//! w·0 terms leave finite sums unchanged); an activation right before a max-pool runs
 //! after it (every activation is monotone non-decreasing, so the values are the same;
 //! `bench --net` books its time under the pool). The whole task is compiled for AVX2
 //! when the CPU has it (same operations, wider registers; Rust does not contract
@@ -226,14 +228,39 @@ fn forward_group(
             Layer::Linear { .. } => linear_group(l, w, &cur[..nb * n_in], &mut next[..nb * n_out]),
             #[cfg(target_arch = "x86_64")]
             Layer::Conv2d {
-                stride: 1,
-                padding: 0,
-                ..
+                stride: 1, padding, ..
             } if std::arch::is_x86_feature_detected!("avx2") => {
                 let rows = cur[..nb * n_in].chunks_exact(n_in);
-                for (src, dst) in rows.zip(next[..nb * n_out].chunks_exact_mut(n_out)) {
-                    // SAFETY: AVX2 is present (the guard above).
-                    unsafe { conv2d_s1_avx(l, w, src, dst) };
+                let Shape::Image { w: ow, .. } = l.output else {
+                    unreachable!("conv2d gives images")
+                };
+                if padding == 0 && ow % 8 == 0 {
+                    for (src, dst) in rows.zip(next[..nb * n_out].chunks_exact_mut(n_out)) {
+                        // SAFETY: AVX2 is present (the guard above).
+                        unsafe { conv2d_s1_avx(l, w, src, dst) };
+                    }
+                } else {
+                    // Zero-padded copies of the inputs (the padding, and on the right as
+                    // many columns as make the output width a multiple of 8, so that no
+                    // output takes the scalar tail), then the unpadded kernel into a
+                    // wider output whose first columns are kept: each kept output adds
+                    // the same terms in the same order plus w·0 for the padding, which
+                    // leaves a finite sum unchanged (bit for bit).
+                    let extra = ow.next_multiple_of(8) - ow;
+                    let padded = padded_layer(l, extra);
+                    PADDED.with(|bufs| {
+                        let (pin, pout) = &mut *bufs.borrow_mut();
+                        for (src, dst) in rows.zip(next[..nb * n_out].chunks_exact_mut(n_out)) {
+                            pad_image(src, l.input, (padding, extra), pin);
+                            pout.resize(padded.output.len(), 0.0);
+                            // SAFETY: AVX2 is present (the guard above).
+                            unsafe { conv2d_s1_avx(&padded, w, pin, pout) };
+                            let wide = ow + extra;
+                            for (d, s) in dst.chunks_exact_mut(ow).zip(pout.chunks_exact(wide)) {
+                                d.copy_from_slice(&s[..ow]);
+                            }
+                        }
+                    });
                 }
             }
             _ => {
@@ -251,6 +278,72 @@ fn forward_group(
         std::mem::swap(&mut cur, &mut next);
     }
     out.copy_from_slice(&cur[..out.len()]);
+}
+
+thread_local! {
+    /// The zero-padded input and the widened output of the padded stride-1
+    /// convolutions (per thread).
+    static PADDED: std::cell::RefCell<(Vec<f32>, Vec<f32>)> =
+        const { std::cell::RefCell::new((Vec::new(), Vec::new())) };
+}
+
+/// The stride-1 convolution `l` (padding p) as an unpadded one on inputs padded by p,
+/// and by `extra` more columns on the right (`extra` more output columns).
+fn padded_layer(l: &BuiltLayer, extra: usize) -> BuiltLayer {
+    match (l.layer, l.input, l.output) {
+        (
+            Layer::Conv2d {
+                out_channels,
+                kernel_size,
+                stride,
+                padding,
+                bias,
+            },
+            Shape::Image { c, h, w },
+            Shape::Image {
+                c: co,
+                h: oh,
+                w: ow,
+            },
+        ) => BuiltLayer {
+            layer: Layer::Conv2d {
+                out_channels,
+                kernel_size,
+                stride,
+                padding: 0,
+                bias,
+            },
+            input: Shape::Image {
+                c,
+                h: h + 2 * padding,
+                w: w + 2 * padding + extra,
+            },
+            output: Shape::Image {
+                c: co,
+                h: oh,
+                w: ow + extra,
+            },
+            ..l.clone()
+        },
+        _ => unreachable!("padded_layer of a conv2d on images"),
+    }
+}
+
+/// Writes `src` (an image of `shape`) into `out` with `p` zeros on every side of each
+/// plane and `extra` more on the right (`out` becomes c × (h + 2p) × (w + 2p + extra)).
+fn pad_image(src: &[f32], shape: Shape, (p, extra): (usize, usize), out: &mut Vec<f32>) {
+    let Shape::Image { c, h, w } = shape else {
+        unreachable!("pad_image of an image")
+    };
+    let (ph, pw) = (h + 2 * p, w + 2 * p + extra);
+    out.clear();
+    out.resize(c * ph * pw, 0.0);
+    for ch in 0..c {
+        for y in 0..h {
+            let from = &src[(ch * h + y) * w..][..w];
+            out[(ch * ph + y + p) * pw + p..][..w].copy_from_slice(from);
+        }
+    }
 }
 
 /// A stride-1, unpadded conv2d layer on one image in AVX registers, output-stationary:
