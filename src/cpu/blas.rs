@@ -238,91 +238,59 @@ fn selected() -> Option<&'static Cblas> {
     SELECTED.get().and_then(Option::as_ref)
 }
 
-/// `c = alpha · op(a) · op(b) + beta · c` (row-major, as `linalg::gemm_f32`) through the
-/// selected library; `false` (nothing done) when none is selected or a dimension is
-/// beyond its 32-bit integers. The caller has checked the lengths.
-#[allow(clippy::too_many_arguments)]
-pub(crate) fn sgemm(
-    ta: crate::backend::Trans,
-    tb: crate::backend::Trans,
-    (m, n, k): (usize, usize, usize),
-    alpha: f32,
-    a: &[f32],
-    b: &[f32],
-    beta: f32,
-    c: &mut [f32],
-) -> bool {
-    let Some(lib) = selected() else {
-        return false;
+/// The CBLAS GEMM of one precision: `$name(ta, tb, (m, n, k), alpha, a, b, beta, c)`
+/// computes `c = alpha · op(a) · op(b) + beta · c` (row-major, as `linalg::gemm_f32`)
+/// through the selected library's `$field` and returns true; false (nothing done) when
+/// no library is selected or a dimension is beyond its 32-bit integers. The caller has
+/// checked the lengths.
+macro_rules! cblas_gemm {
+    ($name:ident, $t:ty, $field:ident) => {
+        #[allow(clippy::too_many_arguments)]
+        pub(crate) fn $name(
+            ta: crate::backend::Trans,
+            tb: crate::backend::Trans,
+            (m, n, k): (usize, usize, usize),
+            alpha: $t,
+            a: &[$t],
+            b: &[$t],
+            beta: $t,
+            c: &mut [$t],
+        ) -> bool {
+            let Some(lib) = selected() else {
+                return false;
+            };
+            let Some(d) = dims(ta, tb, m, n, k) else {
+                return false;
+            };
+            lib.ensure_threads();
+            // SAFETY: the caller checked a = m·k, b = k·n, c = m·n elements; with these
+            // leading dimensions row-major CBLAS reads and writes exactly those extents;
+            // c is a unique borrow.
+            unsafe {
+                (lib.$field)(
+                    ROW_MAJOR,
+                    d.ta,
+                    d.tb,
+                    d.m,
+                    d.n,
+                    d.k,
+                    alpha,
+                    a.as_ptr(),
+                    d.lda,
+                    b.as_ptr(),
+                    d.ldb,
+                    beta,
+                    c.as_mut_ptr(),
+                    d.ldc,
+                )
+            };
+            true
+        }
     };
-    let Some(d) = dims(ta, tb, m, n, k) else {
-        return false;
-    };
-    lib.ensure_threads();
-    // SAFETY: the caller checked a = m·k, b = k·n, c = m·n elements; with these leading
-    // dimensions row-major CBLAS reads and writes exactly those extents; c is a unique
-    // borrow.
-    unsafe {
-        (lib.sgemm)(
-            ROW_MAJOR,
-            d.ta,
-            d.tb,
-            d.m,
-            d.n,
-            d.k,
-            alpha,
-            a.as_ptr(),
-            d.lda,
-            b.as_ptr(),
-            d.ldb,
-            beta,
-            c.as_mut_ptr(),
-            d.ldc,
-        )
-    };
-    true
 }
 
-/// As [`sgemm`] in f64.
-#[allow(clippy::too_many_arguments)]
-pub(crate) fn dgemm(
-    ta: crate::backend::Trans,
-    tb: crate::backend::Trans,
-    (m, n, k): (usize, usize, usize),
-    alpha: f64,
-    a: &[f64],
-    b: &[f64],
-    beta: f64,
-    c: &mut [f64],
-) -> bool {
-    let Some(lib) = selected() else {
-        return false;
-    };
-    let Some(d) = dims(ta, tb, m, n, k) else {
-        return false;
-    };
-    lib.ensure_threads();
-    // SAFETY: as in `sgemm`.
-    unsafe {
-        (lib.dgemm)(
-            ROW_MAJOR,
-            d.ta,
-            d.tb,
-            d.m,
-            d.n,
-            d.k,
-            alpha,
-            a.as_ptr(),
-            d.lda,
-            b.as_ptr(),
-            d.ldb,
-            beta,
-            c.as_mut_ptr(),
-            d.ldc,
-        )
-    };
-    true
-}
+cblas_gemm!(sgemm, f32, sgemm);
+cblas_gemm!(dgemm, f64, dgemm);
 
 /// Row-major CBLAS arguments of `op(a)` m × k times `op(b)` k × n.
 struct Dims {
