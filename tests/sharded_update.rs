@@ -110,3 +110,70 @@ fn exchanged_bytes_per_update() {
         8 * m + 8 * m * m + 4 * m * 18_050
     );
 }
+
+/// Member j's initial weights do not depend on the rank count: the shards of 1, 2 and 3
+/// ranks join to the single-process ensemble, bit for bit.
+#[test]
+fn initial_members_depend_only_on_the_seed_and_their_index() {
+    use enkf_dnn::enkf::dist::init_shard;
+    use enkf_dnn::enkf::init_ensemble;
+    use rand::SeedableRng;
+    let (members, params) = (11, 7);
+    let whole = init_ensemble(
+        &mut rand_chacha::ChaCha8Rng::seed_from_u64(9),
+        members,
+        params,
+        0.5,
+    );
+    for ranks in [1, 2, 3] {
+        let joined: Vec<f32> = (0..ranks)
+            .flat_map(|r| {
+                let shard = Shard::of(members, r, ranks).unwrap();
+                init_shard(
+                    &mut rand_chacha::ChaCha8Rng::seed_from_u64(9),
+                    shard,
+                    params,
+                    0.5,
+                )
+            })
+            .collect();
+        assert_eq!(joined, whole, "{ranks} ranks");
+    }
+}
+
+/// The ensemble mean over 3 ranks (the network the evaluation scores) equals the
+/// single-process mean to f32 rounding of the per-rank means (3 ulps of the largest
+/// value), against an error of order the spread for a mean of one shard only.
+#[test]
+fn the_sharded_mean_is_the_ensemble_mean() {
+    use enkf_dnn::enkf::dist::sharded_mean;
+    let (u, _, _) = problem(4);
+    let be = CpuBackend::new();
+    let mut want = vec![0.0f32; P];
+    be.row_mean(&u, J, P, &mut want).unwrap();
+    let group = ThreadGroup::new(3).unwrap();
+    let means: Vec<Vec<f32>> = std::thread::scope(|s| {
+        let handles: Vec<_> = group
+            .iter()
+            .map(|comm| {
+                let u = &u;
+                s.spawn(move || {
+                    let be = CpuBackend::new();
+                    let shard = Shard::of(J, comm.rank(), comm.size()).unwrap();
+                    let ur = u[shard.first * P..shard.range().end * P].to_vec();
+                    let mut mean = vec![0.0f32; P];
+                    sharded_mean(&be, comm, shard, &ur, P, &mut mean).unwrap();
+                    mean
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    let scale = want.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+    for mean in &means {
+        assert_eq!(mean, &means[0], "every rank gets the same mean");
+        for (g, w) in mean.iter().zip(&want) {
+            assert!((g - w).abs() <= 3.0 * f32::EPSILON * scale, "{g} vs {w}");
+        }
+    }
+}

@@ -315,3 +315,45 @@ pub fn bench_sharded(
     }
     Ok(times)
 }
+
+/// Rows `shard.range()` of [`super::init_ensemble`]`(rng, shard.members, params, sigma)`:
+/// member j's initial weights depend only on the generator's seed and j, never on how
+/// many ranks share the ensemble. The normals of the members before the shard are drawn
+/// and dropped (P·first of them: the generator's stream has no cheaper skip for
+/// rejection-sampled normals).
+pub fn init_shard<R: rand::Rng>(rng: &mut R, shard: Shard, params: usize, sigma: f64) -> Vec<f32> {
+    use rand_distr::{Distribution, StandardNormal};
+    for _ in 0..shard.first * params {
+        let _: f64 = StandardNormal.sample(rng);
+    }
+    super::init_ensemble(rng, shard.count, params, sigma)
+}
+
+/// The ensemble mean over every rank's rows of `u` (this rank's J_r × P) into `mean`
+/// (P): each rank's column sums in f64, added over the ranks, divided by J.
+///
+/// Errors: [`Error::Shape`] on lengths; the transport's errors.
+pub fn sharded_mean<B: Backend>(
+    backend: &B,
+    comm: &dyn Comm,
+    shard: Shard,
+    u: &B::F32,
+    params: usize,
+    mean: &mut B::F32,
+) -> Result<()> {
+    backend.row_mean(u, shard.count, params, mean)?;
+    if comm.size() == 1 {
+        return Ok(());
+    }
+    let local = backend.download_f32(mean)?;
+    let mut sums: Vec<f64> = local
+        .iter()
+        .map(|&v| f64::from(v) * shard.count as f64)
+        .collect();
+    comm.allreduce_sum_f64(&mut sums)?;
+    let global: Vec<f32> = sums
+        .iter()
+        .map(|&s| (s / shard.members as f64) as f32)
+        .collect();
+    backend.write_f32(&global, mean)
+}
