@@ -85,6 +85,23 @@ type Dgemm = unsafe extern "C" fn(
     i32,
 );
 type SetThreads = unsafe extern "C" fn(i32);
+/// LAPACK's Fortran `dsyevd_` (jobz, uplo, n, a, lda, w, work, lwork, iwork, liwork,
+/// info, and gfortran's hidden lengths of the two character arguments).
+type Dsyevd = unsafe extern "C" fn(
+    *const u8,
+    *const u8,
+    *const i32,
+    *mut f64,
+    *const i32,
+    *mut f64,
+    *mut f64,
+    *const i32,
+    *mut i32,
+    *const i32,
+    *mut i32,
+    usize,
+    usize,
+);
 
 /// CBLAS enumerations.
 const ROW_MAJOR: i32 = 101;
@@ -98,6 +115,8 @@ pub struct Cblas {
     sgemm: Sgemm,
     dgemm: Dgemm,
     set_threads: Option<SetThreads>,
+    /// The library's LAPACK eigensolver, where it has one (OpenBLAS and MKL do).
+    dsyevd: Option<Dsyevd>,
     threads: Once,
     // Keeps the library mapped for the process's life (the pointers above point into it).
     _lib: libloading::Library,
@@ -136,21 +155,23 @@ impl Cblas {
                     lib.get::<SetThreads>(format!("{set_threads}\0").as_bytes())
                         .map(|s| *s)
                         .ok(),
+                    lib.get::<Dsyevd>(b"dsyevd_\0").map(|s| *s).ok(),
                 )
             };
             match syms {
-                (Ok(sgemm), Ok(dgemm), set) => {
+                (Ok(sgemm), Ok(dgemm), set, dsyevd) => {
                     return Ok(Cblas {
                         name: format!("{label} ({file})"),
                         sgemm,
                         dgemm,
                         set_threads: set,
+                        dsyevd,
                         threads: Once::new(),
                         _lib: lib,
                     })
                 }
-                (Err(_), _, _) => why.push(format!("{file}: no cblas_sgemm")),
-                (_, Err(_), _) => why.push(format!("{file}: no cblas_dgemm")),
+                (Err(_), ..) => why.push(format!("{file}: no cblas_sgemm")),
+                (_, Err(_), ..) => why.push(format!("{file}: no cblas_dgemm")),
             }
         }
         Err(why.join("; "))
@@ -291,6 +312,80 @@ macro_rules! cblas_gemm {
 
 cblas_gemm!(sgemm, f32, sgemm);
 cblas_gemm!(dgemm, f64, dgemm);
+
+/// The symmetric eigendecomposition of the row-major n × n matrix `a` through the
+/// selected library's LAPACK `dsyevd` (divide and conquer, blocked): the eigenvalues
+/// ascending, `a` overwritten so that row k is the unit eigenvector of eigenvalue k (a
+/// symmetric row-major matrix is its own column-major transpose, and LAPACK's columns of
+/// eigenvectors read row-major are rows). `None` when no library with LAPACK is selected
+/// or n is beyond its integers; `Some(Err)` when LAPACK reports a failure.
+pub(crate) fn dsyevd(a: &mut [f64], n: usize) -> Option<Result<Vec<f64>>> {
+    let lib = selected()?;
+    let f = lib.dsyevd?;
+    let ni = i32::try_from(n).ok()?;
+    if n == 0 {
+        return Some(Ok(Vec::new()));
+    }
+    lib.ensure_threads();
+    let (jobz, uplo) = (b'V', b'L');
+    let mut w = vec![0.0f64; n];
+    let mut info = 0i32;
+    let (mut wq, mut iwq) = (0.0f64, 0i32);
+    let query = -1i32;
+    // SAFETY: a workspace query (lwork = liwork = −1) reads n and writes only the two
+    // sizes and info; a holds n² values and w n.
+    unsafe {
+        f(
+            &jobz,
+            &uplo,
+            &ni,
+            a.as_mut_ptr(),
+            &ni,
+            w.as_mut_ptr(),
+            &mut wq,
+            &query,
+            &mut iwq,
+            &query,
+            &mut info,
+            1,
+            1,
+        )
+    };
+    if info != 0 {
+        return Some(Err(Error::Config(format!(
+            "LAPACK dsyevd's workspace query failed (info {info})"
+        ))));
+    }
+    let lwork = wq as i32;
+    let mut work = vec![0.0f64; lwork.max(1) as usize];
+    let mut iwork = vec![0i32; iwq.max(1) as usize];
+    // SAFETY: a is n × n (lda = n), w has n entries, work and iwork the sizes LAPACK
+    // asked for.
+    unsafe {
+        f(
+            &jobz,
+            &uplo,
+            &ni,
+            a.as_mut_ptr(),
+            &ni,
+            w.as_mut_ptr(),
+            work.as_mut_ptr(),
+            &lwork,
+            iwork.as_mut_ptr(),
+            &iwq,
+            &mut info,
+            1,
+            1,
+        )
+    };
+    Some(if info == 0 {
+        Ok(w)
+    } else {
+        Err(Error::Config(format!(
+            "LAPACK dsyevd did not converge on the {n} × {n} matrix (info {info})"
+        )))
+    })
+}
 
 /// Row-major CBLAS arguments of `op(a)` m × k times `op(b)` k × n.
 struct Dims {

@@ -6,7 +6,8 @@
 //! eigenvectors, which the transform update's matrix functions do not see.
 //!
 //! Cost: 4n³/3 for the reduction, about 3n³ for the rotations (n = 640: about a second on
-//! one core). The rotations act on rows of the transposed eigenvector matrix, contiguous
+//! one core). With a system BLAS selected (`--blas`, `cpu::blas`) its LAPACK `dsyevd`
+//! runs instead (same contract; README "The CPU products"). The rotations act on rows of the transposed eigenvector matrix, contiguous
 //! in memory.
 
 use crate::backend::check_len;
@@ -28,6 +29,10 @@ pub fn sym_eigen_f64(a: &mut [f64], n: usize) -> Result<Vec<f64>> {
         return Err(Error::Config(
             "sym_eigen_f64: the matrix holds NaN or infinite values".into(),
         ));
+    }
+    // The selected system LAPACK when there is one (`cpu::blas`): blocked, threaded.
+    if let Some(r) = crate::cpu::blas::dsyevd(a, n) {
+        return r;
     }
     let mut d = vec![0.0f64; n];
     let mut e = vec![0.0f64; n];
