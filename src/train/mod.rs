@@ -18,6 +18,7 @@ pub mod metrics;
 pub mod optim;
 pub mod resume;
 pub mod stats;
+mod validate;
 
 use crate::backend::Backend;
 use crate::data::Task;
