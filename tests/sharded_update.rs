@@ -177,3 +177,41 @@ fn the_sharded_mean_is_the_ensemble_mean() {
         }
     }
 }
+
+/// One rank with a wrong buffer: every rank returns an error (that rank its own, the
+/// others the count of refusals) instead of the others waiting for it in a collective,
+/// and no rank's members move.
+#[test]
+fn a_rank_that_refuses_stops_every_rank_without_a_hang() {
+    let (u, g, y) = problem(5);
+    let group = ThreadGroup::new(3).unwrap();
+    let out: Vec<(String, bool)> = std::thread::scope(|s| {
+        let handles: Vec<_> = group
+            .iter()
+            .map(|comm| {
+                let (u, g, y) = (&u, &g, &y);
+                s.spawn(move || {
+                    let be = CpuBackend::new();
+                    let shard = Shard::of(J, comm.rank(), comm.size()).unwrap();
+                    let mut ws = ShardedWorkspace::new(&be, shard, P, B, 10).unwrap();
+                    let mut ur = u[shard.first * P..shard.range().end * P].to_vec();
+                    let before = ur.clone();
+                    let mut gr = g[shard.first * M..shard.range().end * M].to_vec();
+                    if comm.rank() == 1 {
+                        gr.pop();
+                    }
+                    let e = ws
+                        .update(&be, comm, UpdateRule::Batch, GAMMA, &mut ur, &gr, y)
+                        .expect_err("a rank refused");
+                    (e.to_string(), ur == before)
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    assert!(out[1].0.contains("outputs g"), "{}", out[1].0);
+    for r in [0, 2] {
+        assert!(out[r].0.contains("1 of 3 ranks refused"), "{}", out[r].0);
+    }
+    assert!(out.iter().all(|(_, unchanged)| *unchanged));
+}

@@ -116,30 +116,10 @@ impl<B: Backend> ShardedWorkspace<B> {
         y: &B::F32,
     ) -> Result<()> {
         let (jr, p, m) = (self.shard.count, self.params, self.batch * self.outputs);
-        let expected = Shard::of(self.shard.members, comm.rank(), comm.size())?;
-        if expected != self.shard {
-            return Err(Error::Config(format!(
-                "the workspace holds {:?}, but this rank ({} of {}) holds {expected:?}",
-                self.shard,
-                comm.rank(),
-                comm.size()
-            )));
-        }
-        if rule == UpdateRule::Transform {
-            return Err(Error::Config(
-                "the transform update is not sharded over ranks yet; use --update \
-                 sequential or batch"
-                    .into(),
-            ));
-        }
-        if !(gamma.is_finite() && gamma >= 0.0) {
-            return Err(Error::Config(format!(
-                "gamma must be finite and non-negative, got {gamma}"
-            )));
-        }
-        check_len("sharded EnKF ensemble u", backend.len_f32(u), jr * p)?;
-        check_len("sharded EnKF outputs g", backend.len_f32(g), jr * m)?;
-        check_len("sharded EnKF targets y", backend.len_f32(y), m)?;
+        // Every rank checks its inputs, then the ranks agree: one failing rank must not
+        // leave the others waiting in a collective.
+        let checked = self.check(backend, comm, rule, gamma, (u, g, y));
+        agree(comm, checked)?;
         let inv_j = 1.0 / self.shard.members as f64;
         // Local centring and innovations, then the global mean innovation.
         backend.center_and_innovate(g, y, jr, m, &mut self.a64, &mut self.x64)?;
@@ -257,6 +237,62 @@ impl<B: Backend> ShardedWorkspace<B> {
             1.0,
             u,
         )
+    }
+}
+
+impl<B: Backend> ShardedWorkspace<B> {
+    /// The checks of [`ShardedWorkspace::update`] on this rank's inputs.
+    fn check(
+        &self,
+        backend: &B,
+        comm: &dyn Comm,
+        rule: UpdateRule,
+        gamma: f64,
+        (u, g, y): (&B::F32, &B::F32, &B::F32),
+    ) -> Result<()> {
+        let (jr, p, m) = (self.shard.count, self.params, self.batch * self.outputs);
+        let expected = Shard::of(self.shard.members, comm.rank(), comm.size())?;
+        if expected != self.shard {
+            return Err(Error::Config(format!(
+                "the workspace holds {:?}, but this rank ({} of {}) holds {expected:?}",
+                self.shard,
+                comm.rank(),
+                comm.size()
+            )));
+        }
+        if rule == UpdateRule::Transform {
+            return Err(Error::Config(
+                "the transform update is not sharded over ranks yet; use --update \
+                 sequential or batch"
+                    .into(),
+            ));
+        }
+        if !(gamma.is_finite() && gamma >= 0.0) {
+            return Err(Error::Config(format!(
+                "gamma must be finite and non-negative, got {gamma}"
+            )));
+        }
+        check_len("sharded EnKF ensemble u", backend.len_f32(u), jr * p)?;
+        check_len("sharded EnKF outputs g", backend.len_f32(g), jr * m)?;
+        check_len("sharded EnKF targets y", backend.len_f32(y), m)
+    }
+}
+
+/// Every rank's `local` outcome of a step, agreed over the ranks (one count of
+/// failures): `Ok` when every rank succeeded; this rank's error, or an error naming the
+/// failed ranks' count when this one succeeded. The count travels in the same
+/// collective on every rank, so none waits for a rank that gave up.
+fn agree(comm: &dyn Comm, local: Result<()>) -> Result<()> {
+    let mut failed = [f64::from(u8::from(local.is_err()))];
+    comm.allreduce_sum_f64(&mut failed)?;
+    match local {
+        Err(e) => Err(e),
+        Ok(()) if failed[0] > 0.0 => Err(Error::Config(format!(
+            "{} of {} ranks refused this update (see their errors); nothing was updated",
+            failed[0] as usize,
+            comm.size()
+        ))),
+        Ok(()) => Ok(()),
     }
 }
 
