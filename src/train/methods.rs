@@ -1,5 +1,67 @@
 //! The step-size controller and the momentum schedule of the EnKF variants (issue 13),
-//! as pure functions of their inputs so that a resumed run recomputes them exactly.
+//! as pure functions of their inputs so that a resumed run recomputes them exactly, and
+//! the trainer's inflation step before each update.
+
+use super::config::NoiseScale;
+use super::{additive_key, Trainer};
+use crate::backend::Backend;
+use crate::{Error, Result};
+
+/// The algorithm time after a step `dt` from `time`: exactly `end` once the controller
+/// capped the step at the time left (so the end is reached without rounding short).
+pub fn advance_time(time: f64, dt: f64, end: f64) -> f64 {
+    if dt >= end - time {
+        end
+    } else {
+        time + dt
+    }
+}
+
+impl<B: Backend> Trainer<'_, B> {
+    /// Multiplicative, then additive inflation of the members before an update, each
+    /// scaled by the inflation schedule's factor at this update (none when it is 0).
+    pub(super) fn inflate(&mut self) -> Result<()> {
+        let be = self.backend;
+        // The inflation schedule's factor at this update (1 when constant).
+        let f = self
+            .cfg
+            .inflation_schedule
+            .factor(self.t, self.cfg.inflation_horizon.unwrap_or(1));
+        if self.cfg.inflation != 1.0 && f > 0.0 {
+            // Prior inflation: the spread about the mean grows by λ before the forward pass.
+            be.row_mean(&self.u, self.members, self.params, &mut self.weights)?;
+            let lambda = if f == 1.0 {
+                self.cfg.inflation
+            } else {
+                1.0 + (self.cfg.inflation - 1.0) * f
+            } as f32;
+            be.inflate_rows_f32(
+                &mut self.u,
+                &self.weights,
+                self.members,
+                self.params,
+                lambda,
+            )?;
+        }
+        if let Some(scale) = self.noise_scale.as_mut().filter(|_| f > 0.0) {
+            // Additive inflation, after the multiplicative one.
+            if self.cfg.additive_from == NoiseScale::Spread {
+                be.row_mean(&self.u, self.members, self.params, &mut self.weights)?;
+                be.row_std_f32(&self.u, &self.weights, self.members, self.params, scale)?;
+            }
+            let step = u32::try_from(self.t).map_err(|_| {
+                Error::Config(format!(
+                    "additive inflation counts iterations in 32 bits; iteration {} is past it",
+                    self.t
+                ))
+            })?;
+            let s = (self.cfg.additive_inflation * f) as f32;
+            let key = additive_key(self.cfg.seed);
+            be.add_normal_f32(&mut self.u, self.params, scale, s, key, step)?;
+        }
+        Ok(())
+    }
+}
 
 /// The data-misfit controller of Iglesias and Yang (2021), as EnsembleKalmanProcesses'
 /// `DataMisfitController` computes it: with Φ_j the members' misfits

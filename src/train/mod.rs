@@ -775,43 +775,7 @@ impl<'a, B: Backend> Trainer<'a, B> {
             // The controller reached the end of this mini-batch's inversion.
             return Ok(());
         }
-        // The inflation schedule's factor at this update (1 when constant).
-        let f = self
-            .cfg
-            .inflation_schedule
-            .factor(self.t, self.cfg.inflation_horizon.unwrap_or(1));
-        if self.cfg.inflation != 1.0 && f > 0.0 {
-            // Prior inflation: the spread about the mean grows by λ before the forward pass.
-            be.row_mean(&self.u, self.members, self.params, &mut self.weights)?;
-            let lambda = if f == 1.0 {
-                self.cfg.inflation
-            } else {
-                1.0 + (self.cfg.inflation - 1.0) * f
-            } as f32;
-            be.inflate_rows_f32(
-                &mut self.u,
-                &self.weights,
-                self.members,
-                self.params,
-                lambda,
-            )?;
-        }
-        if let Some(scale) = self.noise_scale.as_mut().filter(|_| f > 0.0) {
-            // Additive inflation, after the multiplicative one.
-            if self.cfg.additive_from == NoiseScale::Spread {
-                be.row_mean(&self.u, self.members, self.params, &mut self.weights)?;
-                be.row_std_f32(&self.u, &self.weights, self.members, self.params, scale)?;
-            }
-            let step = u32::try_from(self.t).map_err(|_| {
-                Error::Config(format!(
-                    "additive inflation counts iterations in 32 bits; iteration {} is past it",
-                    self.t
-                ))
-            })?;
-            let s = (self.cfg.additive_inflation * f) as f32;
-            let key = additive_key(self.cfg.seed);
-            be.add_normal_f32(&mut self.u, self.params, scale, s, key, step)?;
-        }
+        self.inflate()?;
         let previous = self.stage_previous_batch(slot)?;
         {
             let _r = crate::gpu::timing::range("forward");
@@ -910,12 +874,7 @@ impl<'a, B: Backend> Trainer<'a, B> {
             m.theta = theta;
         }
         if self.cfg.step == StepControl::Dmc {
-            // Exactly the end once the controller capped the step at the time left.
-            self.algorithm_time = if dt >= DMC_END - self.algorithm_time {
-                DMC_END
-            } else {
-                self.algorithm_time + dt
-            };
+            self.algorithm_time = methods::advance_time(self.algorithm_time, dt, DMC_END);
         }
         self.last_dt = dt;
         be.synchronize()?;
