@@ -2,7 +2,7 @@
 //!
 //! The two big products of every EnKF update are GEMMs. The `gemm` crate (built in,
 //! always there) reached 195 GFLOP/s at the update's shape (1000 × 18,050 × 640) on the
-//! 2-core AVX-512 Xeon where OpenBLAS 0.3.21 (Debian) reached 331 and MKL 2025 (PyPI)
+//! 2-core AVX-512 Xeon where OpenBLAS 0.3.21 (Debian) reached 331 and MKL 2026.2.1 (PyPI)
 //! 321 (README, "The CPU products"). Like cudarc with the CUDA libraries, the library
 //! is opened with `dlopen` when the program starts, so the build needs none of them and
 //! a machine without one runs the built-in GEMM.
