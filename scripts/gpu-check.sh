@@ -205,7 +205,8 @@ long_stage() {
   local v name
   for v in "transform:--update transform" "dmc:--update batch --step dmc" \
     "tikhonov:--update batch --tikhonov 1" "nesterov:--accelerator nesterov" \
-    "additive:--additive-inflation 0.3 --additive-from spread"; do
+    "additive:--additive-inflation 0.3 --additive-from spread" \
+    "transform-additive:--update transform --additive-inflation 0.3 --additive-from spread"; do
     name="variant-${v%%:*}"
     # shellcheck disable=SC2086 # the flags are meant to split
     step "$name" 60 15 "$(note_run "$name")" -- "$BIN" train --backend cuda --members 5000 \
