@@ -817,11 +817,10 @@ impl BackendJob for BenchJob<'_> {
             let sgemm_gflops = 2.0 * jf * pf * mf / sg / 1e6;
             let up = gn + ap;
             let it_ms = f + up + sc;
-            // Per-layer shares are measured on the CPU path only (its layers are timed
-            // in place); the CUDA rows report the whole pass.
+            // Per-layer shares: the CPU times its layers in place, CUDA each launch.
             let layers = match net.spec() {
-                Some(s) if B::KIND == crate::backend::BackendKind::Cpu => {
-                    let shares = crate::cpu::spec_forward::spec_layer_shares(s, &u0, j, &hx, b)?;
+                Some(s) => {
+                    let shares = be.spec_layer_shares(s, &u, j, &x, b)?;
                     s.layers()
                         .iter()
                         .zip(shares)

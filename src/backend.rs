@@ -99,9 +99,6 @@ pub trait Backend {
     /// A gradient optimizer's state (SGD momentum buffer, Adam moments) on this backend.
     type Optim;
 
-    /// Which backend this is (never [`BackendKind::Auto`]).
-    const KIND: BackendKind;
-
     /// Short name for logs and `config.json` ("cpu", "cuda").
     fn name(&self) -> String;
 
@@ -325,6 +322,18 @@ pub trait Backend {
     /// Row sums of squares of `a` (rows × cols, f64), copied to the host: `out[r] =
     /// Σ_c a[r, c]²`, in the fixed order of `row_sq_norms_f64` (`kernels/reduce.cu`).
     fn row_sq_norms_f64(&self, a: &Self::F64, rows: usize, cols: usize) -> Result<Vec<f64>>;
+
+    /// Each layer's share of one forward pass of the layer-spec network `spec` over
+    /// `members` × `images` (shares add up to 1; all 0 without work), for `bench --net`.
+    /// CPU: the summed task time of each layer; CUDA: each launch timed with events.
+    fn spec_layer_shares(
+        &self,
+        spec: &crate::model::spec::NetSpec,
+        weights: &Self::F32,
+        members: usize,
+        x: &Self::F32,
+        images: usize,
+    ) -> Result<Vec<f64>>;
 
     /// Copies `src` into `dst` (same length).
     fn copy_f32(&self, src: &Self::F32, dst: &mut Self::F32) -> Result<()>;

@@ -139,3 +139,33 @@ fn spec_forward_on_the_presets_matches_the_fused_kernel() {
         }
     }
 }
+
+/// `bench --net`'s per-layer shares on the GPU: one share per layer, adding up to 1,
+/// positive for every layer that launches work, 0 for `flatten` and for an activation
+/// fused into the layer before it.
+#[test]
+fn layer_shares_on_the_gpu_add_up_to_one() {
+    let Some(be) = gpu(MathMode::Fp32) else {
+        return;
+    };
+    let mnist = Shape::Image { c: 1, h: 28, w: 28 };
+    let text = "conv2d(8,5) relu maxpool2d(2) flatten linear(10)";
+    let spec = NetSpec::build(&parse_short(text).unwrap(), mnist, 10).unwrap();
+    let mut rng = ChaCha8Rng::seed_from_u64(44);
+    let (members, images) = (64, 64);
+    let w = be
+        .upload_f32(&normals32(&mut rng, members * spec.n_params(), 1.0))
+        .unwrap();
+    let x = be
+        .upload_f32(&(0..images * 784).map(|_| rng.random::<f32>()).collect::<Vec<_>>())
+        .unwrap();
+    let shares = be.spec_layer_shares(&spec, &w, members, &x, images).unwrap();
+    assert_eq!(shares.len(), 5);
+    assert!((shares.iter().sum::<f64>() - 1.0).abs() < 1e-9, "{shares:?}");
+    for (i, s) in shares.iter().enumerate() {
+        match i {
+            1 | 3 => assert_eq!(*s, 0.0, "layer {i} launches nothing: {shares:?}"),
+            _ => assert!(*s > 0.0, "layer {i}: {shares:?}"),
+        }
+    }
+}

@@ -13,7 +13,7 @@ pub mod spec_backprop;
 pub mod spec_forward;
 pub mod spec_kernels;
 
-use crate::backend::{check_len, Backend, BackendKind, CacheMode, GradStep, MathMode, Trans};
+use crate::backend::{check_len, Backend, CacheMode, GradStep, MathMode, Trans};
 use crate::model::Net;
 use crate::train::optim::GradOptimizer;
 use crate::Result;
@@ -37,7 +37,6 @@ impl Backend for CpuBackend {
     type F32 = Vec<f32>;
     type F64 = Vec<f64>;
     type Optim = GradOptimizer;
-    const KIND: BackendKind = BackendKind::Cpu;
 
     fn name(&self) -> String {
         format!(
@@ -291,6 +290,17 @@ impl Backend for CpuBackend {
 
     fn row_sq_norms_f64(&self, a: &Vec<f64>, rows: usize, cols: usize) -> Result<Vec<f64>> {
         reduce::row_sq_norms_f64(a, rows, cols)
+    }
+
+    fn spec_layer_shares(
+        &self,
+        spec: &crate::model::spec::NetSpec,
+        weights: &Vec<f32>,
+        members: usize,
+        x: &Vec<f32>,
+        images: usize,
+    ) -> Result<Vec<f64>> {
+        spec_forward::spec_layer_shares(spec, weights, members, x, images)
     }
 
     fn copy_f32(&self, src: &Vec<f32>, dst: &mut Vec<f32>) -> Result<()> {

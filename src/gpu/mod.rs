@@ -362,7 +362,6 @@ impl Backend for CudaBackend {
     type F32 = CudaSlice<f32>;
     type F64 = CudaSlice<f64>;
     type Optim = backprop::GpuOptimizer;
-    const KIND: crate::backend::BackendKind = crate::backend::BackendKind::Cuda;
 
     fn name(&self) -> String {
         self.description.clone()
@@ -469,6 +468,33 @@ impl Backend for CudaBackend {
             correct: bp.correct,
             cache: kept,
         })
+    }
+
+    fn spec_layer_shares(
+        &self,
+        spec: &crate::model::spec::NetSpec,
+        weights: &CudaSlice<f32>,
+        members: usize,
+        x: &CudaSlice<f32>,
+        images: usize,
+    ) -> Result<Vec<f64>> {
+        let mut times = vec![0.0f64; spec.layers().len()];
+        let mut out = self.zeros(members * images * spec.outputs())?;
+        spec_forward::spec_forward_timed(
+            self,
+            spec,
+            weights,
+            members,
+            x,
+            images,
+            &mut out,
+            Some(&mut times),
+        )?;
+        let sum: f64 = times.iter().sum();
+        Ok(times
+            .into_iter()
+            .map(|t| if sum > 0.0 { t / sum } else { 0.0 })
+            .collect())
     }
 
     fn optimizer(&self, opt: &GradOptimizer) -> Result<backprop::GpuOptimizer> {

@@ -31,6 +31,30 @@ pub fn spec_forward(
     images: usize,
     out: &mut CudaSlice<f32>,
 ) -> Result<()> {
+    spec_forward_timed(be, spec, weights, members, x, images, out, None)
+}
+
+/// [`spec_forward`] timing every launch: with `times` (one slot per layer of `spec`),
+/// each op's milliseconds (CUDA events around it, the stream synchronised before each)
+/// are added to the slot of the layer that made it (a fused activation's time is its
+/// producer's; `bench --net` on CUDA).
+///
+/// Errors: as [`spec_forward`]; [`crate::Error::Shape`] for a `times` of another length
+/// than the layers.
+#[allow(clippy::too_many_arguments)]
+pub fn spec_forward_timed(
+    be: &CudaBackend,
+    spec: &NetSpec,
+    weights: &CudaSlice<f32>,
+    members: usize,
+    x: &CudaSlice<f32>,
+    images: usize,
+    out: &mut CudaSlice<f32>,
+    mut times: Option<&mut [f64]>,
+) -> Result<()> {
+    if let Some(t) = &times {
+        check_len("spec_forward layer times", t.len(), spec.layers().len())?;
+    }
     let (p, n_in, n_out) = (spec.n_params(), spec.input().len(), spec.outputs());
     check_len(
         "spec_forward weights (members × P)",
@@ -59,27 +83,33 @@ pub fn spec_forward(
                 Buf::Input => 0,
                 _ => dc * op.in_len(),
             };
-            let (src, mut dst) = op_views(
-                op,
-                x.slice(images_in.clone()),
-                [&mut *s0, &mut *s1],
-                &mut *out,
-                mc * in_mstride,
-                block.out_range(images, n_out),
-                mc * dc * op.out_len(),
-            );
-            launch(
-                be,
-                op,
-                &src,
-                in_mstride,
-                weights,
-                block.member0 * p,
-                p,
-                &mut dst,
-                mc,
-                dc,
-            )?;
+            let mut run = || {
+                let (src, mut dst) = op_views(
+                    op,
+                    x.slice(images_in.clone()),
+                    [&mut *s0, &mut *s1],
+                    &mut *out,
+                    mc * in_mstride,
+                    block.out_range(images, n_out),
+                    mc * dc * op.out_len(),
+                );
+                launch(
+                    be,
+                    op,
+                    &src,
+                    in_mstride,
+                    weights,
+                    block.member0 * p,
+                    p,
+                    &mut dst,
+                    mc,
+                    dc,
+                )
+            };
+            match times.as_deref_mut() {
+                Some(t) => t[op.layer] += crate::backend::Backend::time_ms(be, &mut run)?,
+                None => run()?,
+            }
         }
     }
     Ok(())

@@ -110,6 +110,9 @@ pub enum OpKind {
 /// One launch of the plan.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct SpecOp {
+    /// The layer (index in the spec) whose work this is; a fused activation's time is
+    /// its producer's.
+    pub layer: usize,
     /// What it computes.
     pub kind: OpKind,
     /// Where it reads.
@@ -172,7 +175,7 @@ impl SpecPlan {
             Buf::Scratch(0) => Buf::Scratch(1),
             _ => Buf::Scratch(0),
         };
-        for l in spec.layers() {
+        for (layer, l) in spec.layers().iter().enumerate() {
             match (l.layer, l.input, l.output) {
                 (Layer::Flatten, _, _) => {}
                 (Layer::Act(a), shape, _) => match ops.last_mut() {
@@ -182,6 +185,7 @@ impl SpecPlan {
                     _ => {
                         let dst = next(cur);
                         ops.push(SpecOp {
+                            layer,
                             kind: OpKind::BiasAct {
                                 b_off: None,
                                 len: shape.len(),
@@ -210,6 +214,7 @@ impl SpecPlan {
                 ) => {
                     let dst = next(cur);
                     ops.push(SpecOp {
+                        layer,
                         kind: OpKind::Conv {
                             w_off: l.weight_offset,
                             b_off: l.bias_offset,
@@ -235,6 +240,7 @@ impl SpecPlan {
                     };
                     let dst = next(cur);
                     ops.push(SpecOp {
+                        layer,
                         kind: OpKind::Pool {
                             mode,
                             channels: c,
@@ -251,6 +257,7 @@ impl SpecPlan {
                 (Layer::Linear { .. }, Shape::Vector(f), Shape::Vector(n)) => {
                     let dst = next(cur);
                     ops.push(SpecOp {
+                        layer,
                         kind: OpKind::Linear {
                             w_off: l.weight_offset,
                             f,
@@ -264,6 +271,7 @@ impl SpecPlan {
                     if l.bias_offset.is_some() {
                         let dst = next(cur);
                         ops.push(SpecOp {
+                            layer,
                             kind: OpKind::BiasAct {
                                 b_off: l.bias_offset,
                                 len: n,
@@ -277,12 +285,13 @@ impl SpecPlan {
                     }
                 }
                 // `NetSpec::build` admits no other combination.
-                (layer, input, _) => unreachable!("layer {layer:?} on input {input:?}"),
+                (kind, input, _) => unreachable!("layer {kind:?} on input {input:?}"),
             }
         }
         if ops.is_empty() {
             // Only `flatten`: the output is the input, copied for every member.
             ops.push(SpecOp {
+                layer: 0,
                 kind: OpKind::BiasAct {
                     b_off: None,
                     len: spec.input().len(),
