@@ -14,7 +14,7 @@
 //
 // Launch geometry (all three): 1-D grid-stride loops over the flat output index (long
 // long), one thread per output value, any grid (the backend uses 256 threads × up to
-// 4096 blocks). Consecutive threads take consecutive output columns of one plane row,
+// 65,536 blocks). Consecutive threads take consecutive output columns of one plane row,
 // so the input reads of a warp are contiguous and its weight reads one broadcast.
 //
 // Arithmetic, matched by the CPU twins of the same names (src/cpu/spec_kernels.rs) bit
