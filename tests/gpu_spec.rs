@@ -157,11 +157,20 @@ fn layer_shares_on_the_gpu_add_up_to_one() {
         .upload_f32(&normals32(&mut rng, members * spec.n_params(), 1.0))
         .unwrap();
     let x = be
-        .upload_f32(&(0..images * 784).map(|_| rng.random::<f32>()).collect::<Vec<_>>())
+        .upload_f32(
+            &(0..images * 784)
+                .map(|_| rng.random::<f32>())
+                .collect::<Vec<_>>(),
+        )
         .unwrap();
-    let shares = be.spec_layer_shares(&spec, &w, members, &x, images).unwrap();
+    let shares = be
+        .spec_layer_shares(&spec, &w, members, &x, images)
+        .unwrap();
     assert_eq!(shares.len(), 5);
-    assert!((shares.iter().sum::<f64>() - 1.0).abs() < 1e-9, "{shares:?}");
+    assert!(
+        (shares.iter().sum::<f64>() - 1.0).abs() < 1e-9,
+        "{shares:?}"
+    );
     for (i, s) in shares.iter().enumerate() {
         match i {
             1 | 3 => assert_eq!(*s, 0.0, "layer {i} launches nothing: {shares:?}"),
