@@ -720,7 +720,8 @@ pub struct BenchSpec {
 
 struct BenchJob<'a>(&'a BenchSpec);
 
-fn median(mut v: Vec<f64>) -> f64 {
+/// The median of `v` (the upper one of an even count; NaN when `v` is empty).
+pub fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(|a, b| a.total_cmp(b));
     if v.is_empty() {
         f64::NAN

@@ -41,7 +41,17 @@ fn chain(err: &anyhow::Error) -> String {
 
 fn run() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    enkf_dnn::cpu::blas::select(cli.blas)?;
+    // The CPU products are loaded only by the commands that compute; `plot` does none,
+    // so a --blas given to it is refused rather than ignored.
+    match &cli.command {
+        Command::Plot(_) if cli.blas != enkf_dnn::cpu::blas::BlasChoice::Auto => {
+            anyhow::bail!("--blas: plot does no matrix products; leave --blas out")
+        }
+        Command::Plot(_) => {}
+        _ => {
+            enkf_dnn::cpu::blas::select(cli.blas)?;
+        }
+    }
     match cli.command {
         Command::Train(args) => {
             let file = match &args.config {
@@ -218,9 +228,8 @@ fn bench_sharded(args: &enkf_dnn::cli::BenchArgs) -> anyhow::Result<()> {
             args.update,
             (args.warmup, args.iters),
         )?;
-        let mut sorted = t.clone();
-        sorted.sort_by(f64::total_cmp);
-        let median = sorted.get(sorted.len() / 2).copied().unwrap_or(f64::NAN);
+        let n = t.len();
+        let median = app::median(t);
         if comm.rank() == 0 {
             let bytes = enkf_dnn::enkf::dist::exchanged_bytes(args.update, p, 640);
             enkf_dnn::outln!(
@@ -228,7 +237,7 @@ fn bench_sharded(args: &enkf_dnn::cli::BenchArgs) -> anyhow::Result<()> {
                  {:.1} MB exchanged per rank and update",
                 comm.size(),
                 rayon::current_num_threads(),
-                t.len(),
+                n,
                 bytes as f64 / 1e6
             )?;
         }

@@ -162,3 +162,20 @@ fn system_lapack_eigendecomposition_has_the_contract() {
         }
     }
 }
+
+/// `plot` does no matrix products: a `--blas` given to it is refused, naming the flag,
+/// rather than ignored (before any folder is read).
+#[test]
+fn plot_refuses_a_blas_choice() {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_enkf-dnn"))
+        .args(["plot", "--blas", "openblas", "/nonexistent-folder"])
+        .output()
+        .expect("run the binary");
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("--blas") && err.contains("plot"), "{err}");
+    assert!(
+        !err.contains("nonexistent"),
+        "refused before the folder: {err}"
+    );
+}

@@ -160,51 +160,18 @@ impl<B: Backend> ShardedWorkspace<B> {
                 &mut self.a64,
             )?;
         }
-        // C = Σ_r A_rᵀA_r / J + γI.
-        backend.gemm_f64(
-            Trans::Yes,
-            Trans::No,
-            m,
-            m,
-            jr,
-            inv_j,
-            &self.a64,
-            &self.a64,
-            0.0,
-            &mut self.c64,
-        )?;
-        allreduce_f64(backend, comm, &mut self.c64)?;
-        backend.add_diagonal_f64(&mut self.c64, m, gamma)?;
-        match rule {
-            UpdateRule::Batch => {
-                backend.block_cholesky_solve_f64(&mut self.c64, 1, m, &mut self.x64, jr)?;
-            }
-            UpdateRule::Sequential => {
-                backend.block_cholesky_solve_f64(
-                    &mut self.c64,
-                    self.batch,
-                    self.outputs,
-                    &mut self.x64,
-                    jr,
-                )?;
-                backend.gemm_f64(
-                    Trans::Yes,
-                    Trans::No,
-                    m,
-                    m,
-                    jr,
-                    inv_j,
-                    &self.a64,
-                    &self.x64,
-                    0.0,
-                    &mut self.l64,
-                )?;
-                allreduce_f64(backend, comm, &mut self.l64)?;
-                backend.unit_block_lower_f64(&mut self.l64, m, self.outputs)?;
-                backend.solve_unit_lower_right_f64(&self.l64, m, &mut self.x64, jr)?;
-            }
-            UpdateRule::Transform => unreachable!("refused above"),
-        }
+        // C = Σ_r A_rᵀA_r / J + γI, and the sequential rule's L summed the same way (the
+        // transform rule was refused by `check`).
+        let bufs = super::GainBufs {
+            a64: &self.a64,
+            x64: &mut self.x64,
+            c64: &mut self.c64,
+            l64: &mut self.l64,
+        };
+        let dims = (jr, self.batch, self.outputs);
+        super::rule_gain(backend, rule, bufs, dims, inv_j, gamma, &mut |buf| {
+            allreduce_f64(backend, comm, buf)
+        })?;
         // T = Σ_r A_rᵀ U_r / J (m × P), then U_r += X_r T.
         backend.f64_to_f32(&self.x64, &mut self.x32)?;
         backend.f64_to_f32(&self.a64, &mut self.a32)?;

@@ -447,73 +447,34 @@ impl<B: Backend> EnkfWorkspace<B> {
             (self.gamma, self.dt) = (gamma, dt);
             return Ok(());
         }
-        // C = AᵀA/J + γI (m × m). The sequential rule reads only its 10 × 10 diagonal
-        // blocks; the full product costs 2·m²·J, small against the apply phase.
-        backend.gemm_f64(
-            Trans::Yes,
-            Trans::No,
-            m,
-            m,
-            j,
-            inv_j,
-            &self.a64,
-            &self.a64,
-            0.0,
-            &mut self.c64,
-        )?;
-        backend.add_diagonal_f64(&mut self.c64, m, gamma)?;
-        match rule {
-            UpdateRule::Transform => {
-                if noise.is_some() {
-                    return Err(Error::Config(
-                        "the transform update is deterministic: it takes no perturbed \
-                         observations (use --observations exact)"
-                            .into(),
-                    ));
-                }
-                if self.transform.is_none() {
-                    self.transform = Some(transform::TransformBuffers::new(backend, j, m)?);
-                }
-                if let Some(t) = &mut self.transform {
-                    t.gain(
-                        backend,
-                        &self.a64,
-                        &mut self.x64,
-                        &mut self.c64,
-                        (j, m),
-                        gamma,
-                    )?;
-                }
+        let bufs = GainBufs {
+            a64: &self.a64,
+            x64: &mut self.x64,
+            c64: &mut self.c64,
+            l64: &mut self.l64,
+        };
+        let dims = (j, self.batch, self.outputs);
+        rule_gain(backend, rule, bufs, dims, inv_j, gamma, &mut |_| Ok(()))?;
+        if rule == UpdateRule::Transform {
+            if noise.is_some() {
+                return Err(Error::Config(
+                    "the transform update is deterministic: it takes no perturbed \
+                     observations (use --observations exact)"
+                        .into(),
+                ));
             }
-            UpdateRule::Batch => {
-                // X = Kᵀ = D C⁻¹.
-                backend.block_cholesky_solve_f64(&mut self.c64, 1, m, &mut self.x64, j)?;
+            if self.transform.is_none() {
+                self.transform = Some(transform::TransformBuffers::new(backend, j, m)?);
             }
-            UpdateRule::Sequential => {
-                // Bm = [D_d C_d⁻¹]_d.
-                backend.block_cholesky_solve_f64(
-                    &mut self.c64,
-                    self.batch,
-                    self.outputs,
-                    &mut self.x64,
-                    j,
-                )?;
-                // Lfull = AᵀBm/J, then T = I − (strictly block-lower part).
-                backend.gemm_f64(
-                    Trans::Yes,
-                    Trans::No,
-                    m,
-                    m,
-                    j,
-                    inv_j,
+            if let Some(t) = &mut self.transform {
+                t.gain(
+                    backend,
                     &self.a64,
-                    &self.x64,
-                    0.0,
-                    &mut self.l64,
+                    &mut self.x64,
+                    &mut self.c64,
+                    (j, m),
+                    gamma,
                 )?;
-                backend.unit_block_lower_f64(&mut self.l64, m, self.outputs)?;
-                // X = Bm (I − L)⁻¹.
-                backend.solve_unit_lower_right_f64(&self.l64, m, &mut self.x64, j)?;
             }
         }
         Ok(())
@@ -606,4 +567,57 @@ pub fn init_ensemble<R: rand::Rng>(
             (sigma * z) as f32
         })
         .collect()
+}
+
+/// The buffers of [`rule_gain`]: A (rows × m, centred outputs), X (rows × m: the
+/// innovations in, the gain rows out), C and L (m × m scratch).
+pub(crate) struct GainBufs<'a, B: Backend> {
+    pub a64: &'a B::F64,
+    pub x64: &'a mut B::F64,
+    pub c64: &'a mut B::F64,
+    pub l64: &'a mut B::F64,
+}
+
+/// The m × m part of the update shared by the one-process workspace and the sharded one:
+/// C = AᵀA/J, then `sum` (the sharded update adds the other ranks' parts there; a no-op
+/// on one process), + γI; then, by rule, X = D C⁻¹ (batch) or X = Bm (I − L)⁻¹ with
+/// Bm = [D_d C_d⁻¹]_d and L the strictly block-lower part of AᵀBm/J, summed by `sum` too
+/// (sequential). For the transform rule only C is formed (its caller goes on from it).
+/// `dims`: (rows of A and X on this process, batch, outputs); m = batch · outputs;
+/// `inv_j` = 1 / the global ensemble size.
+pub(crate) fn rule_gain<B: Backend>(
+    backend: &B,
+    rule: UpdateRule,
+    bufs: GainBufs<'_, B>,
+    dims: (usize, usize, usize),
+    inv_j: f64,
+    gamma: f64,
+    sum: &mut dyn FnMut(&mut B::F64) -> Result<()>,
+) -> Result<()> {
+    let GainBufs { a64, x64, c64, l64 } = bufs;
+    let (rows, batch, outputs) = dims;
+    let m = batch * outputs;
+    // C = AᵀA/J + γI (m × m). The sequential rule reads only its 10 × 10 diagonal
+    // blocks; the full product costs 2·m²·J, small against the apply phase.
+    backend.gemm_f64(Trans::Yes, Trans::No, m, m, rows, inv_j, a64, a64, 0.0, c64)?;
+    sum(c64)?;
+    backend.add_diagonal_f64(c64, m, gamma)?;
+    match rule {
+        UpdateRule::Transform => {}
+        UpdateRule::Batch => {
+            // X = Kᵀ = D C⁻¹.
+            backend.block_cholesky_solve_f64(c64, 1, m, x64, rows)?;
+        }
+        UpdateRule::Sequential => {
+            // Bm = [D_d C_d⁻¹]_d.
+            backend.block_cholesky_solve_f64(c64, batch, outputs, x64, rows)?;
+            // Lfull = AᵀBm/J, then T = I − (strictly block-lower part).
+            backend.gemm_f64(Trans::Yes, Trans::No, m, m, rows, inv_j, a64, x64, 0.0, l64)?;
+            sum(l64)?;
+            backend.unit_block_lower_f64(l64, m, outputs)?;
+            // X = Bm (I − L)⁻¹.
+            backend.solve_unit_lower_right_f64(l64, m, x64, rows)?;
+        }
+    }
+    Ok(())
 }
