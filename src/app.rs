@@ -156,6 +156,8 @@ struct TrainJob<'a> {
     cfg: &'a TrainConfig,
     data: &'a DataSplit,
     resume: Option<&'a Path>,
+    /// The ranks the ensemble is sharded over (one: not sharded).
+    comm: &'a dyn crate::dist::Comm,
 }
 
 impl BackendJob for TrainJob<'_> {
@@ -165,10 +167,20 @@ impl BackendJob for TrainJob<'_> {
     }
     fn run<B: Backend>(self, backend: &B, desc: &str) -> Result<Self::Output> {
         let cfg = self.cfg;
-        let mut trainer = match self.resume {
-            Some(path) => Trainer::resume(backend, cfg, self.data, path)?,
-            None => Trainer::new(backend, cfg, self.data)?,
+        let comm = self.comm;
+        let mut trainer = match (self.resume, comm.size() > 1) {
+            (Some(path), false) => Trainer::resume(backend, cfg, self.data, path)?,
+            (None, false) => Trainer::new(backend, cfg, self.data)?,
+            (Some(path), true) => Trainer::resume_on_ranks(backend, cfg, self.data, path, comm)?,
+            (None, true) => Trainer::new_on_ranks(backend, cfg, self.data, comm)?,
         };
+        if comm.rank() != 0 {
+            // The other ranks of a sharded run compute and checkpoint their shards; rank
+            // 0 writes every output.
+            let rows = trainer.run(&mut ())?;
+            trainer.mean_host()?;
+            return Ok((rows, trainer.times.clone()));
+        }
         let start = RunStart {
             total: trainer.total_iterations(),
             iteration: trainer.iteration(),
@@ -242,14 +254,61 @@ pub fn train_command(
         ));
     }
     set_threads(cfg.threads);
-    let _lock = match &cfg.out {
-        Some(dir) => Some(RunDir::open(dir, existing)?),
-        None => None,
+    let world = crate::dist::world()?;
+    let result = train_in_world(cfg, resume, existing, world.comm());
+    match &result {
+        // Every rank stops at the same iteration on a signal (the ranks agree on it).
+        Err(Error::Interrupted { .. }) | Ok(_) => {}
+        // A failure on one rank: the others may wait in a collective.
+        Err(e) => {
+            if world.comm().size() > 1 {
+                eprintln!(
+                    "rank {} of {}: {e}; stopping every rank",
+                    world.comm().rank(),
+                    world.comm().size()
+                );
+            }
+            world.abort(1)
+        }
+    }
+    result
+}
+
+/// [`train_command`] on the ranks of `comm` (one: a one-process run): rank 0 locks and
+/// writes the output folder, the others wait for it (a failure there stops every rank).
+fn train_in_world(
+    cfg: &TrainConfig,
+    resume: Option<&Path>,
+    existing: Existing,
+    comm: &dyn crate::dist::Comm,
+) -> Result<TrainSummary> {
+    let ranks = comm.size();
+    if ranks > 1 {
+        crate::train::ranks::check_config(cfg, ranks)?;
+        if cfg.backend == BackendKind::Cuda {
+            return Err(Error::Config(format!(
+                "--backend cuda: a run sharded over ranks ({ranks} here) uses the CPU backend \
+                 so far (one GPU per rank is not built yet); use --backend cpu or auto"
+            )));
+        }
+    }
+    let lock = match (&cfg.out, comm.rank()) {
+        (Some(dir), 0) => RunDir::open(dir, existing).map(Some),
+        _ => Ok(None),
     };
+    if ranks > 1 && crate::train::ranks::any_rank(comm, lock.is_err())? && lock.is_ok() {
+        return Err(Error::Config(
+            "rank 0 could not open the output folder (see its error)".into(),
+        ));
+    }
+    let _lock = lock?;
     if let Some(path) = &cfg.save_ensemble {
         check_output_file("--save-ensemble", path)?;
     }
     let opened = match (&cfg.net, cfg.optimizer, cfg.backend) {
+        (_, _, BackendKind::Auto) if ranks > 1 => Opened::Cpu(format!(
+            "cpu (a run sharded over ranks, {ranks} here, uses the CPU backend so far)"
+        )),
         // No CUDA backpropagation for layer-spec networks yet (`validate` refuses
         // `cuda` for the gradient optimizers); their EnKF forward pass has kernels.
         (Some(_), Optimizer::Sgd | Optimizer::Adam, BackendKind::Cpu) => {
@@ -261,7 +320,11 @@ pub fn train_command(
         (_, _, kind) => open_backend(kind, cfg.math)?,
     };
     if cfg.optimizer == Optimizer::Enkf {
-        check_memory_before_loading(cfg, &opened)?;
+        // Each rank holds its shard of the members.
+        let shard = crate::dist::Shard::of(cfg.members, comm.rank(), ranks)?;
+        let mut local = cfg.clone();
+        local.members = shard.count;
+        check_memory_before_loading(&local, &opened)?;
     }
     let data = load_data(cfg)?;
     if cfg.optimizer != Optimizer::Enkf {
@@ -272,6 +335,7 @@ pub fn train_command(
         cfg,
         data: &data,
         resume,
+        comm,
     };
     let ((rows, times), backend) = run_opened(opened, cfg.math, job)?;
     let iterations = rows.last().map_or(0, |r| r.iteration);

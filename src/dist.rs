@@ -180,6 +180,78 @@ impl Shard {
     }
 }
 
+/// The launchers' variables that give the number of ranks, in the order they are read.
+const RANK_COUNT_VARS: [&str; 4] = [
+    "OMPI_COMM_WORLD_SIZE",
+    "PMI_SIZE",
+    "PMIX_SIZE",
+    "SLURM_STEP_NUM_TASKS",
+];
+
+/// The number of ranks a launcher (OpenMPI's or MPICH's `mpirun`, Slurm's `srun`)
+/// started this process among, with the variable that says so; `None` when no launcher
+/// variable is set (started on its own).
+pub fn launched_ranks() -> Option<(usize, &'static str)> {
+    RANK_COUNT_VARS.iter().find_map(|&var| {
+        let n = std::env::var(var).ok()?.trim().parse::<usize>().ok()?;
+        Some((n, var))
+    })
+}
+
+/// The ranks this process trains with: itself alone, or (`--features mpi`) the MPI world
+/// its launcher started it in.
+pub enum World {
+    /// One process.
+    Solo,
+    /// The MPI world (more than one rank).
+    #[cfg(feature = "mpi")]
+    Mpi(mpi_comm::MpiComm),
+}
+
+impl World {
+    /// The communicator of the world.
+    pub fn comm(&self) -> &dyn Comm {
+        match self {
+            World::Solo => &Solo,
+            #[cfg(feature = "mpi")]
+            World::Mpi(c) => c,
+        }
+    }
+
+    /// Stops every rank of a multi-rank world with `code` (after a failure on this rank
+    /// the others could wait in a collective for ever); returns on one process.
+    pub fn abort(&self, code: i32) {
+        match self {
+            World::Solo => {
+                let _ = code;
+            }
+            #[cfg(feature = "mpi")]
+            World::Mpi(c) => c.abort(code),
+        }
+    }
+}
+
+/// The world of this process ([`launched_ranks`]): one process when no launcher started
+/// it or it started one rank; else MPI.
+///
+/// Errors: [`Error::Config`] when a launcher started several ranks but the binary was
+/// built without MPI (each rank would otherwise train its own copy of the ensemble); MPI
+/// initialisation errors.
+pub fn world() -> Result<World> {
+    match launched_ranks() {
+        None | Some((1, _)) => Ok(World::Solo),
+        #[cfg(feature = "mpi")]
+        Some(_) => Ok(World::Mpi(mpi_comm::MpiComm::init()?)),
+        #[cfg(not(feature = "mpi"))]
+        Some((n, var)) => Err(Error::Config(format!(
+            "this process is one of {n} ranks ({var} = {n}), but this binary was built \
+             without MPI, so each rank would train its own copy of the ensemble: build with \
+             `cargo build --release --features mpi` (OpenMPI: Debian libopenmpi-dev \
+             openmpi-bin libclang-dev), or start one process"
+        ))),
+    }
+}
+
 /// MPI ranks (`--features mpi`).
 #[cfg(feature = "mpi")]
 pub mod mpi_comm {
@@ -225,6 +297,13 @@ pub mod mpi_comm {
                 });
             }
             Ok(())
+        }
+    }
+
+    impl MpiComm {
+        /// Ends every rank of the world with `code` (`MPI_Abort`).
+        pub fn abort(&self, code: i32) -> ! {
+            self.world.abort(code)
         }
     }
 

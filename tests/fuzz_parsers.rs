@@ -433,6 +433,7 @@ fn checkpoint_state() -> CheckpointState {
         resampled: 0,
         algorithm_time: 0.0,
         nesterov_theta: None,
+        shards: None,
     }
 }
 

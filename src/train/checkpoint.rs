@@ -80,14 +80,137 @@ pub struct CheckpointState {
     /// update (absent in older checkpoints and without momentum).
     #[serde(default)]
     pub nesterov_theta: Option<f64>,
+    /// A run sharded over ranks (`mpirun -np N`): the shard files that hold the
+    /// ensemble, one per rank in rank order; this file (rank 0's manifest) then holds no
+    /// ensemble. Absent for a one-process run.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub shards: Option<Vec<ShardEntry>>,
+}
+
+/// One rank's part of a sharded checkpoint (see [`write_shard`]).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ShardEntry {
+    /// File name inside the output folder.
+    pub file: String,
+    /// First global member of the shard.
+    pub first: usize,
+    /// Members in the shard.
+    pub count: usize,
+    /// CRC-32 of the shard file's body (as stored at its end).
+    pub crc: u32,
 }
 
 impl CheckpointState {
     /// Members × params blocks the file holds: the ensemble, and the momentum's previous
-    /// ensemble when there is one.
+    /// ensemble when there is one; none in a sharded run's manifest.
     pub fn blocks(&self) -> usize {
+        if self.shards.is_some() {
+            return 0;
+        }
         1 + usize::from(self.nesterov_theta.is_some())
     }
+}
+
+const SHARD_MAGIC: &[u8; 8] = b"ENKFSHD1";
+
+/// The shard file name of `rank` of `ranks` at iteration `t` (the iteration in the name
+/// keeps the previous checkpoint's shards intact until the new manifest is written).
+pub fn shard_file_name(rank: usize, ranks: usize, t: usize) -> String {
+    format!("checkpoint.rank{rank}-of-{ranks}.it{t}.bin")
+}
+
+/// Writes one rank's members atomically (temp + fsync + rename): the magic `ENKFSHD1`,
+/// first member, count and params (u64 LE each), the rows (f32 LE), and a CRC-32 of
+/// everything before it; returns that CRC for the manifest.
+///
+/// Errors: [`Error::Checkpoint`] when `rows` is not count × params; [`Error::Io`].
+pub fn write_shard(
+    path: &Path,
+    first: usize,
+    count: usize,
+    params: usize,
+    rows: &[f32],
+) -> Result<u32> {
+    if rows.len() != count * params {
+        return Err(Error::Checkpoint {
+            path: path.into(),
+            msg: format!(
+                "shard has {} values, expected {count} × {params}",
+                rows.len()
+            ),
+        });
+    }
+    let mut buf = Vec::with_capacity(36 + 4 * rows.len());
+    buf.extend_from_slice(SHARD_MAGIC);
+    for v in [first, count, params] {
+        buf.extend_from_slice(&(v as u64).to_le_bytes());
+    }
+    for v in rows {
+        buf.extend_from_slice(&v.to_le_bytes());
+    }
+    let mut crc = flate2::Crc::new();
+    crc.update(&buf);
+    let sum = crc.sum();
+    buf.extend_from_slice(&sum.to_le_bytes());
+    crate::io::atomic_write(path, &buf)?;
+    Ok(sum)
+}
+
+/// Reads the shard `entry` of a manifest from `dir` and checks it against the entry
+/// (CRC, first member, count) and `params`; returns its rows.
+///
+/// Errors: [`Error::Checkpoint`] naming the shard file when it is missing, corrupt or
+/// does not match the manifest.
+pub fn read_shard(dir: &Path, entry: &ShardEntry, params: usize) -> Result<Vec<f32>> {
+    let path = dir.join(&entry.file);
+    let bad = |msg: String| Error::Checkpoint {
+        path: path.clone(),
+        msg,
+    };
+    let buf = std::fs::read(&path).map_err(|e| {
+        bad(format!(
+            "the shard named by the manifest cannot be read ({e}); every rank's shard file \
+             must be in the folder"
+        ))
+    })?;
+    if buf.len() < 36 || &buf[..8] != SHARD_MAGIC {
+        return Err(bad(
+            "not an enkf-dnn checkpoint shard (magic ENKFSHD1 missing)".into(),
+        ));
+    }
+    let body = buf.len() - 4;
+    let mut crc = flate2::Crc::new();
+    crc.update(&buf[..body]);
+    let stored = u32::from_le_bytes([buf[body], buf[body + 1], buf[body + 2], buf[body + 3]]);
+    if crc.sum() != stored || stored != entry.crc {
+        return Err(bad(format!(
+            "checksum mismatch (manifest {:08x}, stored {stored:08x}, computed {:08x}): the \
+             shard is truncated, corrupt or from another checkpoint",
+            entry.crc,
+            crc.sum()
+        )));
+    }
+    let word = |i: usize| {
+        let mut b = [0u8; 8];
+        b.copy_from_slice(&buf[8 + 8 * i..16 + 8 * i]);
+        u64::from_le_bytes(b)
+    };
+    let (first, count, p) = (word(0), word(1), word(2));
+    if (first, count, p) != (entry.first as u64, entry.count as u64, params as u64)
+        || (body - 32) as u64 != 4 * count * p
+    {
+        return Err(bad(format!(
+            "it holds members {first}.. ({count} of P = {p}, {} bytes), the manifest says \
+             {}.. ({} of P = {params})",
+            body - 32,
+            entry.first,
+            entry.count
+        )));
+    }
+    Ok(buf[32..body]
+        .chunks_exact(4)
+        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+        .collect())
 }
 
 /// Path of the checkpoint in an output folder.

@@ -16,6 +16,7 @@ pub mod gradient;
 pub mod methods;
 pub mod metrics;
 pub mod optim;
+pub mod ranks;
 pub mod resume;
 pub mod stats;
 mod validate;
@@ -23,6 +24,7 @@ mod validate;
 use crate::backend::Backend;
 use crate::data::Task;
 use crate::data::{DataSplit, Dataset};
+use crate::enkf::dist::ShardedWorkspace;
 use crate::enkf::{init_ensemble, resize, EnkfWorkspace};
 use crate::model::Net;
 use crate::{Error, Result};
@@ -120,11 +122,18 @@ impl Observer for () {
     }
 }
 
+/// The update's buffers of one mini-batch size: this process's whole ensemble, or this
+/// rank's shard of one sharded over ranks.
+enum SlotWorkspace<B: Backend> {
+    One(EnkfWorkspace<B>),
+    Ranks(ShardedWorkspace<B>),
+}
+
 /// Device buffers for mini-batches of one size.
 struct BatchSlot<B: Backend> {
     /// Images in the mini-batch.
     batch: usize,
-    ws: EnkfWorkspace<B>,
+    ws: SlotWorkspace<B>,
     /// Outputs G, members × batch × 10.
     g: B::F32,
     /// Images, batch × 784.
@@ -201,6 +210,9 @@ pub struct Trainer<'a, B: Backend> {
     momentum: Option<Momentum<B>>,
     /// Additive inflation's per-weight scale (σ, or the spread computed each update).
     noise_scale: Option<B::F32>,
+    /// A run sharded over ranks: the communicator and this rank's members (`members`
+    /// is then the shard's count, `u` its rows).
+    ranks: Option<ranks::Ranks<'a>>,
     /// Seconds per phase so far.
     pub times: PhaseTimes,
 }
@@ -290,8 +302,35 @@ impl<'a, B: Backend> Trainer<'a, B> {
                 ),
             });
         }
+        if let Some(shards) = &state.shards {
+            return Err(Error::Checkpoint {
+                path: path.into(),
+                msg: format!(
+                    "it is the manifest of a run sharded over {} ranks: resume it with \
+                     mpirun -np {} (a build with --features mpi)",
+                    shards.len(),
+                    shards.len()
+                ),
+            });
+        }
         let n = state.members * state.params;
-        let mut t = Self::build(backend, cfg, data, &host_u[..n], state.members)?;
+        let t = Self::build(backend, cfg, data, &host_u[..n], state.members)?;
+        t.restore(cfg, path, state, &host_u[n..])
+    }
+
+    /// The rest of a resume once the ensemble rows are in `self.u`: the position, the
+    /// random streams, the rows and the momentum (`momentum_rows`: its previous
+    /// ensemble, the rows after the ensemble's in the checkpoint), then the output files
+    /// cut back to the checkpoint.
+    fn restore(
+        self,
+        cfg: &TrainConfig,
+        path: &Path,
+        state: CheckpointState,
+        momentum_rows: &[f32],
+    ) -> Result<Self> {
+        let backend = self.backend;
+        let mut t = self;
         t.repetitions = state.repetitions;
         t.t = state.t;
         t.batch_global = state.batch_global;
@@ -307,8 +346,7 @@ impl<'a, B: Backend> Trainer<'a, B> {
         t.algorithm_time = state.algorithm_time;
         match (&mut t.momentum, state.nesterov_theta) {
             (Some(m), Some(theta)) => {
-                let n = state.members * state.params;
-                backend.write_f32(&host_u[n..], &mut m.prev)?;
+                backend.write_f32(momentum_rows, &mut m.prev)?;
                 m.theta = theta;
             }
             (None, None) => {}
@@ -332,8 +370,10 @@ impl<'a, B: Backend> Trainer<'a, B> {
                 t.t
             )));
         }
-        // Only now, with every check passed, are the output files touched.
-        if let Some(dir) = &cfg.out {
+        // Only now, with every check passed, are the output files touched (by rank 0 of
+        // a sharded run).
+        let writes_outputs = t.ranks.is_none_or(|r| r.comm.rank() == 0);
+        if let (Some(dir), true) = (&cfg.out, writes_outputs) {
             checkpoint::rewind_outputs(dir, t.t)?;
         }
         Ok(t)
@@ -396,6 +436,7 @@ impl<'a, B: Backend> Trainer<'a, B> {
                     theta: 1.0,
                 }),
             },
+            ranks: None,
             times: PhaseTimes::default(),
         })
     }
@@ -427,21 +468,46 @@ impl<'a, B: Backend> Trainer<'a, B> {
         self.t
     }
 
-    /// Current ensemble size.
+    /// Current ensemble size (of the whole ensemble when it is sharded over ranks).
     pub fn members(&self) -> usize {
-        self.members
+        self.ranks.map_or(self.members, |r| r.shard.members)
     }
 
     /// The ensemble, members × params, copied to the host.
+    ///
+    /// Errors: [`Error::Config`] for a run sharded over ranks (each holds only its rows).
     pub fn ensemble_host(&self) -> Result<Vec<f32>> {
+        if let Some(r) = self.ranks {
+            return Err(Error::Config(format!(
+                "the ensemble is sharded over {} ranks; no rank holds it whole",
+                r.comm.size()
+            )));
+        }
         self.backend.download_f32(&self.u)
     }
 
-    /// The ensemble-mean weights, copied to the host.
+    /// The ensemble-mean weights, copied to the host (sharded: a collective, every rank
+    /// calls it).
     pub fn mean_host(&mut self) -> Result<Vec<f32>> {
-        self.backend
-            .row_mean(&self.u, self.members, self.params, &mut self.weights)?;
+        self.mean_weights()?;
         self.backend.download_f32(&self.weights)
+    }
+
+    /// The ensemble mean into `self.weights`: over this process's members, or over every
+    /// rank's (a collective).
+    fn mean_weights(&mut self) -> Result<()> {
+        let be = self.backend;
+        match self.ranks {
+            None => be.row_mean(&self.u, self.members, self.params, &mut self.weights),
+            Some(r) => crate::enkf::dist::sharded_mean(
+                be,
+                r.comm,
+                r.shard,
+                &self.u,
+                self.params,
+                &mut self.weights,
+            ),
+        }
     }
 
     /// Sends the activation statistics of the mean network to `sink` every
@@ -493,11 +559,26 @@ impl<'a, B: Backend> Trainer<'a, B> {
         }
         let be = self.backend;
         let k = self.outputs;
-        let ws = if self.cfg.tikhonov > 0.0 {
+        let ws = if let Some(r) = self.ranks {
+            SlotWorkspace::Ranks(ShardedWorkspace::new(be, r.shard, self.params, b, k)?)
+        } else if self.cfg.tikhonov > 0.0 {
             let tau = self.cfg.sigma * self.cfg.sigma / self.cfg.tikhonov;
-            EnkfWorkspace::with_tikhonov(be, self.members, self.params, b, k, tau)?
+            SlotWorkspace::One(EnkfWorkspace::with_tikhonov(
+                be,
+                self.members,
+                self.params,
+                b,
+                k,
+                tau,
+            )?)
         } else {
-            EnkfWorkspace::with_outputs(be, self.members, self.params, b, k)?
+            SlotWorkspace::One(EnkfWorkspace::with_outputs(
+                be,
+                self.members,
+                self.params,
+                b,
+                k,
+            )?)
         };
         let g = be.zeros_f32(self.members * b * k)?;
         let x = be.zeros_f32(b * self.train.pixels())?;
@@ -613,7 +694,7 @@ impl<'a, B: Backend> Trainer<'a, B> {
                 .cfg
                 .checkpoint_every
                 .is_some_and(|n| self.t.is_multiple_of(n));
-            let interrupted = INTERRUPT.load(Ordering::SeqCst);
+            let interrupted = self.agree_interrupt(INTERRUPT.load(Ordering::SeqCst))?;
             if (due_ckpt || interrupted) && self.cfg.out.is_some() {
                 self.save_checkpoint()?;
             }
@@ -641,6 +722,9 @@ impl<'a, B: Backend> Trainer<'a, B> {
     /// Writes the full state to `out`/checkpoint.bin, after the statistics queued so far
     /// are written and synced.
     pub fn save_checkpoint(&mut self) -> Result<()> {
+        if self.ranks.is_some() {
+            return self.save_sharded_checkpoint();
+        }
         let Some(dir) = self.cfg.out.clone() else {
             return Err(Error::Config(
                 "checkpoints need an output folder (--out)".into(),
@@ -651,10 +735,22 @@ impl<'a, B: Backend> Trainer<'a, B> {
         if let Some(sink) = &self.stats {
             sink.sync()?;
         }
-        let state = CheckpointState {
+        let state = self.checkpoint_state();
+        let mut u = self.backend.download_f32(&self.u)?;
+        if let Some(m) = &self.momentum {
+            u.extend(self.backend.download_f32(&m.prev)?);
+        }
+        checkpoint::write(&checkpoint::path_in(&dir), &state, &u)?;
+        self.times.other += t0.elapsed().as_secs_f64();
+        Ok(())
+    }
+
+    /// Everything of the run's state but the ensemble (members: the whole ensemble's).
+    fn checkpoint_state(&self) -> CheckpointState {
+        CheckpointState {
             config: self.cfg.clone(),
             params: self.params,
-            members: self.members,
+            members: self.members(),
             repetitions: self.repetitions,
             t: self.t,
             batch_global: self.batch_global,
@@ -669,14 +765,8 @@ impl<'a, B: Backend> Trainer<'a, B> {
             resampled: self.resampled,
             algorithm_time: self.algorithm_time,
             nesterov_theta: self.momentum.as_ref().map(|m| m.theta),
-        };
-        let mut u = self.backend.download_f32(&self.u)?;
-        if let Some(m) = &self.momentum {
-            u.extend(self.backend.download_f32(&m.prev)?);
+            shards: None,
         }
-        checkpoint::write(&checkpoint::path_in(&dir), &state, &u)?;
-        self.times.other += t0.elapsed().as_secs_f64();
-        Ok(())
     }
 
     /// Algorithm 1 at a comparison point with the current test error `current`.
@@ -794,6 +884,19 @@ impl<'a, B: Backend> Trainer<'a, B> {
             let s = &mut self.workspaces[slot];
             resize::nonfinite_rows(be, &s.g, self.members, cols, &s.ones, &mut s.row_sums)?
         };
+        if let Some(r) = self.ranks {
+            // Every rank learns of a failure anywhere (resampling is refused for sharded
+            // runs by `ranks::check_config`), so none waits in the update's collectives.
+            let mut count = [failed.len() as f64];
+            r.comm.allreduce_sum_f64(&mut count)?;
+            if count[0] > 0.0 {
+                return Err(Error::MembersFailed {
+                    iteration: self.t + 1,
+                    failed: count[0] as usize,
+                    members: r.shard.members,
+                });
+            }
+        }
         if !failed.is_empty() {
             if self.cfg.on_failure == FailurePolicy::Error {
                 return Err(Error::MembersFailed {
@@ -848,12 +951,28 @@ impl<'a, B: Backend> Trainer<'a, B> {
         let _r = crate::gpu::timing::range("update");
         let s = &mut self.workspaces[slot];
         let (rule, gamma) = (self.cfg.update, self.cfg.gamma);
-        s.ws.innovate(be, &s.g, &s.y)?;
+        let ws = match (&mut s.ws, self.ranks) {
+            (SlotWorkspace::One(ws), _) => ws,
+            (SlotWorkspace::Ranks(ws), Some(r)) => {
+                // Only the fixed-step update is sharded (`ranks::check_config`).
+                ws.update(be, r.comm, rule, gamma, &mut self.u, &s.g, &s.y)?;
+                self.last_dt = self.cfg.dt;
+                be.synchronize()?;
+                self.times.update += t2.elapsed().as_secs_f64();
+                return Ok(());
+            }
+            (SlotWorkspace::Ranks(_), None) => {
+                return Err(Error::Config(
+                    "internal: a sharded workspace in a one-process run".into(),
+                ))
+            }
+        };
+        ws.innovate(be, &s.g, &s.y)?;
         let dt = match self.cfg.step {
             StepControl::Fixed => self.cfg.dt,
             StepControl::Dmc => {
-                let phi = s.ws.misfits(be, gamma)?;
-                let m = s.ws.innovation_len() / self.members;
+                let phi = ws.misfits(be, gamma)?;
+                let m = ws.innovation_len() / self.members;
                 methods::dmc_step(&phi, m, self.algorithm_time, DMC_END)
             }
         };
@@ -862,12 +981,12 @@ impl<'a, B: Backend> Trainer<'a, B> {
             Observations::Perturbed => Some(perturbations(
                 self.cfg.seed,
                 self.t,
-                s.ws.innovation_len(),
+                ws.innovation_len(),
                 gamma / dt,
             )),
         };
-        s.ws.solve(be, rule, gamma, dt, noise.as_deref())?;
-        s.ws.apply(be, &mut self.u)?;
+        ws.solve(be, rule, gamma, dt, noise.as_deref())?;
+        ws.apply(be, &mut self.u)?;
         if let Some(m) = &mut self.momentum {
             let (theta, beta) = methods::nesterov_next(m.theta);
             be.nesterov_f32(&mut self.u, &mut m.prev, beta as f32)?;
@@ -902,7 +1021,7 @@ impl<'a, B: Backend> Trainer<'a, B> {
         let mut row = MetricsRow::training(
             self.t,
             done_batches / batches,
-            self.members,
+            self.members(),
             self.repetitions,
             train_loss,
             train_accuracy,
@@ -942,7 +1061,7 @@ impl<'a, B: Backend> Trainer<'a, B> {
     fn score_batch(&mut self, slot: usize, labels: &[u8], targets: &[f32]) -> Result<(f64, f64)> {
         let t0 = Instant::now();
         let be = self.backend;
-        be.row_mean(&self.u, self.members, self.params, &mut self.weights)?;
+        self.mean_weights()?;
         let s = &mut self.workspaces[slot];
         be.ensemble_forward(&self.net, &self.weights, 1, &s.x, s.batch, &mut s.logits)?;
         let out = be.download_f32(&s.logits)?;
@@ -965,7 +1084,7 @@ impl<'a, B: Backend> Trainer<'a, B> {
         let out: Vec<f32> = match mode {
             EvalMode::Mean | EvalMode::Last => {
                 if mode == EvalMode::Mean {
-                    be.row_mean(&self.u, self.members, self.params, &mut self.weights)?;
+                    self.mean_weights()?;
                 } else {
                     be.copy_rows_f32(
                         &self.u,

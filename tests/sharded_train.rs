@@ -1,0 +1,292 @@
+//! EnKF training sharded over ranks (`enkf_dnn::train::ranks`), the ranks as threads of
+//! this process (`ThreadGroup`; `tests/mpi_ranks.rs` runs the binary under `mpirun`):
+//! 1, 2 and 3 ranks agree over 20 iterations, a repeated run is bit-identical, a sharded
+//! checkpoint resumes to the uninterrupted result, and a missing shard or a wrong rank
+//! count is an error naming it.
+//!
+//! Tolerance (1 vs N ranks). The runs differ only in the order of floating-point sums:
+//! the one-process update applies through member space (J × J, `ApplyOrder::cheapest`
+//! for J = 48) and sums over all members at once, the sharded one through parameter
+//! space with per-rank partial sums (one rank included: the sharded code on one thread
+//! rank shows the same differences, so they come from the order, not from the shards).
+//! One update differs by a few f32 roundings (≈ 1e-7 relative); the following updates
+//! amplify it through the gain. Measured (2026-12-02, 2-core EPYC; J = 48, B = 4 so that
+//! J > m = 40 and C is well conditioned; at J = 24 < m = 640 one update amplifies a
+//! difference by ≈ 1000), the largest difference of a mean weight after 20 iterations,
+//! relative to the largest mean weight: sequential 7e-5 (1, 2, 3 ranks: 7.4e-5, 6.8e-5,
+//! 2.7e-5), batch 1.2e-3 (its steps are wild: the mini-batch loss jumps to 15.8 at
+//! iteration 2). The bounds, 5e-4 and 5e-3, leave a factor of 7 and 4. Mutations
+//! measured: rank 1 skipping its rows' update gives 1.02 (sequential); a mean over each
+//! rank's own members only gives 3.8e-3 (sequential, caught) and a different mean on
+//! each rank (caught by the ranks' equality, both rules). The test errors on 200 images
+//! may differ by one image (0.5 points) from a flipped near-tie (measured: none did).
+
+mod common;
+use common::{limited, tmpdir};
+
+use enkf_dnn::backend::BackendKind;
+use enkf_dnn::cpu::CpuBackend;
+use enkf_dnn::data::DataSplit;
+use enkf_dnn::dist::ThreadGroup;
+use enkf_dnn::enkf::UpdateRule;
+use enkf_dnn::train::checkpoint;
+use enkf_dnn::train::{MetricsRow, PartialConfig, TrainConfig, Trainer};
+use std::path::Path;
+
+const J: usize = 48;
+
+fn config(iterations: usize, rule: UpdateRule) -> TrainConfig {
+    let mut cfg = PartialConfig {
+        members: Some(J),
+        iterations: Some(iterations),
+        backend: Some(BackendKind::Cpu),
+        ..Default::default()
+    }
+    .resolve()
+    .expect("valid config");
+    cfg.update = rule;
+    cfg.eval_every = 10;
+    cfg.batch = 4;
+    cfg
+}
+
+/// The run of `cfg` in one process: (mean weights, rows).
+fn one_process(cfg: &TrainConfig, data: &DataSplit) -> (Vec<f32>, Vec<MetricsRow>) {
+    let be = CpuBackend::new();
+    let mut t = Trainer::new(&be, cfg, data).expect("trainer");
+    let rows = t.run(&mut ()).expect("run");
+    (t.mean_host().expect("mean"), rows)
+}
+
+/// The run of `cfg` on `ranks` thread ranks, fresh or resumed from `resume`: each rank's
+/// (mean weights, rows) or error text, in rank order.
+fn on_ranks(
+    ranks: usize,
+    cfg: &TrainConfig,
+    data: &DataSplit,
+    resume: Option<&Path>,
+) -> Vec<Result<(Vec<f32>, Vec<MetricsRow>), String>> {
+    let group = ThreadGroup::new(ranks).expect("group");
+    std::thread::scope(|s| {
+        let handles: Vec<_> = group
+            .iter()
+            .map(|comm| {
+                s.spawn(move || {
+                    let be = CpuBackend::new();
+                    let mut t = match resume {
+                        Some(path) => Trainer::resume_on_ranks(&be, cfg, data, path, comm),
+                        None => Trainer::new_on_ranks(&be, cfg, data, comm),
+                    }
+                    .map_err(|e| e.to_string())?;
+                    let rows = t.run(&mut ()).map_err(|e| e.to_string())?;
+                    let mean = t.mean_host().map_err(|e| e.to_string())?;
+                    Ok((mean, rows))
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().expect("rank thread"))
+            .collect()
+    })
+}
+
+fn ok_ranks(
+    ranks: usize,
+    cfg: &TrainConfig,
+    data: &DataSplit,
+    resume: Option<&Path>,
+) -> Vec<(Vec<f32>, Vec<MetricsRow>)> {
+    on_ranks(ranks, cfg, data, resume)
+        .into_iter()
+        .enumerate()
+        .map(|(r, res)| res.unwrap_or_else(|e| panic!("rank {r}: {e}")))
+        .collect()
+}
+
+fn test_errors(rows: &[MetricsRow]) -> Vec<(usize, f64)> {
+    rows.iter()
+        .filter_map(|r| r.test_error.map(|e| (r.iteration, e)))
+        .collect()
+}
+
+#[test]
+fn one_two_and_three_ranks_agree_over_20_iterations() {
+    let data = limited(640, 200);
+    for rule in [UpdateRule::Sequential, UpdateRule::Batch] {
+        let cfg = config(20, rule);
+        let (want, want_rows) = one_process(&cfg, &data);
+        let scale = want.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+        let bound = match rule {
+            UpdateRule::Batch => 5e-3,
+            _ => 5e-4,
+        };
+        for ranks in [1, 2, 3] {
+            let got = ok_ranks(ranks, &cfg, &data, None);
+            for (r, (mean, rows)) in got.iter().enumerate() {
+                let worst = mean
+                    .iter()
+                    .zip(&want)
+                    .fold(0.0f32, |m, (a, b)| m.max((a - b).abs()));
+                eprintln!(
+                    "{rule:?}, {ranks} ranks, rank {r}: max |Δ mean| {worst:e} (scale {scale})"
+                );
+                assert!(
+                    worst <= bound * scale,
+                    "{rule:?}, {ranks} ranks, rank {r}: mean weights differ by {worst} (scale {scale})"
+                );
+                assert_eq!(rows.len(), want_rows.len());
+                assert!(
+                    rows.iter().all(|row| row.members == J),
+                    "global J in every row"
+                );
+                let (a, b) = (test_errors(rows), test_errors(&want_rows));
+                assert_eq!(a.len(), 3);
+                for ((ia, ea), (ib, eb)) in a.iter().zip(&b) {
+                    assert_eq!(ia, ib);
+                    assert!(
+                        (ea - eb).abs() <= 0.5 + 1e-9,
+                        "{rule:?}, {ranks} ranks, iteration {ia}: {ea} vs {eb}"
+                    );
+                }
+                // Every rank holds the same mean and rows.
+                assert_eq!(mean, &got[0].0);
+            }
+        }
+    }
+}
+
+#[test]
+fn a_sharded_run_repeats_bit_for_bit_and_differs_from_a_wrong_seed() {
+    let data = limited(640, 200);
+    let cfg = config(12, UpdateRule::Sequential);
+    let a = ok_ranks(2, &cfg, &data, None);
+    let b = ok_ranks(2, &cfg, &data, None);
+    assert_eq!(a[0].0, b[0].0);
+    let mut other = cfg.clone();
+    other.seed = 1;
+    let c = ok_ranks(2, &other, &data, None);
+    assert_ne!(a[0].0, c[0].0);
+}
+
+/// Stopped after a checkpoint at 10 and resumed to 20 on 2 ranks: bit for bit the
+/// uninterrupted 20; the older shards are gone after the next checkpoint; a missing
+/// shard, another rank count and a one-process resume are errors naming the cause.
+#[test]
+fn a_sharded_checkpoint_resumes_to_the_uninterrupted_run() {
+    let data = limited(640, 200);
+    let dir = tmpdir("sharded-ckpt");
+    let mut first = config(10, UpdateRule::Sequential);
+    first.out = Some(dir.clone());
+    first.checkpoint_every = Some(10);
+    ok_ranks(2, &first, &data, None);
+    let manifest = checkpoint::path_in(&dir);
+    let shard1 = dir.join(checkpoint::shard_file_name(1, 2, 10));
+    assert!(manifest.is_file() && shard1.is_file());
+    let (state, ensemble) = checkpoint::read(&manifest).expect("manifest");
+    assert!(ensemble.is_empty(), "the manifest holds no ensemble");
+    let shards = state.shards.expect("shard entries");
+    assert_eq!((shards.len(), shards[0].count + shards[1].count), (2, J));
+
+    let mut second = config(20, UpdateRule::Sequential);
+    second.out = Some(dir.clone());
+    second.checkpoint_every = Some(10);
+    // Another rank count, and a one-process resume, are refused before any work.
+    let three = on_ranks(3, &second, &data, Some(&manifest));
+    let e = three[2].as_ref().expect_err("3 ranks");
+    assert!(e.contains("written by 2 ranks"), "{e}");
+    let be = CpuBackend::new();
+    let e = Trainer::resume(&be, &second, &data, &manifest)
+        .err()
+        .expect("one process")
+        .to_string();
+    assert!(e.contains("mpirun -np 2"), "{e}");
+    // A missing shard: its rank names the file, the other is told.
+    let hidden = dir.join("hidden.bin");
+    std::fs::rename(&shard1, &hidden).expect("hide the shard");
+    let res = on_ranks(2, &second, &data, Some(&manifest));
+    let e1 = res[1].as_ref().expect_err("rank 1");
+    assert!(e1.contains(&checkpoint::shard_file_name(1, 2, 10)), "{e1}");
+    let e0 = res[0].as_ref().expect_err("rank 0");
+    assert!(e0.contains("another rank"), "{e0}");
+    // A corrupt shard: one flipped byte.
+    let mut bytes = std::fs::read(&hidden).expect("shard bytes");
+    bytes[100] ^= 1;
+    std::fs::write(&shard1, &bytes).expect("corrupt shard");
+    let res = on_ranks(2, &second, &data, Some(&manifest));
+    let e1 = res[1].as_ref().expect_err("corrupt");
+    assert!(e1.contains("checksum"), "{e1}");
+    std::fs::rename(&hidden, &shard1).expect("restore the shard");
+
+    let resumed = ok_ranks(2, &second, &data, Some(&manifest));
+    let mut whole = config(20, UpdateRule::Sequential);
+    whole.out = None;
+    let want = ok_ranks(2, &whole, &data, None);
+    assert_eq!(resumed[0].0, want[0].0, "resumed mean = uninterrupted mean");
+    assert_eq!(test_errors(&resumed[0].1), test_errors(&want[0].1));
+    // The checkpoint at 20 replaced those of 10.
+    assert!(!shard1.exists(), "the older shard is removed");
+    assert!(dir.join(checkpoint::shard_file_name(1, 2, 20)).is_file());
+}
+
+#[test]
+fn settings_not_built_for_ranks_are_refused_by_name() {
+    let data = limited(64, 20);
+    let mut cfg = config(2, UpdateRule::Transform);
+    let e = &on_ranks(2, &cfg, &data, None)[0];
+    assert!(
+        e.as_ref()
+            .err()
+            .is_some_and(|e| e.contains("update = transform")),
+        "{e:?}"
+    );
+    cfg.update = UpdateRule::Sequential;
+    cfg.inflation = 1.05;
+    let e = &on_ranks(2, &cfg, &data, None)[1];
+    assert!(
+        e.as_ref()
+            .err()
+            .is_some_and(|e| e.contains("inflation = 1.05")),
+        "{e:?}"
+    );
+    cfg.inflation = 1.0;
+    cfg.members = 2;
+    let e = &on_ranks(3, &cfg, &data, None)[0];
+    assert!(
+        e.as_ref().err().is_some_and(|e| e.contains("members = 2")),
+        "{e:?}"
+    );
+}
+
+/// A binary built without MPI that a launcher started as one of several ranks refuses
+/// to train (each rank would train its own copy of the ensemble).
+#[cfg(not(feature = "mpi"))]
+#[test]
+fn a_launched_rank_without_mpi_is_refused() {
+    let dir = tmpdir("sharded-no-mpi");
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_enkf-dnn"))
+        .args([
+            "train",
+            "--backend",
+            "cpu",
+            "--members",
+            "4",
+            "--iterations",
+            "1",
+        ])
+        .arg("--out")
+        .arg(dir.join("run"))
+        .env("OMPI_COMM_WORLD_SIZE", "2")
+        .output()
+        .expect("run the binary");
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("OMPI_COMM_WORLD_SIZE = 2") && err.contains("--features mpi"),
+        "{err}"
+    );
+    assert!(
+        !dir.join("run").exists(),
+        "refused before the folder is made"
+    );
+}
