@@ -122,3 +122,125 @@ fn mpi_ranks_match_one_process() {
     }
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// `enkf-dnn train` of the bundled MNIST's first 640 images, J = 48, B = 4, 20
+/// iterations: the arguments shared by the one-process and the MPI runs.
+fn train_args(out: &Path) -> Vec<std::ffi::OsString> {
+    let mut a: Vec<std::ffi::OsString> = [
+        "train",
+        "--backend",
+        "cpu",
+        "--members",
+        "48",
+        "--batch",
+        "4",
+        "--iterations",
+        "20",
+        "--eval-every",
+        "10",
+        "--train-limit",
+        "640",
+        "--test-limit",
+        "200",
+        "--threads",
+        "1",
+        "--checkpoint-every",
+        "10",
+        "--out",
+    ]
+    .iter()
+    .map(Into::into)
+    .collect();
+    a.push(out.into());
+    a
+}
+
+fn test_errors(dir: &Path) -> Vec<(usize, f64)> {
+    let mut r = csv::Reader::from_path(dir.join("metrics.csv")).expect("metrics.csv");
+    let head = r.headers().expect("header").clone();
+    let col = |name: &str| head.iter().position(|h| h == name).expect(name);
+    let (it, err) = (col("iteration"), col("test_error"));
+    r.records()
+        .map(|rec| rec.expect("row"))
+        .filter(|rec| !rec[err].is_empty())
+        .map(|rec| (rec[it].parse().unwrap(), rec[err].parse().unwrap()))
+        .collect()
+}
+
+/// `mpirun -np 2 enkf-dnn train` (the binary built with `--features mpi`) against the
+/// same run in one process: the mean weights within the bound of
+/// `tests/sharded_train.rs` for the sequential rule (5e-4 of the largest weight: only
+/// the order of sums differs), the same test errors to one image in 200; rank 0 wrote
+/// the outputs and the manifest, each rank its shard.
+#[test]
+fn mpirun_train_matches_one_process() {
+    let dir = common::tmpdir("mpi-train");
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).expect("dir");
+    let exe = env!("CARGO_BIN_EXE_enkf-dnn");
+    let one = Command::new(exe)
+        .args(train_args(&dir.join("one")))
+        .output()
+        .expect("one process");
+    assert!(
+        one.status.success(),
+        "{}",
+        String::from_utf8_lossy(&one.stderr)
+    );
+    let two = Command::new("mpirun")
+        .args(["--oversubscribe", "--allow-run-as-root", "-np", "2"])
+        .args(["--mca", "btl", "self,vader"])
+        .args(["--mca", "btl_vader_single_copy_mechanism", "none"])
+        .arg(exe)
+        .args(train_args(&dir.join("two")))
+        .output();
+    let two = match two {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            assert!(
+                std::env::var("REQUIRE_MPI").as_deref() != Ok("1"),
+                "REQUIRE_MPI=1 but mpirun is not installed"
+            );
+            println!("skipped: mpirun not found");
+            return;
+        }
+        other => other.expect("mpirun"),
+    };
+    assert!(
+        two.status.success(),
+        "{}",
+        String::from_utf8_lossy(&two.stderr)
+    );
+    let read_mean = |d: &str| {
+        enkf_dnn::io::npy::read(&dir.join(d).join("mean.npy"))
+            .expect("mean")
+            .data
+    };
+    let (want, got) = (read_mean("one"), read_mean("two"));
+    let scale = want.iter().fold(0.0f64, |m, v| m.max(v.abs()));
+    let worst = want
+        .iter()
+        .zip(&got)
+        .fold(0.0f64, |m, (a, b)| m.max((a - b).abs()));
+    assert!(
+        worst <= 5e-4 * scale,
+        "mean weights differ by {worst} (scale {scale})"
+    );
+    let (a, b) = (test_errors(&dir.join("one")), test_errors(&dir.join("two")));
+    assert_eq!(a.len(), 3);
+    for ((ia, ea), (ib, eb)) in a.iter().zip(&b) {
+        assert_eq!(ia, ib);
+        assert!(
+            (ea - eb).abs() <= 0.5 + 1e-9,
+            "iteration {ia}: {ea} vs {eb}"
+        );
+    }
+    let two_dir = dir.join("two");
+    for r in 0..2 {
+        let shard = enkf_dnn::train::checkpoint::shard_file_name(r, 2, 20);
+        assert!(two_dir.join(&shard).is_file(), "{shard}");
+    }
+    let (state, _) =
+        enkf_dnn::train::checkpoint::read(&two_dir.join("checkpoint.bin")).expect("manifest");
+    assert_eq!(state.shards.map(|s| s.len()), Some(2));
+    let _ = std::fs::remove_dir_all(&dir);
+}
