@@ -150,6 +150,8 @@ pub struct TrainSummary {
     pub iterations: usize,
     /// Classes or real targets: how the test columns read.
     pub task: crate::data::Task,
+    /// This process's rank in a run sharded over ranks (0 otherwise); rank 0 reports.
+    pub rank: usize,
 }
 
 struct TrainJob<'a> {
@@ -188,7 +190,11 @@ impl BackendJob for TrainJob<'_> {
             rows: trainer.rows(),
             adaptive_log: trainer.adaptive_log(),
         };
-        let mut out = RunOutput::create(cfg, start, self.data, &backend.name(), desc)?;
+        let desc = match comm.size() {
+            1 => desc.to_string(),
+            n => format!("{desc}, sharded over {n} ranks"),
+        };
+        let mut out = RunOutput::create(cfg, start, self.data, &backend.name(), &desc)?;
         if let Some(dir) = &cfg.out {
             let writer = match self.resume {
                 Some(_) => StatsWriter::append(dir, cfg.hist_every)?,
@@ -345,6 +351,7 @@ fn train_in_world(
         times,
         iterations,
         task: data.task,
+        rank: comm.rank(),
     })
 }
 
@@ -499,6 +506,7 @@ fn run_gradient<B: Backend>(
         times,
         iterations,
         task: data.task,
+        rank: 0,
     })
 }
 

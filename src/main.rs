@@ -114,6 +114,10 @@ fn run() -> anyhow::Result<()> {
             };
             let summary =
                 app::train_command(&cfg, resume.as_deref(), existing).context("training")?;
+            if summary.rank != 0 {
+                // The other ranks of a sharded run: rank 0 reports.
+                return Ok(());
+            }
             let last = summary.rows.iter().rev().find(|r| r.test_error.is_some());
             if let Some(r) = last {
                 enkf_dnn::outln!(

@@ -35,6 +35,9 @@ use std::path::Path;
 
 const J: usize = 48;
 
+/// One rank's result: (mean weights, metrics rows), or the error's text.
+type RankResult = Result<(Vec<f32>, Vec<MetricsRow>), String>;
+
 fn config(iterations: usize, rule: UpdateRule) -> TrainConfig {
     let mut cfg = PartialConfig {
         members: Some(J),
@@ -65,7 +68,7 @@ fn on_ranks(
     cfg: &TrainConfig,
     data: &DataSplit,
     resume: Option<&Path>,
-) -> Vec<Result<(Vec<f32>, Vec<MetricsRow>), String>> {
+) -> Vec<RankResult> {
     let group = ThreadGroup::new(ranks).expect("group");
     std::thread::scope(|s| {
         let handles: Vec<_> = group

@@ -24,8 +24,8 @@
 //! result is bit for bit that of [`super::EnkfWorkspace`] with
 //! [`super::ApplyOrder::Params`].
 //!
-//! Not sharded yet (the trainer and MPI come next): the transform and Tikhonov updates,
-//! the data-misfit controller, inflation and Nesterov.
+//! The trainer on ranks is `crate::train::ranks`. Not sharded yet: the transform and
+//! Tikhonov updates, the data-misfit controller, inflation and Nesterov.
 
 use super::UpdateRule;
 use crate::backend::{check_len, Backend, Trans};
