@@ -53,36 +53,48 @@ fn rank() {
     }
 }
 
-/// Runs `ranks` MPI processes of this test executable's `rank` test; returns each
-/// rule's joined rows, or None when mpirun is missing.
-fn run_ranks(ranks: usize, dir: &Path) -> Option<Vec<(String, Vec<f32>)>> {
-    let _ = std::fs::remove_dir_all(dir);
-    std::fs::create_dir_all(dir).expect("dir");
-    let exe = std::env::current_exe().expect("test executable");
-    let out = Command::new("mpirun")
-        .args([
-            "--oversubscribe",
-            "--allow-run-as-root",
-            "-np",
-            &ranks.to_string(),
-        ])
-        .args(["--mca", "btl", "self,vader"])
-        .args(["--mca", "btl_vader_single_copy_mechanism", "none"])
-        .arg(&exe)
-        .args(["--exact", "rank", "--ignored", "--test-threads", "1"])
-        .env(OUT_VAR, dir)
-        .output();
-    let out = match out {
+/// `mpirun -np ranks ARGS…` over shared memory (with `OUT_VAR` = `out` when given), or
+/// None when mpirun is not installed (an error under `REQUIRE_MPI=1`).
+fn mpirun(
+    ranks: usize,
+    args: &[std::ffi::OsString],
+    out: Option<&Path>,
+) -> Option<std::process::Output> {
+    let mut c = Command::new("mpirun");
+    c.args([
+        "--oversubscribe",
+        "--allow-run-as-root",
+        "-np",
+        &ranks.to_string(),
+    ])
+    .args(["--mca", "btl", "self,vader"])
+    .args(["--mca", "btl_vader_single_copy_mechanism", "none"])
+    .args(args);
+    if let Some(dir) = out {
+        c.env(OUT_VAR, dir);
+    }
+    match c.output() {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
             assert!(
                 std::env::var("REQUIRE_MPI").as_deref() != Ok("1"),
                 "REQUIRE_MPI=1 but mpirun is not installed"
             );
             println!("skipped: mpirun not found");
-            return None;
+            None
         }
-        other => other.expect("mpirun"),
-    };
+        other => Some(other.expect("mpirun")),
+    }
+}
+
+/// Runs `ranks` MPI processes of this test executable's `rank` test; returns each
+/// rule's joined rows, or None when mpirun is missing.
+fn run_ranks(ranks: usize, dir: &Path) -> Option<Vec<(String, Vec<f32>)>> {
+    let _ = std::fs::remove_dir_all(dir);
+    std::fs::create_dir_all(dir).expect("dir");
+    let exe = std::env::current_exe().expect("test executable");
+    let mut args: Vec<std::ffi::OsString> = vec![exe.into()];
+    args.extend(["--exact", "rank", "--ignored", "--test-threads", "1"].map(Into::into));
+    let out = mpirun(ranks, &args, Some(dir))?;
     assert!(
         out.status.success(),
         "mpirun -np {ranks}: {}\n{}",
@@ -187,23 +199,10 @@ fn mpirun_train_matches_one_process() {
         "{}",
         String::from_utf8_lossy(&one.stderr)
     );
-    let two = Command::new("mpirun")
-        .args(["--oversubscribe", "--allow-run-as-root", "-np", "2"])
-        .args(["--mca", "btl", "self,vader"])
-        .args(["--mca", "btl_vader_single_copy_mechanism", "none"])
-        .arg(exe)
-        .args(train_args(&dir.join("two")))
-        .output();
-    let two = match two {
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            assert!(
-                std::env::var("REQUIRE_MPI").as_deref() != Ok("1"),
-                "REQUIRE_MPI=1 but mpirun is not installed"
-            );
-            println!("skipped: mpirun not found");
-            return;
-        }
-        other => other.expect("mpirun"),
+    let mut args: Vec<std::ffi::OsString> = vec![exe.into()];
+    args.extend(train_args(&dir.join("two")));
+    let Some(two) = mpirun(2, &args, None) else {
+        return;
     };
     assert!(
         two.status.success(),
