@@ -28,8 +28,9 @@ impl<B: Backend> Trainer<'_, B> {
             .inflation_schedule
             .factor(self.t, self.cfg.inflation_horizon.unwrap_or(1));
         if self.cfg.inflation != 1.0 && f > 0.0 {
-            // Prior inflation: the spread about the mean grows by λ before the forward pass.
-            be.row_mean(&self.u, self.members, self.params, &mut self.weights)?;
+            // Prior inflation: the spread about the mean grows by λ before the forward pass
+            // (the mean over every rank's members on a sharded run).
+            self.mean_weights()?;
             let lambda = if f == 1.0 {
                 self.cfg.inflation
             } else {

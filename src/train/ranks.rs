@@ -24,7 +24,8 @@
 //!
 //! Not sharded yet (refused by [`check_config`] with the setting named): Algorithm 1
 //! (`adaptation = adaptive`), failed-member resampling, the transform and Tikhonov
-//! updates, the data-misfit step, perturbed observations, inflation, Nesterov momentum,
+//! updates, the data-misfit step, perturbed observations, additive inflation (its noise
+//! is drawn by row of the local ensemble), Nesterov momentum,
 //! `eval = last / ensemble` and `--save-ensemble`.
 
 use super::checkpoint::{self, ShardEntry};
@@ -91,9 +92,6 @@ pub fn check_config(cfg: &TrainConfig, ranks: usize) -> Result<()> {
     }
     if cfg.additive_inflation > 0.0 {
         return refuse(&format!("additive_inflation = {}", cfg.additive_inflation));
-    }
-    if cfg.inflation != 1.0 {
-        return refuse(&format!("inflation = {}", cfg.inflation));
     }
     if cfg.accelerator != Accelerator::None {
         return refuse("accelerator = nesterov");
