@@ -65,6 +65,7 @@
 //! rows (parameter-space order; the member-space S = XAᵀ would need every rank's A).
 
 pub mod dist;
+pub mod dist_resize;
 mod reference;
 pub mod resize;
 mod tikhonov;

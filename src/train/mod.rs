@@ -780,34 +780,14 @@ impl<'a, B: Backend> Trainer<'a, B> {
             kappa: self.cfg.adapt_kappa,
             epsilon: self.cfg.adapt_epsilon,
         };
-        let (j, r) = rule.decide(self.members, self.repetitions, previous, current);
+        let now = self.members();
+        let (j, r) = rule.decide(now, self.repetitions, previous, current);
         self.adapt_prev = Some(current);
-        if (j, r) == (self.members, self.repetitions) {
+        if (j, r) == (now, self.repetitions) {
             return Ok(());
         }
-        let be = self.backend;
-        if j < self.members {
-            let (u, _) = resize::drop_members(
-                be,
-                &self.u,
-                self.members,
-                self.params,
-                self.members - j,
-                &mut self.adapt_rng,
-            )?;
-            self.u = u;
-        } else if j > self.members {
-            self.u = resize::add_members(
-                be,
-                &self.u,
-                self.members,
-                self.params,
-                j - self.members,
-                &mut self.adapt_rng,
-            )?;
-        }
-        if j != self.members {
-            self.members = j;
+        if j != now {
+            self.resize_to(j)?;
             self.workspaces.clear();
             self.loaded = None;
         }
@@ -828,6 +808,63 @@ impl<'a, B: Backend> Trainer<'a, B> {
         self.adaptive_log.push(row);
         self.times.other += t0.elapsed().as_secs_f64();
         Ok(())
+    }
+
+    /// Drops or adds members (Algorithm 1's draws from `adapt_rng`) to reach `j` in all;
+    /// on ranks the shards are rebalanced to the new J ([`crate::enkf::dist_resize`]).
+    fn resize_to(&mut self, j: usize) -> Result<()> {
+        let be = self.backend;
+        let now = self.members();
+        let rng = &mut self.adapt_rng;
+        if let Some(r) = self.ranks {
+            use crate::enkf::dist_resize;
+            let (u, shard) = if j < now {
+                dist_resize::drop_members(be, r.comm, &self.u, r.shard, self.params, now - j, rng)?
+            } else {
+                dist_resize::add_members(be, r.comm, &self.u, r.shard, self.params, j - now, rng)?
+            };
+            self.u = u;
+            self.members = shard.count;
+            self.ranks = Some(ranks::Ranks { shard, ..r });
+            return Ok(());
+        }
+        self.u = if j < now {
+            resize::drop_members(be, &self.u, now, self.params, now - j, rng)?.0
+        } else {
+            resize::add_members(be, &self.u, now, self.params, j - now, rng)?
+        };
+        self.members = j;
+        Ok(())
+    }
+
+    /// Redraws the members `failed` (global indices, ascending) from the Gaussian of the
+    /// others (`resample_rng`).
+    fn resample(&mut self, failed: &[usize]) -> Result<()> {
+        let be = self.backend;
+        let rng = &mut self.resample_rng;
+        match self.ranks {
+            None => {
+                resize::resample_members(be, &mut self.u, self.members, self.params, failed, rng)
+            }
+            Some(r) => crate::enkf::dist_resize::resample_members(
+                be,
+                r.comm,
+                &mut self.u,
+                r.shard,
+                self.params,
+                failed,
+                rng,
+            ),
+        }
+    }
+
+    /// The failed rows of this process, as global indices: on ranks every rank's
+    /// (one sum), so every rank takes the same decision.
+    fn agree_rows(&self, local: Vec<usize>) -> Result<Vec<usize>> {
+        match self.ranks {
+            None => Ok(local),
+            Some(r) => crate::enkf::dist_resize::global_rows(r.comm, r.shard, &local),
+        }
     }
 
     /// Under `--pairing authors`, on the first repetition of every mini-batch after the
@@ -884,36 +921,17 @@ impl<'a, B: Backend> Trainer<'a, B> {
             let s = &mut self.workspaces[slot];
             resize::nonfinite_rows(be, &s.g, self.members, cols, &s.ones, &mut s.row_sums)?
         };
-        if let Some(r) = self.ranks {
-            // Every rank learns of a failure anywhere (resampling is refused for sharded
-            // runs by `ranks::check_config`), so none waits in the update's collectives.
-            let mut count = [failed.len() as f64];
-            r.comm.allreduce_sum_f64(&mut count)?;
-            if count[0] > 0.0 {
-                return Err(Error::MembersFailed {
-                    iteration: self.t + 1,
-                    failed: count[0] as usize,
-                    members: r.shard.members,
-                });
-            }
-        }
+        // On ranks: every rank's failures, so that all take the same decision.
+        let failed = self.agree_rows(failed)?;
         if !failed.is_empty() {
             if self.cfg.on_failure == FailurePolicy::Error {
                 return Err(Error::MembersFailed {
                     iteration: self.t + 1,
                     failed: failed.len(),
-                    members: self.members,
+                    members: self.members(),
                 });
             }
-            resize::resample_members(
-                be,
-                &mut self.u,
-                self.members,
-                self.params,
-                &failed,
-                &mut self.resample_rng,
-            )
-            .map_err(|e| match e {
+            self.resample(&failed).map_err(|e| match e {
                 Error::TooFewToResample {
                     failed, members, ..
                 } => Error::TooFewToResample {
@@ -933,11 +951,12 @@ impl<'a, B: Backend> Trainer<'a, B> {
             be.ensemble_forward(&self.net, &self.u, self.members, x, s.batch, &mut s.g)?;
             let still =
                 resize::nonfinite_rows(be, &s.g, self.members, cols, &s.ones, &mut s.row_sums)?;
+            let still = self.agree_rows(still)?;
             if !still.is_empty() {
                 return Err(Error::MembersFailed {
                     iteration: self.t + 1,
                     failed: still.len(),
-                    members: self.members,
+                    members: self.members(),
                 });
             }
             // Fresh members have no history: the momentum restarts from here.

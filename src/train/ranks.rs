@@ -10,9 +10,11 @@
 //! every rank evaluates, so the metrics rows are the same on every rank, and rank 0
 //! writes them.
 //!
-//! A failed member anywhere stops every rank (the count is summed before the update);
-//! a stop signal on any rank is summed the same way after each iteration, so every rank
-//! checkpoints at the same iteration and stops.
+//! Failed members are found by every rank (their flags summed before the update) and
+//! redrawn, or stop the run, on every rank alike; Algorithm 1's dropped and added
+//! members are the one-process run's, with the shards rebalanced to the new J
+//! ([`crate::enkf::dist_resize`]). A stop signal on any rank is summed the same way after
+//! each iteration, so every rank checkpoints at the same iteration and stops.
 //!
 //! Checkpoints: every rank writes its rows to its own shard file (temp + fsync +
 //! rename, named by rank, rank count and iteration), the ranks sum the files' CRCs, and
@@ -22,14 +24,13 @@
 //! same rank count; a missing shard, or one whose CRC or rows do not match the manifest,
 //! is an error naming the file.
 //!
-//! Not sharded yet (refused by [`check_config`] with the setting named): Algorithm 1
-//! (`adaptation = adaptive`), failed-member resampling, the transform and Tikhonov
+//! Not sharded yet (refused by [`check_config`] with the setting named): the transform and Tikhonov
 //! updates, the data-misfit step, perturbed observations, additive inflation (its noise
 //! is drawn by row of the local ensemble), Nesterov momentum,
 //! `eval = last / ensemble` and `--save-ensemble`.
 
 use super::checkpoint::{self, ShardEntry};
-use super::config::{Accelerator, Adaptation, FailurePolicy, Observations, StepControl};
+use super::config::{Accelerator, Observations, StepControl};
 use super::{rng, EvalMode, TrainConfig, Trainer, STREAM_INIT};
 use crate::backend::Backend;
 use crate::data::DataSplit;
@@ -67,12 +68,6 @@ pub fn check_config(cfg: &TrainConfig, ranks: usize) -> Result<()> {
             "members = {} cannot be shared by {ranks} ranks: every rank needs at least one",
             cfg.members
         )));
-    }
-    if cfg.adaptation == Adaptation::Adaptive {
-        return refuse("adaptation = adaptive (Algorithm 1)");
-    }
-    if cfg.on_failure == FailurePolicy::Resample {
-        return refuse("on_failure = resample");
     }
     match cfg.update {
         UpdateRule::Transform => return refuse("update = transform"),
