@@ -372,3 +372,55 @@ fn algorithm_1_changes_j_alike_on_ranks() {
         }
     }
 }
+
+/// `eval = mean, last, ensemble` on 2 and 3 ranks: the last member (on the last rank)
+/// and the ensemble's averaged predictions (each rank's members) score as in one
+/// process, to one image in 200 and 1 % of the cross-entropy.
+#[test]
+fn every_evaluation_mode_scores_alike_on_ranks() {
+    use enkf_dnn::train::EvalMode;
+    let data = limited(640, 200);
+    let mut cfg = config(10, UpdateRule::Sequential);
+    cfg.eval = vec![EvalMode::Mean, EvalMode::Last, EvalMode::Ensemble];
+    let (_, want) = one_process(&cfg, &data);
+    let scores = |rows: &[MetricsRow]| -> Vec<[f64; 6]> {
+        rows.iter()
+            .filter(|r| r.test_error.is_some())
+            .map(|r| {
+                [
+                    r.test_error_mean,
+                    r.test_error_last,
+                    r.test_error_ensemble,
+                    r.test_loss_mean,
+                    r.test_loss_last,
+                    r.test_loss_ensemble,
+                ]
+                .map(|v| v.expect("every mode scored"))
+            })
+            .collect()
+    };
+    let want = scores(&want);
+    assert_eq!(want.len(), 2);
+    assert!(
+        want[1][1] != want[1][0] || want[1][2] != want[1][0],
+        "modes differ: {want:?}"
+    );
+    for ranks in [2, 3] {
+        for (r, (_, rows)) in ok_ranks(ranks, &cfg, &data, None).iter().enumerate() {
+            for (a, b) in scores(rows).iter().zip(&want) {
+                // Errors to one image; cross-entropies to 1 % (a sum over members
+                // divided by the wrong J would shift the ensemble's by ln 2).
+                for k in 0..3 {
+                    assert!(
+                        (a[k] - b[k]).abs() <= 0.5 + 1e-9,
+                        "{ranks} ranks, rank {r}: {a:?} vs {b:?}"
+                    );
+                    assert!(
+                        (a[k + 3] - b[k + 3]).abs() <= 1e-2 * b[k + 3],
+                        "{ranks} ranks, rank {r}: {a:?} vs {b:?}"
+                    );
+                }
+            }
+        }
+    }
+}

@@ -493,6 +493,25 @@ impl<'a, B: Backend> Trainer<'a, B> {
         self.backend.download_f32(&self.weights)
     }
 
+    /// The last member's weights into `self.weights` (`eval = last`); on ranks the last
+    /// rank's row, summed with the others' zeros (a collective).
+    fn last_member_weights(&mut self) -> Result<()> {
+        let be = self.backend;
+        let p = self.params;
+        match self.ranks {
+            None => be.copy_rows_f32(&self.u, self.members - 1, &mut self.weights, 0, 1, p),
+            Some(r) => {
+                let mut row = vec![0.0f32; p];
+                if r.comm.rank() + 1 == r.comm.size() {
+                    be.copy_rows_f32(&self.u, self.members - 1, &mut self.weights, 0, 1, p)?;
+                    row = be.download_f32(&self.weights)?;
+                }
+                r.comm.allreduce_sum_f32(&mut row)?;
+                be.write_f32(&row, &mut self.weights)
+            }
+        }
+    }
+
     /// The ensemble mean into `self.weights`: over this process's members, or over every
     /// rank's (a collective).
     fn mean_weights(&mut self) -> Result<()> {
@@ -1105,14 +1124,7 @@ impl<'a, B: Backend> Trainer<'a, B> {
                 if mode == EvalMode::Mean {
                     self.mean_weights()?;
                 } else {
-                    be.copy_rows_f32(
-                        &self.u,
-                        self.members - 1,
-                        &mut self.weights,
-                        0,
-                        1,
-                        self.params,
-                    )?;
+                    self.last_member_weights()?;
                 }
                 be.ensemble_forward(
                     &self.net,
@@ -1152,8 +1164,13 @@ impl<'a, B: Backend> Trainer<'a, B> {
                     }
                     lo = hi;
                 }
+                if let Some(r) = self.ranks {
+                    // Every rank's members' predictions.
+                    r.comm.allreduce_sum_f64(&mut acc)?;
+                }
+                let members = self.members() as f64;
                 for p in &mut acc {
-                    *p /= self.members as f64;
+                    *p /= members;
                 }
                 if let Task::Classify { .. } = self.task {
                     let (loss, correct) = metrics::score_probabilities(&acc, &self.test.labels);

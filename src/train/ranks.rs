@@ -6,7 +6,9 @@
 //! [`Comm`]). Member j's initial weights depend only on (seed, j)
 //! ([`crate::enkf::dist::init_shard`]), so runs on 1, 2 or 3 ranks start from the same
 //! ensemble and differ only by the order of floating-point sums. The ensemble mean
-//! (mini-batch scores, test evaluation, `mean.npy`) is one more sum over the ranks;
+//! (mini-batch scores, test evaluation, `mean.npy`) is one more sum over the ranks, as
+//! are `eval = last` (the last rank's last row) and `eval = ensemble` (each rank's
+//! members' averaged predictions);
 //! every rank evaluates, so the metrics rows are the same on every rank, and rank 0
 //! writes them.
 //!
@@ -26,12 +28,12 @@
 //!
 //! Not sharded yet (refused by [`check_config`] with the setting named): the transform and Tikhonov
 //! updates, the data-misfit step, perturbed observations, additive inflation (its noise
-//! is drawn by row of the local ensemble), Nesterov momentum,
-//! `eval = last / ensemble` and `--save-ensemble`.
+//! is drawn by row of the local ensemble), Nesterov momentum and `--save-ensemble` /
+//! `--init-ensemble`.
 
 use super::checkpoint::{self, ShardEntry};
 use super::config::{Accelerator, Observations, StepControl};
-use super::{rng, EvalMode, TrainConfig, Trainer, STREAM_INIT};
+use super::{rng, TrainConfig, Trainer, STREAM_INIT};
 use crate::backend::Backend;
 use crate::data::DataSplit;
 use crate::dist::{Comm, Shard};
@@ -90,9 +92,6 @@ pub fn check_config(cfg: &TrainConfig, ranks: usize) -> Result<()> {
     }
     if cfg.accelerator != Accelerator::None {
         return refuse("accelerator = nesterov");
-    }
-    if let Some(mode) = cfg.eval.iter().find(|m| **m != EvalMode::Mean) {
-        return refuse(&format!("eval = {mode:?}").to_lowercase());
     }
     if cfg.save_ensemble.is_some() {
         return refuse("--save-ensemble");
