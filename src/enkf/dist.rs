@@ -115,10 +115,34 @@ impl<B: Backend> ShardedWorkspace<B> {
         g: &B::F32,
         y: &B::F32,
     ) -> Result<()> {
+        self.update_perturbed(backend, comm, rule, gamma, (u, g, y), None)
+    }
+
+    /// As [`ShardedWorkspace::update`], with the stochastic EnKF's observation
+    /// perturbations of this rank's members (`noise`: J_r × m, the rows
+    /// `shard.range()` of the one-process run's J × m) added to the innovations after the
+    /// global centring, as the one-process `solve` adds them.
+    ///
+    /// Errors: as [`ShardedWorkspace::update`]; [`Error::Shape`] for `noise`.
+    pub fn update_perturbed(
+        &mut self,
+        backend: &B,
+        comm: &dyn Comm,
+        rule: UpdateRule,
+        gamma: f64,
+        (u, g, y): (&mut B::F32, &B::F32, &B::F32),
+        noise: Option<&[f64]>,
+    ) -> Result<()> {
         let (jr, p, m) = (self.shard.count, self.params, self.batch * self.outputs);
         // Every rank checks its inputs, then the ranks agree: one failing rank must not
         // leave the others waiting in a collective.
-        let checked = self.check(backend, comm, rule, gamma, (u, g, y));
+        let checked = self
+            .check(backend, comm, rule, gamma, (u, g, y))
+            .and_then(|()| {
+                noise.map_or(Ok(()), |eta| {
+                    check_len("sharded EnKF observation perturbations", eta.len(), jr * m)
+                })
+            });
         agree(comm, checked)?;
         let inv_j = 1.0 / self.shard.members as f64;
         // Local centring and innovations, then the global mean innovation.
@@ -159,6 +183,9 @@ impl<B: Backend> ShardedWorkspace<B> {
                 1.0,
                 &mut self.a64,
             )?;
+        }
+        if let Some(eta) = noise {
+            backend.add_host_f64(eta, &mut self.x64)?;
         }
         // C = Σ_r A_rᵀA_r / J + γI, and the sequential rule's L summed the same way (the
         // transform rule was refused by `check`).

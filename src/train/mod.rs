@@ -992,8 +992,18 @@ impl<'a, B: Backend> Trainer<'a, B> {
         let ws = match (&mut s.ws, self.ranks) {
             (SlotWorkspace::One(ws), _) => ws,
             (SlotWorkspace::Ranks(ws), Some(r)) => {
-                // Only the fixed-step update is sharded (`ranks::check_config`).
-                ws.update(be, r.comm, rule, gamma, &mut self.u, &s.g, &s.y)?;
+                // Only the fixed-step update is sharded (`ranks::check_config`). The
+                // perturbations are the one-process run's rows of this rank's members.
+                let m = s.batch * self.outputs;
+                let noise = match self.cfg.observations {
+                    Observations::Exact => None,
+                    Observations::Perturbed => {
+                        let all = perturbations(self.cfg.seed, self.t, r.shard.members * m, gamma);
+                        Some(all[r.shard.first * m..r.shard.range().end * m].to_vec())
+                    }
+                };
+                let bufs = (&mut self.u, &s.g, &s.y);
+                ws.update_perturbed(be, r.comm, rule, gamma, bufs, noise.as_deref())?;
                 self.last_dt = self.cfg.dt;
                 be.synchronize()?;
                 self.times.update += t2.elapsed().as_secs_f64();

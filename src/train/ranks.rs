@@ -27,12 +27,12 @@
 //! is an error naming the file.
 //!
 //! Not sharded yet (refused by [`check_config`] with the setting named): the transform and Tikhonov
-//! updates, the data-misfit step, perturbed observations, additive inflation (its noise
+//! updates, the data-misfit step, additive inflation (its noise
 //! is drawn by row of the local ensemble), Nesterov momentum and `--save-ensemble` /
 //! `--init-ensemble`.
 
 use super::checkpoint::{self, ShardEntry};
-use super::config::{Accelerator, Observations, StepControl};
+use super::config::{Accelerator, StepControl};
 use super::{rng, TrainConfig, Trainer, STREAM_INIT};
 use crate::backend::Backend;
 use crate::data::DataSplit;
@@ -83,9 +83,6 @@ pub fn check_config(cfg: &TrainConfig, ranks: usize) -> Result<()> {
     }
     if cfg.dt != 1.0 {
         return refuse(&format!("dt = {}", cfg.dt));
-    }
-    if cfg.observations != Observations::Exact {
-        return refuse("observations = perturbed");
     }
     if cfg.additive_inflation > 0.0 {
         return refuse(&format!("additive_inflation = {}", cfg.additive_inflation));
