@@ -132,6 +132,12 @@ fn one_two_and_three_ranks_agree_over_20_iterations() {
     let mut cfg = config(20, UpdateRule::Sequential);
     cfg.inflation = 1.05;
     check_ranks_agree(&cfg, &data, 5e-3);
+    // Nesterov momentum acts on each member's own rows. It amplifies the order-of-sums
+    // differences fast (the same trajectory to 1e-5 for 6 iterations, 0.34 apart after
+    // 20), so it is held to 8 iterations (measured 6.0e-5 on 1–3 ranks).
+    let mut cfg = config(8, UpdateRule::Sequential);
+    cfg.accelerator = enkf_dnn::train::Accelerator::Nesterov;
+    check_ranks_agree(&cfg, &data, 5e-4);
     // The stochastic EnKF: each rank adds its members' rows of the perturbations.
     let mut cfg = config(20, UpdateRule::Sequential);
     cfg.observations = enkf_dnn::train::Observations::Perturbed;
@@ -162,7 +168,8 @@ fn check_ranks_agree(cfg: &TrainConfig, data: &DataSplit, bound: f32) {
                 "global J in every row"
             );
             let (a, b) = (test_errors(rows), test_errors(&want_rows));
-            assert_eq!(a.len(), 3);
+            assert_eq!(a.len(), b.len());
+            assert!(a.len() >= 2);
             for ((ia, ea), (ib, eb)) in a.iter().zip(&b) {
                 assert_eq!(ia, ib);
                 assert!(
@@ -429,4 +436,25 @@ fn every_evaluation_mode_scores_alike_on_ranks() {
             }
         }
     }
+}
+
+/// Nesterov momentum on 2 ranks stopped at a checkpoint and resumed: its previous
+/// ensemble travels in the shard files (a second block), so the result is bit for bit
+/// the uninterrupted run.
+#[test]
+fn a_sharded_checkpoint_keeps_the_momentum() {
+    let data = limited(640, 200);
+    let dir = tmpdir("sharded-nesterov");
+    let mut first = config(10, UpdateRule::Sequential);
+    first.accelerator = enkf_dnn::train::Accelerator::Nesterov;
+    first.out = Some(dir.clone());
+    first.checkpoint_every = Some(10);
+    ok_ranks(2, &first, &data, None);
+    let mut second = first.clone();
+    second.iterations = Some(20);
+    let resumed = ok_ranks(2, &second, &data, Some(&checkpoint::path_in(&dir)));
+    let mut whole = second.clone();
+    (whole.out, whole.checkpoint_every) = (None, None);
+    let want = ok_ranks(2, &whole, &data, None);
+    assert_eq!(resumed[0].0, want[0].0, "resumed mean = uninterrupted mean");
 }

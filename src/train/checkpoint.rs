@@ -120,29 +120,30 @@ pub fn shard_file_name(rank: usize, ranks: usize, t: usize) -> String {
 }
 
 /// Writes one rank's members atomically (temp + fsync + rename): the magic `ENKFSHD1`,
-/// first member, count and params (u64 LE each), the rows (f32 LE), and a CRC-32 of
-/// everything before it; returns that CRC for the manifest.
+/// first member, count, params and blocks (u64 LE each), the rows (blocks × count ×
+/// params f32 LE: the members, then under Nesterov momentum their previous rows, as
+/// [`CheckpointState::blocks`]), and a CRC-32 of everything before it; returns that CRC
+/// for the manifest.
 ///
-/// Errors: [`Error::Checkpoint`] when `rows` is not count × params; [`Error::Io`].
+/// Errors: [`Error::Checkpoint`] when `rows` is not blocks × count × params; [`Error::Io`].
 pub fn write_shard(
     path: &Path,
     first: usize,
-    count: usize,
-    params: usize,
+    (count, params, blocks): (usize, usize, usize),
     rows: &[f32],
 ) -> Result<u32> {
-    if rows.len() != count * params {
+    if rows.len() != blocks * count * params {
         return Err(Error::Checkpoint {
             path: path.into(),
             msg: format!(
-                "shard has {} values, expected {count} × {params}",
+                "shard has {} values, expected {blocks} × {count} × {params}",
                 rows.len()
             ),
         });
     }
-    let mut buf = Vec::with_capacity(36 + 4 * rows.len());
+    let mut buf = Vec::with_capacity(44 + 4 * rows.len());
     buf.extend_from_slice(SHARD_MAGIC);
-    for v in [first, count, params] {
+    for v in [first, count, params, blocks] {
         buf.extend_from_slice(&(v as u64).to_le_bytes());
     }
     for v in rows {
@@ -157,11 +158,16 @@ pub fn write_shard(
 }
 
 /// Reads the shard `entry` of a manifest from `dir` and checks it against the entry
-/// (CRC, first member, count) and `params`; returns its rows.
+/// (CRC, first member, count), `params` and `blocks`; returns its rows.
 ///
 /// Errors: [`Error::Checkpoint`] naming the shard file when it is missing, corrupt or
 /// does not match the manifest.
-pub fn read_shard(dir: &Path, entry: &ShardEntry, params: usize) -> Result<Vec<f32>> {
+pub fn read_shard(
+    dir: &Path,
+    entry: &ShardEntry,
+    params: usize,
+    blocks: usize,
+) -> Result<Vec<f32>> {
     let path = dir.join(&entry.file);
     let bad = |msg: String| Error::Checkpoint {
         path: path.clone(),
@@ -173,7 +179,7 @@ pub fn read_shard(dir: &Path, entry: &ShardEntry, params: usize) -> Result<Vec<f
              must be in the folder"
         ))
     })?;
-    if buf.len() < 36 || &buf[..8] != SHARD_MAGIC {
+    if buf.len() < 44 || &buf[..8] != SHARD_MAGIC {
         return Err(bad(
             "not an enkf-dnn checkpoint shard (magic ENKFSHD1 missing)".into(),
         ));
@@ -195,19 +201,20 @@ pub fn read_shard(dir: &Path, entry: &ShardEntry, params: usize) -> Result<Vec<f
         b.copy_from_slice(&buf[8 + 8 * i..16 + 8 * i]);
         u64::from_le_bytes(b)
     };
-    let (first, count, p) = (word(0), word(1), word(2));
-    if (first, count, p) != (entry.first as u64, entry.count as u64, params as u64)
-        || (body - 32) as u64 != 4 * count * p
+    let (first, count, p, b) = (word(0), word(1), word(2), word(3));
+    let want = (entry.first, entry.count, params, blocks);
+    if (first, count, p, b) != (want.0 as u64, want.1 as u64, want.2 as u64, want.3 as u64)
+        || (body - 40) as u64 != 4 * count * p * b
     {
         return Err(bad(format!(
-            "it holds members {first}.. ({count} of P = {p}, {} bytes), the manifest says \
-             {}.. ({} of P = {params})",
-            body - 32,
+            "it holds members {first}.. ({count} of P = {p}, {b} block(s), {} bytes), the \
+             manifest says {}.. ({} of P = {params}, {blocks} block(s))",
+            body - 40,
             entry.first,
             entry.count
         )));
     }
-    Ok(buf[32..body]
+    Ok(buf[40..body]
         .chunks_exact(4)
         .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
         .collect())

@@ -989,10 +989,32 @@ impl<'a, B: Backend> Trainer<'a, B> {
         let _r = crate::gpu::timing::range("update");
         let s = &mut self.workspaces[slot];
         let (rule, gamma) = (self.cfg.update, self.cfg.gamma);
-        let ws = match (&mut s.ws, self.ranks) {
-            (SlotWorkspace::One(ws), _) => ws,
+        let dt = match (&mut s.ws, self.ranks) {
+            (SlotWorkspace::One(ws), _) => {
+                ws.innovate(be, &s.g, &s.y)?;
+                let dt = match self.cfg.step {
+                    StepControl::Fixed => self.cfg.dt,
+                    StepControl::Dmc => {
+                        let phi = ws.misfits(be, gamma)?;
+                        let m = ws.innovation_len() / self.members;
+                        methods::dmc_step(&phi, m, self.algorithm_time, DMC_END)
+                    }
+                };
+                let noise = match self.cfg.observations {
+                    Observations::Exact => None,
+                    Observations::Perturbed => Some(perturbations(
+                        self.cfg.seed,
+                        self.t,
+                        ws.innovation_len(),
+                        gamma / dt,
+                    )),
+                };
+                ws.solve(be, rule, gamma, dt, noise.as_deref())?;
+                ws.apply(be, &mut self.u)?;
+                dt
+            }
             (SlotWorkspace::Ranks(ws), Some(r)) => {
-                // Only the fixed-step update is sharded (`ranks::check_config`). The
+                // Only the fixed step dt = 1 is sharded (`ranks::check_config`). The
                 // perturbations are the one-process run's rows of this rank's members.
                 let m = s.batch * self.outputs;
                 let noise = match self.cfg.observations {
@@ -1004,10 +1026,7 @@ impl<'a, B: Backend> Trainer<'a, B> {
                 };
                 let bufs = (&mut self.u, &s.g, &s.y);
                 ws.update_perturbed(be, r.comm, rule, gamma, bufs, noise.as_deref())?;
-                self.last_dt = self.cfg.dt;
-                be.synchronize()?;
-                self.times.update += t2.elapsed().as_secs_f64();
-                return Ok(());
+                self.cfg.dt
             }
             (SlotWorkspace::Ranks(_), None) => {
                 return Err(Error::Config(
@@ -1015,26 +1034,7 @@ impl<'a, B: Backend> Trainer<'a, B> {
                 ))
             }
         };
-        ws.innovate(be, &s.g, &s.y)?;
-        let dt = match self.cfg.step {
-            StepControl::Fixed => self.cfg.dt,
-            StepControl::Dmc => {
-                let phi = ws.misfits(be, gamma)?;
-                let m = ws.innovation_len() / self.members;
-                methods::dmc_step(&phi, m, self.algorithm_time, DMC_END)
-            }
-        };
-        let noise = match self.cfg.observations {
-            Observations::Exact => None,
-            Observations::Perturbed => Some(perturbations(
-                self.cfg.seed,
-                self.t,
-                ws.innovation_len(),
-                gamma / dt,
-            )),
-        };
-        ws.solve(be, rule, gamma, dt, noise.as_deref())?;
-        ws.apply(be, &mut self.u)?;
+        // Nesterov momentum acts on each member's own rows (the same on ranks).
         if let Some(m) = &mut self.momentum {
             let (theta, beta) = methods::nesterov_next(m.theta);
             be.nesterov_f32(&mut self.u, &mut m.prev, beta as f32)?;

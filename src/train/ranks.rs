@@ -26,13 +26,15 @@
 //! same rank count; a missing shard, or one whose CRC or rows do not match the manifest,
 //! is an error naming the file.
 //!
-//! Not sharded yet (refused by [`check_config`] with the setting named): the transform and Tikhonov
-//! updates, the data-misfit step, additive inflation (its noise
-//! is drawn by row of the local ensemble), Nesterov momentum and `--save-ensemble` /
-//! `--init-ensemble`.
+//! Nesterov momentum acts on each member's rows alone; its previous ensemble travels in
+//! the shard files as a second block.
+//!
+//! Not sharded yet (refused by [`check_config`] with the setting named): the transform
+//! and Tikhonov updates, the data-misfit step, additive inflation (its noise is drawn by
+//! row of the local ensemble) and `--save-ensemble` / `--init-ensemble`.
 
 use super::checkpoint::{self, ShardEntry};
-use super::config::{Accelerator, StepControl};
+use super::config::StepControl;
 use super::{rng, TrainConfig, Trainer, STREAM_INIT};
 use crate::backend::Backend;
 use crate::data::DataSplit;
@@ -86,9 +88,6 @@ pub fn check_config(cfg: &TrainConfig, ranks: usize) -> Result<()> {
     }
     if cfg.additive_inflation > 0.0 {
         return refuse(&format!("additive_inflation = {}", cfg.additive_inflation));
-    }
-    if cfg.accelerator != Accelerator::None {
-        return refuse("accelerator = nesterov");
     }
     if cfg.save_ensemble.is_some() {
         return refuse("--save-ensemble");
@@ -220,10 +219,12 @@ impl<'a, B: Backend> Trainer<'a, B> {
             )));
         }
         let dir = path.parent().unwrap_or(Path::new("."));
-        let rows = checkpoint::read_shard(dir, entry, params)?;
-        let mut t = Self::build(backend, cfg, data, &rows, shard.count)?;
+        let blocks = 1 + usize::from(state.nesterov_theta.is_some());
+        let rows = checkpoint::read_shard(dir, entry, params, blocks)?;
+        let (members, momentum) = rows.split_at(shard.count * params);
+        let mut t = Self::build(backend, cfg, data, members, shard.count)?;
         t.ranks = Some(Ranks { comm, shard });
-        t.restore(cfg, path, state, &[])
+        t.restore(cfg, path, state, momentum)
     }
 
     /// Whether any rank was asked to stop (one sum per iteration on a sharded run).
@@ -251,14 +252,14 @@ impl<'a, B: Backend> Trainer<'a, B> {
             sink.sync()?;
         }
         let name = checkpoint::shard_file_name(rank, size, self.t);
-        let written = self.backend.download_f32(&self.u).and_then(|rows| {
-            checkpoint::write_shard(
-                &dir.join(&name),
-                r.shard.first,
-                r.shard.count,
-                self.params,
-                &rows,
-            )
+        let be = self.backend;
+        let written = be.download_f32(&self.u).and_then(|mut rows| {
+            if let Some(m) = &self.momentum {
+                rows.extend(be.download_f32(&m.prev)?);
+            }
+            let blocks = 1 + usize::from(self.momentum.is_some());
+            let dims = (r.shard.count, self.params, blocks);
+            checkpoint::write_shard(&dir.join(&name), r.shard.first, dims, &rows)
         });
         // The CRCs travel as exact f64 (u32), each rank's in its own slot.
         let mut crcs = vec![0.0f64; size];
