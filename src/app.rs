@@ -180,7 +180,11 @@ impl BackendJob for TrainJob<'_> {
             // The other ranks of a sharded run compute and checkpoint their shards; rank
             // 0 writes every output.
             let rows = trainer.run(&mut ())?;
-            trainer.mean_host()?;
+            if cfg.out.is_some() {
+                // Rank 0 computes the mean for mean.npy only when it writes outputs; the
+                // others join that one collective then, and only then.
+                trainer.mean_host()?;
+            }
             return Ok((rows, trainer.times.clone()));
         }
         let start = RunStart {

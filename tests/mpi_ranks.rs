@@ -241,5 +241,16 @@ fn mpirun_train_matches_one_process() {
     let (state, _) =
         enkf_dnn::train::checkpoint::read(&two_dir.join("checkpoint.bin")).expect("manifest");
     assert_eq!(state.shards.map(|s| s.len()), Some(2));
+
+    // Without --out rank 0 computes no mean for mean.npy; the other rank must not wait
+    // for it (it did, for ever, before the fix).
+    let mut args: Vec<std::ffi::OsString> = vec![exe.into()];
+    args.extend(train_args(&dir.join("unused")).into_iter().take(17));
+    let quiet = mpirun(2, &args, None).expect("mpirun ran before");
+    assert!(
+        quiet.status.success(),
+        "{}",
+        String::from_utf8_lossy(&quiet.stderr)
+    );
     let _ = std::fs::remove_dir_all(&dir);
 }
