@@ -319,14 +319,6 @@ fn train_in_world(
         (_, _, BackendKind::Auto) if ranks > 1 => Opened::Cpu(format!(
             "cpu (a run sharded over ranks, {ranks} here, uses the CPU backend so far)"
         )),
-        // No CUDA backpropagation for layer-spec networks yet (`validate` refuses
-        // `cuda` for the gradient optimizers); their EnKF forward pass has kernels.
-        (Some(_), Optimizer::Sgd | Optimizer::Adam, BackendKind::Cpu) => {
-            Opened::Cpu("cpu (requested)".into())
-        }
-        (Some(_), Optimizer::Sgd | Optimizer::Adam, _) => {
-            Opened::Cpu("cpu (backpropagation of a layer-spec network: no CUDA kernels yet)".into())
-        }
         (_, _, kind) => open_backend(kind, cfg.math)?,
     };
     if cfg.optimizer == Optimizer::Enkf {

@@ -136,8 +136,7 @@ pub trait Backend {
     /// Backpropagation through ONE network (`weights`: P) on a mini-batch (`x`:
     /// B × inputs, `labels`: B): the mean softmax cross-entropy (PyTorch's
     /// `CrossEntropyLoss`) and the correct count; d loss / d weights overwrites `grad`
-    /// (P). Fused presets and layer-spec networks alike (the CUDA backend: presets only,
-    /// an [`Error::Config`](crate::Error::Config) for a spec).
+    /// (P). Fused presets and layer-spec networks alike.
     fn backprop(
         &self,
         net: &Net,
@@ -150,7 +149,7 @@ pub trait Backend {
 
     /// As [`Backend::backprop`] for real targets (`targets`: batch × outputs): the mean
     /// squared error and its gradient into `grad`; `correct` is 0 and no cache is kept.
-    /// The default is an error: only the CPU backend has it (for layer-spec networks).
+    /// Layer-spec networks only; the default (a backend without it) is an error.
     fn backprop_mse(
         &self,
         net: &Net,

@@ -590,10 +590,6 @@ fn net_is_a_config_key_with_errors_before_any_work() {
             r#"{"net": [{"type": "flatten"}, {"type": "linear", "out_features": 10}], "activation": "relu"}"#,
             "net and activation are both set",
         ),
-        (
-            r#"{"net": [{"type": "flatten"}, {"type": "linear", "out_features": 10}], "backend": "cuda", "optimizer": "sgd"}"#,
-            "backpropagation of layer-spec networks has no CUDA kernels yet",
-        ),
     ] {
         let msg = match resolve(json) {
             Err(e) => e.to_string(),
@@ -601,12 +597,15 @@ fn net_is_a_config_key_with_errors_before_any_work() {
         };
         assert!(msg.contains(want), "{json}: {msg}");
     }
-    // The EnKF has CUDA kernels for layer-spec networks: that configuration is valid.
-    let cuda = resolve(
-        r#"{"net": [{"type": "flatten"}, {"type": "linear", "out_features": 10}], "backend": "cuda"}"#,
-    )
-    .expect("the EnKF on CUDA with a layer spec");
-    assert!(cuda.net.is_some());
+    // The EnKF and the gradient optimizers have CUDA kernels for layer-spec networks:
+    // those configurations are valid.
+    for opt in ["enkf", "sgd", "adam"] {
+        let cuda = resolve(&format!(
+            r#"{{"net": [{{"type": "flatten"}}, {{"type": "linear", "out_features": 10}}], "backend": "cuda", "optimizer": "{opt}"}}"#
+        ))
+        .unwrap_or_else(|e| panic!("{opt} on CUDA with a layer spec: {e}"));
+        assert!(cuda.net.is_some());
+    }
     // A config.json of an earlier version held an informational object under "net".
     let old = resolve(r#"{"net": {"train_images": 60000, "test_images": 10000}, "members": 50}"#)
         .unwrap();

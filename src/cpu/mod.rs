@@ -10,6 +10,7 @@ pub mod forward;
 pub mod linalg;
 pub mod reduce;
 pub mod spec_backprop;
+pub mod spec_backprop_kernels;
 pub mod spec_forward;
 pub mod spec_kernels;
 

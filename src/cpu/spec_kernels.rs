@@ -9,7 +9,7 @@
 //! forward tolerance (the kernels use fused multiply-adds, the CPU path does not).
 
 use crate::backend::check_len;
-use crate::gpu::spec_plan::{Block, Buf, OpKind, PoolMode, SpecPlan, ACT_NONE};
+use crate::gpu::spec_plan::{Block, Buf, OpKind, PoolMode, SpecOp, SpecPlan, ACT_NONE};
 use crate::model::spec::{NetSpec, SpecActivation};
 use crate::{Error, Result};
 
@@ -245,69 +245,95 @@ pub fn run_plan(
                 Buf::Out => &mut out[b.out_range(images, n_out)],
                 Buf::Input => unreachable!("no op writes the images"),
             };
-            let w_base = b.member0 * p;
-            match op.kind {
-                OpKind::Conv {
-                    w_off,
-                    b_off,
-                    input,
-                    output,
-                    window,
-                } => spec_conv2d_f32(
-                    &src_buf,
-                    stride,
-                    weights,
-                    w_base + w_off,
-                    p,
-                    b_off.map(|b| b - w_off),
-                    dst,
-                    (mc, dc),
-                    input,
-                    output,
-                    window,
-                    op.act,
-                ),
-                OpKind::Pool {
-                    mode,
-                    channels,
-                    input,
-                    output,
-                    k,
-                } => spec_pool2d_f32(
-                    &src_buf,
-                    stride,
-                    dst,
-                    (mc * dc * channels, dc * channels),
-                    input,
-                    output,
-                    k,
-                    mode,
-                    op.act,
-                ),
-                OpKind::Linear { w_off, f, n } => linear_strided_batched_f32(
-                    &src_buf,
-                    stride,
-                    weights,
-                    w_base + w_off,
-                    p,
-                    dst,
-                    (mc, dc),
-                    (f, n),
-                ),
-                OpKind::BiasAct { b_off, len, plane } => spec_bias_act_f32(
-                    &src_buf,
-                    stride,
-                    dst,
-                    weights,
-                    w_base + b_off.unwrap_or(0),
-                    p,
-                    b_off.is_some(),
-                    (mc, dc),
-                    (len, plane),
-                    op.act,
-                ),
-            }
+            run_op(
+                op,
+                &src_buf,
+                stride,
+                weights,
+                b.member0 * p,
+                p,
+                dst,
+                (mc, dc),
+            );
         }
     }
     Ok(())
+}
+
+/// One forward op of a plan with the twins: `src` (member stride `in_mstride`, 0 for the
+/// shared images) into `dst`, `mc` members × `images` images, the block's weights at
+/// `w_base` of `weights` (member stride `p`).
+#[allow(clippy::too_many_arguments)]
+pub fn run_op(
+    op: &SpecOp,
+    src: &[f32],
+    in_mstride: usize,
+    weights: &[f32],
+    w_base: usize,
+    p: usize,
+    dst: &mut [f32],
+    (mc, dc): (usize, usize),
+) {
+    let (src_buf, stride) = (src, in_mstride);
+    match op.kind {
+        OpKind::Conv {
+            w_off,
+            b_off,
+            input,
+            output,
+            window,
+        } => spec_conv2d_f32(
+            src_buf,
+            stride,
+            weights,
+            w_base + w_off,
+            p,
+            b_off.map(|b| b - w_off),
+            dst,
+            (mc, dc),
+            input,
+            output,
+            window,
+            op.act,
+        ),
+        OpKind::Pool {
+            mode,
+            channels,
+            input,
+            output,
+            k,
+        } => spec_pool2d_f32(
+            src_buf,
+            stride,
+            dst,
+            (mc * dc * channels, dc * channels),
+            input,
+            output,
+            k,
+            mode,
+            op.act,
+        ),
+        OpKind::Linear { w_off, f, n } => linear_strided_batched_f32(
+            src_buf,
+            stride,
+            weights,
+            w_base + w_off,
+            p,
+            dst,
+            (mc, dc),
+            (f, n),
+        ),
+        OpKind::BiasAct { b_off, len, plane } => spec_bias_act_f32(
+            src_buf,
+            stride,
+            dst,
+            weights,
+            w_base + b_off.unwrap_or(0),
+            p,
+            b_off.is_some(),
+            (mc, dc),
+            (len, plane),
+            op.act,
+        ),
+    }
 }

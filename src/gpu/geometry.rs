@@ -211,6 +211,21 @@ pub fn row_sq_launch(rows: usize) -> LaunchConfig {
     }
 }
 
+/// Threads of the spec backprop reduction kernels' blocks (`SPEC_RED_THREADS` of
+/// `kernels/spec_backprop.cu`; `tests/kernel_emu_spec_backprop.rs` holds them equal).
+pub const SPEC_RED_THREADS: u32 = 256;
+
+/// `spec_conv2d_wgrad_f32` and `spec_bias_grad_f32`: one block of [`SPEC_RED_THREADS`]
+/// threads per output value, at most 65,535 blocks (the kernels loop over the rest),
+/// at least one.
+pub fn spec_reduce_launch(outputs: usize) -> LaunchConfig {
+    LaunchConfig {
+        grid_dim: (outputs.clamp(1, 65_535) as u32, 1, 1),
+        block_dim: (SPEC_RED_THREADS, 1, 1),
+        shared_mem_bytes: 0,
+    }
+}
+
 /// `add_diagonal_f64` on an n × n matrix: one thread per diagonal entry.
 pub fn add_diagonal_launch(n: usize) -> LaunchConfig {
     grid_1d(n, EW_THREADS, u32::MAX >> 1)

@@ -107,9 +107,11 @@ pub fn col_major_gemm(ta: Trans, tb: Trans, m: usize, n: usize, k: usize) -> Col
 ///
 /// The one place where row-major meets cuBLAS, through [`col_major_gemm`].
 ///
+/// `a`, `b`, `c` are whole buffers or views of one (a block of a longer buffer).
+///
 /// Errors: [`Error::Shape`] on a length mismatch or a dimension beyond `int`.
 #[allow(clippy::too_many_arguments)]
-pub fn gemm<T>(
+pub fn gemm<T, A, B, C>(
     blas: &CudaBlas,
     ta: Trans,
     tb: Trans,
@@ -117,17 +119,20 @@ pub fn gemm<T>(
     n: usize,
     k: usize,
     alpha: T,
-    a: &CudaSlice<T>,
-    b: &CudaSlice<T>,
+    a: &A,
+    b: &B,
     beta: T,
-    c: &mut CudaSlice<T>,
+    c: &mut C,
 ) -> Result<()>
 where
     CudaBlas: Gemm<T>,
+    A: DevicePtr<T> + ViewLen,
+    B: DevicePtr<T> + ViewLen,
+    C: DevicePtrMut<T> + ViewLen,
 {
-    check_len("gemm a", a.len(), m * k)?;
-    check_len("gemm b", b.len(), k * n)?;
-    check_len("gemm c", c.len(), m * n)?;
+    check_len("gemm a", a.view_len(), m * k)?;
+    check_len("gemm b", b.view_len(), k * n)?;
+    check_len("gemm c", c.view_len(), m * n)?;
     if m == 0 || n == 0 {
         return Ok(());
     }

@@ -17,6 +17,8 @@ pub mod linalg;
 pub mod memory;
 pub mod module;
 pub mod reduce;
+pub mod spec_backplan;
+pub mod spec_backprop;
 pub mod spec_forward;
 pub mod spec_plan;
 pub mod timing;
@@ -29,6 +31,7 @@ use cudarc::driver::sys::CUdevice_attribute;
 use cudarc::driver::{CudaContext, CudaSlice, CudaStream, DeviceRepr, ValidAsZeroBits};
 
 use crate::backend::{check_len, check_rows, Backend, CacheMode, GradStep, MathMode, Trans};
+use crate::cpu::spec_backprop_kernels::SpecTargets;
 use crate::model::Net;
 use crate::train::optim::GradOptimizer;
 use crate::{Error, Result};
@@ -449,14 +452,17 @@ impl Backend for CudaBackend {
         grad: &mut CudaSlice<f32>,
         cache: CacheMode,
     ) -> Result<GradStep> {
-        if let Some(spec) = net.spec() {
-            return Err(Error::Config(format!(
-                "backpropagation of the layer-spec network {} on CUDA: layer-spec \
-                 networks have no CUDA kernels yet; use --backend cpu",
-                spec.short_form()
-            )));
-        }
         check_len("gpu backprop grad (P)", grad.len(), net.n_params())?;
+        if let Some(spec) = net.spec() {
+            let bp =
+                spec_backprop::spec_backprop(self, spec, weights, x, SpecTargets::Labels(labels))?;
+            *grad = bp.grad;
+            return Ok(GradStep {
+                loss: bp.loss,
+                correct: bp.correct,
+                cache: None,
+            });
+        }
         let bp = backprop::backprop(self, net, weights, x, labels)?;
         let kept = match cache {
             CacheMode::Keep => Some(bp.cache.download(self)?),
@@ -467,6 +473,30 @@ impl Backend for CudaBackend {
             loss: bp.loss,
             correct: bp.correct,
             cache: kept,
+        })
+    }
+
+    fn backprop_mse(
+        &self,
+        net: &Net,
+        weights: &CudaSlice<f32>,
+        x: &CudaSlice<f32>,
+        targets: &[f32],
+        grad: &mut CudaSlice<f32>,
+    ) -> Result<GradStep> {
+        check_len("gpu backprop grad (P)", grad.len(), net.n_params())?;
+        let Some(spec) = net.spec() else {
+            return Err(Error::Config(format!(
+                "real targets need a layer-spec network (--net); {} has 10 class outputs",
+                net.describe()
+            )));
+        };
+        let bp = spec_backprop::spec_backprop(self, spec, weights, x, SpecTargets::Real(targets))?;
+        *grad = bp.grad;
+        Ok(GradStep {
+            loss: bp.loss,
+            correct: 0,
+            cache: None,
         })
     }
 

@@ -144,7 +144,7 @@ fn op_views<'a>(
 /// 0 for the shared images) into `dst`; the chunk's weights start at `w_base` of
 /// `weights` (member stride `p`).
 #[allow(clippy::too_many_arguments)]
-fn launch(
+pub(super) fn launch(
     be: &CudaBackend,
     op: &SpecOp,
     src: &CudaView<'_, f32>,

@@ -5,7 +5,6 @@ use super::config::{
     Accelerator, Adaptation, BatchOrder, BiasInit, InflationSchedule, LabelPairing, NoiseScale,
     Observations, StepControl, TrainConfig,
 };
-use crate::backend::BackendKind;
 use crate::enkf::UpdateRule;
 use crate::train::optim::Optimizer;
 use crate::{Error, Result};
@@ -117,20 +116,6 @@ impl TrainConfig {
     /// Checks every value; errors say which setting, the value, and what is allowed.
     pub fn validate(&self) -> Result<()> {
         let bad = |msg: String| Err(Error::Config(msg));
-        if let Some(n) = &self.net {
-            let net = n.0.short_form();
-            if self.backend == BackendKind::Cuda && self.optimizer != Optimizer::Enkf {
-                return bad(format!(
-                    "backend = cuda with optimizer = {} and net = {net}: backpropagation of \
-                     layer-spec networks has no CUDA kernels yet (the EnKF's forward pass \
-                     does); use --backend cpu (auto picks the CPU for it)",
-                    match self.optimizer {
-                        Optimizer::Sgd => "sgd",
-                        _ => "adam",
-                    }
-                ));
-            }
-        }
         if self.bias_init == BiasInit::Normal && self.net().bias_ranges().is_empty() {
             return bad(format!(
                 "bias_init = normal, but the network ({}) has no biases",

@@ -345,3 +345,34 @@ pub fn random_specs(rng: &mut ChaCha8Rng) -> Vec<(String, Shape)> {
     }
     specs
 }
+
+/// The parameter tensors of `spec`: (name, range) in P, in offset order.
+pub fn spec_tensors(
+    spec: &enkf_dnn::model::spec::NetSpec,
+) -> Vec<(String, std::ops::Range<usize>)> {
+    let mut starts: Vec<(usize, String)> = Vec::new();
+    for (i, l) in spec.layers().iter().enumerate() {
+        if matches!(
+            l.layer,
+            enkf_dnn::model::spec::Layer::Conv2d { .. }
+                | enkf_dnn::model::spec::Layer::Linear { .. }
+        ) {
+            starts.push((l.weight_offset, format!("{i}.weight")));
+            if let Some(b) = l.bias_offset {
+                starts.push((b, format!("{i}.bias")));
+            }
+        }
+    }
+    starts.sort();
+    let ends: Vec<usize> = starts
+        .iter()
+        .skip(1)
+        .map(|s| s.0)
+        .chain([spec.n_params()])
+        .collect();
+    starts
+        .into_iter()
+        .zip(ends)
+        .map(|((s, name), e)| (name, s..e))
+        .collect()
+}

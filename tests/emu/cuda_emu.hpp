@@ -408,6 +408,16 @@ inline float __fsub_rn(float a, float b) { return emu_rounded(a - b); }
 inline float __fmul_rn(float a, float b) { return emu_rounded(a * b); }
 inline float __fdiv_rn(float a, float b) { return emu_rounded(a / b); }
 inline float __fsqrt_rn(float a) { return emu_rounded(std::sqrt(a)); }
+inline double emu_rounded(double r) {
+#if defined(__x86_64__)
+    __asm__("" : "+x"(r));
+#else
+    __asm__("" : "+r"(r));
+#endif
+    return r;
+}
+inline double __dadd_rn(double a, double b) { return emu_rounded(a + b); }
+inline double __dmul_rn(double a, double b) { return emu_rounded(a * b); }
 
 inline int min(int a, int b) { return a < b ? a : b; }
 inline int max(int a, int b) { return a > b ? a : b; }

@@ -13,6 +13,7 @@
 #include "linalg.cu"
 #include "reduce.cu"
 #include "spec.cu"
+#include "spec_backprop.cu"
 
 #define EMU_ENTRY(kernel, params, args)                                      \
     extern "C" int emu_##kernel(const emu::Launch* launch, EMU_UNPAREN params) { \
@@ -72,6 +73,32 @@ EMU_ENTRY(spec_bias_act_f32,
            int act),
           (in, in_mstride, out, w, w_base, w_stride, has_bias, members, images, len, plane,
            act))
+
+// spec_backprop.cu
+EMU_ENTRY(spec_act_backward_f32, (float* g, const float* y, long long n, int act),
+          (g, y, n, act))
+EMU_ENTRY(spec_conv2d_dgrad_f32,
+          (const float* g, const float* w, float* din, int images, int c, int h, int wd,
+           int co, int oh, int ow, int k, int stride, int pad),
+          (g, w, din, images, c, h, wd, co, oh, ow, k, stride, pad))
+EMU_ENTRY(spec_conv2d_wgrad_f32,
+          (const float* in, const float* g, float* dw, int images, int c, int h, int wd,
+           int co, int oh, int ow, int k, int stride, int pad),
+          (in, g, dw, images, c, h, wd, co, oh, ow, k, stride, pad))
+EMU_ENTRY(spec_bias_grad_f32, (const float* g, float* db, int images, int channels, int plane),
+          (g, db, images, channels, plane))
+EMU_ENTRY(spec_pool2d_backward_f32,
+          (const float* in, const float* g, float* din, long long planes, int h, int wd,
+           int oh, int ow, int k, int mode),
+          (in, g, din, planes, h, wd, oh, ow, k, mode))
+EMU_ENTRY(spec_softmax_xent_f32,
+          (const float* logits, const int* labels, int images, int classes, float scale,
+           double* loss, int* correct, float* g),
+          (logits, labels, images, classes, scale, loss, correct, g))
+EMU_ENTRY(spec_mse_backward_f32,
+          (const float* out, const float* targets, int images, int k, float scale,
+           double* loss, float* g),
+          (out, targets, images, k, scale, loss, g))
 
 // linalg.cu
 EMU_ENTRY(add_diagonal_f64, (double* a, int n, double shift), (a, n, shift))
