@@ -28,9 +28,10 @@
 //   Φ_j = |y − g_j|² / 2γ reads these from the innovations D, J × m).
 // Column standard deviations (row_std_f32): as row_mean_f32, over (a[r, c] − mean[c])²,
 //   sqrt of the f64 mean, rounded once to f32 (additive inflation's "spread" scale).
-// Additive inflation (add_normal_f32): u[i] += mult · scale[i mod cols] · z_i with z_i
-//   standard normal from a counter-based generator, so the draws are a function of (key,
-//   step, i) and need no state: Philox4x32-10 (Salmon et al. 2011, Random123) with key
+// Additive inflation (add_normal_f32): u[i] += mult · scale[(offset + i) mod cols] ·
+//   z_{offset + i} with z standard normal from a counter-based generator, so the draws are
+//   a function of (key, step, global index) and need no state (a rank of a sharded run
+//   passes its first member's offset, and its rows get the one-process run's draws): Philox4x32-10 (Salmon et al. 2011, Random123) with key
 //   (key0, key1) and counter (g mod 2^32, g / 2^32, step, 0) for the group g of elements
 //   4g … 4g + 3; its four 32-bit words give two uniform pairs u = (x + 0.5) 2^-32 and
 //   Box–Muller in f64: z = √(−2 ln u₁) (cos 2πu₂, sin 2πu₂). Grid-stride over the groups.
@@ -230,14 +231,17 @@ extern "C" __global__ void row_sq_norms_f64(const double* __restrict__ a, int ro
     }
 }
 
-// u[i] += mult · scale[i mod cols] · z_i (module header), n = rows · cols entries.
-extern "C" __global__ void add_normal_f32(float* __restrict__ u, long long n, int cols,
-                                          const float* __restrict__ scale, float mult,
-                                          unsigned int key0, unsigned int key1,
+// u[i] += mult · scale[(offset + i) mod cols] · z_{offset + i} (module header), n = rows ·
+// cols local entries; thread t takes the groups g of global elements 4g … 4g + 3 that
+// meet offset … offset + n − 1, from offset / 4 on.
+extern "C" __global__ void add_normal_f32(float* __restrict__ u, long long n, long long offset,
+                                          int cols, const float* __restrict__ scale,
+                                          float mult, unsigned int key0, unsigned int key1,
                                           unsigned int step) {
-    const long long groups = (n + 3) / 4;
+    const long long g0 = offset / 4;
+    const long long g1 = (offset + n + 3) / 4;
     const long long stride = (long long)gridDim.x * blockDim.x;
-    for (long long g = (long long)blockIdx.x * blockDim.x + threadIdx.x; g < groups;
+    for (long long g = g0 + (long long)blockIdx.x * blockDim.x + threadIdx.x; g < g1;
          g += stride) {
         unsigned int c[4] = {(unsigned int)g, (unsigned int)(g >> 32), step, 0u};
         philox4x32_10(c, key0, key1);
@@ -253,9 +257,10 @@ extern "C" __global__ void add_normal_f32(float* __restrict__ u, long long n, in
         }
 #pragma unroll
         for (int k = 0; k < 4; ++k) {
-            const long long i = 4 * g + k;
-            if (i < n) {
-                const double s = (double)mult * (double)scale[i % cols];
+            const long long gi = 4 * g + k;
+            const long long i = gi - offset;
+            if (i >= 0 && i < n) {
+                const double s = (double)mult * (double)scale[gi % cols];
                 u[i] = (float)((double)u[i] + s * z[k]);
             }
         }

@@ -296,12 +296,17 @@ pub trait Backend {
         out: &mut Self::F32,
     ) -> Result<()>;
 
-    /// Additive inflation: `u[i] += mult · scale[i mod cols] · z_i` (u rows × cols, scale
-    /// cols) with z_i standard normals from Philox4x32-10 under `key` at `step`, a
-    /// function of (key, step, i) only (`add_normal_f32` in `kernels/reduce.cu`).
+    /// Additive inflation: `u[i] += mult · scale[(offset + i) mod cols] · z_{offset + i}`
+    /// (u rows × cols, scale cols) with z standard normals from Philox4x32-10 under `key`
+    /// at `step`, a function of (key, step, global index) only (`add_normal_f32` in
+    /// `kernels/reduce.cu`); `offset` is the global index of `u[0]` (0 in one process, a
+    /// rank's first member × cols on a sharded run, whose rows then get the one-process
+    /// draws).
+    #[allow(clippy::too_many_arguments)]
     fn add_normal_f32(
         &self,
         u: &mut Self::F32,
+        offset: usize,
         cols: usize,
         scale: &Self::F32,
         mult: f32,

@@ -416,7 +416,7 @@ fn additive_noise_is_standard_normal_and_reproducible() {
     let n = (rows * cols) as f64;
     let draw = |step: u32| {
         let mut u = vec![0.0f32; rows * cols];
-        be.add_normal_f32(&mut u, cols, &vec![1.0; cols], 1.0, [3, 4], step)
+        be.add_normal_f32(&mut u, 0, cols, &vec![1.0; cols], 1.0, [3, 4], step)
             .expect("noise");
         u
     };
@@ -437,6 +437,27 @@ fn additive_noise_is_standard_normal_and_reproducible() {
     assert!(lag1.abs() < 5.0 / n.sqrt(), "lag-1 correlation {lag1}");
     assert_eq!(draw(9), z);
     assert_ne!(draw(10), z);
+
+    // A rank's rows get the one-process draws of those rows, bit for bit, also where a
+    // shard starts inside a group of 4 (cols = 1001 is odd) and in parallel chunks.
+    for (first, count) in [(0, 3), (1, 2), (3, 500), (997, 3)] {
+        let mut part = vec![0.0f32; count * cols];
+        be.add_normal_f32(
+            &mut part,
+            first * cols,
+            cols,
+            &vec![1.0; cols],
+            1.0,
+            [3, 4],
+            9,
+        )
+        .expect("noise");
+        assert_eq!(
+            part,
+            z[first * cols..(first + count) * cols],
+            "rows {first}.."
+        );
+    }
 }
 
 /// With J ≤ P the plain update keeps every member in the affine span of the initial

@@ -375,11 +375,14 @@ fn eki_variant_kernels_and_tikhonov_match() {
     let u = normals32(&mut rng, rows * cols, 1.0);
     let scale = normals32(&mut rng, cols, 1.0);
     let mut want = u.clone();
-    cpu.add_normal_f32(&mut want, cols, &scale, 0.25, [7, 9], 123)
+    // A rank's rows: the draws of global rows 3.. (an offset that is not a multiple of 4).
+    let offset = 3 * cols;
+    cpu.add_normal_f32(&mut want, offset, cols, &scale, 0.25, [7, 9], 123)
         .unwrap();
     let mut ug = be.upload_f32(&u).unwrap();
     be.add_normal_f32(
         &mut ug,
+        offset,
         cols,
         &be.upload_f32(&scale).unwrap(),
         0.25,

@@ -381,8 +381,18 @@ fn add_and_inflation_kernels_are_exact() {
 
 type NesterovFn = unsafe extern "C" fn(*const Launch, *mut f32, *mut f32, i64, f32) -> i32;
 type AddScaledFn = unsafe extern "C" fn(*const Launch, *const f32, f64, *mut f64, i64) -> i32;
-type AddNormalFn =
-    unsafe extern "C" fn(*const Launch, *mut f32, i64, i32, *const f32, f32, u32, u32, u32) -> i32;
+type AddNormalFn = unsafe extern "C" fn(
+    *const Launch,
+    *mut f32,
+    i64,
+    i64,
+    i32,
+    *const f32,
+    f32,
+    u32,
+    u32,
+    u32,
+) -> i32;
 type RowStdFn =
     unsafe extern "C" fn(*const Launch, *const f32, *const f32, i32, i32, *mut f32) -> i32;
 type ScaleRowsFn = unsafe extern "C" fn(*const Launch, *mut f64, *const f64, i32, i32) -> i32;
@@ -455,9 +465,17 @@ fn eki_variant_kernels_are_exact() {
     let u = normals32(&mut rng, rows * cols, 1.0);
     let scale: Vec<f32> = (0..cols).map(|c| 0.1 + c as f32 / 10.0).collect();
     let key = [0x1234_5678, 0x9abc_def0];
-    let mut want = u.clone();
-    cpu.add_normal_f32(&mut want, cols, &scale, 0.5, key, 7)
-        .unwrap();
+    // Offsets: a whole ensemble, and a rank's rows from global row 3 (3·53 = 159, not a
+    // multiple of 4: its first and last groups are partial).
+    let wants: Vec<(usize, Vec<f32>)> = [0, 3 * cols]
+        .iter()
+        .map(|&offset| {
+            let mut want = u.clone();
+            cpu.add_normal_f32(&mut want, offset, cols, &scale, 0.5, key, 7)
+                .unwrap();
+            (offset, want)
+        })
+        .collect();
     let mut mean = vec![0.0f32; cols];
     cpu.row_mean(&u, rows, cols, &mut mean).unwrap();
     let mut want_std = vec![0.0f32; cols];
@@ -465,18 +483,22 @@ fn eki_variant_kernels_are_exact() {
         .unwrap();
     for order in ORDERS {
         let n = rows * cols;
-        for cfg in [
+        for (cfg, (offset, want)) in [
             geometry::elementwise_stride_launch(n.div_ceil(4)),
             grid_1d(n.div_ceil(4), 32, 3),
-        ] {
+        ]
+        .iter()
+        .flat_map(|c| wants.iter().map(move |w| (c, w)))
+        {
             let mut ug = Guarded::new(&u);
             let sg = Guarded::new(&scale);
             // SAFETY: u holds rows·cols elements, scale cols.
             let rc = unsafe {
                 add_normal(
-                    &launch(&cfg, order),
+                    &launch(cfg, order),
                     ug.mut_ptr(),
                     n as i64,
+                    *offset as i64,
                     cols as i32,
                     sg.ptr(),
                     0.5,
@@ -487,7 +509,7 @@ fn eki_variant_kernels_are_exact() {
             };
             e.result(rc).expect("add_normal_f32");
             let got = ug.get("add_normal_f32");
-            for (i, (a, b)) in got.iter().zip(&want).enumerate() {
+            for (i, (a, b)) in got.iter().zip(want).enumerate() {
                 assert!(
                     (a.to_bits() as i64 - b.to_bits() as i64).abs() <= 1,
                     "add_normal_f32 value {i}: {a} vs {b}"

@@ -46,7 +46,11 @@ fn sharded(rule: UpdateRule, ranks: usize, seed: u64) -> Vec<f32> {
 
 #[test]
 fn one_rank_is_the_single_process_update_bit_for_bit() {
-    for rule in [UpdateRule::Sequential, UpdateRule::Batch] {
+    for rule in [
+        UpdateRule::Sequential,
+        UpdateRule::Batch,
+        UpdateRule::Transform,
+    ] {
         let (u0, want) = reference(rule, 1);
         let (_, g, y) = problem(1);
         let be = CpuBackend::new();
@@ -62,7 +66,11 @@ fn one_rank_is_the_single_process_update_bit_for_bit() {
 
 #[test]
 fn two_and_three_ranks_agree_with_one_and_repeat_exactly() {
-    for rule in [UpdateRule::Sequential, UpdateRule::Batch] {
+    for rule in [
+        UpdateRule::Sequential,
+        UpdateRule::Batch,
+        UpdateRule::Transform,
+    ] {
         let (u0, want) = reference(rule, 2);
         for ranks in [2, 3] {
             let got = sharded(rule, ranks, 2);
@@ -77,7 +85,7 @@ fn two_and_three_ranks_agree_with_one_and_repeat_exactly() {
 }
 
 #[test]
-fn a_shard_that_is_not_its_ranks_and_unsharded_rules_are_refused() {
+fn a_shard_that_is_not_its_ranks_and_a_perturbed_transform_are_refused() {
     let be = CpuBackend::new();
     let (u, g, y) = problem(3);
     let shard = Shard::of(J, 1, 2).unwrap();
@@ -89,11 +97,20 @@ fn a_shard_that_is_not_its_ranks_and_unsharded_rules_are_refused() {
     assert!(e.to_string().contains("this rank (0 of 1)"), "{e}");
     let mut ws = ShardedWorkspace::new(&be, Shard::of(J, 0, 1).unwrap(), P, B, 10).unwrap();
     let mut u = u.clone();
+    let before = u.clone();
+    let noise = vec![0.01; J * M];
     let e = ws
-        .update(&be, &Solo, UpdateRule::Transform, GAMMA, &mut u, &g, &y)
-        .expect_err("transform");
-    assert!(e.to_string().contains("not sharded"), "{e}");
-    assert_eq!(be.len_f32(&u), J * P);
+        .update_perturbed(
+            &be,
+            &Solo,
+            UpdateRule::Transform,
+            GAMMA,
+            (&mut u, &g, &y),
+            Some(&noise),
+        )
+        .expect_err("transform with perturbed observations");
+    assert!(e.to_string().contains("deterministic"), "{e}");
+    assert_eq!(u, before, "a refused update leaves the members");
 }
 
 /// The paper's network and batch: 5 KB + 2 · 3.3 MB + 46.2 MB per rank and update

@@ -272,13 +272,14 @@ impl Backend for CpuBackend {
     fn add_normal_f32(
         &self,
         u: &mut Vec<f32>,
+        offset: usize,
         cols: usize,
         scale: &Vec<f32>,
         mult: f32,
         key: [u32; 2],
         step: u32,
     ) -> Result<()> {
-        reduce::add_normal_f32(u, cols, scale, mult, key, step)
+        reduce::add_normal_f32(u, offset, cols, scale, mult, key, step)
     }
 
     fn scale_rows_f64(&self, a: &mut Vec<f64>, rows: usize, cols: usize, w: &[f64]) -> Result<()> {

@@ -232,11 +232,15 @@ pub fn philox_normals(key: [u32; 2], step: u32, g: u64) -> [f64; 4] {
     z
 }
 
-/// Additive inflation: `u[i] += mult · scale[i mod cols] · z_i`, z_i standard normals of
-/// [`philox_normals`] at (`key`, `step`) (twin of `add_normal_f32`: the same draws; the
-/// f64 transcendentals may differ by an ulp, which rounds to the same f32 almost always).
+/// Additive inflation: `u[i] += mult · scale[(offset + i) mod cols] · z_{offset + i}`, z
+/// the standard normals of [`philox_normals`] at (`key`, `step`) by global index (twin of
+/// `add_normal_f32`: the same draws; the f64 transcendentals may differ by an ulp, which
+/// rounds to the same f32 almost always). `offset`: the global index of `u[0]` (0 in one
+/// process; a rank's first member × cols on a sharded run).
+#[allow(clippy::too_many_arguments)]
 pub fn add_normal_f32(
     u: &mut [f32],
+    offset: usize,
     cols: usize,
     scale: &[f32],
     mult: f32,
@@ -257,15 +261,16 @@ pub fn add_normal_f32(
     u.par_chunks_mut(1 << 12)
         .enumerate()
         .for_each(|(chunk, part)| {
-            let base = chunk << 12; // a multiple of 4: groups do not straddle chunks
-            for (q, quad) in part.chunks_mut(4).enumerate() {
-                let g = ((base >> 2) + q) as u64;
-                let z = philox_normals(key, step, g);
-                for (k, v) in quad.iter_mut().enumerate() {
-                    let i = base + 4 * q + k;
-                    let s = f64::from(mult) * f64::from(scale[i % cols]);
-                    *v = (f64::from(*v) + s * z[k]) as f32;
+            let base = offset + (chunk << 12);
+            let mut group = (u64::MAX, [0.0f64; 4]);
+            for (q, v) in part.iter_mut().enumerate() {
+                let gi = base + q;
+                let g = (gi / 4) as u64;
+                if group.0 != g {
+                    group = (g, philox_normals(key, step, g));
                 }
+                let s = f64::from(mult) * f64::from(scale[gi % cols]);
+                *v = (f64::from(*v) + s * group.1[gi % 4]) as f32;
             }
         });
     Ok(())

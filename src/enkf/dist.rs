@@ -24,8 +24,12 @@
 //! result is bit for bit that of [`super::EnkfWorkspace`] with
 //! [`super::ApplyOrder::Params`].
 //!
-//! The trainer on ranks is `crate::train::ranks`. Not sharded yet: the transform and
-//! Tikhonov updates, the data-misfit controller, inflation and Nesterov.
+//! The transform rule (ETKI, `super::transform`) needs nothing more: its X_r = 1 (C⁻¹
+//! d̄)ᵀ + A_r Qᵀ diag(φ) Q takes the global d̄ = s / J and C (each rank decomposes the
+//! same C), and it applies as the batch rule does.
+//!
+//! The trainer on ranks is `crate::train::ranks`. Not sharded yet: the Tikhonov update
+//! and the data-misfit controller.
 
 use super::UpdateRule;
 use crate::backend::{check_len, Backend, Trans};
@@ -55,6 +59,8 @@ pub struct ShardedWorkspace<B: Backend> {
     x32: B::F32,
     a32: B::F32,
     t32: B::F32,
+    /// The transform rule's buffers for this rank's rows (made on its first update).
+    transform: Option<super::transform::TransformBuffers<B>>,
 }
 
 impl<B: Backend> ShardedWorkspace<B> {
@@ -94,6 +100,7 @@ impl<B: Backend> ShardedWorkspace<B> {
             x32: backend.zeros_f32(j * m)?,
             a32: backend.zeros_f32(j * m)?,
             t32: backend.zeros_f32(m * params)?,
+            transform: None,
         })
     }
 
@@ -101,8 +108,8 @@ impl<B: Backend> ShardedWorkspace<B> {
     /// (J_r × m) and the targets `y` (m), exchanging the sums of the module docs over
     /// `comm` (whose size and rank must be those of the shard).
     ///
-    /// Errors: [`Error::Shape`] on buffer lengths; [`Error::Config`] for a rule that is
-    /// not sharded (transform), a bad γ, or a `comm` of another size than the shards';
+    /// Errors: [`Error::Shape`] on buffer lengths; [`Error::Config`] for a bad γ, or a
+    /// `comm` of another size than the shards';
     /// the solves' errors (the same on every rank, as C is); the transport's errors.
     #[allow(clippy::too_many_arguments)]
     pub fn update(
@@ -136,13 +143,19 @@ impl<B: Backend> ShardedWorkspace<B> {
         let (jr, p, m) = (self.shard.count, self.params, self.batch * self.outputs);
         // Every rank checks its inputs, then the ranks agree: one failing rank must not
         // leave the others waiting in a collective.
-        let checked = self
-            .check(backend, comm, rule, gamma, (u, g, y))
-            .and_then(|()| {
-                noise.map_or(Ok(()), |eta| {
-                    check_len("sharded EnKF observation perturbations", eta.len(), jr * m)
-                })
-            });
+        let checked =
+            self.check(backend, comm, gamma, (u, g, y))
+                .and_then(|()| match (noise, rule) {
+                    (Some(_), UpdateRule::Transform) => Err(Error::Config(
+                        "the transform update is deterministic: it takes no perturbed \
+                     observations (use --observations exact)"
+                            .into(),
+                    )),
+                    (Some(eta), _) => {
+                        check_len("sharded EnKF observation perturbations", eta.len(), jr * m)
+                    }
+                    (None, _) => Ok(()),
+                });
         agree(comm, checked)?;
         let inv_j = 1.0 / self.shard.members as f64;
         // Local centring and innovations, then the global mean innovation.
@@ -187,8 +200,7 @@ impl<B: Backend> ShardedWorkspace<B> {
         if let Some(eta) = noise {
             backend.add_host_f64(eta, &mut self.x64)?;
         }
-        // C = Σ_r A_rᵀA_r / J + γI, and the sequential rule's L summed the same way (the
-        // transform rule was refused by `check`).
+        // C = Σ_r A_rᵀA_r / J + γI, and the sequential rule's L summed the same way.
         let bufs = super::GainBufs {
             a64: &self.a64,
             x64: &mut self.x64,
@@ -199,6 +211,26 @@ impl<B: Backend> ShardedWorkspace<B> {
         super::rule_gain(backend, rule, bufs, dims, inv_j, gamma, &mut |buf| {
             allreduce_f64(backend, comm, buf)
         })?;
+        if rule == UpdateRule::Transform {
+            // X_r = 1 (C⁻¹ d̄)ᵀ + A_r Qᵀ diag(φ) Q from the global d̄ and C (on one rank
+            // the one-process d̄, from these rows).
+            let dbar: Option<Vec<f64>> =
+                (comm.size() > 1).then(|| total.iter().map(|&s| s * inv_j).collect());
+            if self.transform.is_none() {
+                self.transform = Some(super::transform::TransformBuffers::new(backend, jr, m)?);
+            }
+            if let Some(t) = &mut self.transform {
+                t.gain(
+                    backend,
+                    &self.a64,
+                    &mut self.x64,
+                    &mut self.c64,
+                    (jr, m),
+                    gamma,
+                    dbar.as_deref(),
+                )?;
+            }
+        }
         // T = Σ_r A_rᵀ U_r / J (m × P), then U_r += X_r T.
         backend.f64_to_f32(&self.x64, &mut self.x32)?;
         backend.f64_to_f32(&self.a64, &mut self.a32)?;
@@ -240,7 +272,6 @@ impl<B: Backend> ShardedWorkspace<B> {
         &self,
         backend: &B,
         comm: &dyn Comm,
-        rule: UpdateRule,
         gamma: f64,
         (u, g, y): (&B::F32, &B::F32, &B::F32),
     ) -> Result<()> {
@@ -253,13 +284,6 @@ impl<B: Backend> ShardedWorkspace<B> {
                 comm.rank(),
                 comm.size()
             )));
-        }
-        if rule == UpdateRule::Transform {
-            return Err(Error::Config(
-                "the transform update is not sharded over ranks yet; use --update \
-                 sequential or batch"
-                    .into(),
-            ));
         }
         if !(gamma.is_finite() && gamma >= 0.0) {
             return Err(Error::Config(format!(
@@ -357,6 +381,35 @@ pub fn init_shard<R: rand::Rng>(rng: &mut R, shard: Shard, params: usize, sigma:
         let _: f64 = StandardNormal.sample(rng);
     }
     super::init_ensemble(rng, shard.count, params, sigma)
+}
+
+/// The column standard deviations over every rank's rows of `u` (this rank's J_r × P)
+/// about the global mean `mean` (P, from [`sharded_mean`]) into `out` (P), population (÷
+/// J): each rank's sum of squares (J_r · its rows' std², in f64), added over the ranks.
+/// On one rank exactly `row_std_f32` (additive inflation's "spread" scale).
+///
+/// Errors: [`Error::Shape`] on lengths; the transport's errors.
+pub fn sharded_std<B: Backend>(
+    backend: &B,
+    comm: &dyn Comm,
+    shard: Shard,
+    (u, mean): (&B::F32, &B::F32),
+    params: usize,
+    out: &mut B::F32,
+) -> Result<()> {
+    backend.row_std_f32(u, mean, shard.count, params, out)?;
+    if comm.size() == 1 {
+        return Ok(());
+    }
+    let local = backend.download_f32(out)?;
+    let jr = shard.count as f64;
+    let mut sums: Vec<f64> = local.iter().map(|&s| f64::from(s).powi(2) * jr).collect();
+    comm.allreduce_sum_f64(&mut sums)?;
+    let global: Vec<f32> = sums
+        .iter()
+        .map(|&s| (s / shard.members as f64).sqrt() as f32)
+        .collect();
+    backend.write_f32(&global, out)
 }
 
 /// The ensemble mean over every rank's rows of `u` (this rank's J_r × P) into `mean`

@@ -475,6 +475,7 @@ impl<B: Backend> EnkfWorkspace<B> {
                     &mut self.c64,
                     (j, m),
                     gamma,
+                    None,
                 )?;
             }
         }

@@ -59,10 +59,15 @@ impl<B: Backend> TransformBuffers<B> {
     }
 
     /// X (into `x64`, which holds the innovations D on entry) from A (`a64`) and
-    /// C = AᵀA/J + γI (`c64`, overwritten by its eigenvectors), for (J, m) and the noise
-    /// variance `gamma` (module docs).
+    /// C = AᵀA/J + γI (`c64`, overwritten by its eigenvectors), for (rows, m) and the
+    /// noise variance `gamma` (module docs). `rows` = J in one process; a rank of a
+    /// sharded run passes its J_r rows of A, D and X, and the mean innovation d̄ over
+    /// every rank's members as `dbar` (`None`: d̄ = Dᵀ1/rows from these rows). Row j of
+    /// X depends on the members only through d̄ and C, so the rows are the one-process
+    /// run's.
     ///
     /// Errors: the backend's, and the eigendecomposition's.
+    #[allow(clippy::too_many_arguments)]
     pub fn gain(
         &mut self,
         backend: &B,
@@ -71,20 +76,24 @@ impl<B: Backend> TransformBuffers<B> {
         c64: &mut B::F64,
         (j, m): (usize, usize),
         gamma: f64,
+        dbar: Option<&[f64]>,
     ) -> Result<()> {
-        // d̄ = Dᵀ 1 / J.
-        backend.gemm_f64(
-            Trans::Yes,
-            Trans::No,
-            m,
-            1,
-            j,
-            1.0 / j as f64,
-            x64,
-            &self.ones,
-            0.0,
-            &mut self.dbar,
-        )?;
+        match dbar {
+            Some(d) => backend.write_f64(d, &mut self.dbar)?,
+            // d̄ = Dᵀ 1 / J.
+            None => backend.gemm_f64(
+                Trans::Yes,
+                Trans::No,
+                m,
+                1,
+                j,
+                1.0 / j as f64,
+                x64,
+                &self.ones,
+                0.0,
+                &mut self.dbar,
+            )?,
+        }
         let mu = backend.sym_eigen_f64(c64, m)?;
         // C⁻¹ = Qᵀ diag(1/μ) Q; φ as in the module docs (μ ≥ γ up to rounding).
         let inv: Vec<f64> = mu.iter().map(|&u| 1.0 / u.max(gamma)).collect();

@@ -674,13 +674,14 @@ impl Backend for CudaBackend {
     fn add_normal_f32(
         &self,
         u: &mut CudaSlice<f32>,
+        offset: usize,
         cols: usize,
         scale: &CudaSlice<f32>,
         mult: f32,
         key: [u32; 2],
         step: u32,
     ) -> Result<()> {
-        reduce::add_normal_f32(self, u, cols, scale, mult, key, step)
+        reduce::add_normal_f32(self, u, offset, cols, scale, mult, key, step)
     }
 
     fn scale_rows_f64(

@@ -266,12 +266,14 @@ pub fn row_std_f32(
         .map_err(cuda_err("launching row_std_f32"))
 }
 
-/// Additive inflation `u[i] += mult · scale[i mod cols] · z_i` with Philox normals
-/// (`add_normal_f32`). Errors: [`crate::Error::Shape`] on a length mismatch or a column
-/// count past i32.
+/// Additive inflation `u[i] += mult · scale[(offset + i) mod cols] · z_{offset + i}` with
+/// Philox normals (`add_normal_f32`). Errors: [`crate::Error::Shape`] on a length mismatch
+/// or a column count past i32.
+#[allow(clippy::too_many_arguments)]
 pub fn add_normal_f32(
     be: &CudaBackend,
     u: &mut CudaSlice<f32>,
+    offset: usize,
     cols: usize,
     scale: &CudaSlice<f32>,
     mult: f32,
@@ -291,12 +293,13 @@ pub fn add_normal_f32(
         });
     }
     let cols_i = to_i32("add_normal_f32 cols", cols)?;
-    let n_i = n as i64;
+    let (n_i, off_i) = (n as i64, offset as i64);
     let f = be.kernels().get("add_normal_f32")?;
     let mut launch = be.stream().launch_builder(f);
     launch
         .arg(u)
         .arg(&n_i)
+        .arg(&off_i)
         .arg(&cols_i)
         .arg(scale)
         .arg(&mult)
@@ -304,8 +307,9 @@ pub fn add_normal_f32(
         .arg(&key[1])
         .arg(&step);
     // SAFETY: u holds n elements (a multiple of cols), scale holds cols; each group g
-    // writes only u[4g .. 4g + 4) below n and reads scale[i mod cols].
-    unsafe { launch.launch(elementwise_stride_launch(n.div_ceil(4))) }
+    // writes only the local u[4g − offset .. 4g + 4 − offset) inside 0..n and reads
+    // scale[gi mod cols].
+    unsafe { launch.launch(elementwise_stride_launch(n.div_ceil(4) + 1)) }
         .map(|_| ())
         .map_err(cuda_err("launching add_normal_f32"))
 }

@@ -47,8 +47,32 @@ impl<B: Backend> Trainer<'_, B> {
         if let Some(scale) = self.noise_scale.as_mut().filter(|_| f > 0.0) {
             // Additive inflation, after the multiplicative one.
             if self.cfg.additive_from == NoiseScale::Spread {
-                be.row_mean(&self.u, self.members, self.params, &mut self.weights)?;
-                be.row_std_f32(&self.u, &self.weights, self.members, self.params, scale)?;
+                // The spread about the mean of every rank's members on a sharded run.
+                match self.ranks {
+                    None => {
+                        be.row_mean(&self.u, self.members, self.params, &mut self.weights)?;
+                        be.row_std_f32(&self.u, &self.weights, self.members, self.params, scale)?;
+                    }
+                    Some(r) => {
+                        crate::enkf::dist::sharded_mean(
+                            be,
+                            r.comm,
+                            r.shard,
+                            &self.u,
+                            self.params,
+                            &mut self.weights,
+                        )?;
+                        let bufs = (&self.u, &self.weights);
+                        crate::enkf::dist::sharded_std(
+                            be,
+                            r.comm,
+                            r.shard,
+                            bufs,
+                            self.params,
+                            scale,
+                        )?;
+                    }
+                }
             }
             let step = u32::try_from(self.t).map_err(|_| {
                 Error::Config(format!(
@@ -58,7 +82,9 @@ impl<B: Backend> Trainer<'_, B> {
             })?;
             let s = (self.cfg.additive_inflation * f) as f32;
             let key = additive_key(self.cfg.seed);
-            be.add_normal_f32(&mut self.u, self.params, scale, s, key, step)?;
+            // Member j's noise depends on (seed, iteration, j) only, not on the ranks.
+            let offset = self.ranks.map_or(0, |r| r.shard.first * self.params);
+            be.add_normal_f32(&mut self.u, offset, self.params, scale, s, key, step)?;
         }
         Ok(())
     }

@@ -27,11 +27,14 @@
 //! is an error naming the file.
 //!
 //! Nesterov momentum acts on each member's rows alone; its previous ensemble travels in
-//! the shard files as a second block.
+//! the shard files as a second block. The transform update (ETKI) needs only the sums the
+//! other rules exchange ([`crate::enkf::dist`]). Additive inflation draws member j's noise
+//! by its global index (`Backend::add_normal_f32`'s offset), so a rank's rows get the
+//! one-process run's draws; its "spread" scale is the standard deviation over every
+//! rank's members ([`crate::enkf::dist::sharded_std`]).
 //!
-//! Not sharded yet (refused by [`check_config`] with the setting named): the transform
-//! and Tikhonov updates, the data-misfit step, additive inflation (its noise is drawn by
-//! row of the local ensemble) and `--save-ensemble` / `--init-ensemble`.
+//! Not sharded yet (refused by [`check_config`] with the setting named): the Tikhonov
+//! update, the data-misfit step and `--save-ensemble` / `--init-ensemble`.
 
 use super::checkpoint::{self, ShardEntry};
 use super::config::StepControl;
@@ -39,7 +42,6 @@ use super::{rng, TrainConfig, Trainer, STREAM_INIT};
 use crate::backend::Backend;
 use crate::data::DataSplit;
 use crate::dist::{Comm, Shard};
-use crate::enkf::UpdateRule;
 use crate::{Error, Result};
 use std::path::Path;
 use std::time::Instant;
@@ -73,10 +75,6 @@ pub fn check_config(cfg: &TrainConfig, ranks: usize) -> Result<()> {
             cfg.members
         )));
     }
-    match cfg.update {
-        UpdateRule::Transform => return refuse("update = transform"),
-        UpdateRule::Batch | UpdateRule::Sequential => {}
-    }
     if cfg.tikhonov > 0.0 {
         return refuse(&format!("tikhonov = {}", cfg.tikhonov));
     }
@@ -85,9 +83,6 @@ pub fn check_config(cfg: &TrainConfig, ranks: usize) -> Result<()> {
     }
     if cfg.dt != 1.0 {
         return refuse(&format!("dt = {}", cfg.dt));
-    }
-    if cfg.additive_inflation > 0.0 {
-        return refuse(&format!("additive_inflation = {}", cfg.additive_inflation));
     }
     if cfg.save_ensemble.is_some() {
         return refuse("--save-ensemble");

@@ -48,9 +48,9 @@ EMU_ENTRY(add_scaled_f32_f64, (const float* x, double alpha, double* y, long lon
 EMU_ENTRY(row_std_f32, (const float* a, const float* mean, int rows, int cols, float* out),
           (a, mean, rows, cols, out))
 EMU_ENTRY(add_normal_f32,
-          (float* u, long long n, int cols, const float* scale, float mult, unsigned int key0,
-           unsigned int key1, unsigned int step),
-          (u, n, cols, scale, mult, key0, key1, step))
+          (float* u, long long n, long long offset, int cols, const float* scale, float mult,
+           unsigned int key0, unsigned int key1, unsigned int step),
+          (u, n, offset, cols, scale, mult, key0, key1, step))
 EMU_ENTRY(scale_rows_f64, (double* a, const double* w, int rows, int cols), (a, w, rows, cols))
 EMU_ENTRY(row_sq_norms_f64, (const double* a, int rows, int cols, double* out),
           (a, rows, cols, out))
