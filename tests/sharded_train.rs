@@ -171,6 +171,23 @@ fn the_transform_update_and_additive_inflation_agree_on_ranks() {
     }
 }
 
+/// The data-misfit step controller and a fixed dt on ranks: every rank takes the
+/// one-process Δt from every member's misfit (the algorithm time reaches 1 within a
+/// mini-batch's 8 repetitions, after which the updates stop until the next batch), and
+/// updates with γ/Δt. Measured on 1–3 ranks: DMC (sequential) 4.7e-5 to 6.3e-5, dt = 0.5
+/// (batch) 4.8e-4 to 5.6e-4 of the largest mean weight; bounds as those rules' above.
+/// Mutation measured: updating with γ instead of γ/Δt on ranks gives 0.71.
+#[test]
+fn the_step_controller_and_a_fixed_dt_agree_on_ranks() {
+    let data = limited(640, 200);
+    let mut cfg = config(20, UpdateRule::Sequential);
+    cfg.step = enkf_dnn::train::StepControl::Dmc;
+    check_ranks_agree(&cfg, &data, 5e-4);
+    let mut cfg = config(20, UpdateRule::Batch);
+    cfg.dt = 0.5;
+    check_ranks_agree(&cfg, &data, 5e-3);
+}
+
 /// 1, 2 and 3 thread ranks against one process: the mean weights to `bound` of the
 /// largest (the file's header), the test errors to one image.
 fn check_ranks_agree(cfg: &TrainConfig, data: &DataSplit, bound: f32) {
@@ -296,13 +313,6 @@ fn settings_not_built_for_ranks_are_refused_by_name() {
         "{e:?}"
     );
     cfg.tikhonov = 0.0;
-    cfg.step = enkf_dnn::train::StepControl::Dmc;
-    let e = &on_ranks(2, &cfg, &data, None)[1];
-    assert!(
-        e.as_ref().err().is_some_and(|e| e.contains("step = dmc")),
-        "{e:?}"
-    );
-    cfg.step = enkf_dnn::train::StepControl::Fixed;
     cfg.members = 2;
     let e = &on_ranks(3, &cfg, &data, None)[0];
     assert!(

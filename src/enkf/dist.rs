@@ -28,8 +28,12 @@
 //! d̄)ᵀ + A_r Qᵀ diag(φ) Q takes the global d̄ = s / J and C (each rank decomposes the
 //! same C), and it applies as the batch rule does.
 //!
-//! The trainer on ranks is `crate::train::ranks`. Not sharded yet: the Tikhonov update
-//! and the data-misfit controller.
+//! The data-misfit step controller needs every member's misfit Φ_j: each rank's
+//! ([`ShardedWorkspace::misfits`]) travel as its rows of one J-vector, summed with zeros
+//! (exact), so every rank takes the one-process step Δt and updates with γ/Δt.
+//!
+//! The trainer on ranks is `crate::train::ranks`. Not sharded yet: the Tikhonov
+//! update.
 
 use super::UpdateRule;
 use crate::backend::{check_len, Backend, Trans};
@@ -267,6 +271,22 @@ impl<B: Backend> ShardedWorkspace<B> {
 }
 
 impl<B: Backend> ShardedWorkspace<B> {
+    /// This rank's members' data misfits Φ_j = |y − g_j|² / 2γ from their outputs `g`
+    /// (J_r × m) and the targets `y` (m): the one-process
+    /// [`super::EnkfWorkspace::misfits`] of these rows, bit for bit (each row's own
+    /// sum). For the data-misfit step controller, which needs every rank's.
+    ///
+    /// Errors: [`Error::Shape`] on lengths; the backend's.
+    pub fn misfits(&mut self, backend: &B, g: &B::F32, y: &B::F32, gamma: f64) -> Result<Vec<f64>> {
+        let (jr, m) = (self.shard.count, self.batch * self.outputs);
+        check_len("sharded EnKF outputs g", backend.len_f32(g), jr * m)?;
+        check_len("sharded EnKF targets y", backend.len_f32(y), m)?;
+        backend.center_and_innovate(g, y, jr, m, &mut self.a64, &mut self.x64)?;
+        let mut phi = backend.row_sq_norms_f64(&self.x64, jr, m)?;
+        phi.iter_mut().for_each(|v| *v /= 2.0 * gamma);
+        Ok(phi)
+    }
+
     /// The checks of [`ShardedWorkspace::update`] on this rank's inputs.
     fn check(
         &self,

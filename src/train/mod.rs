@@ -1014,19 +1014,32 @@ impl<'a, B: Backend> Trainer<'a, B> {
                 dt
             }
             (SlotWorkspace::Ranks(ws), Some(r)) => {
-                // Only the fixed step dt = 1 is sharded (`ranks::check_config`). The
-                // perturbations are the one-process run's rows of this rank's members.
                 let m = s.batch * self.outputs;
+                let dt = match self.cfg.step {
+                    StepControl::Fixed => self.cfg.dt,
+                    StepControl::Dmc => {
+                        // Every member's misfit (each rank's rows of one J-vector, summed
+                        // with zeros: exact), so every rank takes the one-process step.
+                        let local = ws.misfits(be, &s.g, &s.y, gamma)?;
+                        let mut phi = vec![0.0f64; r.shard.members];
+                        phi[r.shard.range()].copy_from_slice(&local);
+                        r.comm.allreduce_sum_f64(&mut phi)?;
+                        methods::dmc_step(&phi, m, self.algorithm_time, DMC_END)
+                    }
+                };
+                // The perturbations are the one-process run's rows of this rank's
+                // members, with variance γ/Δt as there.
                 let noise = match self.cfg.observations {
                     Observations::Exact => None,
                     Observations::Perturbed => {
-                        let all = perturbations(self.cfg.seed, self.t, r.shard.members * m, gamma);
+                        let n = r.shard.members * m;
+                        let all = perturbations(self.cfg.seed, self.t, n, gamma / dt);
                         Some(all[r.shard.first * m..r.shard.range().end * m].to_vec())
                     }
                 };
                 let bufs = (&mut self.u, &s.g, &s.y);
-                ws.update_perturbed(be, r.comm, rule, gamma, bufs, noise.as_deref())?;
-                self.cfg.dt
+                ws.update_perturbed(be, r.comm, rule, gamma / dt, bufs, noise.as_deref())?;
+                dt
             }
             (SlotWorkspace::Ranks(_), None) => {
                 return Err(Error::Config(

@@ -33,11 +33,13 @@
 //! one-process run's draws; its "spread" scale is the standard deviation over every
 //! rank's members ([`crate::enkf::dist::sharded_std`]).
 //!
+//! The data-misfit step takes every member's misfit (a sum over the ranks of each one's
+//! rows), so every rank takes the one-process step; a fixed `dt` scales γ as there.
+//!
 //! Not sharded yet (refused by [`check_config`] with the setting named): the Tikhonov
-//! update, the data-misfit step and `--save-ensemble` / `--init-ensemble`.
+//! update and `--save-ensemble` / `--init-ensemble`.
 
 use super::checkpoint::{self, ShardEntry};
-use super::config::StepControl;
 use super::{rng, TrainConfig, Trainer, STREAM_INIT};
 use crate::backend::Backend;
 use crate::data::DataSplit;
@@ -77,12 +79,6 @@ pub fn check_config(cfg: &TrainConfig, ranks: usize) -> Result<()> {
     }
     if cfg.tikhonov > 0.0 {
         return refuse(&format!("tikhonov = {}", cfg.tikhonov));
-    }
-    if cfg.step != StepControl::Fixed {
-        return refuse("step = dmc");
-    }
-    if cfg.dt != 1.0 {
-        return refuse(&format!("dt = {}", cfg.dt));
     }
     if cfg.save_ensemble.is_some() {
         return refuse("--save-ensemble");
