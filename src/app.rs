@@ -85,7 +85,7 @@ pub fn run_opened<J: BackendJob>(
 pub enum Opened {
     /// The CPU backend (requested, or `auto` without a usable GPU).
     Cpu(String),
-    /// The CUDA backend on device 0.
+    /// The CUDA backend (device 0; on a sharded run the rank's device).
     Cuda(Box<crate::gpu::CudaBackend>, String),
 }
 
@@ -107,6 +107,54 @@ pub fn open_backend(kind: BackendKind, math: MathMode) -> Result<Opened> {
         (Err(why), _) => Ok(Opened::Cpu(format!(
             "cpu (no usable GPU: {})",
             why.trim_start_matches("CUDA backend: ")
+        ))),
+    }
+}
+
+/// The backend of one rank of a sharded run: one GPU per rank
+/// ([`crate::dist::rank_device`] of its node-local rank), every rank on a GPU or, with
+/// `auto`, every rank on the CPU as soon as one has no usable GPU (the ranks agree in
+/// one sum). The sums of the update travel through the host (download, MPI allreduce,
+/// upload), so any MPI works; NCCL is not used.
+///
+/// Errors: [`Error::Cuda`] with `--backend cuda` when this rank or another has no usable
+/// GPU (every rank errs, none waits); the transport's.
+pub fn open_rank_backend(
+    kind: BackendKind,
+    math: MathMode,
+    comm: &dyn crate::dist::Comm,
+) -> Result<Opened> {
+    if kind == BackendKind::Cpu {
+        return Ok(Opened::Cpu("cpu (requested)".into()));
+    }
+    let (rank, ranks) = (comm.rank(), comm.size());
+    let local = crate::dist::local_rank();
+    let gpu = crate::gpu::CudaBackend::device_count().and_then(|n| {
+        let d = crate::dist::rank_device(local, rank, n);
+        crate::gpu::CudaBackend::open_device(d, math).map(|(be, desc)| {
+            let local = local.map_or("not given".to_string(), |l| l.to_string());
+            let desc =
+                format!("{desc}; rank {rank} of {ranks} (local rank {local}) on device {d} of {n}");
+            (be, desc)
+        })
+    });
+    let any_failed = crate::train::ranks::any_rank(comm, gpu.is_err())?;
+    match (gpu, kind, any_failed) {
+        (Ok((be, desc)), _, false) => Ok(Opened::Cuda(Box::new(be), desc)),
+        (Err(why), BackendKind::Cuda, _) => Err(Error::Cuda(format!(
+            "--backend cuda was requested but rank {rank} of {ranks} has no usable GPU: {}",
+            why.trim_start_matches("CUDA backend: ")
+        ))),
+        (Ok(_), BackendKind::Cuda, true) => Err(Error::Cuda(format!(
+            "--backend cuda was requested but another rank than {rank} (of {ranks}) has no \
+             usable GPU (see its error)"
+        ))),
+        (Err(why), _, _) => Ok(Opened::Cpu(format!(
+            "cpu (no usable GPU on rank {rank} of {ranks}: {}; every rank uses the CPU)",
+            why.trim_start_matches("CUDA backend: ")
+        ))),
+        (Ok(_), _, true) => Ok(Opened::Cpu(format!(
+            "cpu (another rank than {rank} of {ranks} has no usable GPU; every rank uses the CPU)"
         ))),
     }
 }
@@ -165,7 +213,11 @@ struct TrainJob<'a> {
 impl BackendJob for TrainJob<'_> {
     type Output = (Vec<MetricsRow>, crate::train::PhaseTimes);
     fn check_cuda(&self, be: &crate::gpu::CudaBackend) -> Result<()> {
-        be.check_train_fits(self.cfg, self.data.train.len(), self.data.test.len())
+        // A rank of a sharded run holds its shard of the members.
+        let shard = crate::dist::Shard::of(self.cfg.members, self.comm.rank(), self.comm.size())?;
+        let mut local = self.cfg.clone();
+        local.members = shard.count;
+        be.check_train_fits(&local, self.data.train.len(), self.data.test.len())
     }
     fn run<B: Backend>(self, backend: &B, desc: &str) -> Result<Self::Output> {
         let cfg = self.cfg;
@@ -295,12 +347,6 @@ fn train_in_world(
     let ranks = comm.size();
     if ranks > 1 {
         crate::train::ranks::check_config(cfg, ranks)?;
-        if cfg.backend == BackendKind::Cuda {
-            return Err(Error::Config(format!(
-                "--backend cuda: a run sharded over ranks ({ranks} here) uses the CPU backend \
-                 so far (one GPU per rank is not built yet); use --backend cpu or auto"
-            )));
-        }
     }
     let lock = match (&cfg.out, comm.rank()) {
         (Some(dir), 0) => RunDir::open(dir, existing).map(Some),
@@ -315,11 +361,9 @@ fn train_in_world(
     if let Some(path) = &cfg.save_ensemble {
         check_output_file("--save-ensemble", path)?;
     }
-    let opened = match (&cfg.net, cfg.optimizer, cfg.backend) {
-        (_, _, BackendKind::Auto) if ranks > 1 => Opened::Cpu(format!(
-            "cpu (a run sharded over ranks, {ranks} here, uses the CPU backend so far)"
-        )),
-        (_, _, kind) => open_backend(kind, cfg.math)?,
+    let opened = match ranks {
+        1 => open_backend(cfg.backend, cfg.math)?,
+        _ => open_rank_backend(cfg.backend, cfg.math, comm)?,
     };
     if cfg.optimizer == Optimizer::Enkf {
         // Each rank holds its shard of the members.

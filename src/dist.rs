@@ -198,6 +198,38 @@ pub fn launched_ranks() -> Option<(usize, &'static str)> {
     })
 }
 
+/// Variables in which launchers give a rank's index among the ranks on its node: Open
+/// MPI, MPICH / Intel MPI, MVAPICH2, Slurm's `srun`, in that order.
+pub const LOCAL_RANK_VARS: [&str; 4] = [
+    "OMPI_COMM_WORLD_LOCAL_RANK",
+    "MPI_LOCALRANKID",
+    "MV2_COMM_WORLD_LOCAL_RANK",
+    "SLURM_LOCALID",
+];
+
+/// This process's index among the ranks on its node, from the first of
+/// [`LOCAL_RANK_VARS`] that `lookup` (e.g. `std::env::var(..).ok()`) holds as a number;
+/// `None` when none does.
+pub fn local_rank_from(lookup: impl Fn(&str) -> Option<String>) -> Option<usize> {
+    LOCAL_RANK_VARS
+        .iter()
+        .find_map(|&var| lookup(var)?.trim().parse::<usize>().ok())
+}
+
+/// This process's node-local rank as its launcher set it ([`local_rank_from`] on the
+/// environment).
+pub fn local_rank() -> Option<usize> {
+    local_rank_from(|v| std::env::var(v).ok())
+}
+
+/// The CUDA device a rank uses, one GPU per rank: its node-local rank (else its global
+/// rank, when no launcher says) modulo the `devices` it sees. More ranks on a node than
+/// GPUs share them in turn; a launcher that gives each rank one device through
+/// `CUDA_VISIBLE_DEVICES` makes `devices` 1 and every rank device 0.
+pub fn rank_device(local: Option<usize>, rank: usize, devices: usize) -> usize {
+    local.unwrap_or(rank) % devices.max(1)
+}
+
 /// The ranks this process trains with: itself alone, or (`--features mpi`) the MPI world
 /// its launcher started it in.
 pub enum World {
@@ -334,6 +366,44 @@ pub mod mpi_comm {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_local_rank_comes_from_the_first_launcher_variable_that_holds_a_number() {
+        let env = |pairs: &'static [(&'static str, &'static str)]| {
+            move |k: &str| {
+                pairs
+                    .iter()
+                    .find(|(n, _)| *n == k)
+                    .map(|(_, v)| v.to_string())
+            }
+        };
+        assert_eq!(local_rank_from(env(&[])), None);
+        assert_eq!(local_rank_from(env(&[("SLURM_LOCALID", "3")])), Some(3));
+        // Open MPI's variable comes first; one that is not a number is passed over.
+        let both = env(&[
+            ("SLURM_LOCALID", "3"),
+            ("OMPI_COMM_WORLD_LOCAL_RANK", " 1 "),
+        ]);
+        assert_eq!(local_rank_from(both), Some(1));
+        let bad = env(&[
+            ("OMPI_COMM_WORLD_LOCAL_RANK", "x"),
+            ("MPI_LOCALRANKID", "2"),
+        ]);
+        assert_eq!(local_rank_from(bad), Some(2));
+    }
+
+    #[test]
+    fn each_rank_takes_its_local_device_and_ranks_beyond_the_gpus_share_them() {
+        // Four ranks per node on a 4-GPU node: one device each, on every node.
+        let devices: Vec<usize> = (0..8).map(|r| rank_device(Some(r % 4), r, 4)).collect();
+        assert_eq!(devices, [0, 1, 2, 3, 0, 1, 2, 3]);
+        // No launcher variable: the global rank decides.
+        assert_eq!(rank_device(None, 5, 4), 1);
+        // One visible device per rank (CUDA_VISIBLE_DEVICES set by the launcher).
+        assert_eq!(rank_device(Some(3), 3, 1), 0);
+        // More local ranks than GPUs share them in turn.
+        assert_eq!(rank_device(Some(5), 5, 2), 1);
+    }
 
     #[test]
     fn shards_tile_the_ensemble_in_order() {

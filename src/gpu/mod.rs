@@ -262,12 +262,37 @@ impl CudaBackend {
     }
 
     fn open_uncached(math: MathMode) -> std::result::Result<(CudaBackend, String), String> {
+        Self::open_device(0, math)
+    }
+
+    /// The number of CUDA devices this process sees (after `CUDA_VISIBLE_DEVICES`).
+    ///
+    /// Errors: why the CUDA backend cannot be used, in words (no driver or libraries,
+    /// no device).
+    pub fn device_count() -> std::result::Result<usize, String> {
         check_libraries().map_err(|e| e.to_string())?;
         let count = CudaContext::device_count().map_err(|e| format!("CUDA driver: {e:?}"))?;
         if count < 1 {
             return Err("no CUDA device found".into());
         }
-        let be = CudaBackend::new(0, math).map_err(|e| e.to_string())?;
+        Ok(count as usize)
+    }
+
+    /// Opens device `ordinal` with `math` and describes it as [`Self::open`] does, without
+    /// remembering the outcome (each rank of a sharded run opens its own device).
+    ///
+    /// Errors: why the device cannot be used, in words.
+    pub fn open_device(
+        ordinal: usize,
+        math: MathMode,
+    ) -> std::result::Result<(CudaBackend, String), String> {
+        let count = Self::device_count()?;
+        if ordinal >= count {
+            return Err(format!(
+                "CUDA device {ordinal} does not exist ({count} visible)"
+            ));
+        }
+        let be = CudaBackend::new(ordinal, math).map_err(|e| e.to_string())?;
         let mut driver = 0i32;
         // SAFETY: writes one int; the driver library is loaded (checked above).
         unsafe { cudarc::driver::sys::cuDriverGetVersion(&mut driver) };
