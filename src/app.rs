@@ -237,6 +237,10 @@ impl BackendJob for TrainJob<'_> {
                 // others join that one collective then, and only then.
                 trainer.mean_host()?;
             }
+            if let Some(path) = &cfg.save_ensemble {
+                // Every rank writes its rows of the one file (a collective).
+                trainer.save_ensemble(path)?;
+            }
             return Ok((rows, trainer.times.clone()));
         }
         let start = RunStart {
@@ -270,8 +274,7 @@ impl BackendJob for TrainJob<'_> {
             crate::io::safetensors::write_net(&dir.join("model.safetensors"), &cfg.net(), &mean)?;
         }
         if let Some(path) = &cfg.save_ensemble {
-            let u = trainer.ensemble_host()?;
-            crate::io::npy::write_f32(path, &[trainer.members(), cfg.net().n_params()], &u)?;
+            trainer.save_ensemble(path)?;
         }
         Ok((rows, trainer.times.clone()))
     }

@@ -102,6 +102,10 @@ pub struct NpyHeaderInfo {
     pub kind: TypeChar,
     /// Bytes per element.
     pub width: usize,
+    /// Where the data start in the file (the header's length).
+    pub data_offset: u64,
+    /// Whether the data are in Fortran (column-major) order.
+    pub fortran_order: bool,
 }
 
 /// Reads an `.npy` file of float32 or float64 values (either byte order, C or Fortran
@@ -163,7 +167,160 @@ pub fn read_header(path: &Path) -> Result<NpyHeaderInfo> {
         dtype: info.0,
         kind: info.2,
         width: info.1,
+        data_offset: prefix.len() as u64,
+        fortran_order: npy.order() == Order::Fortran,
     })
+}
+
+/// Rows `rows` of a 2-D float32 or float64 array (either byte order) of `cols` columns,
+/// as f32, with the array's shape: a C-order file is read only where those rows are (a
+/// rank of a sharded run reads its members of `--init-ensemble`); a Fortran-order one
+/// is read whole and sliced. Errors: as [`read_header`]; a shape that is not 2-D with
+/// `cols` columns and at least `rows.end` rows, or another dtype, naming the file.
+pub fn read_rows_f32(
+    path: &Path,
+    rows: std::ops::Range<usize>,
+    cols: usize,
+) -> Result<(Vec<usize>, Vec<f32>)> {
+    use std::io::{Read, Seek, SeekFrom};
+    let h = read_header(path)?;
+    if h.shape.len() != 2 || h.shape[1] != cols || h.shape[0] < rows.end {
+        return Err(npy_err(
+            path,
+            format!(
+                "shape {:?}: expected 2-D with {cols} columns and at least {} rows",
+                h.shape, rows.end
+            ),
+        ));
+    }
+    if h.kind != TypeChar::Float || !(h.width == 4 || h.width == 8) {
+        return Err(npy_err(
+            path,
+            format!(
+                "dtype {} is not supported: save as float32 or float64",
+                h.dtype
+            ),
+        ));
+    }
+    if h.fortran_order {
+        let all = read(path)?;
+        let data = all.data[rows.start * cols..rows.end * cols]
+            .iter()
+            .map(|&v| v as f32)
+            .collect();
+        return Ok((h.shape, data));
+    }
+    let n = (rows.end - rows.start) * cols;
+    let mut bytes = vec![0u8; n * h.width];
+    let mut f = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
+    let at = h.data_offset + (rows.start * cols * h.width) as u64;
+    f.seek(SeekFrom::Start(at))
+        .and_then(|_| f.read_exact(&mut bytes))
+        .map_err(|e| Error::io(path, e))?;
+    let big = h.dtype.starts_with('>');
+    let data = match h.width {
+        4 => bytes
+            .chunks_exact(4)
+            .map(|b| {
+                let b = [b[0], b[1], b[2], b[3]];
+                if big {
+                    f32::from_be_bytes(b)
+                } else {
+                    f32::from_le_bytes(b)
+                }
+            })
+            .collect(),
+        _ => bytes
+            .chunks_exact(8)
+            .map(|b| {
+                let b = [b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7]];
+                (if big {
+                    f64::from_be_bytes(b)
+                } else {
+                    f64::from_le_bytes(b)
+                }) as f32
+            })
+            .collect(),
+    };
+    Ok((h.shape, data))
+}
+
+/// The header of a little-endian float32 C-order `.npy` file of `shape` (format 1.0, the
+/// header padded to a multiple of 64 bytes as NumPy and npyz write it): the bytes before
+/// the data.
+pub fn f32_header(shape: &[usize]) -> Vec<u8> {
+    // npyz's layout: every dimension followed by ", ".
+    let shape_text: String = shape.iter().map(|d| format!("{d}, ")).collect();
+    let mut dict = format!("{{'descr': '<f4', 'fortran_order': False, 'shape': ({shape_text}), }}");
+    let pad = (64 - (10 + dict.len() + 1) % 64) % 64;
+    dict.push_str(&" ".repeat(pad));
+    dict.push('\n');
+    let mut out = b"\x93NUMPY\x01\x00".to_vec();
+    out.extend_from_slice(&(dict.len() as u16).to_le_bytes());
+    out.extend_from_slice(dict.as_bytes());
+    out
+}
+
+/// A float32 C-order `.npy` file of `shape` (rows × cols) written by several writers,
+/// the ranks of a sharded run: [`shared_begin`] (one writer) makes `PATH.tmp` with the
+/// header and the whole length, each writer then writes its rows
+/// ([`shared_write_rows`]), and [`shared_finish`] (one writer, after all) renames it
+/// over PATH. Until then PATH keeps its old content. Errors: I/O naming the file.
+pub fn shared_begin(path: &Path, shape: [usize; 2]) -> Result<()> {
+    let tmp = super::tmp_path(path);
+    let header = f32_header(&shape);
+    let len = header.len() as u64 + (shape[0] * shape[1] * 4) as u64;
+    let made = (|| {
+        use std::io::Write;
+        let mut f = std::fs::File::create(&tmp)?;
+        f.write_all(&header)?;
+        f.set_len(len)?;
+        f.sync_all()
+    })();
+    made.map_err(|e| {
+        let _ = std::fs::remove_file(&tmp);
+        Error::io(path, e)
+    })
+}
+
+/// Writes rows `first ..` (`data`, whole rows of `cols`) into the file [`shared_begin`]
+/// made for `path` (of `shape`), and syncs them. Errors: rows past the shape, I/O.
+pub fn shared_write_rows(path: &Path, shape: [usize; 2], first: usize, data: &[f32]) -> Result<()> {
+    use std::io::{Seek, SeekFrom, Write};
+    let cols = shape[1];
+    if cols == 0 || !data.len().is_multiple_of(cols) || first + data.len() / cols > shape[0] {
+        return Err(npy_err(
+            path,
+            format!(
+                "{} values from row {first} do not fit whole rows of {shape:?}",
+                data.len()
+            ),
+        ));
+    }
+    let tmp = super::tmp_path(path);
+    let at = f32_header(&shape).len() as u64 + (first * cols * 4) as u64;
+    let bytes: Vec<u8> = data.iter().flat_map(|v| v.to_le_bytes()).collect();
+    let written = (|| {
+        let mut f = std::fs::OpenOptions::new().write(true).open(&tmp)?;
+        f.seek(SeekFrom::Start(at))?;
+        f.write_all(&bytes)?;
+        f.sync_all()
+    })();
+    written.map_err(|e| Error::io(path, e))
+}
+
+/// Renames the file of [`shared_begin`] over `path` (after every writer wrote its rows);
+/// `keep = false` removes it instead (a writer failed). Errors: I/O naming the file.
+pub fn shared_finish(path: &Path, keep: bool) -> Result<()> {
+    let tmp = super::tmp_path(path);
+    if keep {
+        std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e))
+    } else {
+        match std::fs::remove_file(&tmp) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(Error::io(path, e)),
+            _ => Ok(()),
+        }
+    }
 }
 
 /// Fills `buf` as far as the file allows; returns the bytes read.
@@ -379,6 +536,103 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("enkf-npy-{}", std::process::id()));
         std::fs::create_dir_all(&dir).expect("temp dir");
         dir.join(name)
+    }
+
+    /// The hand-made header is byte for byte npyz's (NumPy's layout), for 1-D and 2-D
+    /// shapes and for header lengths on both sides of a 64-byte boundary.
+    #[test]
+    fn the_f32_header_is_the_one_npyz_writes() {
+        for shape in [
+            vec![7usize],
+            vec![3, 4],
+            vec![1000, 18_050],
+            vec![123_456_789, 1],
+        ] {
+            let p = tmp("hdr.npy");
+            let n: usize = shape.iter().product::<usize>().min(64);
+            // Write a small array of the same header length: npyz's header for `shape`
+            // is read back from a file of that shape built with the real data size.
+            if n == shape.iter().product::<usize>() {
+                write_f32(&p, &shape, &vec![0.5; n]).unwrap();
+                let bytes = std::fs::read(&p).unwrap();
+                let h = f32_header(&shape);
+                assert_eq!(&bytes[..h.len()], &h[..], "{shape:?}");
+                assert_eq!(bytes.len(), h.len() + 4 * n);
+            }
+            let h = f32_header(&shape);
+            assert_eq!(h.len() % 64, 0, "{shape:?}: padded to 64");
+            assert_eq!(*h.last().unwrap(), b'\n');
+        }
+    }
+
+    /// Rows written by several writers into one shared file read back as the whole array,
+    /// and a row range reads back from C-order f32, f64, big-endian and Fortran files.
+    #[test]
+    fn shared_writes_and_row_reads() {
+        let p = tmp("shared.npy");
+        let (rows, cols) = (7usize, 5usize);
+        let data: Vec<f32> = (0..rows * cols).map(|i| i as f32 * 0.25 - 3.0).collect();
+        std::fs::write(&p, b"old").unwrap();
+        shared_begin(&p, [rows, cols]).unwrap();
+        for (first, count) in [(4, 3), (0, 2), (2, 2)] {
+            let part = &data[first * cols..(first + count) * cols];
+            shared_write_rows(&p, [rows, cols], first, part).unwrap();
+        }
+        assert_eq!(
+            std::fs::read(&p).unwrap(),
+            b"old",
+            "the old file until the rename"
+        );
+        shared_finish(&p, true).unwrap();
+        let back = read(&p).unwrap();
+        assert_eq!(back.shape, [rows, cols]);
+        assert_eq!(
+            back.data,
+            data.iter().map(|&v| f64::from(v)).collect::<Vec<_>>()
+        );
+        assert!(!super::super::tmp_path(&p).exists());
+        let e = shared_write_rows(&p, [rows, cols], 6, &data[..2 * cols]).unwrap_err();
+        assert!(e.to_string().contains("do not fit"), "{e}");
+
+        let (shape, got) = read_rows_f32(&p, 2..5, cols).unwrap();
+        assert_eq!(shape, [rows, cols]);
+        assert_eq!(got, data[2 * cols..5 * cols]);
+        let d64: Vec<f64> = data.iter().map(|&v| f64::from(v)).collect();
+        write_f64(&p, &[rows, cols], &d64).unwrap();
+        assert_eq!(
+            read_rows_f32(&p, 2..5, cols).unwrap().1,
+            data[2 * cols..5 * cols]
+        );
+        // Big-endian and Fortran order (hand-made files, as NumPy writes them).
+        for (descr, fortran) in [("'>f4'", false), ("'<f4'", true)] {
+            let mut h = format!(
+                "{{'descr': {descr}, 'fortran_order': {}, 'shape': ({rows}, {cols}), }}",
+                if fortran { "True" } else { "False" }
+            );
+            h.push('\n');
+            let mut raw = b"\x93NUMPY\x01\x00".to_vec();
+            raw.extend_from_slice(&(h.len() as u16).to_le_bytes());
+            raw.extend_from_slice(h.as_bytes());
+            for k in 0..rows * cols {
+                let v = if fortran {
+                    data[(k % rows) * cols + k / rows]
+                } else {
+                    data[k]
+                };
+                raw.extend_from_slice(&if fortran {
+                    v.to_le_bytes()
+                } else {
+                    v.to_be_bytes()
+                });
+            }
+            std::fs::write(&p, &raw).unwrap();
+            let (_, got) = read_rows_f32(&p, 1..4, cols).unwrap();
+            assert_eq!(got, data[cols..4 * cols], "{descr}, fortran {fortran}");
+        }
+        let e = read_rows_f32(&p, 0..8, cols).unwrap_err();
+        assert!(e.to_string().contains("at least 8 rows"), "{e}");
+        let e = read_rows_f32(&p, 0..1, cols + 1).unwrap_err();
+        assert!(e.to_string().contains("6 columns"), "{e}");
     }
 
     #[test]

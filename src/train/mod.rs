@@ -486,6 +486,19 @@ impl<'a, B: Backend> Trainer<'a, B> {
         self.backend.download_f32(&self.u)
     }
 
+    /// Writes the ensemble (J × P, float32 `.npy`) to `path`, atomically: in one process
+    /// from the host copy; on ranks every rank writes its rows into one file
+    /// ([`ranks::save_sharded_ensemble`], a collective: every rank calls it).
+    ///
+    /// Errors: I/O naming the file; the backend's.
+    pub fn save_ensemble(&self, path: &std::path::Path) -> Result<()> {
+        let u = self.backend.download_f32(&self.u)?;
+        match self.ranks {
+            None => crate::io::npy::write_f32(path, &[self.members, self.params], &u),
+            Some(r) => ranks::save_sharded_ensemble(r.comm, r.shard, &u, self.params, path),
+        }
+    }
+
     /// The ensemble-mean weights, copied to the host (sharded: a collective, every rank
     /// calls it).
     pub fn mean_host(&mut self) -> Result<Vec<f32>> {

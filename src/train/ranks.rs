@@ -36,8 +36,12 @@
 //! The data-misfit step takes every member's misfit (a sum over the ranks of each one's
 //! rows), so every rank takes the one-process step; a fixed `dt` scales γ as there.
 //!
+//! `--init-ensemble`: each rank reads only its rows of the file; `--save-ensemble`: each
+//! rank writes its rows into one file that rank 0 made and renames
+//! ([`save_sharded_ensemble`]).
+//!
 //! Not sharded yet (refused by [`check_config`] with the setting named): the Tikhonov
-//! update and `--save-ensemble` / `--init-ensemble`.
+//! update (its member-space system needs E Eᵀ over every pair of members).
 
 use super::checkpoint::{self, ShardEntry};
 use super::{rng, TrainConfig, Trainer, STREAM_INIT};
@@ -80,13 +84,67 @@ pub fn check_config(cfg: &TrainConfig, ranks: usize) -> Result<()> {
     if cfg.tikhonov > 0.0 {
         return refuse(&format!("tikhonov = {}", cfg.tikhonov));
     }
-    if cfg.save_ensemble.is_some() {
-        return refuse("--save-ensemble");
-    }
-    if cfg.init_ensemble.is_some() {
-        return refuse("--init-ensemble");
-    }
     Ok(())
+}
+
+/// Rows `shard.range()` of the `--init-ensemble` file, which must hold J × P.
+fn read_init_rows(path: &Path, shard: Shard, params: usize) -> Result<Vec<f32>> {
+    let (shape, rows) = crate::io::npy::read_rows_f32(path, shard.range(), params)?;
+    if shape != [shard.members, params] {
+        return Err(Error::Shape {
+            what: format!("initial ensemble {}", path.display()),
+            expected: format!(
+                "[{}, {params}] (members × weights of this network)",
+                shard.members
+            ),
+            found: format!("{shape:?}"),
+        });
+    }
+    Ok(rows)
+}
+
+/// Writes the whole sharded ensemble (J × P, float32) to `path` as `--save-ensemble`
+/// does in one process: rank 0 makes the file, every rank writes its rows in place, and
+/// rank 0 renames it over `path` once all have (each step agreed over the ranks, so a
+/// failure on one stops all and leaves `path` as it was). The folder must be shared by
+/// the ranks, as the checkpoints' is. A collective: every rank calls it.
+///
+/// Errors: I/O naming the file, on every rank when one failed.
+pub fn save_sharded_ensemble(
+    comm: &dyn Comm,
+    shard: Shard,
+    rows: &[f32],
+    params: usize,
+    path: &Path,
+) -> Result<()> {
+    let shape = [shard.members, params];
+    let agree = |local: Result<()>, step: &str| -> Result<()> {
+        let failed = any_rank(comm, local.is_err())?;
+        match local {
+            Ok(()) if failed => Err(Error::Config(format!(
+                "--save-ensemble {}: another rank failed to {step} (see its error)",
+                path.display()
+            ))),
+            other => other,
+        }
+    };
+    let begun = match comm.rank() {
+        0 => crate::io::npy::shared_begin(path, shape),
+        _ => Ok(()),
+    };
+    agree(begun, "create the file")?;
+    let written = crate::io::npy::shared_write_rows(path, shape, shard.first, rows);
+    if let Err(e) = agree(written, "write its rows") {
+        if comm.rank() == 0 {
+            let _ = crate::io::npy::shared_finish(path, false);
+        }
+        return Err(e);
+    }
+    let done = match comm.rank() {
+        0 => crate::io::npy::shared_finish(path, true),
+        _ => Ok(()),
+    };
+    agree(done, "rename the file")
 }
 
 /// The sum over the ranks of one flag per rank: whether any rank raised it.
@@ -113,15 +171,34 @@ impl<'a, B: Backend> Trainer<'a, B> {
         let shard = Shard::of(cfg.members, comm.rank(), comm.size())?;
         let net = cfg.net();
         let params = net.n_params();
-        let mut rows = crate::enkf::dist::init_shard(
-            &mut rng(cfg.seed, STREAM_INIT),
-            shard,
-            params,
-            cfg.sigma,
-        );
-        if cfg.bias_init == super::BiasInit::Zero {
-            net.zero_biases(&mut rows);
-        }
+        let rows = match &cfg.init_ensemble {
+            // This rank's rows of the file (every rank reads its own; they agree).
+            Some(path) => {
+                let local = read_init_rows(path, shard, params);
+                let failed = any_rank(comm, local.is_err())?;
+                match local {
+                    Ok(_) if failed => {
+                        return Err(Error::Config(format!(
+                            "another rank could not read --init-ensemble {} (see its error)",
+                            path.display()
+                        )))
+                    }
+                    other => other?,
+                }
+            }
+            None => {
+                let mut rows = crate::enkf::dist::init_shard(
+                    &mut rng(cfg.seed, STREAM_INIT),
+                    shard,
+                    params,
+                    cfg.sigma,
+                );
+                if cfg.bias_init == super::BiasInit::Zero {
+                    net.zero_biases(&mut rows);
+                }
+                rows
+            }
+        };
         let mut t = Self::build(backend, cfg, data, &rows, shard.count)?;
         t.ranks = Some(Ranks { comm, shard });
         t.order = (0..data.train.len()).collect();
