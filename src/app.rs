@@ -114,8 +114,9 @@ pub fn open_backend(kind: BackendKind, math: MathMode) -> Result<Opened> {
 /// The backend of one rank of a sharded run: one GPU per rank
 /// ([`crate::dist::rank_device`] of its node-local rank), every rank on a GPU or, with
 /// `auto`, every rank on the CPU as soon as one has no usable GPU (the ranks agree in
-/// one sum). The sums of the update travel through the host (download, MPI allreduce,
-/// upload), so any MPI works; NCCL is not used.
+/// one sum). The sums of the update travel device to device through NCCL where every
+/// rank can use it ([`crate::gpu::CudaBackend::attach_nccl`]), else through the host
+/// (download, MPI allreduce, upload), which any MPI does.
 ///
 /// Errors: [`Error::Cuda`] with `--backend cuda` when this rank or another has no usable
 /// GPU (every rank errs, none waits); the transport's.
@@ -140,7 +141,14 @@ pub fn open_rank_backend(
     });
     let any_failed = crate::train::ranks::any_rank(comm, gpu.is_err())?;
     match (gpu, kind, any_failed) {
-        (Ok((be, desc)), _, false) => Ok(Opened::Cuda(Box::new(be), desc)),
+        (Ok((be, desc)), _, false) => {
+            // Every rank is on a GPU: the sums go through NCCL where all can use it.
+            let sums = be.attach_nccl(comm)?;
+            Ok(Opened::Cuda(
+                Box::new(be),
+                format!("{desc}; sums through {sums}"),
+            ))
+        }
         (Err(why), BackendKind::Cuda, _) => Err(Error::Cuda(format!(
             "--backend cuda was requested but rank {rank} of {ranks} has no usable GPU: {}",
             why.trim_start_matches("CUDA backend: ")

@@ -367,6 +367,26 @@ pub trait Backend {
     /// Waits for queued work to finish (no-op on the CPU).
     fn synchronize(&self) -> Result<()>;
 
+    /// Sums `buf` element-wise over the ranks of `comm`, in place (every rank calls it
+    /// with a buffer of the same length; nothing to do on one rank): the sharded
+    /// update's exchanges. The default stages through the host ([`host_allreduce_f64`]:
+    /// download, `comm`'s sum, upload); the CUDA backend sums device to device through
+    /// NCCL once [`crate::gpu::CudaBackend::attach_nccl`] joined the ranks.
+    fn allreduce_sum_f64(&self, comm: &dyn crate::dist::Comm, buf: &mut Self::F64) -> Result<()>
+    where
+        Self: Sized,
+    {
+        host_allreduce_f64(self, comm, buf)
+    }
+
+    /// [`Backend::allreduce_sum_f64`] for f32 buffers.
+    fn allreduce_sum_f32(&self, comm: &dyn crate::dist::Comm, buf: &mut Self::F32) -> Result<()>
+    where
+        Self: Sized,
+    {
+        host_allreduce_f32(self, comm, buf)
+    }
+
     /// The device's FP32 FFMA peak in GFLOP/s, where it is known (CUDA: SMs × FP32 lanes
     /// × 2 × clock); `None` by default (the CPU backend does not claim one).
     fn fp32_peak_gflops(&self) -> Option<f64> {
@@ -385,6 +405,39 @@ pub trait Backend {
         self.synchronize()?;
         Ok(t0.elapsed().as_secs_f64() * 1e3)
     }
+}
+
+/// [`Backend::allreduce_sum_f64`] through the host: download, `comm`'s sum, upload
+/// (nothing on one rank).
+///
+/// Errors: the backend's copies; the transport's.
+pub fn host_allreduce_f64<B: Backend>(
+    backend: &B,
+    comm: &dyn crate::dist::Comm,
+    buf: &mut B::F64,
+) -> Result<()> {
+    if comm.size() == 1 {
+        return Ok(());
+    }
+    let mut host = backend.download_f64(buf)?;
+    comm.allreduce_sum_f64(&mut host)?;
+    backend.write_f64(&host, buf)
+}
+
+/// [`host_allreduce_f64`] for f32 buffers.
+///
+/// Errors: the backend's copies; the transport's.
+pub fn host_allreduce_f32<B: Backend>(
+    backend: &B,
+    comm: &dyn crate::dist::Comm,
+    buf: &mut B::F32,
+) -> Result<()> {
+    if comm.size() == 1 {
+        return Ok(());
+    }
+    let mut host = backend.download_f32(buf)?;
+    comm.allreduce_sum_f32(&mut host)?;
+    backend.write_f32(&host, buf)
 }
 
 /// Checks that a buffer has the expected length.

@@ -8,8 +8,9 @@
 //!
 //! Tolerance: as `tests/sharded_train.rs` for the sequential rule (5e-4 of the largest
 //! mean weight): the ranks add their partial sums on the host in another order than one
-//! process; the GPU adds nothing rank-specific. Multi-GPU (several devices, NCCL or
-//! CUDA-aware MPI) is not tested here: the sums travel through the host.
+//! process; the GPU adds nothing rank-specific. The thread ranks share one GPU, so their
+//! sums go through the host (NCCL refuses two ranks on one device); NCCL itself is
+//! tested on one rank. Several GPUs are not tested here.
 
 mod common;
 use common::{gpu, limited};
@@ -129,4 +130,36 @@ fn two_gpu_ranks_agree_with_one_gpu_process() {
         );
         assert_eq!(mean, &got[0].0, "every rank holds the same mean");
     }
+}
+
+/// NCCL on one rank (the path a GPU session can test): attached where libnccl loads,
+/// an identity sum of f64 and f32 device buffers either way; where it is not usable,
+/// the reason is named.
+#[test]
+fn nccl_on_one_rank_sums_to_itself_or_says_why_not() {
+    use enkf_dnn::backend::Backend;
+    match enkf_dnn::gpu::nccl::usable() {
+        Ok(()) => println!("libnccl loads"),
+        Err(why) => assert!(
+            why.contains("libnccl is not installed") || why.contains("ENKF_NCCL=0"),
+            "{why}"
+        ),
+    }
+    let Some(be) = gpu(MathMode::Fp32) else {
+        return;
+    };
+    let how = be.attach_nccl(&enkf_dnn::dist::Solo).expect("attach");
+    println!("sums through {how}");
+    assert!(how == "NCCL" || how.starts_with("the host ("), "{how}");
+    let v64: Vec<f64> = (0..1000).map(|i| f64::from(i) * 0.5 - 7.0).collect();
+    let mut d64 = be.zeros_f64(v64.len()).unwrap();
+    be.write_f64(&v64, &mut d64).unwrap();
+    be.allreduce_sum_f64(&enkf_dnn::dist::Solo, &mut d64)
+        .expect("f64 sum");
+    assert_eq!(be.download_f64(&d64).unwrap(), v64);
+    let v32: Vec<f32> = v64.iter().map(|&v| v as f32).collect();
+    let mut d32 = be.upload_f32(&v32).unwrap();
+    be.allreduce_sum_f32(&enkf_dnn::dist::Solo, &mut d32)
+        .expect("f32 sum");
+    assert_eq!(be.download_f32(&d32).unwrap(), v32);
 }

@@ -269,6 +269,21 @@ impl Backend for CpuBackend {
         reduce::row_std_f32(a, mean, rows, cols, out)
     }
 
+    fn allreduce_sum_f64(&self, comm: &dyn crate::dist::Comm, buf: &mut Vec<f64>) -> Result<()> {
+        // The host buffer is summed in place (the same values as the staged default).
+        match comm.size() {
+            1 => Ok(()),
+            _ => comm.allreduce_sum_f64(buf),
+        }
+    }
+
+    fn allreduce_sum_f32(&self, comm: &dyn crate::dist::Comm, buf: &mut Vec<f32>) -> Result<()> {
+        match comm.size() {
+            1 => Ok(()),
+            _ => comm.allreduce_sum_f32(buf),
+        }
+    }
+
     fn add_normal_f32(
         &self,
         u: &mut Vec<f32>,

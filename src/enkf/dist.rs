@@ -213,7 +213,7 @@ impl<B: Backend> ShardedWorkspace<B> {
         };
         let dims = (jr, self.batch, self.outputs);
         super::rule_gain(backend, rule, bufs, dims, inv_j, gamma, &mut |buf| {
-            allreduce_f64(backend, comm, buf)
+            backend.allreduce_sum_f64(comm, buf)
         })?;
         if rule == UpdateRule::Transform {
             // X_r = 1 (C⁻¹ d̄)ᵀ + A_r Qᵀ diag(φ) Q from the global d̄ and C (on one rank
@@ -250,11 +250,7 @@ impl<B: Backend> ShardedWorkspace<B> {
             0.0,
             &mut self.t32,
         )?;
-        if comm.size() > 1 {
-            let mut t = backend.download_f32(&self.t32)?;
-            comm.allreduce_sum_f32(&mut t)?;
-            backend.write_f32(&t, &mut self.t32)?;
-        }
+        backend.allreduce_sum_f32(comm, &mut self.t32)?;
         backend.gemm_f32(
             Trans::No,
             Trans::No,
@@ -332,17 +328,6 @@ fn agree(comm: &dyn Comm, local: Result<()>) -> Result<()> {
         ))),
         Ok(()) => Ok(()),
     }
-}
-
-/// Sums a device buffer over the ranks (download, exchange, upload; nothing to do on
-/// one rank).
-fn allreduce_f64<B: Backend>(backend: &B, comm: &dyn Comm, buf: &mut B::F64) -> Result<()> {
-    if comm.size() == 1 {
-        return Ok(());
-    }
-    let mut host = backend.download_f64(buf)?;
-    comm.allreduce_sum_f64(&mut host)?;
-    backend.write_f64(&host, buf)
 }
 
 /// Bytes one rank contributes to the sums of one update (module docs): what an

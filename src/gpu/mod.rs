@@ -16,6 +16,7 @@ pub mod geometry;
 pub mod linalg;
 pub mod memory;
 pub mod module;
+pub mod nccl;
 pub mod reduce;
 pub mod spec_backplan;
 pub mod spec_backprop;
@@ -58,6 +59,8 @@ pub struct CudaBackend {
     /// The two scratch buffers of the layer-spec forward pass (`spec_forward.rs`),
     /// grown on demand and kept between calls.
     spec_scratch: Mutex<Vec<CudaSlice<f32>>>,
+    /// The NCCL communicator of a sharded run's ranks ([`CudaBackend::attach_nccl`]).
+    nccl: Mutex<Option<nccl::NcclGroup>>,
 }
 
 /// What [`CudaBackend::open`] found the first time in this process: the description, or
@@ -236,6 +239,7 @@ impl CudaBackend {
             fp32_peak_gflops,
             description,
             spec_scratch: Mutex::new(Vec::new()),
+            nccl: Mutex::new(None),
         })
     }
 
@@ -263,6 +267,37 @@ impl CudaBackend {
 
     fn open_uncached(math: MathMode) -> std::result::Result<(CudaBackend, String), String> {
         Self::open_device(0, math)
+    }
+
+    /// Joins the ranks of `comm` in one NCCL communicator on this backend's stream, so
+    /// that [`Backend::allreduce_sum_f64`] / `_f32` sum device to device (a collective:
+    /// every rank calls it, after every rank opened its GPU). Returns how the sums travel,
+    /// in words: "NCCL", or "the host (reason)" when some rank cannot use NCCL (libnccl
+    /// missing, `ENKF_NCCL=0`, or the communicator could not be made), the same on every
+    /// rank (`gpu::nccl`).
+    ///
+    /// Errors: the transport's.
+    pub fn attach_nccl(&self, comm: &dyn crate::dist::Comm) -> Result<String> {
+        let pci = |a: CUdevice_attribute| self.ctx.attribute(a).map_or(0, |v| v.max(0) as u64);
+        let key = nccl::device_key(
+            &nccl::host_name(),
+            [
+                pci(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_PCI_DOMAIN_ID),
+                pci(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_PCI_BUS_ID),
+                pci(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_PCI_DEVICE_ID),
+            ],
+        );
+        match nccl::join(comm, &self.stream, key)? {
+            Ok(group) => {
+                let mut slot = self
+                    .nccl
+                    .lock()
+                    .map_err(|_| Error::Cuda("the NCCL communicator's lock is poisoned".into()))?;
+                *slot = Some(group);
+                Ok("NCCL".into())
+            }
+            Err(why) => Ok(format!("the host ({why})")),
+        }
     }
 
     /// The number of CUDA devices this process sees (after `CUDA_VISIBLE_DEVICES`).
@@ -756,6 +791,28 @@ impl Backend for CudaBackend {
         self.stream
             .memcpy_dtod(&s, &mut d)
             .map_err(cuda_err("copy_rows_f32"))
+    }
+
+    fn allreduce_sum_f64(
+        &self,
+        comm: &dyn crate::dist::Comm,
+        buf: &mut CudaSlice<f64>,
+    ) -> Result<()> {
+        if nccl::all_reduce(&self.nccl, comm, buf)? {
+            return Ok(());
+        }
+        crate::backend::host_allreduce_f64(self, comm, buf)
+    }
+
+    fn allreduce_sum_f32(
+        &self,
+        comm: &dyn crate::dist::Comm,
+        buf: &mut CudaSlice<f32>,
+    ) -> Result<()> {
+        if nccl::all_reduce(&self.nccl, comm, buf)? {
+            return Ok(());
+        }
+        crate::backend::host_allreduce_f32(self, comm, buf)
     }
 
     fn synchronize(&self) -> Result<()> {
