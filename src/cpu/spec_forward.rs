@@ -263,6 +263,18 @@ fn forward_group(
                     });
                 }
             }
+            #[cfg(target_arch = "x86_64")]
+            Layer::Conv2d { .. } if std::arch::is_x86_feature_detected!("avx2") => {
+                // Stride > 1 (stride 1 took the arm above).
+                let rows = cur[..nb * n_in].chunks_exact(n_in);
+                PADDED.with(|bufs| {
+                    let (poly, wide) = &mut *bufs.borrow_mut();
+                    for (src, dst) in rows.zip(next[..nb * n_out].chunks_exact_mut(n_out)) {
+                        // SAFETY: AVX2 is present (the guard above).
+                        unsafe { conv2d_strided_avx(l, w, src, dst, (poly, wide)) };
+                    }
+                });
+            }
             _ => {
                 let rows = cur[..nb * n_in].chunks_exact(n_in);
                 for (src, dst) in rows.zip(next[..nb * n_out].chunks_exact_mut(n_out)) {
@@ -379,33 +391,15 @@ unsafe fn conv2d_s1_avx(l: &BuiltLayer, w: &[f32], input: &[f32], out: &mut [f32
         let wo = &weight[o * c * k * k..][..c * k * k];
         let b = bias.map(|b| b[o]);
         let dst = &mut out[o * plane..][..plane];
-        // Tiles of R rows × NB blocks of 8 columns, R·NB ≤ 6 independent accumulators
-        // held in registers (const sizes, so the loops unroll).
-        let blocks = full / 8;
-        let band = if blocks == 1 { 4 } else { 2 };
-        let g = ConvGeom1 { c, h, wd, ow, k };
-        let mut y0 = 0;
-        while y0 < oh && blocks > 0 {
-            let r = (oh - y0).min(band);
-            let mut x0 = 0;
-            while x0 < full {
-                let nb = ((full - x0) / 8).min(3);
-                let at = (y0, x0);
-                match (r, nb) {
-                    (4, 1) => conv_tile::<4, 1>(&g, input, wo, b, dst, at),
-                    (3, 1) => conv_tile::<3, 1>(&g, input, wo, b, dst, at),
-                    (2, 1) => conv_tile::<2, 1>(&g, input, wo, b, dst, at),
-                    (1, 1) => conv_tile::<1, 1>(&g, input, wo, b, dst, at),
-                    (2, 2) => conv_tile::<2, 2>(&g, input, wo, b, dst, at),
-                    (1, 2) => conv_tile::<1, 2>(&g, input, wo, b, dst, at),
-                    (2, 3) => conv_tile::<2, 3>(&g, input, wo, b, dst, at),
-                    (1, 3) => conv_tile::<1, 3>(&g, input, wo, b, dst, at),
-                    _ => unreachable!("r ≤ 4 with one block, ≤ 2 otherwise; nb ≤ 3"),
-                }
-                x0 += 8 * nb;
-            }
-            y0 += r;
-        }
+        let g = ConvGeom1 {
+            c,
+            h,
+            wd,
+            ow,
+            k,
+            s: 1,
+        };
+        conv_rows(&g, input, wo, b, dst, (oh, full));
         for y in 0..oh {
             let row = &mut dst[y * ow..][..ow];
             for (x, d) in row.iter_mut().enumerate().skip(full) {
@@ -429,8 +423,123 @@ unsafe fn conv2d_s1_avx(l: &BuiltLayer, w: &[f32], input: &[f32], out: &mut [f32
     }
 }
 
-/// The sides of a stride-1, unpadded convolution for [`conv_tile`]: c input channels
-/// of h × wd, output width ow, kernel k.
+/// Output rows 0..oh, columns 0..full (a multiple of 8) of one output channel `dst` of
+/// the convolution `g`, in tiles of R rows × NB blocks of 8 columns, R·NB ≤ 6
+/// independent accumulators held in registers (const sizes, so the loops unroll).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn conv_rows(
+    g: &ConvGeom1,
+    input: &[f32],
+    wo: &[f32],
+    b: Option<f32>,
+    dst: &mut [f32],
+    (oh, full): (usize, usize),
+) {
+    let blocks = full / 8;
+    let band = if blocks == 1 { 4 } else { 2 };
+    let mut y0 = 0;
+    while y0 < oh && blocks > 0 {
+        let r = (oh - y0).min(band);
+        let mut x0 = 0;
+        while x0 < full {
+            let nb = ((full - x0) / 8).min(3);
+            let at = (y0, x0);
+            match (r, nb) {
+                (4, 1) => conv_tile::<4, 1>(g, input, wo, b, dst, at),
+                (3, 1) => conv_tile::<3, 1>(g, input, wo, b, dst, at),
+                (2, 1) => conv_tile::<2, 1>(g, input, wo, b, dst, at),
+                (1, 1) => conv_tile::<1, 1>(g, input, wo, b, dst, at),
+                (2, 2) => conv_tile::<2, 2>(g, input, wo, b, dst, at),
+                (1, 2) => conv_tile::<1, 2>(g, input, wo, b, dst, at),
+                (2, 3) => conv_tile::<2, 3>(g, input, wo, b, dst, at),
+                (1, 3) => conv_tile::<1, 3>(g, input, wo, b, dst, at),
+                _ => unreachable!("r ≤ 4 with one block, ≤ 2 otherwise; nb ≤ 3"),
+            }
+            x0 += 8 * nb;
+        }
+        y0 += r;
+    }
+}
+
+/// A strided (stride s > 1), optionally padded conv2d layer on one image in AVX
+/// registers: the image is laid out column-polyphase with its zero padding
+/// ([`ConvGeom1`]; `poly`, reused) and its output computed `wide` (`ow` rounded up to a
+/// multiple of 8, the extra columns reading zeros) by [`conv_rows`], then the first `ow`
+/// columns are kept. Each kept output adds the taps in the order (input channel, ky,
+/// kx) with a separate multiply and add, as [`conv2d`] does, plus w·0 for the padding
+/// taps [`conv2d`] skips, which leaves a finite sum unchanged: bit for bit its result.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn conv2d_strided_avx(
+    l: &BuiltLayer,
+    w: &[f32],
+    input: &[f32],
+    out: &mut [f32],
+    (poly, wide): (&mut Vec<f32>, &mut Vec<f32>),
+) {
+    let (
+        Layer::Conv2d {
+            kernel_size: k,
+            stride: s,
+            padding: p,
+            ..
+        },
+        Shape::Image { c, h, w: wd },
+        Shape::Image {
+            c: co,
+            h: oh,
+            w: ow,
+        },
+    ) = (l.layer, l.input, l.output)
+    else {
+        unreachable!("conv2d maps images to images (NetSpec::build)")
+    };
+    assert!(input.len() == c * h * wd && out.len() == co * oh * ow);
+    let (hp, owp) = (h + 2 * p, ow.next_multiple_of(8));
+    let row = owp + (k - 1) / s;
+    poly.clear();
+    poly.resize(c * hp * s * row, 0.0);
+    for i in 0..c {
+        for y in 0..h {
+            let src = &input[(i * h + y) * wd..][..wd];
+            for (x, &v) in src.iter().enumerate() {
+                let px = x + p;
+                // Columns past the last phase row are never read by a kept output.
+                if px / s < row {
+                    poly[((i * hp + y + p) * s + px % s) * row + px / s] = v;
+                }
+            }
+        }
+    }
+    let g = ConvGeom1 {
+        c,
+        h: hp,
+        wd: row,
+        ow: owp,
+        k,
+        s,
+    };
+    let weight = &w[l.weight_offset..][..co * c * k * k];
+    let bias = l.bias_offset.map(|o| &w[o..][..co]);
+    wide.clear();
+    wide.resize(oh * owp, 0.0);
+    for o in 0..co {
+        let wo = &weight[o * c * k * k..][..c * k * k];
+        conv_rows(&g, poly, wo, bias.map(|b| b[o]), wide, (oh, owp));
+        let dst = &mut out[o * oh * ow..][..oh * ow];
+        for (d, src) in dst.chunks_exact_mut(ow).zip(wide.chunks_exact(owp)) {
+            d.copy_from_slice(&src[..ow]);
+        }
+    }
+}
+
+/// The sides of an unpadded convolution for [`conv_tile`]: c input channels of h rows,
+/// output width ow, kernel k, stride s. The input is column-polyphase: row iy of
+/// channel i holds s phase rows of `wd` values, phase rx at ((i·h + iy)·s + rx)·wd, its
+/// value q being column s·q + rx of the image row (s = 1: the plain layout, wd its
+/// width), so the 8 outputs x … x + 7 of tap kx read 8 consecutive values of phase kx
+/// mod s from q = x + kx / s.
 #[cfg(target_arch = "x86_64")]
 struct ConvGeom1 {
     c: usize,
@@ -438,6 +547,7 @@ struct ConvGeom1 {
     wd: usize,
     ow: usize,
     k: usize,
+    s: usize,
 }
 
 /// R output rows × NB blocks of 8 columns of one output channel of [`conv2d_s1_avx`],
@@ -455,9 +565,9 @@ unsafe fn conv_tile<const R: usize, const NB: usize>(
     (y0, x0): (usize, usize),
 ) {
     use std::arch::x86_64::*;
-    let (c, h, wd, ow, k) = (g.c, g.h, g.wd, g.ow, g.k);
-    assert!(x0 + 8 * NB + k - 1 <= wd && (y0 + R) * ow <= dst.len());
-    assert!((c - 1) * h * wd + (y0 + R - 1 + k - 1) * wd + wd <= input.len());
+    let (c, h, wd, ow, k, s) = (g.c, g.h, g.wd, g.ow, g.k, g.s);
+    assert!(x0 + 8 * NB + (k - 1) / s <= wd && (y0 + R) * ow <= dst.len());
+    assert!(((c - 1) * h + (y0 + R - 1) * s + k - 1) * s * wd + s * wd <= input.len());
     let mut acc = [[_mm256_setzero_ps(); NB]; R];
     let mut t = 0;
     for i in 0..c {
@@ -465,8 +575,9 @@ unsafe fn conv_tile<const R: usize, const NB: usize>(
             for kx in 0..k {
                 let wv = _mm256_set1_ps(wo[t]);
                 t += 1;
+                let (rx, qx) = (kx % s, kx / s);
                 for (r, ar) in acc.iter_mut().enumerate() {
-                    let base = (i * h + y0 + r + ky) * wd + x0 + kx;
+                    let base = ((i * h + (y0 + r) * s + ky) * s + rx) * wd + x0 + qx;
                     for (bi, a) in ar.iter_mut().enumerate() {
                         // SAFETY: base + 8·bi + 8 ≤ the row's end (asserted above).
                         let v = _mm256_loadu_ps(input.as_ptr().add(base + 8 * bi));
