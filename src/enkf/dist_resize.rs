@@ -250,16 +250,7 @@ pub fn resample_members<B: Backend, R: Rng>(
     failed: &[usize],
     rng: &mut R,
 ) -> Result<()> {
-    let ok: Vec<usize> = (0..shard.members)
-        .filter(|j| failed.binary_search(j).is_err())
-        .collect();
-    if ok.len() < 2 {
-        return Err(Error::TooFewToResample {
-            iteration: None,
-            failed: failed.len(),
-            members: shard.members,
-        });
-    }
+    let ok = super::resize::survivors(shard.members, failed)?;
     let coef = gaussian_draw_coefficients(rng, failed.len(), ok.len());
     let fresh = fresh_rows(be, comm, shard, u, params, &coef, &ok)?;
     for (i, &g) in failed.iter().enumerate() {

@@ -135,16 +135,11 @@ pub fn nonfinite_rows<B: Backend>(
         .collect())
 }
 
-/// Replaces the rows `failed` (ascending) of `u` by draws from the Gaussian of the other
-/// members (as EnsembleKalmanProcesses.jl does). Errors when fewer than two succeed.
-pub fn resample_members<B: Backend, R: Rng>(
-    be: &B,
-    u: &mut B::F32,
-    members: usize,
-    params: usize,
-    failed: &[usize],
-    rng: &mut R,
-) -> Result<()> {
+/// The members of `0..members` not in `failed` (ascending): the ones a resample draws
+/// from (one process or sharded, `super::dist_resize`).
+///
+/// Errors: [`Error::TooFewToResample`] when fewer than two are left.
+pub fn survivors(members: usize, failed: &[usize]) -> Result<Vec<usize>> {
     let ok: Vec<usize> = (0..members)
         .filter(|j| failed.binary_search(j).is_err())
         .collect();
@@ -155,6 +150,20 @@ pub fn resample_members<B: Backend, R: Rng>(
             members,
         });
     }
+    Ok(ok)
+}
+
+/// Replaces the rows `failed` (ascending) of `u` by draws from the Gaussian of the other
+/// members (as EnsembleKalmanProcesses.jl does). Errors when fewer than two succeed.
+pub fn resample_members<B: Backend, R: Rng>(
+    be: &B,
+    u: &mut B::F32,
+    members: usize,
+    params: usize,
+    failed: &[usize],
+    rng: &mut R,
+) -> Result<()> {
+    let ok = survivors(members, failed)?;
     let good = select_members(be, u, params, &ok)?;
     let r = be.upload_f32(&gaussian_draw_coefficients(rng, failed.len(), ok.len()))?;
     let mut fresh = be.zeros_f32(failed.len() * params)?;
