@@ -224,6 +224,11 @@ long_stage() {
     step "$name" 60 15 "$(note_run "$name")" -- "$BIN" train --backend cuda --members 5000 \
       --iterations 100 --eval-every 50 --net "${v#*:}" --out "$LOGS/$name"
   done
+  # ---- 3d. SGD through the CUDA backpropagation of a layer-spec network (issue 12, never
+  # run on a GPU before): one epoch of the convolutional network above (the loop's last
+  # entry, still in v)
+  step spec-sgd 45 15 "$(note_run spec-sgd)" -- "$BIN" train --backend cuda --optimizer sgd \
+    --epochs 1 --eval-every 500 --net "${v#*:}" --out "$LOGS/spec-sgd"
   # ---- 4. the forward kernel's achieved FLOP rate (ncu, unlocked clocks). bench launches
   # ensemble_forward_f32 three times an iteration (J members, then the mean network on the
   # batch and on the test set): launch 3 is the J = 5000 forward of the second iteration.
