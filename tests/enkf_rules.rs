@@ -403,3 +403,57 @@ fn init_ensemble_is_seeded_gaussian_in_row_major_order() {
         .collect();
     assert_eq!(small, manual);
 }
+
+/// A trained ensemble: a large mean (|ū| ≈ 20) and a tiny spread (1e-3). The update
+/// moves the members by a multiple of their anomalies E = U − 1ūᵀ, so the apply phase
+/// must not form AᵀU from U itself: in f32 the rounding of Σ_j a_j u_j ≈ eps·J·|a|·|ū|
+/// swamps the true Σ_j a_j e_j, and X (whose rows carry C⁻¹d̄, large at γ = 0.01) turns
+/// it into a jump of every member. Both orders against the f64 oracle, at the allowance
+/// of `compare_rule` relative to the step, plus one f32 rounding of U.
+#[test]
+fn a_large_mean_and_a_tiny_spread_update_in_either_order() {
+    let (members, params, batch, gamma) = (100, 40, 3, 0.01);
+    let m = batch * 10;
+    let mut rng = ChaCha8Rng::seed_from_u64(31);
+    let mean = normals(&mut rng, params, 20.0);
+    let e = normals(&mut rng, members * params, 1e-3);
+    let u0: Vec<f32> = e
+        .iter()
+        .enumerate()
+        .map(|(i, &v)| mean[i % params] + v)
+        .collect();
+    // Outputs that depend on the anomalies (a linear map), plus a common offset.
+    let w = normals(&mut rng, params * m, 1.0);
+    let g: Vec<f32> = (0..members)
+        .flat_map(|j| {
+            let (e, w) = (&e, &w);
+            (0..m).map(move |k| {
+                0.1 + (0..params)
+                    .map(|p| 300.0 * e[j * params + p] * w[p * m + k])
+                    .sum::<f32>()
+            })
+        })
+        .collect();
+    let labels: Vec<u8> = (0..batch).map(|_| rng.random_range(0..10u8)).collect();
+    let y = one_hot(&labels, 10);
+    let mut want = up(&u0);
+    batch_reference(&mut want, &up(&g), &up(&y), members, params, batch, gamma).unwrap();
+    let du_max = want
+        .iter()
+        .zip(&u0)
+        .map(|(w, &u)| (w - u as f64).abs())
+        .fold(0.0f64, f64::max);
+    assert!(du_max > 1e-5, "the update must move the ensemble: {du_max}");
+    let be = CpuBackend::new();
+    for order in [ApplyOrder::Params, ApplyOrder::Members] {
+        let mut ws = EnkfWorkspace::with_order(&be, members, params, batch, order).unwrap();
+        let mut u = u0.clone();
+        ws.update(&be, UpdateRule::Batch, gamma, &mut u, &g, &y)
+            .unwrap();
+        let eps = f32::EPSILON as f64;
+        let atol = UPDATE_C * eps * ((members + m) as f64).sqrt() * du_max;
+        let what = format!("{order:?}, |ū| ≈ 20, spread 1e-3, max|ΔU| {du_max:e}");
+        let ratio = assert_close(&what, &up(&u), &want, atol, 2.0 * eps);
+        println!("{what}: worst error / allowance = {ratio:.3}");
+    }
+}

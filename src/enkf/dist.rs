@@ -65,6 +65,8 @@ pub struct ShardedWorkspace<B: Backend> {
     t32: B::F32,
     /// The transform rule's buffers for this rank's rows (made on its first update).
     transform: Option<super::transform::TransformBuffers<B>>,
+    /// The apply's centring about the mean of every rank's members (`super::Centring`).
+    centre: super::Centring<B>,
 }
 
 impl<B: Backend> ShardedWorkspace<B> {
@@ -105,6 +107,7 @@ impl<B: Backend> ShardedWorkspace<B> {
             a32: backend.zeros_f32(j * m)?,
             t32: backend.zeros_f32(m * params)?,
             transform: None,
+            centre: super::Centring::new(backend, j, params)?,
         })
     }
 
@@ -235,9 +238,12 @@ impl<B: Backend> ShardedWorkspace<B> {
                 )?;
             }
         }
-        // T = Σ_r A_rᵀ U_r / J (m × P), then U_r += X_r T.
+        // T = Σ_r A_rᵀ E_r / J (m × P), then E_r += X_r T, E_r = U_r − 1ūᵀ with the mean
+        // over every rank (one common vector: Σ_r A_rᵀ1 = 0 only summed over the ranks).
         backend.f64_to_f32(&self.x64, &mut self.x32)?;
         backend.f64_to_f32(&self.a64, &mut self.a32)?;
+        sharded_mean(backend, comm, self.shard, u, p, self.centre.mean_mut())?;
+        self.centre.shift(backend, u, (jr, p), -1.0)?;
         backend.gemm_f32(
             Trans::Yes,
             Trans::No,
@@ -262,7 +268,8 @@ impl<B: Backend> ShardedWorkspace<B> {
             &self.t32,
             1.0,
             u,
-        )
+        )?;
+        self.centre.shift(backend, u, (jr, p), 1.0)
     }
 }
 

@@ -184,6 +184,68 @@ pub struct EnkfWorkspace<B: Backend> {
     dt: f64,
     /// The transform update's buffers (allocated on its first gain).
     transform: Option<transform::TransformBuffers<B>>,
+    /// The apply phase's centring: ones (J) and the members' mean (P), f32.
+    centre: Centring<B>,
+}
+
+/// The apply phase works on the anomalies E = U − 1ūᵀ, not on U: ΔU = X Aᵀ E / J (Aᵀ1 =
+/// 0), but formed from U in f32 the product carries the rounding of Σ_j a_j u_j ≈
+/// eps·J·|a|·|ū|, which swamps the true Σ_j a_j e_j once the members sit close to a
+/// large mean (a trained ensemble), and X (large at small γ) turns it into a jump of
+/// every member. So U is centred in place before the products (u − ū of nearby values is
+/// exact) and the mean added back after them (one rounding, as any update of U).
+/// `tests/enkf_rules.rs::a_large_mean_and_a_tiny_spread_update_in_either_order`.
+/// Bytes of the apply phase's centring buffers for J members of P weights (the memory
+/// check counts them).
+pub fn centring_bytes(members: usize, params: usize) -> u64 {
+    Centring::<crate::cpu::CpuBackend>::bytes(members, params)
+}
+
+pub(crate) struct Centring<B: Backend> {
+    ones32: B::F32,
+    mean32: B::F32,
+}
+
+impl<B: Backend> Centring<B> {
+    /// Buffers for `rows` members of `params` weights.
+    pub(crate) fn new(backend: &B, rows: usize, params: usize) -> Result<Self> {
+        Ok(Centring {
+            ones32: backend.upload_f32(&vec![1.0; rows])?,
+            mean32: backend.zeros_f32(params)?,
+        })
+    }
+
+    /// The mean buffer, for a caller that forms the mean itself (over every rank).
+    pub(crate) fn mean_mut(&mut self) -> &mut B::F32 {
+        &mut self.mean32
+    }
+
+    /// u ← u + sign · 1 cᵀ with c the mean buffer (u rows × params).
+    pub(crate) fn shift(
+        &self,
+        backend: &B,
+        u: &mut B::F32,
+        (rows, params): (usize, usize),
+        sign: f32,
+    ) -> Result<()> {
+        backend.gemm_f32(
+            Trans::No,
+            Trans::No,
+            rows,
+            params,
+            1,
+            sign,
+            &self.ones32,
+            &self.mean32,
+            1.0,
+            u,
+        )
+    }
+
+    /// Bytes of these buffers.
+    pub(crate) fn bytes(rows: usize, params: usize) -> u64 {
+        4 * (rows + params) as u64
+    }
 }
 
 impl<B: Backend> EnkfWorkspace<B> {
@@ -307,6 +369,7 @@ impl<B: Backend> EnkfWorkspace<B> {
             gamma: 0.0,
             dt: 1.0,
             transform: None,
+            centre: Centring::new(backend, members, params)?,
         })
     }
 
@@ -494,7 +557,10 @@ impl<B: Backend> EnkfWorkspace<B> {
             ApplyBuffers::Params { x32, a32, t32 } => {
                 backend.f64_to_f32(&self.x64, x32)?;
                 backend.f64_to_f32(&self.a64, a32)?;
-                // T = AᵀU/J (m × P), then U += X T.
+                // E = U − 1ūᵀ in place ([`Centring`]), T = AᵀE/J (m × P), E += X T, then
+                // U = E + 1ūᵀ.
+                backend.row_mean(u, j, p, self.centre.mean_mut())?;
+                self.centre.shift(backend, u, (j, p), -1.0)?;
                 backend.gemm_f32(
                     Trans::Yes,
                     Trans::No,
@@ -508,6 +574,7 @@ impl<B: Backend> EnkfWorkspace<B> {
                     t32,
                 )?;
                 backend.gemm_f32(Trans::No, Trans::No, j, p, m, 1.0, x32, t32, 1.0, u)?;
+                self.centre.shift(backend, u, (j, p), 1.0)?;
             }
             // No gain yet (γ is set by the first): nothing to apply.
             ApplyBuffers::Tikhonov(_) if self.gamma == 0.0 => {}
@@ -533,8 +600,12 @@ impl<B: Backend> EnkfWorkspace<B> {
                 )?;
                 backend.add_diagonal_f64(s64, j, 1.0)?;
                 backend.f64_to_f32(s64, s32)?;
+                // S 1 = 1: the new U = S E + 1ūᵀ, E = U − 1ūᵀ ([`Centring`]).
+                backend.row_mean(u, j, p, self.centre.mean_mut())?;
+                self.centre.shift(backend, u, (j, p), -1.0)?;
                 backend.gemm_f32(Trans::No, Trans::No, j, p, j, 1.0, s32, u, 0.0, u_copy)?;
                 std::mem::swap(u, u_copy);
+                self.centre.shift(backend, u, (j, p), 1.0)?;
             }
         }
         Ok(())

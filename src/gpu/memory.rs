@@ -220,7 +220,9 @@ fn workspace_bytes_of(
     };
     // G (J × m), images (b × inputs), targets (m), f32.
     let trainer = 4 * (j * m + b * net.inputs as u64 + m);
-    gain + apply + trainer
+    // The apply's centring: ones (J) and the mean (P), f32.
+    let centre = crate::enkf::centring_bytes(members, params);
+    gain + apply + trainer + centre
 }
 
 /// Estimated device memory of a training run of `shape` (see the module docs).
@@ -530,9 +532,10 @@ mod tests {
         let gain = 8 * (2 * j * m + 2 * m * m);
         let apply = 8 * j * j + 4 * j * j + 4 * j * P as u64;
         let trainer = 4 * (j * m + 64 * 3 * 32 * 32 + m);
+        let centre = 4 * (j + P as u64);
         assert_eq!(
             estimate(&s).workspaces,
-            gain + apply + trainer + 8 * test_pass as u64
+            gain + apply + trainer + centre + 8 * test_pass as u64
         );
         assert_eq!(
             estimate(&s).evaluation,
@@ -581,7 +584,8 @@ mod tests {
         let (j, p, m) = (5000u64, P as u64, 640u64);
         let want = 8 * (2 * j * m + 2 * m * m) // a64, x64, c64, l64
             + 4 * (2 * j * m + m * p)            // x32, a32, t32
-            + 4 * (j * m + 64 * 784 + m); // g, x, y
+            + 4 * (j * m + 64 * 784 + m) // g, x, y
+            + 4 * (j + p); // the centring's ones and mean
         assert_eq!(workspace_bytes(5000, P, 64), want);
     }
 
@@ -589,8 +593,11 @@ mod tests {
     fn workspace_counts_every_buffer_of_the_member_order() {
         assert_eq!(ApplyOrder::cheapest(256, P, 640), ApplyOrder::Members);
         let (j, p, m) = (256u64, P as u64, 640u64);
-        let want =
-            8 * (2 * j * m + 2 * m * m) + 12 * j * j + 4 * j * p + 4 * (j * m + 64 * 784 + m);
+        let want = 8 * (2 * j * m + 2 * m * m)
+            + 12 * j * j
+            + 4 * j * p
+            + 4 * (j * m + 64 * 784 + m)
+            + 4 * (j + p);
         assert_eq!(workspace_bytes(256, P, 64), want);
     }
 
