@@ -460,6 +460,61 @@ fn additive_noise_is_standard_normal_and_reproducible() {
     }
 }
 
+/// √(mean over the weights of their population variance over the members), in f64.
+fn host_spread(u: &[f32], p: usize) -> f64 {
+    let (_, cov) = moments(u, p);
+    ((0..p).map(|a| cov[a * p + a]).sum::<f64>() / p as f64).sqrt()
+}
+
+/// `metrics.csv`'s `spread` is the ensemble's root-mean-square standard deviation on
+/// evaluated rows (the initial ensemble's at iteration 0, the trained one's at the end)
+/// and empty on the others. A sample (÷ J − 1) std would be 7 % off at J = 8, a mean of
+/// the stds instead of their root mean square 1e-3 and more once the weights differ.
+#[test]
+fn spread_column_is_the_ensembles_rms_std_on_evaluated_rows() {
+    let dir = tmpdir("eki-spread");
+    let mut rng = ChaCha8Rng::seed_from_u64(5);
+    let (n, f) = (16usize, 10usize);
+    let x: Vec<f32> = (0..n * f).map(|_| rng.random_range(-1.0f32..1.0)).collect();
+    let y: Vec<f32> = (0..n).map(|_| rng.random_range(-1.0f32..1.0)).collect();
+    std::fs::create_dir_all(&dir).expect("dir");
+    for (a, b) in [(0, 1), (2, 3)] {
+        write_npy(&dir.join(NPY_NAMES[a]), &[n as u64, f as u64], &x);
+        write_npy(&dir.join(NPY_NAMES[b]), &[n as u64], &y);
+    }
+    let data = load(std::slice::from_ref(&dir), None, None).expect("data");
+    let p = PartialConfig {
+        members: Some(8),
+        iterations: Some(6),
+        eval_every: Some(3),
+        batch: Some(16),
+        repetitions: Some(1),
+        gamma: Some(GAMMA),
+        inflation: Some(1.2),
+        backend: Some(BackendKind::Cpu),
+        data_npy: Some(vec![dir.clone()]),
+        net: Some(NetLayers::parse("linear(1,bias=false)").expect("net")),
+        ..Default::default()
+    };
+    let cfg = p.resolve().expect("config");
+    let be = CpuBackend::new();
+    let u0 = Trainer::new(&be, &cfg, &data)
+        .expect("trainer")
+        .ensemble_host()
+        .expect("u0");
+    let (_, u, rows) = run(&p, &data);
+    let spreads: Vec<(usize, Option<f64>)> = rows.iter().map(|r| (r.iteration, r.spread)).collect();
+    for (i, s) in &spreads {
+        assert_eq!(s.is_some(), i % 3 == 0, "{spreads:?}");
+    }
+    let (first, last) = (rows[0].spread.expect("0"), rows[6].spread.expect("6"));
+    let (want0, want) = (host_spread(&u0, f), host_spread(&u, f));
+    assert!((first - want0).abs() < 1e-6 * want0, "{first} vs {want0}");
+    assert!((last - want).abs() < 1e-6 * want, "{last} vs {want}");
+    // The updates contract the ensemble (λ = 1.2 before each does not undo it here).
+    assert!(last < first, "{spreads:?}");
+}
+
 /// With J ≤ P the plain update keeps every member in the affine span of the initial
 /// ensemble (J = 4 members, P = 10 weights: a 3-dimensional subspace); additive
 /// inflation moves the ensemble out of it, as the paper's outlook proposes.
@@ -627,7 +682,7 @@ fn variant_runs_resume_exactly() {
         assert_ne!(plain, whole, "{methods:?} must change the run");
         let csv = std::fs::read_to_string(part.join("metrics.csv")).expect("metrics");
         assert!(
-            csv.lines().next().expect("header").ends_with(",dt"),
+            csv.lines().next().expect("header").ends_with(",dt,spread"),
             "{csv}"
         );
     }

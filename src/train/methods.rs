@@ -44,50 +44,65 @@ impl<B: Backend> Trainer<'_, B> {
                 lambda,
             )?;
         }
-        if let Some(scale) = self.noise_scale.as_mut().filter(|_| f > 0.0) {
-            // Additive inflation, after the multiplicative one.
-            if self.cfg.additive_from == NoiseScale::Spread {
-                // The spread about the mean of every rank's members on a sharded run.
-                match self.ranks {
-                    None => {
-                        be.row_mean(&self.u, self.members, self.params, &mut self.weights)?;
-                        be.row_std_f32(&self.u, &self.weights, self.members, self.params, scale)?;
-                    }
-                    Some(r) => {
-                        crate::enkf::dist::sharded_mean(
-                            be,
-                            r.comm,
-                            r.shard,
-                            &self.u,
-                            self.params,
-                            &mut self.weights,
-                        )?;
-                        let bufs = (&self.u, &self.weights);
-                        crate::enkf::dist::sharded_std(
-                            be,
-                            r.comm,
-                            r.shard,
-                            bufs,
-                            self.params,
-                            scale,
-                        )?;
-                    }
-                }
+        if f > 0.0 {
+            if let Some(mut scale) = self.noise_scale.take() {
+                // Additive inflation, after the multiplicative one.
+                let done = self.add_noise(&mut scale, f);
+                self.noise_scale = Some(scale);
+                done?;
             }
-            let step = u32::try_from(self.t).map_err(|_| {
-                Error::Config(format!(
-                    "additive inflation counts iterations in 32 bits; iteration {} is past it",
-                    self.t
-                ))
-            })?;
-            let s = (self.cfg.additive_inflation * f) as f32;
-            let key = additive_key(self.cfg.seed);
-            // Member j's noise depends on (seed, iteration, j) only, not on the ranks.
-            let offset = self.ranks.map_or(0, |r| r.shard.first * self.params);
-            be.add_normal_f32(&mut self.u, offset, self.params, scale, s, key, step)?;
         }
         Ok(())
     }
+
+    /// Additive inflation with the schedule's factor `f`: N(0, (s·f·scale_p)²) added to
+    /// weight p of every member, `scale` first set to the ensemble's spread when
+    /// `additive_from = spread`.
+    fn add_noise(&mut self, scale: &mut B::F32, f: f64) -> Result<()> {
+        if self.cfg.additive_from == NoiseScale::Spread {
+            self.member_std(scale)?;
+        }
+        let step = u32::try_from(self.t).map_err(|_| {
+            Error::Config(format!(
+                "additive inflation counts iterations in 32 bits; iteration {} is past it",
+                self.t
+            ))
+        })?;
+        let s = (self.cfg.additive_inflation * f) as f32;
+        let key = additive_key(self.cfg.seed);
+        // Member j's noise depends on (seed, iteration, j) only, not on the ranks.
+        let offset = self.ranks.map_or(0, |r| r.shard.first * self.params);
+        self.backend
+            .add_normal_f32(&mut self.u, offset, self.params, scale, s, key, step)
+    }
+
+    /// Each weight's standard deviation over the members about their mean (population,
+    /// ÷ J) into `out` (P), over every rank's members on a sharded run (a collective).
+    /// Leaves the mean in `self.weights`.
+    pub(super) fn member_std(&mut self, out: &mut B::F32) -> Result<()> {
+        self.mean_weights()?;
+        let be = self.backend;
+        match self.ranks {
+            None => be.row_std_f32(&self.u, &self.weights, self.members, self.params, out),
+            Some(r) => {
+                let bufs = (&self.u, &self.weights);
+                crate::enkf::dist::sharded_std(be, r.comm, r.shard, bufs, self.params, out)
+            }
+        }
+    }
+
+    /// The ensemble's spread, √(mean over the weights of their variance over the
+    /// members): the `spread` column of `metrics.csv` (a collective on ranks).
+    pub(super) fn spread(&mut self) -> Result<f64> {
+        let mut sd = self.backend.zeros_f32(self.params)?;
+        self.member_std(&mut sd)?;
+        Ok(rms(&self.backend.download_f32(&sd)?))
+    }
+}
+
+/// The root mean square of `v` in f64 (NaN when empty).
+pub fn rms(v: &[f32]) -> f64 {
+    (v.iter().map(|&x| f64::from(x).powi(2)).sum::<f64>() / v.len() as f64).sqrt()
 }
 
 /// The data-misfit controller of Iglesias and Yang (2021), as EnsembleKalmanProcesses'

@@ -121,6 +121,12 @@ pub struct MetricsRow {
     /// and for gradient runs.
     #[serde(default)]
     pub dt: Option<f64>,
+    /// The ensemble's spread on evaluated iterations: √(mean over the weights of each
+    /// weight's variance over the members), before this row's evaluation (σ for the
+    /// N(0, σ²) initial ensemble; a collapse of the ensemble drives it to 0). Empty on
+    /// other iterations and for gradient runs.
+    #[serde(default)]
+    pub spread: Option<f64>,
 }
 
 /// A float that JSON wrote as `null` (JSON has no NaN: a checkpoint's rows of a
@@ -157,6 +163,7 @@ impl MetricsRow {
             test_loss_mean: None,
             elapsed_s: 0.0,
             dt: None,
+            spread: None,
         }
     }
 }

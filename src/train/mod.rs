@@ -1102,6 +1102,7 @@ impl<'a, B: Backend> Trainer<'a, B> {
         );
         if evaluate {
             let t0 = Instant::now();
+            row.spread = Some(self.spread()?);
             let mut modes = self.cfg.eval.clone();
             if self.cfg.adaptation == Adaptation::Adaptive && !modes.contains(&EvalMode::Mean) {
                 modes.push(EvalMode::Mean);
