@@ -10,7 +10,7 @@
 //! add rounding of the same size as the FMA and order differences there.
 
 mod common;
-use common::twins::{normals32, random_specs, spec_tensors, GRAD_TOL};
+use common::twins::{normals32, random_specs, spec_tensors, GRAD_TOL, REAL_TARGET_SPECS};
 use common::{assert_close, gpu, up};
 
 use enkf_dnn::backend::{Backend, CacheMode, MathMode};
@@ -105,14 +105,7 @@ fn spec_backprop_of_real_targets_and_heaviside_matches_cpu() {
         return;
     };
     let mut rng = ChaCha8Rng::seed_from_u64(72);
-    for (text, input, k) in [
-        ("flatten linear(6) tanh linear(3)", Shape::Vector(7), 3),
-        (
-            "conv2d(2,3,padding=1) logistic avgpool2d(2) flatten linear(2) tanh",
-            Shape::Image { c: 1, h: 8, w: 8 },
-            2,
-        ),
-    ] {
+    for (text, input, k) in REAL_TARGET_SPECS {
         let spec = NetSpec::build(&parse_short(text).unwrap(), input, k).unwrap();
         let images = 17;
         let w = normals32(&mut rng, spec.n_params(), 0.7);

@@ -14,7 +14,7 @@
 //! paths); heaviside's zero gradient is checked on its own below.
 
 mod common;
-use common::twins::{normals32, random_specs, spec_tensors, GRAD_TOL};
+use common::twins::{normals32, random_specs, spec_tensors, GRAD_TOL, REAL_TARGET_SPECS};
 use common::{assert_close, up};
 
 use enkf_dnn::cpu::spec_backprop::{spec_backprop, spec_backprop_mse};
@@ -91,14 +91,7 @@ fn the_twin_plan_matches_the_cpu_backprop_on_the_presets_and_real_targets() {
         }
     }
     // Real targets (the mean squared error), with an activation on the output.
-    for (text, input, k) in [
-        ("flatten linear(6) tanh linear(3)", Shape::Vector(7), 3),
-        (
-            "conv2d(2,3,padding=1) logistic avgpool2d(2) flatten linear(2) tanh",
-            Shape::Image { c: 1, h: 8, w: 8 },
-            2,
-        ),
-    ] {
+    for (text, input, k) in REAL_TARGET_SPECS {
         let spec = NetSpec::build(&parse_short(text).unwrap(), input, k).unwrap();
         let images = 6;
         let w = normals32(&mut rng, spec.n_params(), 0.7);

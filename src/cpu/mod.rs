@@ -126,12 +126,7 @@ impl Backend for CpuBackend {
         grad: &mut Vec<f32>,
     ) -> Result<GradStep> {
         check_len("backprop grad (P)", grad.len(), net.n_params())?;
-        let Some(spec) = net.spec() else {
-            return Err(crate::Error::Config(format!(
-                "real targets need a layer-spec network (--net); {} has 10 class outputs",
-                net.describe()
-            )));
-        };
+        let spec = net.require_spec_for_real_targets()?;
         let bp = spec_backprop::spec_backprop_mse(spec, weights, x, targets)?;
         *grad = bp.grad;
         Ok(GradStep {

@@ -150,19 +150,13 @@ impl<B: Backend> ShardedWorkspace<B> {
         let (jr, p, m) = (self.shard.count, self.params, self.batch * self.outputs);
         // Every rank checks its inputs, then the ranks agree: one failing rank must not
         // leave the others waiting in a collective.
-        let checked =
-            self.check(backend, comm, gamma, (u, g, y))
-                .and_then(|()| match (noise, rule) {
-                    (Some(_), UpdateRule::Transform) => Err(Error::Config(
-                        "the transform update is deterministic: it takes no perturbed \
-                     observations (use --observations exact)"
-                            .into(),
-                    )),
-                    (Some(eta), _) => {
-                        check_len("sharded EnKF observation perturbations", eta.len(), jr * m)
-                    }
-                    (None, _) => Ok(()),
-                });
+        let checked = self
+            .check(backend, comm, gamma, (u, g, y))
+            .and_then(|()| super::no_perturbed_transform(rule, noise))
+            .and_then(|()| match noise {
+                Some(eta) => check_len("sharded EnKF observation perturbations", eta.len(), jr * m),
+                None => Ok(()),
+            });
         agree(comm, checked)?;
         let inv_j = 1.0 / self.shard.members as f64;
         // Local centring and innovations, then the global mean innovation.
@@ -285,9 +279,7 @@ impl<B: Backend> ShardedWorkspace<B> {
         check_len("sharded EnKF outputs g", backend.len_f32(g), jr * m)?;
         check_len("sharded EnKF targets y", backend.len_f32(y), m)?;
         backend.center_and_innovate(g, y, jr, m, &mut self.a64, &mut self.x64)?;
-        let mut phi = backend.row_sq_norms_f64(&self.x64, jr, m)?;
-        phi.iter_mut().for_each(|v| *v /= 2.0 * gamma);
-        Ok(phi)
+        super::misfits_of(backend, &self.x64, jr, m, gamma)
     }
 
     /// The checks of [`ShardedWorkspace::update`] on this rank's inputs.

@@ -248,6 +248,33 @@ impl<B: Backend> Centring<B> {
     }
 }
 
+/// The data misfits Φ_j = |d_j|² / (2γ) of innovation rows `x64` (rows × m), on the
+/// host: the data-misfit controller's input (one process and each rank's rows).
+pub(crate) fn misfits_of<B: Backend>(
+    backend: &B,
+    x64: &B::F64,
+    rows: usize,
+    m: usize,
+    gamma: f64,
+) -> Result<Vec<f64>> {
+    let mut phi = backend.row_sq_norms_f64(x64, rows, m)?;
+    phi.iter_mut().for_each(|v| *v /= 2.0 * gamma);
+    Ok(phi)
+}
+
+/// The transform update is deterministic: perturbed observations with it are an error
+/// (one process and ranks, checked before any work).
+pub(crate) fn no_perturbed_transform(rule: UpdateRule, noise: Option<&[f64]>) -> Result<()> {
+    if rule == UpdateRule::Transform && noise.is_some() {
+        return Err(Error::Config(
+            "the transform update is deterministic: it takes no perturbed observations \
+             (use --observations exact)"
+                .into(),
+        ));
+    }
+    Ok(())
+}
+
 impl<B: Backend> EnkfWorkspace<B> {
     /// Workspace for `members` × `params` ensembles and mini-batches of `batch` images,
     /// with the cheaper [`ApplyOrder`].
@@ -459,10 +486,13 @@ impl<B: Backend> EnkfWorkspace<B> {
     /// The data misfits Φ_j = |y − g_j|² / (2γ) of the innovations of the last
     /// [`EnkfWorkspace::innovate`] (the data-misfit controller's input), on the host.
     pub fn misfits(&self, backend: &B, gamma: f64) -> Result<Vec<f64>> {
-        let (j, m) = (self.members, self.batch * self.outputs);
-        let mut phi = backend.row_sq_norms_f64(&self.x64, j, m)?;
-        phi.iter_mut().for_each(|v| *v /= 2.0 * gamma);
-        Ok(phi)
+        misfits_of(
+            backend,
+            &self.x64,
+            self.members,
+            self.batch * self.outputs,
+            gamma,
+        )
     }
 
     /// Second half of [`EnkfWorkspace::gain`], after [`EnkfWorkspace::innovate`]: the
@@ -489,6 +519,7 @@ impl<B: Backend> EnkfWorkspace<B> {
                 "the step dt must be positive and finite, got {dt}"
             )));
         }
+        no_perturbed_transform(rule, noise)?;
         let gamma = gamma / dt;
         let inv_j = 1.0 / j as f64;
         if let Some(eta) = noise {
@@ -520,13 +551,6 @@ impl<B: Backend> EnkfWorkspace<B> {
         let dims = (j, self.batch, self.outputs);
         rule_gain(backend, rule, bufs, dims, inv_j, gamma, &mut |_| Ok(()))?;
         if rule == UpdateRule::Transform {
-            if noise.is_some() {
-                return Err(Error::Config(
-                    "the transform update is deterministic: it takes no perturbed \
-                     observations (use --observations exact)"
-                        .into(),
-                ));
-            }
             if self.transform.is_none() {
                 self.transform = Some(transform::TransformBuffers::new(backend, j, m)?);
             }

@@ -545,12 +545,7 @@ impl Backend for CudaBackend {
         grad: &mut CudaSlice<f32>,
     ) -> Result<GradStep> {
         check_len("gpu backprop grad (P)", grad.len(), net.n_params())?;
-        let Some(spec) = net.spec() else {
-            return Err(Error::Config(format!(
-                "real targets need a layer-spec network (--net); {} has 10 class outputs",
-                net.describe()
-            )));
-        };
+        let spec = net.require_spec_for_real_targets()?;
         let bp = spec_backprop::spec_backprop(self, spec, weights, x, SpecTargets::Real(targets))?;
         *grad = bp.grad;
         Ok(GradStep {

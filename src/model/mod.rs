@@ -186,6 +186,17 @@ impl Net {
         }
     }
 
+    /// The layer spec of a network trained on real targets: [`crate::Error::Config`] for
+    /// the fused networks, whose 10 outputs are classes.
+    pub fn require_spec_for_real_targets(&self) -> crate::Result<&spec::NetSpec> {
+        self.spec().ok_or_else(|| {
+            crate::Error::Config(format!(
+                "real targets need a layer-spec network (--net); {} has 10 class outputs",
+                self.describe()
+            ))
+        })
+    }
+
     /// A description for logs: `paper/logistic`, or the spec's short form.
     pub fn describe(&self) -> String {
         match self.spec() {

@@ -296,6 +296,17 @@ pub fn cholesky_inputs(
     (a, rhs, want)
 }
 
+/// Layer-spec networks on real targets (the mean squared error), with an activation on
+/// the output: (short form, input shape, outputs), for the CPU and GPU backprop tests.
+pub const REAL_TARGET_SPECS: [(&str, Shape, usize); 2] = [
+    ("flatten linear(6) tanh linear(3)", Shape::Vector(7), 3),
+    (
+        "conv2d(2,3,padding=1) logistic avgpool2d(2) flatten linear(2) tanh",
+        Shape::Image { c: 1, h: 8, w: 8 },
+        2,
+    ),
+];
+
 /// Random specs: several depths, channel counts, kernel sizes, strides, paddings,
 /// biases, both pools, every activation, image and vector inputs.
 pub fn random_specs(rng: &mut ChaCha8Rng) -> Vec<(String, Shape)> {
