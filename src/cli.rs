@@ -132,11 +132,12 @@ pub struct TrainArgs {
     #[arg(long, value_enum)]
     pub additive_from: Option<crate::train::config::NoiseScale>,
     /// How --inflation and --additive-inflation follow the updates t = 0, 1, …: constant,
-    /// linear (factor max(0, 1 − t/N) on λ − 1 and on s) or exponential (factor
-    /// exp(−t/N)), N = --inflation-horizon [default: constant].
+    /// linear (factor max(0, 1 − t/N) on λ − 1 and on s), exponential (factor
+    /// exp(−t/N)) or delayed (none before update N, full from N on), N =
+    /// --inflation-horizon [default: constant].
     #[arg(long, value_enum)]
     pub inflation_schedule: Option<crate::train::config::InflationSchedule>,
-    /// The horizon N of --inflation-schedule linear|exponential, in updates.
+    /// The horizon N of --inflation-schedule linear|exponential|delayed, in updates.
     #[arg(long, value_name = "N")]
     pub inflation_horizon: Option<usize>,
     /// Tikhonov-regularised EKI with strength λ ≥ 0: the prior N(0, σ²/λ · I) joins the

@@ -138,7 +138,8 @@ fn inflation_keeps_the_mean_and_scales_the_spread() {
 /// An inflation schedule acts on the updates it says: with `linear` and horizon 1 the
 /// first update is inflated by λ and every later one not at all, so the run equals one
 /// inflated update followed by uninflated updates from that ensemble (bit for bit); the
-/// constant schedule inflates every update and differs.
+/// constant schedule inflates every update and differs; `delayed` with horizon 1 is one
+/// plain update followed by inflated ones.
 #[test]
 fn an_inflation_schedule_inflates_the_updates_it_says() {
     use enkf_dnn::train::config::InflationSchedule;
@@ -183,5 +184,13 @@ fn an_inflation_schedule_inflates_the_updates_it_says() {
         scheduled, constant,
         "the constant schedule inflates every update"
     );
+    // `delayed` with horizon 1: one plain update, then inflated ones from its ensemble.
+    let plain = run(1, 1.0, None, None);
+    let saved = dir.join("after-plain.npy");
+    enkf_dnn::io::npy::write_f32(&saved, &[16, 2], &plain).expect("save");
+    let then_inflated = run(2, 1.5, None, Some(saved));
+    let delayed = run(3, 1.5, Some((InflationSchedule::Delayed, 1)), None);
+    assert_eq!(delayed, then_inflated, "not inflated once, then inflated");
+    assert_ne!(delayed, constant, "the first update is not inflated");
     let _ = std::fs::remove_dir_all(&dir);
 }

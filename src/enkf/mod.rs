@@ -188,6 +188,12 @@ pub struct EnkfWorkspace<B: Backend> {
     centre: Centring<B>,
 }
 
+/// Bytes of the apply phase's centring buffers for J members of P weights (the memory
+/// check counts them).
+pub fn centring_bytes(members: usize, params: usize) -> u64 {
+    Centring::<crate::cpu::CpuBackend>::bytes(members, params)
+}
+
 /// The apply phase works on the anomalies E = U − 1ūᵀ, not on U: ΔU = X Aᵀ E / J (Aᵀ1 =
 /// 0), but formed from U in f32 the product carries the rounding of Σ_j a_j u_j ≈
 /// eps·J·|a|·|ū|, which swamps the true Σ_j a_j e_j once the members sit close to a
@@ -195,12 +201,6 @@ pub struct EnkfWorkspace<B: Backend> {
 /// every member. So U is centred in place before the products (u − ū of nearby values is
 /// exact) and the mean added back after them (one rounding, as any update of U).
 /// `tests/enkf_rules.rs::a_large_mean_and_a_tiny_spread_update_in_either_order`.
-/// Bytes of the apply phase's centring buffers for J members of P weights (the memory
-/// check counts them).
-pub fn centring_bytes(members: usize, params: usize) -> u64 {
-    Centring::<crate::cpu::CpuBackend>::bytes(members, params)
-}
-
 pub(crate) struct Centring<B: Backend> {
     ones32: B::F32,
     mean32: B::F32,

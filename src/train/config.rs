@@ -77,6 +77,11 @@ pub enum InflationSchedule {
     Linear,
     /// f(t) = exp(−t/N): decays by e every N updates.
     Exponential,
+    /// f(t) = 0 for t < N, 1 from update N on: no inflation until the ensemble has
+    /// collapsed (the authors' update learns only once the spread is small; noise of a
+    /// fraction of a still-large spread holds it there, REPRODUCTION.md "Beyond the
+    /// paper").
+    Delayed,
 }
 
 impl InflationSchedule {
@@ -86,6 +91,7 @@ impl InflationSchedule {
             InflationSchedule::Constant => "constant",
             InflationSchedule::Linear => "linear",
             InflationSchedule::Exponential => "exponential",
+            InflationSchedule::Delayed => "delayed",
         }
     }
 
@@ -96,6 +102,7 @@ impl InflationSchedule {
             InflationSchedule::Constant => 1.0,
             InflationSchedule::Linear => (1.0 - x).max(0.0),
             InflationSchedule::Exponential => (-x).exp(),
+            InflationSchedule::Delayed => f64::from(u8::from(t >= n.max(1))),
         }
     }
 }
@@ -980,6 +987,10 @@ mod tests {
         assert_eq!(Exponential.factor(0, 7), 1.0);
         assert!((Exponential.factor(7, 7) - (-1.0f64).exp()).abs() < 1e-15);
         assert!((Exponential.factor(21, 7) - (-3.0f64).exp()).abs() < 1e-15);
+        assert_eq!(
+            [0, 1, 3, 4, 5, 100].map(|t| Delayed.factor(t, 4)),
+            [0.0, 0.0, 0.0, 1.0, 1.0, 1.0]
+        );
     }
 
     /// The EnKF variants that every_field_set cannot combine with its other settings.

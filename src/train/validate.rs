@@ -60,7 +60,7 @@ impl TrainConfig {
             (InflationSchedule::Constant, Some(n)) => {
                 return bad(format!(
                     "inflation_horizon = {n} with inflation_schedule = constant: a horizon \
-                     belongs to a linear or exponential schedule"
+                     belongs to a linear, exponential or delayed schedule"
                 ))
             }
             (InflationSchedule::Constant, None) => {}
