@@ -460,6 +460,23 @@ fn additive_noise_is_standard_normal_and_reproducible() {
     }
 }
 
+/// 16 random inputs of `features` values in [−1, 1) and random real targets, as the
+/// training and the test split in `dir`, for a `linear(1,bias=false)` network.
+fn random_linear_data(dir: &Path, seed: u64, features: usize) -> DataSplit {
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    let n = 16usize;
+    let x: Vec<f32> = (0..n * features)
+        .map(|_| rng.random_range(-1.0f32..1.0))
+        .collect();
+    let y: Vec<f32> = (0..n).map(|_| rng.random_range(-1.0f32..1.0)).collect();
+    std::fs::create_dir_all(dir).expect("dir");
+    for (a, b) in [(0, 1), (2, 3)] {
+        write_npy(&dir.join(NPY_NAMES[a]), &[n as u64, features as u64], &x);
+        write_npy(&dir.join(NPY_NAMES[b]), &[n as u64], &y);
+    }
+    load(&[dir.to_path_buf()], None, None).expect("data")
+}
+
 /// √(mean over the weights of their population variance over the members), in f64.
 fn host_spread(u: &[f32], p: usize) -> f64 {
     let (_, cov) = moments(u, p);
@@ -473,16 +490,8 @@ fn host_spread(u: &[f32], p: usize) -> f64 {
 #[test]
 fn spread_column_is_the_ensembles_rms_std_on_evaluated_rows() {
     let dir = tmpdir("eki-spread");
-    let mut rng = ChaCha8Rng::seed_from_u64(5);
-    let (n, f) = (16usize, 10usize);
-    let x: Vec<f32> = (0..n * f).map(|_| rng.random_range(-1.0f32..1.0)).collect();
-    let y: Vec<f32> = (0..n).map(|_| rng.random_range(-1.0f32..1.0)).collect();
-    std::fs::create_dir_all(&dir).expect("dir");
-    for (a, b) in [(0, 1), (2, 3)] {
-        write_npy(&dir.join(NPY_NAMES[a]), &[n as u64, f as u64], &x);
-        write_npy(&dir.join(NPY_NAMES[b]), &[n as u64], &y);
-    }
-    let data = load(std::slice::from_ref(&dir), None, None).expect("data");
+    let f = 10;
+    let data = random_linear_data(&dir, 5, f);
     let p = PartialConfig {
         members: Some(8),
         iterations: Some(6),
@@ -521,16 +530,8 @@ fn spread_column_is_the_ensembles_rms_std_on_evaluated_rows() {
 #[test]
 fn additive_inflation_leaves_the_initial_subspace() {
     let dir = tmpdir("eki-subspace");
-    let mut rng = ChaCha8Rng::seed_from_u64(12);
-    let (n, f) = (16usize, 10usize);
-    let x: Vec<f32> = (0..n * f).map(|_| rng.random_range(-1.0f32..1.0)).collect();
-    let y: Vec<f32> = (0..n).map(|_| rng.random_range(-1.0f32..1.0)).collect();
-    std::fs::create_dir_all(&dir).expect("dir");
-    for (a, b) in [(0, 1), (2, 3)] {
-        write_npy(&dir.join(NPY_NAMES[a]), &[n as u64, f as u64], &x);
-        write_npy(&dir.join(NPY_NAMES[b]), &[n as u64], &y);
-    }
-    let data = load(std::slice::from_ref(&dir), None, None).expect("data");
+    let f = 10;
+    let data = random_linear_data(&dir, 12, f);
     let base = PartialConfig {
         members: Some(4),
         iterations: Some(20),
