@@ -343,6 +343,13 @@ pub fn block_cholesky_solve_f64(
     if bs <= SMALL_BLOCK_MAX {
         small_blocks(be, a, n_i, blocks, bs_i, rhs, nrhs_i)
     } else {
+        // cuSOLVER's and cuBLAS's 32-bit entry points address a block (and the diagonal
+        // copy the whole matrix) with int offsets up to n² − 1: J ≤ 46,340 for the
+        // Tikhonov update's J × J system (the memory check refuses larger J first).
+        to_i32(
+            "block_cholesky_solve_f64 n² (cuSOLVER's 32-bit offsets)",
+            n * n,
+        )?;
         cusolver_blocks(be, solver, a, n_i, blocks, bs_i, rhs, nrhs_i)
     }
 }

@@ -192,6 +192,11 @@ pub fn workspace_bytes(members: usize, params: usize, batch: usize) -> u64 {
     workspace_bytes_of(members, params, batch, NetShape::default(), false)
 }
 
+/// The largest J of the Tikhonov update on the CUDA backend: its J × J system goes to
+/// cuSOLVER's 32-bit `potrf`/`potrs` (and a cuBLAS copy of its diagonal), whose offsets
+/// reach J² − 1 ≤ 2³¹ − 1.
+pub const TIKHONOV_MAX_MEMBERS: usize = 46_340;
+
 /// As [`workspace_bytes`] for the member-space Tikhonov update, whose buffers
 /// (`EnkfWorkspace::tikhonov_bytes`: E, J × J systems) replace the apply buffers.
 pub fn tikhonov_workspace_bytes(members: usize, params: usize, batch: usize) -> u64 {
@@ -425,6 +430,20 @@ pub fn train_fits(
 ) -> Result<()> {
     let shape = TrainShape::of(cfg, n_train, n_test);
     let adaptive = cfg.adaptation == Adaptation::Adaptive;
+    if shape.tikhonov && shape.members > TIKHONOV_MAX_MEMBERS {
+        return Err(Error::Config(format!(
+            "tikhonov = {} on the CUDA backend supports J ≤ {TIKHONOV_MAX_MEMBERS} (its J × J \
+             Cholesky uses cuSOLVER's 32-bit entry points, offsets up to J² − 1); this run \
+             reaches J = {} (members{}); use fewer members or the CPU backend",
+            cfg.tikhonov,
+            shape.members,
+            if adaptive {
+                " or adapt_max_members"
+            } else {
+                ""
+            }
+        )));
+    }
     if peak_bytes(&shape) <= free {
         Ok(())
     } else if adaptive {
@@ -787,6 +806,42 @@ mod tests {
         // The upper bound the message names does fit.
         let ok = adaptive_cfg(1000, j, Some(20));
         train_fits(&ok, 60_000, 10_000, free, total).expect("the advised b_u fits");
+    }
+
+    /// The Tikhonov update's J × J Cholesky is refused on the CUDA backend above
+    /// J = 46,340 (cuSOLVER's 32-bit offsets reach J² − 1), by its own message before
+    /// the memory estimate, and also when only Algorithm 1's upper bound is above it.
+    #[test]
+    fn tikhonov_is_refused_above_the_32_bit_cholesky_limit() {
+        let tik = |members: usize, adapt: Option<usize>| {
+            let mut cfg = match adapt {
+                Some(upper) => adaptive_cfg(members, upper, Some(20)),
+                None => {
+                    let mut c = adaptive_cfg(members, members, Some(20));
+                    c.adaptation = Adaptation::Fixed;
+                    c
+                }
+            };
+            (cfg.tikhonov, cfg.update) = (0.5, crate::enkf::UpdateRule::Batch);
+            cfg
+        };
+        let huge = u64::MAX / 2;
+        for cfg in [tik(46_341, None), tik(1000, Some(46_341))] {
+            let Err(Error::Config(msg)) = train_fits(&cfg, 60_000, 10_000, huge, huge) else {
+                panic!("J = 46,341 must be refused for tikhonov");
+            };
+            assert!(
+                msg.contains("tikhonov = 0.5") && msg.contains("J ≤ 46340"),
+                "{msg}"
+            );
+            assert!(msg.contains("J = 46341"), "{msg}");
+        }
+        train_fits(&tik(46_340, None), 60_000, 10_000, huge, huge).expect("J = 46,340");
+        let mut plain = tik(46_341, None);
+        plain.tikhonov = 0.0;
+        train_fits(&plain, 60_000, 10_000, huge, huge).expect("no limit without tikhonov");
+        assert!(TIKHONOV_MAX_MEMBERS * TIKHONOV_MAX_MEMBERS <= i32::MAX as usize);
+        assert!((TIKHONOV_MAX_MEMBERS + 1).pow(2) > i32::MAX as usize);
     }
 
     #[test]
