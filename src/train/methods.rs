@@ -60,7 +60,8 @@ impl<B: Backend> Trainer<'_, B> {
     /// `additive_from = spread`.
     fn add_noise(&mut self, scale: &mut B::F32, f: f64) -> Result<()> {
         if self.cfg.additive_from == NoiseScale::Spread {
-            self.member_std(scale)?;
+            self.mean_weights()?;
+            self.std_about_mean(scale)?;
         }
         let step = u32::try_from(self.t).map_err(|_| {
             Error::Config(format!(
@@ -76,11 +77,10 @@ impl<B: Backend> Trainer<'_, B> {
             .add_normal_f32(&mut self.u, offset, self.params, scale, s, key, step)
     }
 
-    /// Each weight's standard deviation over the members about their mean (population,
-    /// ÷ J) into `out` (P), over every rank's members on a sharded run (a collective).
-    /// Leaves the mean in `self.weights`.
-    pub(super) fn member_std(&mut self, out: &mut B::F32) -> Result<()> {
-        self.mean_weights()?;
+    /// Each weight's standard deviation over the members (population, ÷ J) about the
+    /// mean in `self.weights` (from `mean_weights`) into `out` (P), over every rank's
+    /// members on a sharded run (a collective).
+    fn std_about_mean(&self, out: &mut B::F32) -> Result<()> {
         let be = self.backend;
         match self.ranks {
             None => be.row_std_f32(&self.u, &self.weights, self.members, self.params, out),
@@ -92,16 +92,17 @@ impl<B: Backend> Trainer<'_, B> {
     }
 
     /// The ensemble's spread, √(mean over the weights of their variance over the
-    /// members): the `spread` column of `metrics.csv` (a collective on ranks).
-    pub(super) fn spread(&mut self) -> Result<f64> {
+    /// members): the `spread` column of `metrics.csv` (a collective on ranks). Uses the
+    /// mean left in `self.weights` by the mini-batch scoring of the same row.
+    pub(super) fn spread_about_mean(&self) -> Result<f64> {
         let mut sd = self.backend.zeros_f32(self.params)?;
-        self.member_std(&mut sd)?;
+        self.std_about_mean(&mut sd)?;
         Ok(rms(&self.backend.download_f32(&sd)?))
     }
 }
 
 /// The root mean square of `v` in f64 (NaN when empty).
-pub fn rms(v: &[f32]) -> f64 {
+fn rms(v: &[f32]) -> f64 {
     (v.iter().map(|&x| f64::from(x).powi(2)).sum::<f64>() / v.len() as f64).sqrt()
 }
 

@@ -1102,7 +1102,8 @@ impl<'a, B: Backend> Trainer<'a, B> {
         );
         if evaluate {
             let t0 = Instant::now();
-            row.spread = Some(self.spread()?);
+            // score_batch above left the mean in `self.weights`.
+            row.spread = Some(self.spread_about_mean()?);
             let mut modes = self.cfg.eval.clone();
             if self.cfg.adaptation == Adaptation::Adaptive && !modes.contains(&EvalMode::Mean) {
                 modes.push(EvalMode::Mean);
