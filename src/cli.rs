@@ -159,6 +159,13 @@ pub struct TrainArgs {
     /// EKI, EnsembleKalmanProcesses' default accelerator) [default: none].
     #[arg(long, value_enum)]
     pub accelerator: Option<crate::train::config::Accelerator>,
+    /// Association of the update's last product U += X (AᵀU)/J: `params` (through the
+    /// m × P matrix AᵀU), `members` (through the J × J matrix I + XAᵀ/J, formed in f64),
+    /// or `auto`, the cheaper by flop count for each mini-batch size (members whenever
+    /// J ≤ 10·B). The same update in exact arithmetic; rounding and cost differ. Not with
+    /// --tikhonov (its own member-space apply); `members` not on ranks [default: auto].
+    #[arg(long, value_enum)]
+    pub apply_order: Option<crate::enkf::ApplyOrder>,
     /// Seed of every random stream (initial ensemble, shuffling) [default: 0].
     #[arg(long)]
     pub seed: Option<u64>,
@@ -267,7 +274,8 @@ pub struct TrainArgs {
     /// Continue the run whose output folder (with checkpoint.bin) is DIR; its settings are
     /// the base. Flags may extend the run (--iterations, --epochs beyond what is done) or
     /// change evaluation and logging (--eval, --eval-every, --stats-every, --hist-every,
-    /// --checkpoint-every), --threads, --backend, --math and --save-ensemble; any other
+    /// --checkpoint-every), --threads, --backend, --math, --apply-order and
+    /// --save-ensemble; any other
     /// setting that differs from the checkpoint's is an error naming both values.
     #[arg(long, value_name = "DIR")]
     pub resume: Option<PathBuf>,
@@ -304,6 +312,7 @@ impl TrainArgs {
             step: self.step,
             dt: self.dt,
             accelerator: self.accelerator,
+            apply_order: self.apply_order,
             seed: self.seed,
             data: self.data.clone(),
             data_npy: self.data_npy.clone(),

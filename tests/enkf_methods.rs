@@ -194,3 +194,61 @@ fn an_inflation_schedule_inflates_the_updates_it_says() {
     assert_ne!(delayed, constant, "the first update is not inflated");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// `apply_order` reaches the update: on the linear problem (P = 2, m = 8 per batch)
+/// `auto` is the parameter order for J = 16 > m and the member order for J = 4 ≤ m, bit
+/// for bit, and the other order gives the same update to rounding (f32 of O(1) weights
+/// after 3 updates: 1e-4) but not the same bits.
+#[test]
+fn the_apply_order_setting_is_the_update_it_names() {
+    use enkf_dnn::enkf::ApplyOrder;
+    let dir = tmpdir("apply-order");
+    let _ = std::fs::remove_dir_all(&dir);
+    linear_problem(&dir);
+    let data = load(std::slice::from_ref(&dir), None, None).expect("data");
+    let be = CpuBackend::new();
+    let run = |members: usize, order: ApplyOrder| {
+        let p = PartialConfig {
+            members: Some(members),
+            iterations: Some(3),
+            eval_every: Some(3),
+            batch: Some(8),
+            repetitions: Some(1),
+            gamma: Some(0.05),
+            update: Some(UpdateRule::Batch),
+            apply_order: Some(order),
+            backend: Some(BackendKind::Cpu),
+            data_npy: Some(vec![dir.clone()]),
+            net: Some(NetLayers::parse("linear(1,bias=false)").expect("net")),
+            ..Default::default()
+        };
+        let cfg = p.resolve().expect("config");
+        let mut t = Trainer::new(&be, &cfg, &data).expect("trainer");
+        t.run(&mut ()).expect("run");
+        t.ensemble_host().expect("ensemble")
+    };
+    for (members, auto_is) in [(16, ApplyOrder::Params), (4, ApplyOrder::Members)] {
+        assert_eq!(ApplyOrder::cheapest(members, 2, 8), auto_is);
+        let other = match auto_is {
+            ApplyOrder::Params => ApplyOrder::Members,
+            _ => ApplyOrder::Params,
+        };
+        let (auto, same, forced) = (
+            run(members, ApplyOrder::Auto),
+            run(members, auto_is),
+            run(members, other),
+        );
+        assert_eq!(auto, same, "J = {members}: auto is {auto_is:?}");
+        assert_ne!(
+            auto, forced,
+            "J = {members}: {other:?} is another association"
+        );
+        let worst = auto
+            .iter()
+            .zip(&forced)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0.0f32, f32::max);
+        assert!(worst < 1e-4, "J = {members}: {other:?} differs by {worst}");
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -627,6 +627,7 @@ fn memory_check_names_the_largest_ensemble_that_fits() {
         momentum: false,
         transform: false,
         net: Default::default(),
+        apply_order: Default::default(),
     };
     be.check_fits(&shape).expect("J = 256 fits any GPU");
     let huge = shape.with_members(100_000_000);

@@ -395,6 +395,18 @@ fn settings_not_built_for_ranks_are_refused_by_name() {
         "{e:?}"
     );
     cfg.tikhonov = 0.0;
+    cfg.apply_order = enkf_dnn::enkf::ApplyOrder::Members;
+    let e = &on_ranks(2, &cfg, &data, None)[0];
+    assert!(
+        e.as_ref()
+            .err()
+            .is_some_and(|e| e.contains("apply_order = members")),
+        "{e:?}"
+    );
+    cfg.apply_order = enkf_dnn::enkf::ApplyOrder::Params;
+    on_ranks(2, &cfg, &data, None)[0]
+        .as_ref()
+        .expect("the parameter order is the ranks' own");
     cfg.members = 2;
     let e = &on_ranks(3, &cfg, &data, None)[0];
     assert!(

@@ -105,8 +105,20 @@ pub enum UpdateRule {
     Transform,
 }
 
-/// Association of the final product `U += X (AᵀU) / J` (see the module docs).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+/// Association of the final product `U += X (AᵀU) / J` (see the module docs): the
+/// `apply_order` setting of a run (`--apply-order`).
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    PartialEq,
+    Eq,
+    Default,
+    serde::Serialize,
+    serde::Deserialize,
+    clap::ValueEnum,
+)]
+#[serde(rename_all = "lowercase")]
 pub enum ApplyOrder {
     /// Pick the cheaper of the two by counting flops for the workspace's (J, P, m).
     #[default]
@@ -118,6 +130,15 @@ pub enum ApplyOrder {
 }
 
 impl ApplyOrder {
+    /// The setting's name (`auto`, `params`, `members`), as `--apply-order` takes it.
+    pub fn name(self) -> &'static str {
+        match self {
+            ApplyOrder::Auto => "auto",
+            ApplyOrder::Params => "params",
+            ApplyOrder::Members => "members",
+        }
+    }
+
     /// The order for J members, P weights and m observations (never `Auto`).
     ///
     /// `Members` whenever J ≤ m: then C + γI has m − J + 1 eigenvalues equal to γ, X is
@@ -295,15 +316,21 @@ impl<B: Backend> EnkfWorkspace<B> {
         batch: usize,
         outputs: usize,
     ) -> Result<Self> {
-        Self::build(
-            backend,
-            members,
-            params,
-            batch,
-            outputs,
-            ApplyOrder::Auto,
-            None,
-        )
+        Self::with_outputs_and_order(backend, members, params, batch, outputs, ApplyOrder::Auto)
+    }
+
+    /// As [`EnkfWorkspace::with_outputs`] with the association of the apply phase given
+    /// (a run's `apply_order`; [`ApplyOrder::Auto`] picks by flop count).
+    /// Errors: as [`EnkfWorkspace::with_outputs`].
+    pub fn with_outputs_and_order(
+        backend: &B,
+        members: usize,
+        params: usize,
+        batch: usize,
+        outputs: usize,
+        order: ApplyOrder,
+    ) -> Result<Self> {
+        Self::build(backend, members, params, batch, outputs, order, None)
     }
 
     /// As [`EnkfWorkspace::new`] with a forced association of the apply phase (for tests

@@ -71,6 +71,8 @@ pub struct TrainShape {
     pub transform: bool,
     /// The network's sizes per image.
     pub net: NetShape,
+    /// The run's `apply_order` ([`ApplyOrder::Auto`]: the cheaper per mini-batch size).
+    pub apply_order: ApplyOrder,
 }
 
 /// What the memory of a run depends on in its network, per image.
@@ -154,6 +156,7 @@ impl TrainShape {
             momentum: cfg.accelerator == Accelerator::Nesterov,
             transform: cfg.update == crate::enkf::UpdateRule::Transform,
             net: NetShape::of(&cfg.net()),
+            apply_order: cfg.apply_order,
         }
     }
 
@@ -189,7 +192,14 @@ impl MemoryEstimate {
 /// Bytes of one EnKF workspace plus the trainer's per-batch buffers, for `members` (J),
 /// `params` (P) and a mini-batch of `batch` images (m = 10·batch) of the paper's networks.
 pub fn workspace_bytes(members: usize, params: usize, batch: usize) -> u64 {
-    workspace_bytes_of(members, params, batch, NetShape::default(), false)
+    workspace_bytes_of(
+        members,
+        params,
+        batch,
+        NetShape::default(),
+        false,
+        ApplyOrder::Auto,
+    )
 }
 
 /// The largest J of the Tikhonov update on the CUDA backend: its J × J system goes to
@@ -200,7 +210,14 @@ pub const TIKHONOV_MAX_MEMBERS: usize = 46_340;
 /// As [`workspace_bytes`] for the member-space Tikhonov update, whose buffers
 /// (`EnkfWorkspace::tikhonov_bytes`: E, J × J systems) replace the apply buffers.
 pub fn tikhonov_workspace_bytes(members: usize, params: usize, batch: usize) -> u64 {
-    workspace_bytes_of(members, params, batch, NetShape::default(), true)
+    workspace_bytes_of(
+        members,
+        params,
+        batch,
+        NetShape::default(),
+        true,
+        ApplyOrder::Auto,
+    )
 }
 
 fn workspace_bytes_of(
@@ -209,12 +226,17 @@ fn workspace_bytes_of(
     batch: usize,
     net: NetShape,
     tikhonov: bool,
+    order: ApplyOrder,
 ) -> u64 {
     let (j, p, b) = (members as u64, params as u64, batch as u64);
     let m = b * net.outputs as u64;
     // A, X (J × m) and C, L (m × m), f64.
     let gain = 8 * (2 * j * m + 2 * m * m);
-    let apply = match ApplyOrder::cheapest(members, params, batch * net.outputs) {
+    let order = match order {
+        ApplyOrder::Auto => ApplyOrder::cheapest(members, params, batch * net.outputs),
+        o => o,
+    };
+    let apply = match order {
         _ if tikhonov => {
             crate::enkf::EnkfWorkspace::<crate::cpu::CpuBackend>::tikhonov_bytes(members, params)
         }
@@ -252,8 +274,14 @@ pub fn estimate(shape: &TrainShape) -> MemoryEstimate {
             } else {
                 0
             };
-            workspace_bytes_of(shape.members, shape.params, b, shape.net, shape.tikhonov)
-                + transform
+            workspace_bytes_of(
+                shape.members,
+                shape.params,
+                b,
+                shape.net,
+                shape.tikhonov,
+                shape.apply_order,
+            ) + transform
         })
         .sum();
     let largest_batch = shape.batches.iter().copied().max().unwrap_or(0);
@@ -510,6 +538,7 @@ mod tests {
             momentum: false,
             transform: false,
             net: NetShape::default(),
+            apply_order: ApplyOrder::Auto,
         }
     }
 
@@ -593,6 +622,28 @@ mod tests {
         assert_eq!(
             estimate(&tr).workspaces,
             estimate(&s).workspaces + 8 * (j + 3 * 640 + 640 * j)
+        );
+    }
+
+    /// A forced `apply_order` is what the estimate counts: at J = 5000 (auto: the
+    /// parameter order) `members` holds S in f64 and f32 (J × J) and a copy of U instead
+    /// of X, A (J × m) and T (m × P), f32.
+    #[test]
+    fn a_forced_apply_order_counts_its_own_buffers() {
+        let s = shape(5000, vec![64]);
+        let (j, p, m) = (5000u64, P as u64, 640u64);
+        let members = TrainShape {
+            apply_order: ApplyOrder::Members,
+            ..s.clone()
+        };
+        let params = TrainShape {
+            apply_order: ApplyOrder::Params,
+            ..s.clone()
+        };
+        assert_eq!(estimate(&params), estimate(&s));
+        assert_eq!(
+            estimate(&members).workspaces,
+            estimate(&s).workspaces - 4 * (2 * j * m + m * p) + 12 * j * j + 4 * j * p
         );
     }
 

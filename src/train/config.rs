@@ -6,7 +6,7 @@
 //! `seed`, `checkpoints`, `repetitions`, `epochs`.
 
 use crate::backend::{BackendKind, MathMode};
-use crate::enkf::UpdateRule;
+use crate::enkf::{ApplyOrder, UpdateRule};
 use crate::model::spec::{NetLayers, NetSetting};
 use crate::model::{Activation, Arch, Net};
 use crate::train::optim::Optimizer;
@@ -251,6 +251,11 @@ pub struct TrainConfig {
     /// Momentum on the members after each update (absent in older configurations: none).
     #[serde(default)]
     pub accelerator: Accelerator,
+    /// Association of the update's apply phase: auto (the cheaper by flop count per
+    /// mini-batch size), params or members; the same update in exact arithmetic,
+    /// different rounding and cost (absent in older configurations: auto).
+    #[serde(default)]
+    pub apply_order: ApplyOrder,
     /// Seed of every random stream of the run.
     pub seed: u64,
     /// Folder with the four IDX files.
@@ -339,6 +344,7 @@ impl Default for TrainConfig {
             step: StepControl::Fixed,
             dt: 1.0,
             accelerator: Accelerator::None,
+            apply_order: ApplyOrder::Auto,
             seed: 0,
             data: crate::data::default_mnist_dir(),
             data_npy: None,
@@ -460,6 +466,8 @@ pub struct PartialConfig {
     pub dt: Option<f64>,
     #[allow(missing_docs)]
     pub accelerator: Option<Accelerator>,
+    #[allow(missing_docs)]
+    pub apply_order: Option<ApplyOrder>,
     #[allow(missing_docs)]
     pub seed: Option<u64>,
     #[allow(missing_docs)]
@@ -930,6 +938,7 @@ mod tests {
             dt: 0.5,
             // Nesterov is not built for Algorithm 1 (adaptive below): the next test.
             accelerator: Accelerator::None,
+            apply_order: ApplyOrder::Params,
             seed: 42,
             data: "/some/where".into(),
             // data_npy replaces data and reads its files: tests/data_npy.rs.
@@ -1046,6 +1055,15 @@ mod tests {
                 "nesterov",
             ),
             (r#"{"optimizer": "sgd", "step": "dmc"}"#, "enkf settings"),
+            (
+                r#"{"optimizer": "adam", "apply_order": "members"}"#,
+                "apply_order = members is an EnKF setting (its default: auto); --optimizer adam",
+            ),
+            (
+                r#"{"tikhonov": 1.0, "update": "batch", "apply_order": "params"}"#,
+                "apply_order = params with tikhonov = 1",
+            ),
+            (r#"{"apply_order": "rows"}"#, "apply_order"),
         ] {
             let err = PartialConfig::from_json(json)
                 .and_then(|(p, _)| p.resolve())

@@ -604,12 +604,13 @@ impl<'a, B: Backend> Trainer<'a, B> {
                 tau,
             )?)
         } else {
-            SlotWorkspace::One(EnkfWorkspace::with_outputs(
+            SlotWorkspace::One(EnkfWorkspace::with_outputs_and_order(
                 be,
                 self.members,
                 self.params,
                 b,
                 k,
+                self.cfg.apply_order,
             )?)
         };
         let g = be.zeros_f32(self.members * b * k)?;

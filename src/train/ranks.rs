@@ -41,7 +41,9 @@
 //! ([`save_sharded_ensemble`]).
 //!
 //! Not sharded yet (refused by [`check_config`] with the setting named): the Tikhonov
-//! update (its member-space system needs E Eᵀ over every pair of members).
+//! update (its member-space system needs E Eᵀ over every pair of members) and
+//! `apply_order = members` (S = I + XAᵀ/J needs every rank's A; ranks apply in
+//! parameter order, which `auto` and `params` are).
 
 use super::checkpoint::{self, ShardEntry};
 use super::{rng, TrainConfig, Trainer, STREAM_INIT};
@@ -83,6 +85,10 @@ pub fn check_config(cfg: &TrainConfig, ranks: usize) -> Result<()> {
     }
     if cfg.tikhonov > 0.0 {
         return refuse(&format!("tikhonov = {}", cfg.tikhonov));
+    }
+    if cfg.apply_order == crate::enkf::ApplyOrder::Members {
+        // The member-space S = I + XAᵀ/J would need every rank's A (enkf module docs).
+        return refuse("apply_order = members");
     }
     Ok(())
 }

@@ -25,6 +25,8 @@ pub const CHANGEABLE_ON_RESUME: &[&str] = &[
     "threads",
     "backend",
     "math",
+    // The same update in exact arithmetic, other rounding and cost (like math).
+    "apply_order",
     "save_ensemble",
     // The folder being resumed: `--resume DIR` sets it (the run may have been moved).
     "out",
@@ -105,6 +107,7 @@ mod tests {
         ok.eval_every = 100;
         ok.threads = Some(3);
         ok.save_ensemble = Some("u.npy".into());
+        ok.apply_order = crate::enkf::ApplyOrder::Members;
         check_resume_config(&old, &ok).expect("changeable settings");
 
         let mut bad = old.clone();

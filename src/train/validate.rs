@@ -5,7 +5,7 @@ use super::config::{
     Accelerator, Adaptation, BatchOrder, BiasInit, InflationSchedule, LabelPairing, NoiseScale,
     Observations, StepControl, TrainConfig,
 };
-use crate::enkf::UpdateRule;
+use crate::enkf::{ApplyOrder, UpdateRule};
 use crate::train::optim::Optimizer;
 use crate::{Error, Result};
 
@@ -103,6 +103,14 @@ impl TrainConfig {
                 self.dt
             ));
         }
+        if self.apply_order != ApplyOrder::Auto && self.tikhonov > 0.0 {
+            return bad(format!(
+                "apply_order = {} with tikhonov = {}: the Tikhonov update has its own \
+                 member-space apply phase; leave apply_order at auto",
+                self.apply_order.name(),
+                self.tikhonov
+            ));
+        }
         if self.accelerator == Accelerator::Nesterov && self.adaptation == Adaptation::Adaptive {
             return bad(
                 "accelerator = nesterov with adaptation = adaptive is not built (Algorithm 1 \
@@ -158,6 +166,16 @@ impl TrainConfig {
                 self.optimizer
             )
             .to_lowercase());
+        }
+        if self.optimizer != Optimizer::Enkf && self.apply_order != ApplyOrder::Auto {
+            return bad(format!(
+                "apply_order = {} is an EnKF setting (its default: auto); --optimizer {:?} \
+                 trains one network by backpropagation",
+                self.apply_order.name(),
+                self.optimizer
+            )
+            .replace("Sgd", "sgd")
+            .replace("Adam", "adam"));
         }
         self.validate_methods()?;
         if self.members < 2 {
