@@ -279,7 +279,8 @@ pub struct TrainArgs {
     /// setting that differs from the checkpoint's is an error naming both values.
     #[arg(long, value_name = "DIR")]
     pub resume: Option<PathBuf>,
-    /// Write OUT/checkpoint.bin every N iterations (also on Ctrl-C).
+    /// Write OUT/checkpoint.bin every N iterations and at the end of the run (also on
+    /// Ctrl-C or SIGTERM), so that a finished run can be continued with --resume.
     #[arg(long, value_name = "N")]
     pub checkpoint_every: Option<usize>,
 }

@@ -81,8 +81,8 @@ fn run() -> anyhow::Result<()> {
                     if !path.exists() {
                         anyhow::bail!(
                             "--resume {}: the folder holds no {} (a run writes one with \
-                             --checkpoint-every N and when a signal stops it; a run that \
-                             finished without one cannot be continued)",
+                             --checkpoint-every N, every N iterations and at its end, and when a \
+                             signal stops it; a run without one cannot be continued)",
                             dir.display(),
                             enkf_dnn::train::checkpoint::FILE_NAME
                         );

@@ -656,15 +656,20 @@ fn variant_runs_resume_exactly() {
             &[&["--iterations", "14"][..], methods].concat(),
         );
         let part = dir.join(format!("part{i}"));
-        // Stopped inside a mini-batch (6 = one batch of 4 repetitions and 2 more).
+        // Stopped inside a mini-batch (6 = one batch of 4 repetitions and 2 more); the
+        // run's end writes a checkpoint although 6 is no multiple of 4.
         train(
             &part,
             &[
-                &["--iterations", "6", "--checkpoint-every", "6"][..],
+                &["--iterations", "6", "--checkpoint-every", "4"][..],
                 methods,
             ]
             .concat(),
         );
+        let (state, _) =
+            enkf_dnn::train::checkpoint::read(&enkf_dnn::train::checkpoint::path_in(&part))
+                .expect("checkpoint");
+        assert_eq!(state.t, 6, "{methods:?}: the checkpoint of the run's end");
         let resumed = std::process::Command::new(bin)
             .args(["train", "--resume", part.to_str().expect("utf-8")])
             .args(["--iterations", "14"])

@@ -723,10 +723,11 @@ impl<'a, B: Backend> Trainer<'a, B> {
             }
             observer.on_row(&row, self.total_iterations())?;
             self.rows.push(row);
+            // Every N iterations and at the end, so that a finished run can be extended.
             let due_ckpt = self
                 .cfg
                 .checkpoint_every
-                .is_some_and(|n| self.t.is_multiple_of(n));
+                .is_some_and(|n| self.t.is_multiple_of(n) || self.remaining_iterations() == 0);
             let interrupted = self.agree_interrupt(INTERRUPT.load(Ordering::SeqCst))?;
             if (due_ckpt || interrupted) && self.cfg.out.is_some() {
                 self.save_checkpoint()?;
