@@ -17,28 +17,41 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use std::path::Path;
 
-/// The ensemble's 2 × 2 covariance (population, f64) after one full-batch update.
-fn covariance_after_one_update(dir: &Path, observations: Observations, members: usize) -> [f64; 4] {
-    let p = PartialConfig {
+/// The configuration of the tests on the linear problem in `dir` (P = 2 weights, a
+/// linear layer without bias, batches of 8, r = 1, γ = 0.05, scored every iteration).
+fn linear_config(dir: &Path, members: usize, iterations: usize) -> PartialConfig {
+    PartialConfig {
         members: Some(members),
-        iterations: Some(1),
+        iterations: Some(iterations),
         eval_every: Some(1),
         batch: Some(8),
         repetitions: Some(1),
-        update: Some(UpdateRule::Batch),
-        observations: Some(observations),
         gamma: Some(0.05),
         backend: Some(BackendKind::Cpu),
         data_npy: Some(vec![dir.to_path_buf()]),
         net: Some(NetLayers::parse("linear(1,bias=false)").expect("net")),
         ..Default::default()
-    };
+    }
+}
+
+/// The ensemble (J × 2) after the run of `p` on `data`.
+fn trained(p: PartialConfig, data: &enkf_dnn::data::DataSplit) -> Vec<f32> {
     let cfg = p.resolve().expect("config");
-    let data = load(&[dir.to_path_buf()], None, None).expect("data");
     let be = CpuBackend::new();
-    let mut t = Trainer::new(&be, &cfg, &data).expect("trainer");
+    let mut t = Trainer::new(&be, &cfg, data).expect("trainer");
     t.run(&mut ()).expect("run");
-    let u = t.ensemble_host().expect("ensemble");
+    t.ensemble_host().expect("ensemble")
+}
+
+/// The ensemble's 2 × 2 covariance (population, f64) after one full-batch update.
+fn covariance_after_one_update(dir: &Path, observations: Observations, members: usize) -> [f64; 4] {
+    let p = PartialConfig {
+        update: Some(UpdateRule::Batch),
+        observations: Some(observations),
+        ..linear_config(dir, members, 1)
+    };
+    let data = load(&[dir.to_path_buf()], None, None).expect("data");
+    let u = trained(p, &data);
     let j = members as f64;
     let mean = [0, 1].map(|c| {
         u.iter()
@@ -147,31 +160,18 @@ fn an_inflation_schedule_inflates_the_updates_it_says() {
     let _ = std::fs::remove_dir_all(&dir);
     linear_problem(&dir);
     let data = load(std::slice::from_ref(&dir), None, None).expect("data");
-    let be = CpuBackend::new();
     let run = |iterations: usize,
                inflation: f64,
                schedule: Option<(InflationSchedule, usize)>,
                init: Option<std::path::PathBuf>| {
         let p = PartialConfig {
-            members: Some(16),
-            iterations: Some(iterations),
-            eval_every: Some(1),
-            batch: Some(8),
-            repetitions: Some(1),
-            gamma: Some(0.05),
             inflation: Some(inflation),
             inflation_schedule: schedule.map(|s| s.0),
             inflation_horizon: schedule.map(|s| s.1),
-            backend: Some(BackendKind::Cpu),
-            data_npy: Some(vec![dir.clone()]),
             init_ensemble: init,
-            net: Some(NetLayers::parse("linear(1,bias=false)").expect("net")),
-            ..Default::default()
+            ..linear_config(&dir, 16, iterations)
         };
-        let cfg = p.resolve().expect("config");
-        let mut t = Trainer::new(&be, &cfg, &data).expect("trainer");
-        t.run(&mut ()).expect("run");
-        t.ensemble_host().expect("ensemble")
+        trained(p, &data)
     };
     let first = run(1, 1.5, None, None);
     let saved = dir.join("after-one.npy");
@@ -206,26 +206,13 @@ fn the_apply_order_setting_is_the_update_it_names() {
     let _ = std::fs::remove_dir_all(&dir);
     linear_problem(&dir);
     let data = load(std::slice::from_ref(&dir), None, None).expect("data");
-    let be = CpuBackend::new();
     let run = |members: usize, order: ApplyOrder| {
         let p = PartialConfig {
-            members: Some(members),
-            iterations: Some(3),
-            eval_every: Some(3),
-            batch: Some(8),
-            repetitions: Some(1),
-            gamma: Some(0.05),
             update: Some(UpdateRule::Batch),
             apply_order: Some(order),
-            backend: Some(BackendKind::Cpu),
-            data_npy: Some(vec![dir.clone()]),
-            net: Some(NetLayers::parse("linear(1,bias=false)").expect("net")),
-            ..Default::default()
+            ..linear_config(&dir, members, 3)
         };
-        let cfg = p.resolve().expect("config");
-        let mut t = Trainer::new(&be, &cfg, &data).expect("trainer");
-        t.run(&mut ()).expect("run");
-        t.ensemble_host().expect("ensemble")
+        trained(p, &data)
     };
     for (members, auto_is) in [(16, ApplyOrder::Params), (4, ApplyOrder::Members)] {
         assert_eq!(ApplyOrder::cheapest(members, 2, 8), auto_is);
