@@ -162,8 +162,10 @@ pub struct TrainArgs {
     /// Association of the update's last product U += X (AᵀU)/J: `params` (through the
     /// m × P matrix AᵀU), `members` (through the J × J matrix I + XAᵀ/J, formed in f64),
     /// or `auto`, the cheaper by flop count for each mini-batch size (members whenever
-    /// J ≤ 10·B). The same update in exact arithmetic; rounding and cost differ. Not with
-    /// --tikhonov (its own member-space apply); `members` not on ranks [default: auto].
+    /// J ≤ m, the outputs per batch). The same update in exact arithmetic; rounding and
+    /// cost differ: on an ensemble whose weights have grown large `members` is the
+    /// accurate one (REPRODUCTION.md, the ETKI tail jump). Not with --tikhonov (its own
+    /// member-space apply); `members` not on ranks [default: auto].
     #[arg(long, value_enum)]
     pub apply_order: Option<crate::enkf::ApplyOrder>,
     /// Seed of every random stream (initial ensemble, shuffling) [default: 0].
@@ -275,8 +277,8 @@ pub struct TrainArgs {
     /// the base. Flags may extend the run (--iterations, --epochs beyond what is done) or
     /// change evaluation and logging (--eval, --eval-every, --stats-every, --hist-every,
     /// --checkpoint-every), --threads, --backend, --math, --apply-order and
-    /// --save-ensemble; any other
-    /// setting that differs from the checkpoint's is an error naming both values.
+    /// --save-ensemble; any other setting that differs from the checkpoint's is an error
+    /// naming both values.
     #[arg(long, value_name = "DIR")]
     pub resume: Option<PathBuf>,
     /// Write OUT/checkpoint.bin every N iterations and at the end of the run (also on
