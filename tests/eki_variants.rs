@@ -307,6 +307,92 @@ fn transform_update_keeps_the_mean_and_gives_the_posterior_covariance() {
     );
 }
 
+/// A badly scaled ensemble, as a long run with spread-scaled additive noise grows one
+/// (REPRODUCTION.md, the ETKI tail jump: |ū| ≈ 475,000, spread 435): a large mean, a
+/// large spread, and outputs whose scales span five decades, so that C = AᵀA/J + γI spans
+/// about fifteen. The transform update's mean must still be the f64 Kalman mean (the
+/// batch rule's, `batch_reference`) in either apply order, to 1e-3 of the mean's step
+/// plus one f32 rounding of the mean. Forming X and A in f32 as they are (the parameter
+/// order before `TransformBuffers::balanced_factors`) misses by 13 % of the step.
+#[test]
+fn a_badly_scaled_ensemble_gets_the_kalman_mean_in_either_order() {
+    use enkf_dnn::enkf::{batch_reference, ApplyOrder};
+    let (j, p, m, gamma) = (120usize, 40usize, 30usize, 0.01);
+    let mut rng = ChaCha8Rng::seed_from_u64(77);
+    let normal = |rng: &mut ChaCha8Rng, scale: f64| {
+        let z: f64 = StandardNormal.sample(rng);
+        scale * z
+    };
+    let mean: Vec<f64> = (0..p).map(|_| normal(&mut rng, 1000.0)).collect();
+    let u0: Vec<f32> = (0..j * p)
+        .map(|i| (mean[i % p] + normal(&mut rng, 100.0)) as f32)
+        .collect();
+    // Latent outputs of scales 1e-3 … 1e2, mixed by a dense m × m map so that every
+    // output carries large and small directions alike (as a network's do).
+    let w: Vec<f64> = (0..m * p).map(|_| normal(&mut rng, 1.0)).collect();
+    let mix: Vec<f64> = (0..m * m).map(|_| normal(&mut rng, 1.0)).collect();
+    let latent: Vec<f64> = (0..j * m)
+        .map(|i| {
+            let (row, l) = (i / m, i % m);
+            let lin: f64 = (0..p)
+                .map(|q| w[l * p + q] * (f64::from(u0[row * p + q]) - mean[q]))
+                .sum();
+            10f64.powi((l % 6) as i32 - 3) * lin
+        })
+        .collect();
+    let g: Vec<f32> = (0..j * m)
+        .map(|i| {
+            let (row, k) = (i / m, i % m);
+            let v: f64 = (0..m).map(|l| mix[k * m + l] * latent[row * m + l]).sum();
+            (v + 0.5) as f32
+        })
+        .collect();
+    let y: Vec<f32> = (0..m).map(|_| rng.random_range(0.0f32..1.0)).collect();
+    let up = |v: &[f32]| v.iter().map(|&x| f64::from(x)).collect::<Vec<f64>>();
+    let col_mean = |v: &[f64]| {
+        (0..p)
+            .map(|q| (0..j).map(|r| v[r * p + q]).sum::<f64>() / j as f64)
+            .collect::<Vec<f64>>()
+    };
+    let mut want = up(&u0);
+    batch_reference(&mut want, &up(&g), &up(&y), j, p, m / 10, gamma).expect("oracle");
+    let (m0, m_want) = (col_mean(&up(&u0)), col_mean(&want));
+    let step = m_want
+        .iter()
+        .zip(&m0)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0.0f64, f64::max);
+    let big = m0.iter().fold(0.0f64, |a, v| a.max(v.abs()));
+    assert!(step > 1.0, "the update must move the mean: {step}");
+    // The member order's own distance from the oracle here is 3e-4 of the step (the f32
+    // rounding of G and U, amplified along C's small eigenvalues, shared by both orders).
+    let allow = 1e-3 * step + f64::from(f32::EPSILON) * big;
+    let be = CpuBackend::new();
+    let mut errors = Vec::new();
+    for order in [ApplyOrder::Params, ApplyOrder::Members] {
+        let mut ws =
+            EnkfWorkspace::with_outputs_and_order(&be, j, p, m, 1, order).expect("workspace");
+        let mut u = u0.clone();
+        ws.gain(&be, UpdateRule::Transform, gamma, &g, &y)
+            .expect("gain");
+        ws.apply(&be, &mut u).expect("apply");
+        let got = col_mean(&up(&u));
+        let worst = got
+            .iter()
+            .zip(&m_want)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0.0f64, f64::max);
+        println!("{order:?}: mean off by {worst:e} (step {step:e}, allowance {allow:e})");
+        errors.push((order, worst));
+    }
+    for (order, worst) in errors {
+        assert!(
+            worst < allow,
+            "{order:?}: the mean is off by {worst:e} > {allow:e}"
+        );
+    }
+}
+
 /// Tikhonov-regularised EKI's mean converges to the regularised least-squares solution
 /// (HᵀH/γ + λ/σ² I)⁻¹ Hᵀy/γ, the plain update's to least squares; λ = 20 puts the two
 /// 30 % apart here, and 400 full-batch steps bring each mean within 1 % of its own.

@@ -234,12 +234,24 @@ impl<B: Backend> ShardedWorkspace<B> {
         }
         // T = Σ_r A_rᵀ E_r / J (m × P), then E_r += X_r T, E_r = U_r − 1ūᵀ with the mean
         // over every rank (one common vector: Σ_r A_rᵀ1 = 0 only summed over the ranks).
-        backend.f64_to_f32(&self.x64, &mut self.x32)?;
-        backend.f64_to_f32(&self.a64, &mut self.a32)?;
+        // The transform rule's factors in the eigenbasis of the global C, as one process
+        // forms them (`TransformBuffers::balanced_factors`; m × J_r, transposed).
+        let (ta, tx) = match (&mut self.transform, rule) {
+            (Some(t), UpdateRule::Transform) => {
+                let (a32, x32) = (&mut self.a32, &mut self.x32);
+                t.balanced_factors(backend, &self.a64, &self.x64, &self.c64, (jr, m), a32, x32)?;
+                (Trans::No, Trans::Yes)
+            }
+            _ => {
+                backend.f64_to_f32(&self.x64, &mut self.x32)?;
+                backend.f64_to_f32(&self.a64, &mut self.a32)?;
+                (Trans::Yes, Trans::No)
+            }
+        };
         sharded_mean(backend, comm, self.shard, u, p, self.centre.mean_mut())?;
         self.centre.shift(backend, u, (jr, p), -1.0)?;
         backend.gemm_f32(
-            Trans::Yes,
+            ta,
             Trans::No,
             m,
             p,
@@ -251,18 +263,7 @@ impl<B: Backend> ShardedWorkspace<B> {
             &mut self.t32,
         )?;
         backend.allreduce_sum_f32(comm, &mut self.t32)?;
-        backend.gemm_f32(
-            Trans::No,
-            Trans::No,
-            jr,
-            p,
-            m,
-            1.0,
-            &self.x32,
-            &self.t32,
-            1.0,
-            u,
-        )?;
+        backend.gemm_f32(tx, Trans::No, jr, p, m, 1.0, &self.x32, &self.t32, 1.0, u)?;
         self.centre.shift(backend, u, (jr, p), 1.0)
     }
 }

@@ -57,7 +57,10 @@
 //! write its own operand). The workspace picks
 //! the cheaper by that count (member space wins up to J ≈ 1200 for m = 640,
 //! P = 18,050), and member space whenever J ≤ m, where it is also the accurate one
-//! (see [`ApplyOrder::cheapest`]).
+//! (see [`ApplyOrder::cheapest`]). The transform rule's parameter order runs in the
+//! eigenbasis of C, X Aᵀ = X̃ Ãᵀ with both factors bounded
+//! ([`transform::TransformBuffers::balanced_factors`]): on a badly scaled ensemble the
+//! plain factors lose the step to f32 rounding (README, "How the update works").
 //!
 //! Sharded over ranks (members split into contiguous blocks, [`dist`]): every product
 //! over members above is a sum of per-rank products, so the ranks add up 1ᵀD (for the
@@ -205,6 +208,9 @@ pub struct EnkfWorkspace<B: Backend> {
     dt: f64,
     /// The transform update's buffers (allocated on its first gain).
     transform: Option<transform::TransformBuffers<B>>,
+    /// Whether the last gain was the transform one (its parameter-order apply then runs
+    /// in the eigenbasis of C, [`transform::TransformBuffers::balanced_factors`]).
+    balanced: bool,
     /// The apply phase's centring: ones (J) and the members' mean (P), f32.
     centre: Centring<B>,
 }
@@ -423,6 +429,7 @@ impl<B: Backend> EnkfWorkspace<B> {
             gamma: 0.0,
             dt: 1.0,
             transform: None,
+            balanced: false,
             centre: Centring::new(backend, members, params)?,
         })
     }
@@ -547,6 +554,7 @@ impl<B: Backend> EnkfWorkspace<B> {
             )));
         }
         no_perturbed_transform(rule, noise)?;
+        self.balanced = false;
         let gamma = gamma / dt;
         let inv_j = 1.0 / j as f64;
         if let Some(eta) = noise {
@@ -591,6 +599,7 @@ impl<B: Backend> EnkfWorkspace<B> {
                     gamma,
                     None,
                 )?;
+                self.balanced = true;
             }
         }
         Ok(())
@@ -606,25 +615,34 @@ impl<B: Backend> EnkfWorkspace<B> {
         let inv_j = 1.0 / j as f64;
         match &mut self.apply {
             ApplyBuffers::Params { x32, a32, t32 } => {
-                backend.f64_to_f32(&self.x64, x32)?;
-                backend.f64_to_f32(&self.a64, a32)?;
+                // The transform rule's factors in the eigenbasis of C, stored transposed
+                // (m × J: Ãᵀ in a32, X̃ᵀ in x32); the other rules' X and A as they are
+                // (J × m).
+                let balanced = match (&mut self.transform, self.balanced) {
+                    (Some(t), true) => {
+                        let dims = (j, m);
+                        t.balanced_factors(
+                            backend, &self.a64, &self.x64, &self.c64, dims, a32, x32,
+                        )?;
+                        true
+                    }
+                    _ => {
+                        backend.f64_to_f32(&self.x64, x32)?;
+                        backend.f64_to_f32(&self.a64, a32)?;
+                        false
+                    }
+                };
+                let (ta, tx) = if balanced {
+                    (Trans::No, Trans::Yes)
+                } else {
+                    (Trans::Yes, Trans::No)
+                };
                 // E = U − 1ūᵀ in place ([`Centring`]), T = AᵀE/J (m × P), E += X T, then
                 // U = E + 1ūᵀ.
                 backend.row_mean(u, j, p, self.centre.mean_mut())?;
                 self.centre.shift(backend, u, (j, p), -1.0)?;
-                backend.gemm_f32(
-                    Trans::Yes,
-                    Trans::No,
-                    m,
-                    p,
-                    j,
-                    inv_j as f32,
-                    a32,
-                    u,
-                    0.0,
-                    t32,
-                )?;
-                backend.gemm_f32(Trans::No, Trans::No, j, p, m, 1.0, x32, t32, 1.0, u)?;
+                backend.gemm_f32(ta, Trans::No, m, p, j, inv_j as f32, a32, u, 0.0, t32)?;
+                backend.gemm_f32(tx, Trans::No, j, p, m, 1.0, x32, t32, 1.0, u)?;
                 self.centre.shift(backend, u, (j, p), 1.0)?;
             }
             // No gain yet (γ is set by the first): nothing to apply.

@@ -35,8 +35,10 @@ pub struct TransformBuffers<B: Backend> {
     t1: B::F64,
     /// C⁻¹ d̄, m.
     r: B::F64,
-    /// Q Aᵀ, scaled by φ: m × J.
+    /// Q Aᵀ, scaled by φ: m × J (then the balanced apply's factors, one after the other).
     y: B::F64,
+    /// √max(μ, γ) of the last gain's C = Qᵀ diag(μ) Q (m), for [`Self::balanced_factors`].
+    sqrt_mu: Vec<f64>,
 }
 
 impl<B: Backend> TransformBuffers<B> {
@@ -50,6 +52,7 @@ impl<B: Backend> TransformBuffers<B> {
             t1: backend.zeros_f64(obs)?,
             r: backend.zeros_f64(obs)?,
             y: backend.zeros_f64(obs * members)?,
+            sqrt_mu: Vec::new(),
         })
     }
 
@@ -156,6 +159,64 @@ impl<B: Backend> TransformBuffers<B> {
             &self.r,
             1.0,
             x64,
-        )
+        )?;
+        self.sqrt_mu = mu.iter().map(|&u| u.max(gamma).sqrt()).collect();
+        Ok(())
+    }
+
+    /// The factors of the parameter-order apply in the eigenbasis of the last gain's C,
+    /// each scaled to O(1): X Aᵀ = X̃ Ãᵀ with Ãᵀ = diag(1/√μ) Q Aᵀ into `at32` and X̃ᵀ =
+    /// diag(√μ) Q Xᵀ into `xt32` (both m × J, f32; `c64` holds Q from [`Self::gain`]).
+    ///
+    /// Why: on a badly scaled ensemble (large weights, C spanning many decades) X has
+    /// entries up to |d̄|/γ along C's small eigenvalues, and the f32 rounding of AᵀE/J
+    /// (which mixes every direction) is amplified by them; measured on a real run, the
+    /// mean step came out 2.5 % off the f64 one and the network broke (REPRODUCTION.md,
+    /// the ETKI tail jump). Here Ã's columns have norm ≤ √J, X̃'s are bounded by
+    /// |d̄|/√γ and √J (module docs: X = 1 rᵀ + A Qᵀ diag(φ) Q), so the f32 products
+    /// round relative to bounded factors, as the member order's S = I + XAᵀ/J does.
+    /// Q is orthogonal, so the product is the same in exact arithmetic.
+    ///
+    /// Errors: the backend's.
+    #[allow(clippy::too_many_arguments)]
+    pub fn balanced_factors(
+        &mut self,
+        backend: &B,
+        a64: &B::F64,
+        x64: &B::F64,
+        c64: &B::F64,
+        (j, m): (usize, usize),
+        at32: &mut B::F32,
+        xt32: &mut B::F32,
+    ) -> Result<()> {
+        let inv: Vec<f64> = self.sqrt_mu.iter().map(|v| 1.0 / v).collect();
+        backend.gemm_f64(
+            Trans::No,
+            Trans::Yes,
+            m,
+            j,
+            m,
+            1.0,
+            c64,
+            a64,
+            0.0,
+            &mut self.y,
+        )?;
+        backend.scale_rows_f64(&mut self.y, m, j, &inv)?;
+        backend.f64_to_f32(&self.y, at32)?;
+        backend.gemm_f64(
+            Trans::No,
+            Trans::Yes,
+            m,
+            j,
+            m,
+            1.0,
+            c64,
+            x64,
+            0.0,
+            &mut self.y,
+        )?;
+        backend.scale_rows_f64(&mut self.y, m, j, &self.sqrt_mu)?;
+        backend.f64_to_f32(&self.y, xt32)
     }
 }
