@@ -236,18 +236,21 @@ impl<B: Backend> ShardedWorkspace<B> {
         // over every rank (one common vector: Σ_r A_rᵀ1 = 0 only summed over the ranks).
         // The transform rule's factors in the eigenbasis of the global C, as one process
         // forms them (`TransformBuffers::balanced_factors`; m × J_r, transposed).
-        let (ta, tx) = match (&mut self.transform, rule) {
-            (Some(t), UpdateRule::Transform) => {
-                let (a32, x32) = (&mut self.a32, &mut self.x32);
-                t.balanced_factors(backend, &self.a64, &self.x64, &self.c64, (jr, m), a32, x32)?;
-                (Trans::No, Trans::Yes)
-            }
-            _ => {
-                backend.f64_to_f32(&self.x64, &mut self.x32)?;
-                backend.f64_to_f32(&self.a64, &mut self.a32)?;
-                (Trans::Yes, Trans::No)
-            }
+        let balanced = if rule == UpdateRule::Transform {
+            self.transform.as_mut()
+        } else {
+            None
         };
+        let (ta, tx) = super::transform::apply_factors(
+            backend,
+            balanced,
+            &self.a64,
+            &self.x64,
+            &self.c64,
+            (jr, m),
+            &mut self.a32,
+            &mut self.x32,
+        )?;
         sharded_mean(backend, comm, self.shard, u, p, self.centre.mean_mut())?;
         self.centre.shift(backend, u, (jr, p), -1.0)?;
         backend.gemm_f32(

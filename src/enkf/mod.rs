@@ -615,28 +615,23 @@ impl<B: Backend> EnkfWorkspace<B> {
         let inv_j = 1.0 / j as f64;
         match &mut self.apply {
             ApplyBuffers::Params { x32, a32, t32 } => {
-                // The transform rule's factors in the eigenbasis of C, stored transposed
-                // (m × J: Ãᵀ in a32, X̃ᵀ in x32); the other rules' X and A as they are
-                // (J × m).
-                let balanced = match (&mut self.transform, self.balanced) {
-                    (Some(t), true) => {
-                        let dims = (j, m);
-                        t.balanced_factors(
-                            backend, &self.a64, &self.x64, &self.c64, dims, a32, x32,
-                        )?;
-                        true
-                    }
-                    _ => {
-                        backend.f64_to_f32(&self.x64, x32)?;
-                        backend.f64_to_f32(&self.a64, a32)?;
-                        false
-                    }
-                };
-                let (ta, tx) = if balanced {
-                    (Trans::No, Trans::Yes)
+                // The transform rule's factors in the eigenbasis of C after its gain,
+                // the other rules' X and A as they are ([`transform::apply_factors`]).
+                let balanced = if self.balanced {
+                    self.transform.as_mut()
                 } else {
-                    (Trans::Yes, Trans::No)
+                    None
                 };
+                let (ta, tx) = transform::apply_factors(
+                    backend,
+                    balanced,
+                    &self.a64,
+                    &self.x64,
+                    &self.c64,
+                    (j, m),
+                    a32,
+                    x32,
+                )?;
                 // E = U − 1ūᵀ in place ([`Centring`]), T = AᵀE/J (m × P), E += X T, then
                 // U = E + 1ūᵀ.
                 backend.row_mean(u, j, p, self.centre.mean_mut())?;

@@ -25,6 +25,37 @@
 use crate::backend::{Backend, Trans};
 use crate::Result;
 
+/// The f32 factors of the parameter-order apply (`rows` × m in f64: A in `a64`, X in
+/// `x64`) into `a32` and `x32`, and how the two GEMMs T = op(a32)·E/J, E += op(x32)·T
+/// take them: with `balanced` (the transform rule's buffers after its gain; `c64` holds
+/// Q) the bounded factors of [`TransformBuffers::balanced_factors`], m × rows, read
+/// transposed; without, A and X rounded as they are. One process and ranks alike.
+///
+/// Errors: the backend's.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn apply_factors<B: Backend>(
+    backend: &B,
+    balanced: Option<&mut TransformBuffers<B>>,
+    a64: &B::F64,
+    x64: &B::F64,
+    c64: &B::F64,
+    dims: (usize, usize),
+    a32: &mut B::F32,
+    x32: &mut B::F32,
+) -> Result<(Trans, Trans)> {
+    match balanced {
+        Some(t) => {
+            t.balanced_factors(backend, a64, x64, c64, dims, a32, x32)?;
+            Ok((Trans::No, Trans::Yes))
+        }
+        None => {
+            backend.f64_to_f32(x64, x32)?;
+            backend.f64_to_f32(a64, a32)?;
+            Ok((Trans::Yes, Trans::No))
+        }
+    }
+}
+
 /// The transform update's extra buffers for J members and m observations.
 pub struct TransformBuffers<B: Backend> {
     /// Ones, J.
