@@ -1,12 +1,14 @@
 //! One mini-batch's EnKF updates from a checkpoint, in several variants: what each
 //! does to the mean network (issue 13's tail-batch jump).
 //!
-//!     cargo run --release --example tail_lab -- RUN_DIR [BATCH_INDEX]
+//!     cargo run --release --example tail_lab -- RUN_DIR [BATCH_INDEX] [RULE]
 //!
 //! Reads RUN_DIR/checkpoint.bin (the ensemble U and the run's configuration; the run
 //! must use the paper's network on IDX data), takes mini-batch BATCH_INDEX of the file
 //! order (default: the checkpoint's current one), and applies the run's r updates to a
-//! copy of U in each variant: the run's rule in either apply order, with and without
+//! copy of U in each variant: the run's rule (or RULE: sequential, batch, transform;
+//! the f64 Kalman step below is the batch and transform rules' mean step, not the
+//! sequential one's) in either apply order, with and without
 //! the run's additive inflation (0.3 × the spread drawn before each forward pass, as the
 //! trainer does, from this program's own stream), other γ, and the first half of the
 //! batch only. After each update it prints the mean network's loss on the batch and
@@ -156,14 +158,18 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let lo = bi * cfg.batch;
     let hi = (lo + cfg.batch).min(n);
     println!(
-        "checkpoint at update {} (J = {j}, P = {p}, rule {:?}, γ = {}, additive {} × spread, \
-         r = {}); batch {bi}: images {lo}..{hi}",
+        "checkpoint at update {} (J = {j}, P = {p}, run's rule {:?}, γ = {}, additive {} × \
+         spread, r = {}); batch {bi}: images {lo}..{hi}",
         state.t, cfg.update, cfg.gamma, cfg.additive_inflation, state.repetitions
     );
     let be = CpuBackend::new();
     let test_x = data.test.images.clone();
     let test_n = data.test.len();
-    let rule: UpdateRule = cfg.update;
+    let rule: UpdateRule = match args.get(2) {
+        Some(r) => <UpdateRule as clap::ValueEnum>::from_str(r, true)
+            .map_err(|e| format!("RULE {r}: {e}"))?,
+        None => cfg.update,
+    };
     let s = cfg.additive_inflation as f32;
     let full = hi - lo;
     let mut variants = Vec::new();
@@ -188,7 +194,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         });
     }
     for v in &variants {
-        println!("\n== {}", v.name);
+        println!("\n== {:?} rule, {}", rule, v.name);
         let b = v.images;
         let x: Vec<f32> = data.train.images[lo * 784..(lo + b) * 784].to_vec();
         let labels = &data.train.labels[lo..lo + b];

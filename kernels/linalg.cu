@@ -6,12 +6,15 @@
 // add_diagonal_f64: a[i, i] += shift; 1-D grid over i.
 // unit_block_lower_f64: a ← I − S(a), S = strictly block-lower part (block size bs);
 //   1-D grid-stride over the n² entries.
-// block_cholesky_solve_small_f64 (bs ≤ 32): rhs[:, block d] ← rhs[:, block d] · A_dd⁻¹.
+// block_cholesky_solve_small_f64 (bs ≤ 32): rhs[:, block d] ← rhs[:, block d] · A_dd⁻¹
+//   (mode 0), or ← rhs[:, block d] · L⁻ᵀ with A_dd = L Lᵀ (mode 1, whitening: the
+//   forward substitution only; the EnKF gain's bounded factors).
 //   grid (blocks, ceil(nrhs / blockDim.x)), blockDim.x = 128. Every CTA of column d
 //   factors A_dd = L Lᵀ in shared memory (right-looking Cholesky on the lower triangle,
 //   bs ≤ 32 steps; redundant across the CTAs of a column, but a 10 × 10 factor costs
 //   less than loading the CTA's rows); then each thread solves one rhs row:
-//   x = rhs row block (bs values in registers), L z = xᵀ, Lᵀ w = z, row ← wᵀ.
+//   x = rhs row block (bs values in registers), L z = xᵀ, Lᵀ w = z, row ← wᵀ (mode 1
+//   stops at z: row ← zᵀ).
 //   Loops run to the compile-time bound 32 with an `i < bs` guard so the row stays in
 //   registers. CTAs with blockIdx.y = 0 write info[d] = 0, or k + 1 when pivot k
 //   (0-based) is not positive (then bad_pivot[d] = its value) and no row is written.
@@ -46,7 +49,8 @@ extern "C" __global__ void unit_block_lower_f64(double* __restrict__ a, int n, i
 extern "C" __global__ void block_cholesky_solve_small_f64(const double* __restrict__ a, int n,
                                                           int bs, double* __restrict__ rhs,
                                                           int nrhs, int* __restrict__ info,
-                                                          double* __restrict__ bad_pivot) {
+                                                          double* __restrict__ bad_pivot,
+                                                          int mode) {
     __shared__ double L[CHOL_MAX_BS][CHOL_MAX_BS + 1];
     __shared__ int failed;
     __shared__ double failed_value;
@@ -123,19 +127,21 @@ extern "C" __global__ void block_cholesky_solve_small_f64(const double* __restri
             v[i] = s / L[i][i];
         }
     }
-    // Lᵀ w = z (back substitution; (Lᵀ)[i][k] = L[k][i])
+    // Lᵀ w = z (back substitution; (Lᵀ)[i][k] = L[k][i]); mode 1 keeps z.
+    if (mode == 0) {
 #pragma unroll
-    for (int ii = 0; ii < CHOL_MAX_BS; ++ii) {
-        const int i = CHOL_MAX_BS - 1 - ii;
-        if (i < bs) {
-            double s = v[i];
+        for (int ii = 0; ii < CHOL_MAX_BS; ++ii) {
+            const int i = CHOL_MAX_BS - 1 - ii;
+            if (i < bs) {
+                double s = v[i];
 #pragma unroll
-            for (int k = i + 1; k < CHOL_MAX_BS; ++k) {
-                if (k < bs) {
-                    s -= L[k][i] * v[k];
+                for (int k = i + 1; k < CHOL_MAX_BS; ++k) {
+                    if (k < bs) {
+                        s -= L[k][i] * v[k];
+                    }
                 }
+                v[i] = s / L[i][i];
             }
-            v[i] = s / L[i][i];
         }
     }
 #pragma unroll

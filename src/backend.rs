@@ -90,6 +90,17 @@ pub enum BackendKind {
     Auto,
 }
 
+/// What a block Cholesky routine applies to each block of a right-hand-side row, with
+/// the block A_dd = L Lᵀ: the CPU's and the GPU's solves share it (on the GPU it is the
+/// small-block kernel's `mode` argument, its discriminant).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Substitution {
+    /// `row · A_dd⁻¹`: L w = rowᵀ, then Lᵀ z = w ([`Backend::block_cholesky_solve_f64`]).
+    Inverse = 0,
+    /// `row · L⁻ᵀ`: L w = rowᵀ only ([`Backend::block_cholesky_whiten_f64`]).
+    Whiten = 1,
+}
+
 /// The operations the EnKF and the trainer need, on one kind of memory.
 pub trait Backend {
     /// A buffer of f32 values owned by this backend.
@@ -243,6 +254,24 @@ pub trait Backend {
         blocks: usize,
         bs: usize,
         rhs: &mut Self::F64,
+        nrhs: usize,
+    ) -> Result<()>;
+
+    /// Whitening by the block Cholesky factors, from the right: with each diagonal block
+    /// A_dd = L_d L_dᵀ (L_d lower triangular; `a` as in
+    /// [`Backend::block_cholesky_solve_f64`]), every row of `x` and of `y` (`nrhs` × n
+    /// each) is overwritten block by block with `row[d] · L_d⁻ᵀ` (a forward substitution
+    /// with L_d). So `x A⁻¹ yᵀ` becomes `x yᵀ` over the whitened rows: the EnKF gain's
+    /// bounded factors (`crate::enkf`). `a` may be overwritten with its factor.
+    /// Errors: as [`Backend::block_cholesky_solve_f64`]; `x` and `y` are unchanged then.
+    #[allow(clippy::too_many_arguments)]
+    fn block_cholesky_whiten_f64(
+        &self,
+        a: &mut Self::F64,
+        blocks: usize,
+        bs: usize,
+        x: &mut Self::F64,
+        y: &mut Self::F64,
         nrhs: usize,
     ) -> Result<()>;
 

@@ -162,10 +162,10 @@ pub struct TrainArgs {
     /// Association of the update's last product U += X (AᵀU)/J: `params` (through the
     /// m × P matrix AᵀU), `members` (through the J × J matrix I + XAᵀ/J, formed in f64),
     /// or `auto`, the cheaper by flop count for each mini-batch size (members whenever
-    /// J ≤ m, the outputs per batch). The same update in exact arithmetic; rounding and
-    /// cost differ: on an ensemble whose weights have grown large `members` is the
-    /// accurate one (REPRODUCTION.md, the ETKI tail jump). Not with --tikhonov (its own
-    /// member-space apply); `members` not on ranks [default: auto].
+    /// J ≤ m, the outputs per batch). The same update in exact arithmetic, and both
+    /// round relative to bounded factors (the gain hands the apply whitened ones: README
+    /// "How the update works"), so the choice is one of cost. Not with --tikhonov (its
+    /// own member-space apply); `members` not on ranks [default: auto].
     #[arg(long, value_enum)]
     pub apply_order: Option<crate::enkf::ApplyOrder>,
     /// Seed of every random stream (initial ensemble, shuffling) [default: 0].

@@ -1,5 +1,6 @@
 //! The row-major → column-major argument mappings of the cuBLAS/cuSOLVER calls
-//! (`gpu::linalg::{col_major_gemm, col_major_unit_lower_right, cholesky_block}`), run
+//! (`gpu::linalg::{col_major_gemm, col_major_unit_lower_right, cholesky_block,
+//! col_major_whiten}`), run
 //! through plain column-major reference implementations of GEMM, TRSM, POTRF and POTRS
 //! written from the BLAS/LAPACK definitions, against the CPU backend's row-major
 //! operations. The libraries themselves need a GPU (`tests/gpu_twins.rs`); what is
@@ -16,7 +17,9 @@ use cudarc::cublas::sys::{
 use cudarc::cusolver::sys as sol;
 use enkf_dnn::backend::{Backend, Trans};
 use enkf_dnn::cpu::CpuBackend;
-use enkf_dnn::gpu::linalg::{cholesky_block, col_major_gemm, col_major_unit_lower_right};
+use enkf_dnn::gpu::linalg::{
+    cholesky_block, col_major_gemm, col_major_unit_lower_right, col_major_whiten,
+};
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 
@@ -250,6 +253,51 @@ fn cholesky_block_arguments_solve_each_diagonal_block() {
         let got = mapped_cholesky(&a, &rhs, blocks, bs, nrhs, n);
         assert_close(
             &format!("cholesky blocks={blocks} bs={bs} nrhs={nrhs}"),
+            &got,
+            &want,
+            MAP_TOL * max_abs(&want),
+            0.0,
+        );
+    }
+}
+
+/// The whitening route: potrf at [`cholesky_block`]'s offsets, then trsm per block with
+/// [`col_major_whiten`]'s arguments, as `cusolver_substitute` calls them, against the
+/// CPU backend's `rhs · L_d⁻ᵀ`.
+#[test]
+fn whitening_arguments_apply_each_blocks_inverse_transposed_factor() {
+    let cpu = CpuBackend::new();
+    let mut rng = ChaCha8Rng::seed_from_u64(7);
+    for (blocks, bs, nrhs) in [(3, 40, 20), (1, 50, 7), (4, 33, 1)] {
+        let n = blocks * bs;
+        let (a, rhs, _) = cholesky_inputs(&mut rng, blocks, bs, nrhs);
+        let (mut ac, mut want, mut other) = (a.clone(), rhs.clone(), rhs.clone());
+        cpu.block_cholesky_whiten_f64(&mut ac, blocks, bs, &mut want, &mut other, nrhs)
+            .unwrap();
+        let (mut af, mut got) = (a.clone(), rhs.clone());
+        for d in 0..blocks {
+            let c = cholesky_block(d, bs, n);
+            dpotrf(c.uplo, bs, &mut af[c.a_offset..], n);
+            let t = col_major_whiten(bs, n, nrhs);
+            assert_eq!(
+                t.side,
+                cublasSideMode_t::CUBLAS_SIDE_LEFT,
+                "only LEFT is modelled"
+            );
+            dtrsm_left(
+                t.uplo,
+                t.trans,
+                t.diag,
+                t.m,
+                t.n,
+                &af[c.a_offset..],
+                t.lda,
+                &mut got[c.b_offset..],
+                t.ldb,
+            );
+        }
+        assert_close(
+            &format!("whiten blocks={blocks} bs={bs} nrhs={nrhs}"),
             &got,
             &want,
             MAP_TOL * max_abs(&want),

@@ -295,6 +295,82 @@ fn block_cholesky_solve_reconstructs_rhs() {
     }
 }
 
+/// Whitening x and y by the block factors (x̃ = x L_d⁻ᵀ, ỹ = y L_d⁻ᵀ) keeps every
+/// product x A⁻¹ yᵀ (block by block): x̃ ỹᵀ equals x · (y A⁻¹)ᵀ from the solve, and
+/// x̃ x̃ᵀ is x A⁻¹ xᵀ. Multiplying by L_d⁻¹ instead of L_d⁻ᵀ, or applying A_dd^(-1/2)
+/// from the wrong side, changes these by O(1).
+#[test]
+fn block_cholesky_whitening_keeps_every_product_with_the_inverse() {
+    let mut rng = ChaCha8Rng::seed_from_u64(4);
+    for &(blocks, bs, nrhs) in &[(6, 10, 37), (1, 64, 40), (3, 1, 5)] {
+        let n = blocks * bs;
+        let a = block_spd(&mut rng, blocks, bs);
+        let x = uniform(&mut rng, nrhs * n);
+        let y = uniform(&mut rng, nrhs * n);
+        let (mut xw, mut yw) = (x.clone(), y.clone());
+        let mut a_work = a.clone();
+        linalg::block_cholesky_whiten_f64(&mut a_work, blocks, bs, &mut xw, &mut yw, nrhs).unwrap();
+        // (block_spd's off-diagonal blocks are NaN, to show they are never read.)
+        assert!(
+            a_work
+                .iter()
+                .zip(&a)
+                .all(|(x, y)| x.to_bits() == y.to_bits()),
+            "a is left unchanged"
+        );
+        let mut ys = y.clone();
+        linalg::block_cholesky_solve_f64(&mut a.clone(), blocks, bs, &mut ys, nrhs).unwrap();
+        let block_dot = |p: &[f64], q: &[f64], r: usize, s: usize, d: usize| -> f64 {
+            (0..bs)
+                .map(|i| p[r * n + d * bs + i] * q[s * n + d * bs + i])
+                .sum()
+        };
+        let (mut got, mut want) = (Vec::new(), Vec::new());
+        for r in 0..nrhs {
+            for s in 0..nrhs {
+                for d in 0..blocks {
+                    got.push(block_dot(&xw, &yw, r, s, d));
+                    want.push(block_dot(&x, &ys, r, s, d));
+                }
+            }
+        }
+        let scale = want.iter().fold(1.0f64, |m, v| m.max(v.abs()));
+        let bound = vec![SOLVE_C * (bs * bs) as f64 * f64::EPSILON * scale; want.len()];
+        assert_within(
+            &format!("whitened products {blocks}x{bs}, {nrhs} rows"),
+            &got,
+            &want,
+            &bound,
+        );
+        // x̃ x̃ᵀ ≥ 0 on the diagonal and equal to x A⁻¹ xᵀ.
+        let mut xs = x.clone();
+        linalg::block_cholesky_solve_f64(&mut a.clone(), blocks, bs, &mut xs, nrhs).unwrap();
+        for r in 0..nrhs {
+            for d in 0..blocks {
+                let (g, w) = (block_dot(&xw, &xw, r, r, d), block_dot(&x, &xs, r, r, d));
+                assert!(
+                    (g - w).abs() <= SOLVE_C * (bs * bs) as f64 * f64::EPSILON * w.abs().max(1.0),
+                    "row {r} block {d}: |x̃|² {g} vs x A⁻¹ xᵀ {w}"
+                );
+            }
+        }
+    }
+    // The whitening is the triangular L⁻ᵀ (L z = rowᵀ): e_0 becomes 1/√a_00 in its first
+    // entry, and the last unit row keeps only its last entry; the symmetric A^(-1/2)
+    // would give neither.
+    let (bs, n) = (5, 5);
+    let a = block_spd(&mut rng, 1, bs);
+    let (mut x, mut y) = (vec![0.0; n], vec![0.0; n]);
+    x[0] = 1.0;
+    y[n - 1] = 1.0;
+    linalg::block_cholesky_whiten_f64(&mut a.clone(), 1, bs, &mut x, &mut y, 1).unwrap();
+    assert!((x[0] - 1.0 / a[0].sqrt()).abs() < 1e-14, "{x:?}");
+    assert!(
+        y[..n - 1].iter().all(|&v| v == 0.0) && y[n - 1] > 0.0,
+        "{y:?}"
+    );
+}
+
 #[test]
 fn block_cholesky_reports_first_indefinite_block() {
     let (blocks, bs, nrhs) = (4, 5, 3);
@@ -322,6 +398,25 @@ fn block_cholesky_reports_first_indefinite_block() {
         e => panic!("expected NotPositiveDefinite, got {e:?}"),
     }
     assert_eq!(x, rhs, "rhs must be untouched on error");
+    let (mut xw, mut yw) = (rhs.clone(), rhs.clone());
+    let err =
+        linalg::block_cholesky_whiten_f64(&mut a, blocks, bs, &mut xw, &mut yw, nrhs).unwrap_err();
+    assert!(
+        matches!(
+            err,
+            Error::Linalg(LinalgError::NotPositiveDefinite {
+                block: 2,
+                pivot: 3,
+                ..
+            })
+        ),
+        "whitening: {err:?}"
+    );
+    assert_eq!(
+        (xw, yw),
+        (rhs.clone(), rhs),
+        "whitening leaves both untouched on error"
+    );
 
     // A NaN entry is reported too, not propagated.
     let mut a = vec![0.0; 4];

@@ -247,6 +247,25 @@ fn cholesky_case(be: &CudaBackend, blocks: usize, bs: usize, nrhs: usize, seed: 
         SOLVE_TOL,
     );
 
+    // Whitening, rhs · L_d⁻ᵀ, of two matrices (rhs and its negation) against the CPU's.
+    let neg: Vec<f64> = rhs.iter().map(|v| -v).collect();
+    let (mut ac, mut want_x, mut want_y) = (a.clone(), rhs.clone(), neg.clone());
+    CpuBackend::new()
+        .block_cholesky_whiten_f64(&mut ac, blocks, bs, &mut want_x, &mut want_y, nrhs)
+        .unwrap();
+    let (mut ag, mut xg, mut yg) = (upload64(be, &a), upload64(be, &rhs), upload64(be, &neg));
+    be.block_cholesky_whiten_f64(&mut ag, blocks, bs, &mut xg, &mut yg, nrhs)
+        .unwrap();
+    for (name, g, w) in [("x", &xg, &want_x), ("y", &yg, &want_y)] {
+        assert_close(
+            &format!("block_cholesky_whiten {name} blocks={blocks} bs={bs} nrhs={nrhs}"),
+            &be.download_f64(g).unwrap(),
+            w,
+            SOLVE_TOL * max_abs(w),
+            SOLVE_TOL,
+        );
+    }
+
     // Make block `bad` indefinite: both backends must name it.
     let bad = blocks / 2;
     let mut a_bad = a.clone();

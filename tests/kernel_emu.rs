@@ -30,7 +30,7 @@ use common::emu::{
     emu, launch, same_in_both_orders, to_i32, Emu, Guarded, Launch, Order, Sentinel, ORDERS,
 };
 
-use enkf_dnn::backend::Backend;
+use enkf_dnn::backend::{Backend, Substitution};
 use enkf_dnn::cpu::backprop::{backprop, ForwardCache};
 use enkf_dnn::cpu::CpuBackend;
 use enkf_dnn::error::LinalgError;
@@ -603,6 +603,7 @@ type CholFn = unsafe extern "C" fn(
     i32,
     *mut i32,
     *mut f64,
+    i32,
 ) -> i32;
 
 #[test]
@@ -656,28 +657,49 @@ fn cholesky_case(e: &Emu, blocks: usize, bs: usize, nrhs: usize, seed: u64) {
     let what = format!("block_cholesky_solve_small blocks={blocks} bs={bs} nrhs={nrhs}");
     let cfg = geometry::small_cholesky_launch(blocks, nrhs).expect("geometry");
     let f = e.entry::<CholFn>("block_cholesky_solve_small_f64");
-    let run = |a: &[f64], order: Order| -> (Vec<f64>, Vec<i32>, Vec<f64>) {
-        let ag = Guarded::new(a);
-        let mut rg = Guarded::new(&rhs);
-        let mut info = Guarded::<i32>::output(blocks);
-        let mut bad = Guarded::<f64>::output(blocks);
-        // SAFETY: a holds n², rhs nrhs·n, info and bad `blocks` elements.
-        let rc = unsafe {
-            f(
-                &launch(&cfg, order),
-                ag.ptr(),
-                to_i32(n),
-                to_i32(bs),
-                rg.mut_ptr(),
-                to_i32(nrhs),
-                info.mut_ptr(),
-                bad.mut_ptr(),
-            )
+    let run_mode =
+        |a: &[f64], order: Order, mode: Substitution| -> (Vec<f64>, Vec<i32>, Vec<f64>) {
+            let ag = Guarded::new(a);
+            let mut rg = Guarded::new(&rhs);
+            let mut info = Guarded::<i32>::output(blocks);
+            let mut bad = Guarded::<f64>::output(blocks);
+            // SAFETY: a holds n², rhs nrhs·n, info and bad `blocks` elements.
+            let rc = unsafe {
+                f(
+                    &launch(&cfg, order),
+                    ag.ptr(),
+                    to_i32(n),
+                    to_i32(bs),
+                    rg.mut_ptr(),
+                    to_i32(nrhs),
+                    info.mut_ptr(),
+                    bad.mut_ptr(),
+                    mode as i32,
+                )
+            };
+            e.result(rc).unwrap_or_else(|m| panic!("{what}: {m}"));
+            assert_eq!(ag.get("a"), a, "{what}: the kernel leaves `a` unchanged");
+            (rg.get("rhs"), info.written("info"), bad.written("pivots"))
         };
-        e.result(rc).unwrap_or_else(|m| panic!("{what}: {m}"));
-        assert_eq!(ag.get("a"), a, "{what}: the kernel leaves `a` unchanged");
-        (rg.get("rhs"), info.written("info"), bad.written("pivots"))
-    };
+    let run = |a: &[f64], order: Order| run_mode(a, order, Substitution::Inverse);
+
+    // Mode 1 (whitening, rhs · L⁻ᵀ) against the CPU's, which whitens two matrices at once.
+    let whitened: Vec<_> = ORDERS
+        .iter()
+        .map(|&o| run_mode(&a, o, Substitution::Whiten).0)
+        .collect();
+    let got_w = same_in_both_orders(&format!("{what} (whiten)"), whitened);
+    let (mut ac, mut want_w, mut other) = (a.clone(), rhs.clone(), rhs.clone());
+    cpu.block_cholesky_whiten_f64(&mut ac, blocks, bs, &mut want_w, &mut other, nrhs)
+        .expect("cpu whitening of SPD blocks");
+    assert_eq!(want_w, other, "{what}: the CPU whitens both matrices alike");
+    assert_close(
+        &format!("{what} (whiten)"),
+        &got_w,
+        &want_w,
+        SOLVE_TOL * max_abs(&want_w),
+        SOLVE_TOL,
+    );
 
     let runs: Vec<_> = ORDERS.iter().map(|&o| run(&a, o)).collect();
     let (r, info): (Vec<_>, Vec<_>) = runs.into_iter().map(|(r, i, _)| (r, i)).unzip();

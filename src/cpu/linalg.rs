@@ -12,7 +12,7 @@
 //!   Panels are spread over rayon threads.
 //! - [`solve_unit_lower_right_f64`]: the same panel scheme on `x · T = b`.
 
-use crate::backend::{check_len, Trans};
+use crate::backend::{check_len, Substitution, Trans};
 use crate::error::LinalgError;
 use crate::Result;
 use rayon::prelude::*;
@@ -276,35 +276,79 @@ pub fn block_cholesky_solve_f64(
     rhs: &mut [f64],
     nrhs: usize,
 ) -> Result<()> {
+    check_len(
+        "block_cholesky_solve_f64 a",
+        a.len(),
+        blocks * bs * blocks * bs,
+    )?;
+    check_len(
+        "block_cholesky_solve_f64 rhs",
+        rhs.len(),
+        nrhs * blocks * bs,
+    )?;
+    let fac = block_factors(a, blocks, bs)?;
+    substitute(&fac, blocks * bs, rhs, Substitution::Inverse);
+    Ok(())
+}
+
+/// Whitening by the block Cholesky factors, see
+/// [`crate::backend::Backend::block_cholesky_whiten_f64`]: with A_dd = L_d L_dᵀ, every
+/// row of `x` and of `y` (`nrhs` × n each) becomes `row[d] · L_d⁻ᵀ` block by block (the
+/// forward half of [`block_cholesky_solve_f64`]; `a` is read as there and left
+/// unchanged). Cost: bs²·nrhs per block and matrix.
+///
+/// Errors: as [`block_cholesky_solve_f64`]; `x` and `y` are untouched then.
+pub fn block_cholesky_whiten_f64(
+    a: &mut [f64],
+    blocks: usize,
+    bs: usize,
+    x: &mut [f64],
+    y: &mut [f64],
+    nrhs: usize,
+) -> Result<()> {
     let n = blocks * bs;
-    check_len("block_cholesky_solve_f64 a", a.len(), n * n)?;
-    check_len("block_cholesky_solve_f64 rhs", rhs.len(), nrhs * n)?;
-    if n == 0 {
-        return Ok(());
-    }
-    let a_ref: &[f64] = a;
+    check_len("block_cholesky_whiten_f64 a", a.len(), n * n)?;
+    check_len("block_cholesky_whiten_f64 x", x.len(), nrhs * n)?;
+    check_len("block_cholesky_whiten_f64 y", y.len(), nrhs * n)?;
+    let fac = block_factors(a, blocks, bs)?;
+    substitute(&fac, n, x, Substitution::Whiten);
+    substitute(&fac, n, y, Substitution::Whiten);
+    Ok(())
+}
+
+/// The block Cholesky factors of the n × n matrix `a` (n = `blocks · bs`, its diagonal
+/// blocks' lower triangles), one rayon task per block. Errors: the lowest failing block.
+fn block_factors(a: &[f64], blocks: usize, bs: usize) -> Result<Vec<Factor>> {
+    let n = blocks * bs;
     let factors: Vec<Result<Factor, LinalgError>> = (0..blocks)
         .into_par_iter()
-        .map(|d| cholesky_block(a_ref, n, d * bs, bs, d))
+        .map(|d| cholesky_block(a, n, d * bs, bs, d))
         .collect();
     let mut fac = Vec::with_capacity(blocks);
     for f in factors {
         fac.push(f?);
     }
-    if nrhs == 0 {
-        return Ok(());
+    Ok(fac)
+}
+
+/// Applies `what` to every block of every row of `rhs` (rows of n), in panels of
+/// [`PANEL`] rows spread over rayon threads.
+fn substitute(fac: &[Factor], n: usize, rhs: &mut [f64], what: Substitution) {
+    if n == 0 || rhs.is_empty() {
+        return;
     }
+    let bs = n / fac.len().max(1);
     rhs.par_chunks_mut(PANEL * n).for_each(|chunk| {
         let mut x = vec![[0.0f64; PANEL]; bs];
         for (d, (l, lt)) in fac.iter().enumerate() {
             gather(chunk, n, d * bs, &mut x);
-            // A z = r with A = L Lᵀ: L w = r, then Lᵀ z = w.
             panel_forward(l, bs, &mut x, false);
-            panel_backward(lt, bs, &mut x, false);
+            if what == Substitution::Inverse {
+                panel_backward(lt, bs, &mut x, false);
+            }
             scatter(&x, chunk, n, d * bs);
         }
     });
-    Ok(())
 }
 
 /// Replaces the n × n matrix `a` by `I − S(a)`, S keeping only the strictly

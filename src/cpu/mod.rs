@@ -212,6 +212,18 @@ impl Backend for CpuBackend {
         linalg::block_cholesky_solve_f64(a, blocks, bs, rhs, nrhs)
     }
 
+    fn block_cholesky_whiten_f64(
+        &self,
+        a: &mut Vec<f64>,
+        blocks: usize,
+        bs: usize,
+        x: &mut Vec<f64>,
+        y: &mut Vec<f64>,
+        nrhs: usize,
+    ) -> Result<()> {
+        linalg::block_cholesky_whiten_f64(a, blocks, bs, x, y, nrhs)
+    }
+
     fn unit_block_lower_f64(&self, a: &mut Vec<f64>, n: usize, bs: usize) -> Result<()> {
         linalg::unit_block_lower_f64(a, n, bs)
     }

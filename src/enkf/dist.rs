@@ -203,7 +203,7 @@ impl<B: Backend> ShardedWorkspace<B> {
         }
         // C = Σ_r A_rᵀA_r / J + γI, and the sequential rule's L summed the same way.
         let bufs = super::GainBufs {
-            a64: &self.a64,
+            a64: &mut self.a64,
             x64: &mut self.x64,
             c64: &mut self.c64,
             l64: &mut self.l64,

@@ -7,7 +7,8 @@
 //! cov(U, G) = (ΠU)ᵀA/J = UᵀA/J: U itself never needs centring.
 //!
 //! The rules end in the same shape, `U ← U + X (AᵀU) / J` with X (J × m) computed from
-//! G alone (the "gain" phase, all small f64 work):
+//! G alone (the "gain" phase, all small f64 work; the batch and sequential rules hand
+//! the apply phase X and A in whitened form, "Bounded factors" below):
 //!
 //! - [`UpdateRule::Batch`], one ensemble Kalman inversion step: C = AᵀA/J + γI (m × m),
 //!   K = C⁻¹ Dᵀ (m × J), X = Kᵀ = D C⁻¹ (one dense Cholesky solve with J right-hand sides).
@@ -57,10 +58,21 @@
 //! write its own operand). The workspace picks
 //! the cheaper by that count (member space wins up to J ≈ 1200 for m = 640,
 //! P = 18,050), and member space whenever J ≤ m, where it is also the accurate one
-//! (see [`ApplyOrder::cheapest`]). The transform rule's parameter order runs in the
-//! eigenbasis of C, X Aᵀ = X̃ Ãᵀ with both factors bounded
-//! ([`transform::TransformBuffers::balanced_factors`]): on a badly scaled ensemble the
-//! plain factors lose the step to f32 rounding (README, "How the update works").
+//! (see [`ApplyOrder::cheapest`]).
+//!
+//! Bounded factors. Any X Aᵀ = (X M)(A M⁻ᵀ)ᵀ for an invertible m × m M, and the apply
+//! phase rounds its factors to f32: on a badly scaled ensemble (large weights, C
+//! spanning many decades) X = D C⁻¹ is of size |D|/γ along C's small eigenvalues and
+//! the f32 rounding of AᵀE/J, which mixes every direction, is amplified by it (measured
+//! on a real run: the mean step 2.5 % off and the network broken; README, "How the
+//! update works"). So the gain hands the apply whitened factors: with the Cholesky
+//! factor C = L Lᵀ (the batch rule; the sequential rule's blocks C_d = L_d L_dᵀ), Ã =
+//! A L⁻ᵀ has ÃᵀÃ/J = I − γC⁻¹ (columns of norm ≤ √J) and X̃ = X L, for the batch rule
+//! D̃ = D L⁻ᵀ, is bounded by |D|/√γ. The sequential recursion keeps its form in these
+//! variables: L̃ = L_b⁻¹ L L_b is the strictly block-lower part of ÃᵀD̃/J and X̃ =
+//! D̃ (I − L̃)⁻¹ (`rule_gain`). The cost is the same as the unwhitened gain (one
+//! triangular solve on A replaces the second one on D). The transform rule balances its
+//! factors in the eigenbasis of C ([`transform::TransformBuffers::balanced_factors`]).
 //!
 //! Sharded over ranks (members split into contiguous blocks, [`dist`]): every product
 //! over members above is a sum of per-rank products, so the ranks add up 1ᵀD (for the
@@ -193,9 +205,9 @@ pub struct EnkfWorkspace<B: Backend> {
     /// Outputs per image (10 classes for the paper's networks); m = batch · outputs.
     outputs: usize,
     order: ApplyOrder,
-    /// A = ΠG, J × m.
+    /// A = ΠG, J × m (whitened, Ã, by the batch and sequential gains).
     a64: B::F64,
-    /// D = y1ᵀ − G, then Bm or Kᵀ, then X; J × m.
+    /// D = y1ᵀ − G, then D̃ (whitened), then X̃; J × m.
     x64: B::F64,
     /// C = AᵀA/J + γI, m × m (overwritten by the solve).
     c64: B::F64,
@@ -578,7 +590,7 @@ impl<B: Backend> EnkfWorkspace<B> {
             return Ok(());
         }
         let bufs = GainBufs {
-            a64: &self.a64,
+            a64: &mut self.a64,
             x64: &mut self.x64,
             c64: &mut self.c64,
             l64: &mut self.l64,
@@ -706,10 +718,11 @@ pub fn init_ensemble<R: rand::Rng>(
         .collect()
 }
 
-/// The buffers of [`rule_gain`]: A (rows × m, centred outputs), X (rows × m: the
-/// innovations in, the gain rows out), C and L (m × m scratch).
+/// The buffers of [`rule_gain`]: A (rows × m, centred outputs; whitened in place by the
+/// batch and sequential rules), X (rows × m: the innovations in, the gain rows out), C
+/// and L (m × m scratch).
 pub(crate) struct GainBufs<'a, B: Backend> {
-    pub a64: &'a B::F64,
+    pub a64: &'a mut B::F64,
     pub x64: &'a mut B::F64,
     pub c64: &'a mut B::F64,
     pub l64: &'a mut B::F64,
@@ -717,9 +730,12 @@ pub(crate) struct GainBufs<'a, B: Backend> {
 
 /// The m × m part of the update shared by the one-process workspace and the sharded one:
 /// C = AᵀA/J, then `sum` (the sharded update adds the other ranks' parts there; a no-op
-/// on one process), + γI; then, by rule, X = D C⁻¹ (batch) or X = Bm (I − L)⁻¹ with
-/// Bm = [D_d C_d⁻¹]_d and L the strictly block-lower part of AᵀBm/J, summed by `sum` too
-/// (sequential). For the transform rule only C is formed (its caller goes on from it).
+/// on one process), + γI; then, by rule, in whitened form (module docs, "Bounded
+/// factors"): with the (block) Cholesky factor C = L Lᵀ (batch, one block) or C_d =
+/// L_d L_dᵀ (sequential, blocks of `outputs`), A ← Ã = A L⁻ᵀ and D ← D̃ = D L⁻ᵀ; the batch
+/// rule's X̃ is D̃, the sequential rule's X̃ = D̃ (I − L̃)⁻¹ with L̃ the strictly
+/// block-lower part of ÃᵀD̃/J, summed by `sum` too. Then X̃ Ãᵀ = X Aᵀ. For the transform
+/// rule only C is formed and A stays as it is (its caller goes on from both).
 /// `dims`: (rows of A and X on this process, batch, outputs); m = batch · outputs;
 /// `inv_j` = 1 / the global ensemble size.
 pub(crate) fn rule_gain<B: Backend>(
@@ -742,17 +758,17 @@ pub(crate) fn rule_gain<B: Backend>(
     match rule {
         UpdateRule::Transform => {}
         UpdateRule::Batch => {
-            // X = Kᵀ = D C⁻¹.
-            backend.block_cholesky_solve_f64(c64, 1, m, x64, rows)?;
+            // X̃ = D̃ = D L⁻ᵀ, Ã = A L⁻ᵀ: X̃ Ãᵀ = D C⁻¹ Aᵀ.
+            backend.block_cholesky_whiten_f64(c64, 1, m, x64, a64, rows)?;
         }
         UpdateRule::Sequential => {
-            // Bm = [D_d C_d⁻¹]_d.
-            backend.block_cholesky_solve_f64(c64, batch, outputs, x64, rows)?;
-            // Lfull = AᵀBm/J, then T = I − (strictly block-lower part).
+            // D̃ = [D_d L_d⁻ᵀ]_d, Ã = [A_d L_d⁻ᵀ]_d.
+            backend.block_cholesky_whiten_f64(c64, batch, outputs, x64, a64, rows)?;
+            // L̃full = ÃᵀD̃/J, then T̃ = I − (strictly block-lower part).
             backend.gemm_f64(Trans::Yes, Trans::No, m, m, rows, inv_j, a64, x64, 0.0, l64)?;
             sum(l64)?;
             backend.unit_block_lower_f64(l64, m, outputs)?;
-            // X = Bm (I − L)⁻¹.
+            // X̃ = D̃ T̃⁻¹.
             backend.solve_unit_lower_right_f64(l64, m, x64, rows)?;
         }
     }

@@ -18,7 +18,7 @@ use super::geometry::{
     CHOL_THREADS,
 };
 use super::{cuda_err, to_i32, CudaBackend};
-use crate::backend::{check_len, MathMode, Trans};
+use crate::backend::{check_len, MathMode, Substitution, Trans};
 use crate::error::LinalgError;
 use crate::{Error, Result};
 
@@ -331,29 +331,89 @@ pub fn block_cholesky_solve_f64(
     rhs: &mut CudaSlice<f64>,
     nrhs: usize,
 ) -> Result<()> {
+    block_cholesky(
+        be,
+        solver,
+        a,
+        (blocks, bs),
+        &mut [rhs],
+        nrhs,
+        Substitution::Inverse,
+    )
+}
+
+/// Whitening by the block Cholesky factors, see
+/// [`crate::backend::Backend::block_cholesky_whiten_f64`]: `x[:, d] ← x[:, d] · L_d⁻ᵀ`
+/// and the same for `y` (nrhs × n each), A_dd = L_d L_dᵀ. Routes as
+/// [`block_cholesky_solve_f64`]: the small-block kernel in mode 1 (once per matrix), or
+/// cuSOLVER potrf then cuBLAS trsm per block and matrix ([`col_major_whiten`]).
+///
+/// Errors: as [`block_cholesky_solve_f64`]; `x` and `y` are unchanged then.
+#[allow(clippy::too_many_arguments)]
+pub fn block_cholesky_whiten_f64(
+    be: &CudaBackend,
+    solver: &DnHandle,
+    a: &mut CudaSlice<f64>,
+    blocks: usize,
+    bs: usize,
+    x: &mut CudaSlice<f64>,
+    y: &mut CudaSlice<f64>,
+    nrhs: usize,
+) -> Result<()> {
+    block_cholesky(
+        be,
+        solver,
+        a,
+        (blocks, bs),
+        &mut [x, y],
+        nrhs,
+        Substitution::Whiten,
+    )
+}
+
+/// The two block Cholesky routines: `what` applied to every right-hand side in `rhs`
+/// (nrhs × n each), with the factors of `a`'s diagonal blocks.
+fn block_cholesky(
+    be: &CudaBackend,
+    solver: &DnHandle,
+    a: &mut CudaSlice<f64>,
+    (blocks, bs): (usize, usize),
+    rhs: &mut [&mut CudaSlice<f64>],
+    nrhs: usize,
+    what: Substitution,
+) -> Result<()> {
     let n = blocks * bs;
-    check_len("block_cholesky_solve_f64 matrix", a.len(), n * n)?;
-    check_len("block_cholesky_solve_f64 rhs", rhs.len(), nrhs * n)?;
+    check_len("block Cholesky matrix", a.len(), n * n)?;
+    for r in rhs.iter() {
+        check_len("block Cholesky right-hand sides", r.len(), nrhs * n)?;
+    }
     if n == 0 {
         return Ok(());
     }
-    let n_i = to_i32("block_cholesky_solve_f64 n", n)?;
-    let nrhs_i = to_i32("block_cholesky_solve_f64 nrhs", nrhs)?;
-    let bs_i = to_i32("block_cholesky_solve_f64 bs", bs)?;
+    let n_i = to_i32("block Cholesky n", n)?;
+    let nrhs_i = to_i32("block Cholesky nrhs", nrhs)?;
+    let bs_i = to_i32("block Cholesky bs", bs)?;
     if bs <= SMALL_BLOCK_MAX {
-        small_blocks(be, a, n_i, blocks, bs_i, rhs, nrhs_i)
+        // The kernel leaves `a` unchanged and writes no row of a failing block, so the
+        // first matrix's failure leaves every matrix as it was.
+        for r in rhs.iter_mut() {
+            small_blocks(be, a, n_i, blocks, bs_i, r, nrhs_i, what)?;
+        }
+        Ok(())
     } else {
         // cuSOLVER's and cuBLAS's 32-bit entry points address a block (and the diagonal
         // copy the whole matrix) with int offsets up to n² − 1: J ≤ 46,340 for the
         // Tikhonov update's J × J system (the memory check refuses larger J first).
-        to_i32(
-            "block_cholesky_solve_f64 n² (cuSOLVER's 32-bit offsets)",
-            n * n,
-        )?;
-        cusolver_blocks(be, solver, a, n_i, blocks, bs_i, rhs, nrhs_i)
+        to_i32("block Cholesky n² (cuSOLVER's 32-bit offsets)", n * n)?;
+        cusolver_factor(be, solver, a, n_i, blocks, bs_i)?;
+        for r in rhs.iter_mut() {
+            cusolver_substitute(be, solver, a, n_i, blocks, bs_i, r, nrhs_i, what)?;
+        }
+        Ok(())
     }
 }
 
+#[allow(clippy::too_many_arguments)]
 fn small_blocks(
     be: &CudaBackend,
     a: &CudaSlice<f64>,
@@ -362,10 +422,11 @@ fn small_blocks(
     bs: i32,
     rhs: &mut CudaSlice<f64>,
     nrhs: i32,
+    what: Substitution,
 ) -> Result<()> {
     let cfg = small_cholesky_launch(blocks, nrhs as usize).ok_or_else(|| {
         Error::Config(format!(
-            "block_cholesky_solve_f64: {nrhs} right-hand sides exceed the kernel's grid \
+            "block Cholesky: {nrhs} right-hand sides exceed the kernel's grid \
              (at most {})",
             CHOL_MAX_ROW_GROUPS * CHOL_THREADS
         ))
@@ -377,6 +438,7 @@ fn small_blocks(
     let mut bad = stream
         .alloc_zeros::<f64>(blocks)
         .map_err(cuda_err("allocating Cholesky pivots"))?;
+    let mode = what as i32;
     let f = be.kernels().get("block_cholesky_solve_small_f64")?;
     let mut launch = stream.launch_builder(f);
     launch
@@ -386,10 +448,11 @@ fn small_blocks(
         .arg(rhs)
         .arg(&nrhs)
         .arg(&mut info)
-        .arg(&mut bad);
+        .arg(&mut bad)
+        .arg(&mode);
     // SAFETY: the caller checked a = n² and rhs = nrhs·n elements with n = blocks·bs and
     // bs ≤ 32 (the kernel's shared tile); info and bad were allocated with `blocks`
-    // entries, one per grid column; rows ≥ nrhs are skipped by the kernel.
+    // entries, one per grid column; rows ≥ nrhs are skipped by the kernel; mode is 0 or 1.
     unsafe { launch.launch(cfg) }.map_err(cuda_err("launching block_cholesky_solve_small_f64"))?;
     let info_h = stream
         .clone_dtoh(&info)
@@ -488,24 +551,39 @@ pub fn col_major_unit_lower_right(n: usize, rows: usize) -> ColMajorTrsm {
     }
 }
 
-#[allow(clippy::too_many_arguments)]
-fn cusolver_blocks(
+/// `whiten` on the cuSOLVER route: with block d of `a` factored in place by potrf
+/// (column-major view, LOWER: the factor L_d of A_dd, [`cholesky_block`]), the block
+/// column d of row-major rhs (nrhs × n), read column-major from element d·bs with ld n,
+/// is rhs_dᵀ (bs × nrhs); `rhs_d · L_d⁻ᵀ` is (L_d⁻¹ rhs_dᵀ)ᵀ, a trsm from the LEFT with
+/// the LOWER factor, no transpose, stored diagonal, (M, N) = (bs, nrhs), lda = ldb = n.
+pub fn col_major_whiten(bs: usize, n: usize, nrhs: usize) -> ColMajorTrsm {
+    ColMajorTrsm {
+        side: cublasSideMode_t::CUBLAS_SIDE_LEFT,
+        uplo: cublasFillMode_t::CUBLAS_FILL_MODE_LOWER,
+        trans: cublasOperation_t::CUBLAS_OP_N,
+        diag: cublasDiagType_t::CUBLAS_DIAG_NON_UNIT,
+        m: bs,
+        n: nrhs,
+        lda: n.max(1),
+        ldb: n.max(1),
+    }
+}
+
+/// potrf on every diagonal block of `a` in place, then the failure checks: the first
+/// block with `info ≠ 0`, or whose factor diagonal is not finite and positive
+/// ([`first_bad_diagonal`]), as the typed error; no right-hand side is touched.
+fn cusolver_factor(
     be: &CudaBackend,
     solver: &DnHandle,
     a: &mut CudaSlice<f64>,
     n: i32,
     blocks: usize,
     bs: i32,
-    rhs: &mut CudaSlice<f64>,
-    nrhs: i32,
 ) -> Result<()> {
     let stream = be.stream();
     let h = solver.cu();
     let mut info = stream
         .alloc_zeros::<i32>(blocks)
-        .map_err(cuda_err("allocating cuSOLVER info"))?;
-    let mut potrs_info = stream
-        .alloc_zeros::<i32>(1)
         .map_err(cuda_err("allocating cuSOLVER info"))?;
     let f8 = std::mem::size_of::<f64>() as u64;
     {
@@ -530,8 +608,6 @@ fn cusolver_blocks(
             .map_err(cuda_err("allocating cuSOLVER workspace"))?;
         let (w_ptr, _gw) = work.device_ptr_mut(stream);
         let (i_ptr, _gi) = info.device_ptr_mut(stream);
-        let (pi_ptr, _gp) = potrs_info.device_ptr_mut(stream);
-        let (r_ptr, _gr) = rhs.device_ptr_mut(stream);
         for d in 0..blocks {
             let c = cholesky_block(d, bs as usize, n as usize);
             let a_d = (a_ptr + c.a_offset as u64 * f8) as *mut f64;
@@ -544,11 +620,53 @@ fn cusolver_blocks(
                 },
                 "potrf",
             )?;
-            if nrhs > 0 {
-                let r_d = (r_ptr + c.b_offset as u64 * f8) as *mut f64;
-                // SAFETY: rhs holds nrhs·n doubles (checked); columns d·bs … d·bs+bs−1 of
-                // every row are inside it with ld n.
-                sol_check(
+        }
+    }
+    let info_h = stream
+        .clone_dtoh(&info)
+        .map_err(cuda_err("reading cuSOLVER info"))?;
+    let diag = factor_diagonal(be, a, n as usize)?;
+    stream.synchronize().map_err(cuda_err("Cholesky factor"))?;
+    first_failure(&info_h, bs as usize, |_| f64::NAN)?;
+    first_bad_diagonal(&diag, bs as usize)
+}
+
+/// `what` with the factors [`cusolver_factor`] left in `a`, block by block: potrs
+/// (inverse) or trsm with the arguments of [`col_major_whiten`] (whitening).
+#[allow(clippy::too_many_arguments)]
+fn cusolver_substitute(
+    be: &CudaBackend,
+    solver: &DnHandle,
+    a: &CudaSlice<f64>,
+    n: i32,
+    blocks: usize,
+    bs: i32,
+    rhs: &mut CudaSlice<f64>,
+    nrhs: i32,
+    what: Substitution,
+) -> Result<()> {
+    if nrhs == 0 {
+        return Ok(());
+    }
+    let stream = be.stream();
+    let h = solver.cu();
+    let mut potrs_info = stream
+        .alloc_zeros::<i32>(1)
+        .map_err(cuda_err("allocating cuSOLVER info"))?;
+    let f8 = std::mem::size_of::<f64>() as u64;
+    let one = 1.0f64;
+    {
+        let (a_ptr, _ga) = a.device_ptr(stream);
+        let (pi_ptr, _gp) = potrs_info.device_ptr_mut(stream);
+        let (r_ptr, _gr) = rhs.device_ptr_mut(stream);
+        for d in 0..blocks {
+            let c = cholesky_block(d, bs as usize, n as usize);
+            let a_d = (a_ptr + c.a_offset as u64 * f8) as *mut f64;
+            let r_d = (r_ptr + c.b_offset as u64 * f8) as *mut f64;
+            match what {
+                // SAFETY: block d lies inside a; rhs holds nrhs·n doubles (checked), so
+                // columns d·bs … d·bs+bs−1 of every row are inside it with ld n.
+                Substitution::Inverse => sol_check(
                     unsafe {
                         sol::cusolverDnDpotrs(
                             h,
@@ -563,17 +681,36 @@ fn cusolver_blocks(
                         )
                     },
                     "potrs",
-                )?;
+                )?,
+                Substitution::Whiten => {
+                    let t = col_major_whiten(bs as usize, n as usize, nrhs as usize);
+                    // SAFETY: as above, the extents trsm touches are M = bs rows of ld n
+                    // from the block's offsets, N = nrhs columns; alpha is a host scalar.
+                    unsafe {
+                        cudarc::cublas::sys::cublasDtrsm_v2(
+                            *be.blas.handle(),
+                            t.side,
+                            t.uplo,
+                            t.trans,
+                            t.diag,
+                            t.m as i32,
+                            t.n as i32,
+                            &one,
+                            a_d as *const f64,
+                            t.lda as i32,
+                            r_d,
+                            t.ldb as i32,
+                        )
+                    }
+                    .result()
+                    .map_err(cuda_err("cublasDtrsm (whitening)"))?;
+                }
             }
         }
     }
-    let info_h = stream
-        .clone_dtoh(&info)
-        .map_err(cuda_err("reading cuSOLVER info"))?;
-    let diag = factor_diagonal(be, a, n as usize)?;
-    stream.synchronize().map_err(cuda_err("Cholesky solve"))?;
-    first_failure(&info_h, bs as usize, |_| f64::NAN)?;
-    first_bad_diagonal(&diag, bs as usize)
+    stream
+        .synchronize()
+        .map_err(cuda_err("Cholesky substitution"))
 }
 
 /// The diagonal of the n × n matrix `a` (n doubles, to the host), copied by cuBLAS with

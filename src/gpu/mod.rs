@@ -664,6 +664,18 @@ impl Backend for CudaBackend {
         linalg::block_cholesky_solve_f64(self, &self.solver, a, blocks, bs, rhs, nrhs)
     }
 
+    fn block_cholesky_whiten_f64(
+        &self,
+        a: &mut CudaSlice<f64>,
+        blocks: usize,
+        bs: usize,
+        x: &mut CudaSlice<f64>,
+        y: &mut CudaSlice<f64>,
+        nrhs: usize,
+    ) -> Result<()> {
+        linalg::block_cholesky_whiten_f64(self, &self.solver, a, blocks, bs, x, y, nrhs)
+    }
+
     fn unit_block_lower_f64(&self, a: &mut CudaSlice<f64>, n: usize, bs: usize) -> Result<()> {
         linalg::unit_block_lower_f64(self, a, n, bs)
     }

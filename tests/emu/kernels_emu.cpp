@@ -105,8 +105,8 @@ EMU_ENTRY(add_diagonal_f64, (double* a, int n, double shift), (a, n, shift))
 EMU_ENTRY(unit_block_lower_f64, (double* a, int n, int bs), (a, n, bs))
 EMU_ENTRY(block_cholesky_solve_small_f64,
           (const double* a, int n, int bs, double* rhs, int nrhs, int* info,
-           double* bad_pivot),
-          (a, n, bs, rhs, nrhs, info, bad_pivot))
+           double* bad_pivot, int mode),
+          (a, n, bs, rhs, nrhs, info, bad_pivot, mode))
 
 // backprop.cu
 EMU_ENTRY(backprop_forward_f32,
