@@ -280,11 +280,20 @@ fn methods_tiny_runs_every_variant() {
             "additive_inflation",
             serde_json::json!(0.3),
         ),
+        (
+            "transform-additive0.3-exp2500",
+            "inflation_schedule",
+            serde_json::json!("exponential"),
+        ),
     ] {
         assert!(rows.iter().any(|r| r[0] == run), "{run} missing: {rows:?}");
         assert_eq!(config(run)[key], value, "{run}");
     }
     assert_eq!(config("transform-additive0.3")["update"], "transform");
+    let decaying = config("transform-additive0.3-exp2500");
+    assert_eq!(decaying["inflation_horizon"], 2500);
+    assert_eq!(decaying["additive_inflation"], 0.3);
+    assert_eq!(decaying["update"], "transform");
     std::fs::remove_dir_all(&out).ok();
 }
 

@@ -64,7 +64,7 @@ pub(crate) const DEEP_NETS: [(&str, &str); 2] = [
 /// `-J`: 1000 is a CPU epoch).
 fn method_runs(ctx: &Ctx) -> Vec<RunDef> {
     use crate::enkf::UpdateRule;
-    use crate::train::NoiseScale;
+    use crate::train::{InflationSchedule, NoiseScale};
     let base = ctx.enkf_config();
     let additive = |c: TrainConfig| TrainConfig {
         additive_inflation: 0.3,
@@ -99,6 +99,15 @@ fn method_runs(ctx: &Ctx) -> Vec<RunDef> {
             "transform-additive0.3",
             "ETKI with additive inflation 0.3 × the spread".into(),
             additive(transform(base.clone())),
+        ),
+        (
+            "transform-additive0.3-exp2500",
+            "ETKI with additive inflation 0.3 × the spread, decaying as exp(−t/2500)".into(),
+            TrainConfig {
+                inflation_schedule: InflationSchedule::Exponential,
+                inflation_horizon: Some(2500),
+                ..additive(transform(base.clone()))
+            },
         ),
     ];
     runs.into_iter()

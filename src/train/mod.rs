@@ -31,8 +31,8 @@ use crate::{Error, Result};
 use adaptive::{AdaptiveLogRow, AdaptiveRule};
 use checkpoint::{CheckpointState, RngState};
 pub use config::{
-    Accelerator, Adaptation, BatchOrder, BiasInit, EvalMode, FailurePolicy, LabelPairing,
-    NoiseScale, Observations, PartialConfig, StepControl, TrainConfig,
+    Accelerator, Adaptation, BatchOrder, BiasInit, EvalMode, FailurePolicy, InflationSchedule,
+    LabelPairing, NoiseScale, Observations, PartialConfig, StepControl, TrainConfig,
 };
 pub use metrics::MetricsRow;
 use rand::seq::SliceRandom;
