@@ -263,7 +263,10 @@ pub trait Backend {
     /// each) is overwritten block by block with `row[d] · L_d⁻ᵀ` (a forward substitution
     /// with L_d). So `x A⁻¹ yᵀ` becomes `x yᵀ` over the whitened rows: the EnKF gain's
     /// bounded factors (`crate::enkf`). `a` may be overwritten with its factor.
-    /// Errors: as [`Backend::block_cholesky_solve_f64`]; `x` and `y` are unchanged then.
+    /// Errors: as [`Backend::block_cholesky_solve_f64`]; `x` and `y` then hold no
+    /// valid result (the CPU leaves both unchanged; the GPU's small-block kernel leaves
+    /// the failing block's columns unchanged and may have whitened the other blocks of
+    /// `x`). The EnKF gain treats both as scratch, refilled by the next innovation.
     #[allow(clippy::too_many_arguments)]
     fn block_cholesky_whiten_f64(
         &self,

@@ -70,8 +70,8 @@
 //! A L⁻ᵀ has ÃᵀÃ/J = I − γC⁻¹ (columns of norm ≤ √J) and X̃ = X L, for the batch rule
 //! D̃ = D L⁻ᵀ, is bounded by |D|/√γ. The sequential recursion keeps its form in these
 //! variables: L̃ = L_b⁻¹ L L_b is the strictly block-lower part of ÃᵀD̃/J and X̃ =
-//! D̃ (I − L̃)⁻¹ (`rule_gain`). The cost is the same as the unwhitened gain (one
-//! triangular solve on A replaces the second one on D). The transform rule balances its
+//! D̃ (I − L̃)⁻¹ (`rule_gain`). The flops are the unwhitened gain's (one triangular
+//! solve on A replaces the second one on D; README "How the update works" has the time). The transform rule balances its
 //! factors in the eigenbasis of C ([`transform::TransformBuffers::balanced_factors`]).
 //!
 //! Sharded over ranks (members split into contiguous blocks, [`dist`]): every product
@@ -211,7 +211,7 @@ pub struct EnkfWorkspace<B: Backend> {
     x64: B::F64,
     /// C = AᵀA/J + γI, m × m (overwritten by the solve).
     c64: B::F64,
-    /// Lfull = AᵀBm/J, then I − L; m × m (sequential rule only).
+    /// L̃full = ÃᵀD̃/J, then I − L̃; m × m (sequential rule only).
     l64: B::F64,
     apply: ApplyBuffers<B>,
     /// Noise variance γ/Δt of the last gain (the Tikhonov apply reads it).

@@ -348,7 +348,10 @@ pub fn block_cholesky_solve_f64(
 /// [`block_cholesky_solve_f64`]: the small-block kernel in mode 1 (once per matrix), or
 /// cuSOLVER potrf then cuBLAS trsm per block and matrix ([`col_major_whiten`]).
 ///
-/// Errors: as [`block_cholesky_solve_f64`]; `x` and `y` are unchanged then.
+/// Errors: as [`block_cholesky_solve_f64`]; on the cuSOLVER route `x` and `y` are then
+/// unchanged (the factors are checked before any substitution), on the kernel route the
+/// failing block's columns are (other blocks of `x` may have been whitened, `y` is
+/// untouched).
 #[allow(clippy::too_many_arguments)]
 pub fn block_cholesky_whiten_f64(
     be: &CudaBackend,
@@ -394,8 +397,8 @@ fn block_cholesky(
     let nrhs_i = to_i32("block Cholesky nrhs", nrhs)?;
     let bs_i = to_i32("block Cholesky bs", bs)?;
     if bs <= SMALL_BLOCK_MAX {
-        // The kernel leaves `a` unchanged and writes no row of a failing block, so the
-        // first matrix's failure leaves every matrix as it was.
+        // The kernel leaves `a` unchanged (so each matrix refactors the same blocks) and
+        // writes no row of a failing block; a failure stops before the next matrix.
         for r in rhs.iter_mut() {
             small_blocks(be, a, n_i, blocks, bs_i, r, nrhs_i, what)?;
         }
