@@ -1,7 +1,7 @@
 //! `reproduce` end to end at the tiny size: CSVs, table, charts, and `plot_dir`.
 
 use enkf_dnn::backend::BackendKind;
-use enkf_dnn::reproduce::{plot_dir, run, Experiment, ReproduceOptions};
+use enkf_dnn::reproduce::{plot_dir, run, Experiment, ReproduceOptions, Scale};
 use std::path::{Path, PathBuf};
 
 fn tmp(name: &str) -> PathBuf {
@@ -184,6 +184,21 @@ fn fig3_tiny_writes_statistics_and_histogram_charts() {
     std::fs::remove_dir_all(&out).ok();
 }
 
+/// Fig. 10's bounds follow `-J`: the paper's (b_l 1000, b_u 10,000, v 1000 at J = 5000)
+/// one fifth as large at J = 1000, twice at 10,000; the quick scale keeps its own at its
+/// own J; tiny J keeps 2 ≤ b_l ≤ J ≤ b_u and v ≥ 1.
+#[test]
+fn fig10_bounds_scale_with_the_ensemble_size() {
+    let paper = Scale::paper();
+    assert_eq!(paper.fig10_adapt(5000), (500, 1000, 10_000, 1000, 10.0));
+    assert_eq!(paper.fig10_adapt(1000), (500, 200, 2000, 200, 10.0));
+    assert_eq!(paper.fig10_adapt(10_000), (500, 2000, 20_000, 2000, 10.0));
+    assert_eq!(paper.fig10_adapt(3), (500, 2, 6, 1, 10.0));
+    assert_eq!(Scale::quick().fig10_adapt(100), Scale::quick().adapt);
+    let (_, lo, hi, v, _) = Scale::tiny().fig10_adapt(4);
+    assert_eq!((lo, hi, v), (3, 5, 1));
+}
+
 #[test]
 fn fig10_tiny_runs_fixed_and_adaptive_with_a_decision_log() {
     let out = tmp("fig10");
@@ -197,6 +212,19 @@ fn fig10_tiny_runs_fixed_and_adaptive_with_a_decision_log() {
     assert!(!dir.join("fixed/seed-0/adaptive.csv").exists());
     let (_, rows) = read_csv(&dir.join("summary.csv"));
     assert!(rows.iter().any(|r| r[0] == "fixed") && rows.iter().any(|r| r[0] == "adaptive"));
+    let cfg: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(dir.join("adaptive/seed-0/config.json")).expect("config"),
+    )
+    .expect("config json");
+    let (tau, lo, hi, v, _) = Scale::tiny().fig10_adapt(Scale::tiny().members);
+    for (key, want) in [
+        ("adapt_every", tau),
+        ("adapt_min_members", lo),
+        ("adapt_max_members", hi),
+        ("adapt_step", v),
+    ] {
+        assert_eq!(cfg[key].as_u64(), Some(want as u64), "{key}: {cfg}");
+    }
     assert_chart(&dir.join("test-error"));
     std::fs::remove_dir_all(&out).ok();
 }

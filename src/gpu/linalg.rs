@@ -412,7 +412,11 @@ fn block_cholesky(
         for r in rhs.iter_mut() {
             cusolver_substitute(be, solver, a, n_i, blocks, bs_i, r, nrhs_i, what)?;
         }
-        Ok(())
+        // One synchronization for every right-hand side: the stream orders them, and a
+        // fault in any substitution surfaces here, before the caller reads a result.
+        be.stream()
+            .synchronize()
+            .map_err(cuda_err("Cholesky substitution"))
     }
 }
 
@@ -635,7 +639,8 @@ fn cusolver_factor(
 }
 
 /// `what` with the factors [`cusolver_factor`] left in `a`, block by block: potrs
-/// (inverse) or trsm with the arguments of [`col_major_whiten`] (whitening).
+/// (inverse) or trsm with the arguments of [`col_major_whiten`] (whitening). Only
+/// queues the work: the caller synchronizes once after the last right-hand side.
 #[allow(clippy::too_many_arguments)]
 fn cusolver_substitute(
     be: &CudaBackend,
@@ -653,14 +658,28 @@ fn cusolver_substitute(
     }
     let stream = be.stream();
     let h = solver.cu();
-    let mut potrs_info = stream
-        .alloc_zeros::<i32>(1)
-        .map_err(cuda_err("allocating cuSOLVER info"))?;
+    // potrs reports only invalid arguments in its info (never read: the arguments are
+    // checked above); whitening needs none.
+    let mut potrs_info = match what {
+        Substitution::Inverse => Some(
+            stream
+                .alloc_zeros::<i32>(1)
+                .map_err(cuda_err("allocating cuSOLVER info"))?,
+        ),
+        Substitution::Whiten => None,
+    };
     let f8 = std::mem::size_of::<f64>() as u64;
     let one = 1.0f64;
+    let t = col_major_whiten(bs as usize, n as usize, nrhs as usize);
     {
         let (a_ptr, _ga) = a.device_ptr(stream);
-        let (pi_ptr, _gp) = potrs_info.device_ptr_mut(stream);
+        let (pi_ptr, _gp) = match potrs_info.as_mut() {
+            Some(info) => {
+                let (p, g) = info.device_ptr_mut(stream);
+                (p, Some(g))
+            }
+            None => (0, None),
+        };
         let (r_ptr, _gr) = rhs.device_ptr_mut(stream);
         for d in 0..blocks {
             let c = cholesky_block(d, bs as usize, n as usize);
@@ -668,7 +687,8 @@ fn cusolver_substitute(
             let r_d = (r_ptr + c.b_offset as u64 * f8) as *mut f64;
             match what {
                 // SAFETY: block d lies inside a; rhs holds nrhs·n doubles (checked), so
-                // columns d·bs … d·bs+bs−1 of every row are inside it with ld n.
+                // columns d·bs … d·bs+bs−1 of every row are inside it with ld n; in this
+                // arm pi_ptr is the one-int info buffer allocated above.
                 Substitution::Inverse => sol_check(
                     unsafe {
                         sol::cusolverDnDpotrs(
@@ -686,7 +706,6 @@ fn cusolver_substitute(
                     "potrs",
                 )?,
                 Substitution::Whiten => {
-                    let t = col_major_whiten(bs as usize, n as usize, nrhs as usize);
                     // SAFETY: as above, the extents trsm touches are M = bs rows of ld n
                     // from the block's offsets, N = nrhs columns; alpha is a host scalar.
                     unsafe {
@@ -711,9 +730,7 @@ fn cusolver_substitute(
             }
         }
     }
-    stream
-        .synchronize()
-        .map_err(cuda_err("Cholesky substitution"))
+    Ok(())
 }
 
 /// The diagonal of the n × n matrix `a` (n doubles, to the host), copied by cuBLAS with

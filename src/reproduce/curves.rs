@@ -333,12 +333,12 @@ pub(crate) fn run(ctx: &Ctx, exp: Experiment, in_all: bool) -> Result<()> {
         }
         Experiment::Fig10 => {
             let fixed = ctx.enkf_config();
-            let (tau, lo, hi, v, eps) = s.adapt;
+            let (tau, lo, hi, v, eps) = s.fig10_adapt(fixed.members);
             let adaptive = TrainConfig {
                 adaptation: Adaptation::Adaptive,
                 adapt_every: tau,
-                adapt_min_members: lo.min(fixed.members),
-                adapt_max_members: hi.max(fixed.members),
+                adapt_min_members: lo,
+                adapt_max_members: hi,
                 adapt_step: v,
                 adapt_epsilon: eps,
                 ..fixed.clone()

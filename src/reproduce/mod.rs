@@ -192,7 +192,9 @@ pub struct ReproduceArgs {
     #[arg(long, value_name = "DIR")]
     pub letters: Option<PathBuf>,
     /// Ensemble size J of the EnKF runs (not the J sweep of fig8-members)
-    /// [default: 5000, 100 with --quick].
+    /// [default: 5000, 100 with --quick]. Fig. 10's bounds b_l, b_u and step v scale with
+    /// it (the paper's 1000 / 10,000 / 1000 at J = 5000 become 200 / 2000 / 200 at
+    /// J = 1000).
     #[arg(long, short = 'J')]
     pub members: Option<usize>,
     /// CPU threads [default: all cores].
@@ -330,6 +332,22 @@ impl Scale {
             adapt: (2, 4, 8, 2, 100.0),
             deep_enkf: (6, 4),
         }
+    }
+
+    /// Algorithm 1's settings for Fig. 10 when the runs start from `members`: τ and ε as
+    /// in [`Scale::adapt`]; b_l, b_u and v scaled by `members / self.members`, so that
+    /// `-J 1000` runs the paper's rule one fifth as large (b_l 200, b_u 2000, v 200)
+    /// instead of letting a J = 1000 ensemble grow to the paper's b_u = 10,000. Rounded
+    /// to the nearest member, then b_l ≥ 2, v ≥ 1, b_l ≤ members ≤ b_u.
+    pub fn fig10_adapt(&self, members: usize) -> (usize, usize, usize, usize, f64) {
+        let (tau, lo, hi, v, eps) = self.adapt;
+        let scaled = |x: usize| {
+            // Exact for every J a machine holds (J ≤ 2^53).
+            ((x as f64) * (members as f64) / (self.members as f64)).round() as usize
+        };
+        let lo = scaled(lo).max(2).min(members.max(2));
+        let hi = scaled(hi).max(members).max(lo);
+        (tau, lo, hi, scaled(v).max(1), eps)
     }
 
     /// The scale of `opts` (tiny over quick over paper).
