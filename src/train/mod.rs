@@ -13,11 +13,13 @@ pub mod adaptive;
 pub mod checkpoint;
 pub mod config;
 pub mod gradient;
+mod members;
 pub mod methods;
 pub mod metrics;
 pub mod optim;
 pub mod ranks;
 pub mod resume;
+mod scoring;
 pub mod stats;
 mod validate;
 
@@ -28,7 +30,7 @@ use crate::enkf::dist::ShardedWorkspace;
 use crate::enkf::{init_ensemble, resize, EnkfWorkspace};
 use crate::model::Net;
 use crate::{Error, Result};
-use adaptive::{AdaptiveLogRow, AdaptiveRule};
+use adaptive::AdaptiveLogRow;
 use checkpoint::{CheckpointState, RngState};
 pub use config::{
     Accelerator, Adaptation, BatchOrder, BiasInit, EvalMode, FailurePolicy, InflationSchedule,
@@ -506,42 +508,6 @@ impl<'a, B: Backend> Trainer<'a, B> {
         self.backend.download_f32(&self.weights)
     }
 
-    /// The last member's weights into `self.weights` (`eval = last`); on ranks the last
-    /// rank's row, summed with the others' zeros (a collective).
-    fn last_member_weights(&mut self) -> Result<()> {
-        let be = self.backend;
-        let p = self.params;
-        match self.ranks {
-            None => be.copy_rows_f32(&self.u, self.members - 1, &mut self.weights, 0, 1, p),
-            Some(r) => {
-                let mut row = vec![0.0f32; p];
-                if r.comm.rank() + 1 == r.comm.size() {
-                    be.copy_rows_f32(&self.u, self.members - 1, &mut self.weights, 0, 1, p)?;
-                    row = be.download_f32(&self.weights)?;
-                }
-                r.comm.allreduce_sum_f32(&mut row)?;
-                be.write_f32(&row, &mut self.weights)
-            }
-        }
-    }
-
-    /// The ensemble mean into `self.weights`: over this process's members, or over every
-    /// rank's (a collective).
-    fn mean_weights(&mut self) -> Result<()> {
-        let be = self.backend;
-        match self.ranks {
-            None => be.row_mean(&self.u, self.members, self.params, &mut self.weights),
-            Some(r) => crate::enkf::dist::sharded_mean(
-                be,
-                r.comm,
-                r.shard,
-                &self.u,
-                self.params,
-                &mut self.weights,
-            ),
-        }
-    }
-
     /// Sends the activation statistics of the mean network to `sink` every
     /// `stats_every` iterations (computed off the training thread).
     pub fn set_stats(&mut self, sink: stats::StatsSink) {
@@ -803,104 +769,6 @@ impl<'a, B: Backend> Trainer<'a, B> {
         }
     }
 
-    /// Algorithm 1 at a comparison point with the current test error `current`.
-    fn adapt(&mut self, current: f64, observer: &mut dyn Observer) -> Result<()> {
-        let t0 = Instant::now();
-        let previous = self.adapt_prev.unwrap_or(f64::INFINITY);
-        let rule = AdaptiveRule {
-            min_members: self.cfg.adapt_min_members,
-            max_members: self.cfg.adapt_max_members,
-            step: self.cfg.adapt_step,
-            kappa: self.cfg.adapt_kappa,
-            epsilon: self.cfg.adapt_epsilon,
-        };
-        let now = self.members();
-        let (j, r) = rule.decide(now, self.repetitions, previous, current);
-        self.adapt_prev = Some(current);
-        if (j, r) == (now, self.repetitions) {
-            return Ok(());
-        }
-        if j != now {
-            self.resize_to(j)?;
-            self.workspaces.clear();
-            self.loaded = None;
-        }
-        // The new r applies at once: a mini-batch already shown r times is done.
-        self.repetitions = r;
-        if self.rep >= r {
-            self.next_batch();
-        }
-        let row = AdaptiveLogRow {
-            iteration: self.t,
-            previous_error: previous,
-            error: current,
-            members: j,
-            repetitions: r,
-            remaining_iterations: self.remaining_iterations(),
-        };
-        observer.on_adapt(&row)?;
-        self.adaptive_log.push(row);
-        self.times.other += t0.elapsed().as_secs_f64();
-        Ok(())
-    }
-
-    /// Drops or adds members (Algorithm 1's draws from `adapt_rng`) to reach `j` in all;
-    /// on ranks the shards are rebalanced to the new J ([`crate::enkf::dist_resize`]).
-    fn resize_to(&mut self, j: usize) -> Result<()> {
-        let be = self.backend;
-        let now = self.members();
-        let rng = &mut self.adapt_rng;
-        if let Some(r) = self.ranks {
-            use crate::enkf::dist_resize;
-            let (u, shard) = if j < now {
-                dist_resize::drop_members(be, r.comm, &self.u, r.shard, self.params, now - j, rng)?
-            } else {
-                dist_resize::add_members(be, r.comm, &self.u, r.shard, self.params, j - now, rng)?
-            };
-            self.u = u;
-            self.members = shard.count;
-            self.ranks = Some(ranks::Ranks { shard, ..r });
-            return Ok(());
-        }
-        self.u = if j < now {
-            resize::drop_members(be, &self.u, now, self.params, now - j, rng)?.0
-        } else {
-            resize::add_members(be, &self.u, now, self.params, j - now, rng)?
-        };
-        self.members = j;
-        Ok(())
-    }
-
-    /// Redraws the members `failed` (global indices, ascending) from the Gaussian of the
-    /// others (`resample_rng`).
-    fn resample(&mut self, failed: &[usize]) -> Result<()> {
-        let be = self.backend;
-        let rng = &mut self.resample_rng;
-        match self.ranks {
-            None => {
-                resize::resample_members(be, &mut self.u, self.members, self.params, failed, rng)
-            }
-            Some(r) => crate::enkf::dist_resize::resample_members(
-                be,
-                r.comm,
-                &mut self.u,
-                r.shard,
-                self.params,
-                failed,
-                rng,
-            ),
-        }
-    }
-
-    /// The failed rows of this process, as global indices: on ranks every rank's
-    /// (one sum), so every rank takes the same decision.
-    fn agree_rows(&self, local: Vec<usize>) -> Result<Vec<usize>> {
-        match self.ranks {
-            None => Ok(local),
-            Some(r) => crate::enkf::dist_resize::global_rows(r.comm, r.shard, &local),
-        }
-    }
-
     /// Under `--pairing authors`, on the first repetition of every mini-batch after the
     /// first: uploads the previous mini-batch's images into `prev_x` and returns true
     /// (the forward pass then runs on them, paired with the new labels, as the authors'
@@ -1075,160 +943,6 @@ impl<'a, B: Backend> Trainer<'a, B> {
         be.synchronize()?;
         self.times.update += t2.elapsed().as_secs_f64();
         Ok(())
-    }
-
-    /// The metrics row of the current state: mini-batch scores of the mean network on
-    /// the batch in `slot`, and test scores when `evaluate` is set.
-    fn make_row(
-        &mut self,
-        slot: usize,
-        evaluate: bool,
-        start: (Instant, f64),
-    ) -> Result<MetricsRow> {
-        let (labels, targets) = self
-            .loaded
-            .as_ref()
-            .map(|l| (l.labels.clone(), l.targets.clone()))
-            .unwrap_or_default();
-        let (train_loss, train_accuracy) = self.score_batch(slot, &labels, &targets)?;
-        let batches = self.batches_per_epoch() as f64;
-        // Position just after the last update (the current batch may already be the next).
-        let done_batches = self.batch_global as f64 + self.rep as f64 / self.repetitions as f64;
-        let mut row = MetricsRow::training(
-            self.t,
-            done_batches / batches,
-            self.members(),
-            self.repetitions,
-            train_loss,
-            train_accuracy,
-        );
-        if evaluate {
-            let t0 = Instant::now();
-            // score_batch above left the mean in `self.weights`.
-            row.spread = Some(self.spread_about_mean()?);
-            let mut modes = self.cfg.eval.clone();
-            if self.cfg.adaptation == Adaptation::Adaptive && !modes.contains(&EvalMode::Mean) {
-                modes.push(EvalMode::Mean);
-            }
-            for (i, mode) in modes.into_iter().enumerate() {
-                let (err, loss) = self.evaluate(mode)?;
-                if i == 0 {
-                    row.test_error = Some(err);
-                    row.test_loss = Some(loss);
-                }
-                match mode {
-                    EvalMode::Mean => {
-                        (row.test_error_mean, row.test_loss_mean) = (Some(err), Some(loss))
-                    }
-                    EvalMode::Last => {
-                        (row.test_error_last, row.test_loss_last) = (Some(err), Some(loss))
-                    }
-                    EvalMode::Ensemble => {
-                        (row.test_error_ensemble, row.test_loss_ensemble) = (Some(err), Some(loss))
-                    }
-                }
-            }
-            self.times.eval += t0.elapsed().as_secs_f64();
-        }
-        row.elapsed_s = start.1 + start.0.elapsed().as_secs_f64();
-        Ok(row)
-    }
-
-    /// Loss and accuracy of the mean network on the mini-batch in workspace `slot`
-    /// (regression: the mean squared error against `targets`, accuracy NaN).
-    fn score_batch(&mut self, slot: usize, labels: &[u8], targets: &[f32]) -> Result<(f64, f64)> {
-        let t0 = Instant::now();
-        let be = self.backend;
-        self.mean_weights()?;
-        let s = &mut self.workspaces[slot];
-        be.ensemble_forward(&self.net, &self.weights, 1, &s.x, s.batch, &mut s.logits)?;
-        let out = be.download_f32(&s.logits)?;
-        let scores = match self.task {
-            Task::Classify { .. } => {
-                let (loss, correct) = metrics::score_logits(&out, labels);
-                (loss, correct as f64 / labels.len().max(1) as f64)
-            }
-            Task::Regress { .. } => (metrics::mean_squared_error(&out, targets), f64::NAN),
-        };
-        self.times.train_score += t0.elapsed().as_secs_f64();
-        Ok(scores)
-    }
-
-    /// Test error (%) and cross-entropy of one evaluated network on the whole test set;
-    /// for real targets (regression) the test mean squared error twice.
-    pub fn evaluate(&mut self, mode: EvalMode) -> Result<(f64, f64)> {
-        let be = self.backend;
-        let (n, k) = (self.test.len(), self.outputs);
-        let out: Vec<f32> = match mode {
-            EvalMode::Mean | EvalMode::Last => {
-                if mode == EvalMode::Mean {
-                    self.mean_weights()?;
-                } else {
-                    self.last_member_weights()?;
-                }
-                be.ensemble_forward(
-                    &self.net,
-                    &self.weights,
-                    1,
-                    &self.test_x,
-                    n,
-                    &mut self.test_out,
-                )?;
-                be.download_f32(&self.test_out)?
-            }
-            EvalMode::Ensemble => {
-                // Chunks of test images so that the J × chunk × k outputs stay ≤ 16 Mi floats.
-                let chunk = ((16usize << 20) / (self.members * k)).clamp(1, n);
-                let px = self.test.pixels();
-                // The averaged prediction: softmax probabilities (classes) or outputs.
-                let mut acc = vec![0.0f64; n * k];
-                let mut lo = 0;
-                while lo < n {
-                    let hi = (lo + chunk).min(n);
-                    let x = be.upload_f32(&self.test.images[lo * px..hi * px])?;
-                    let mut out = be.zeros_f32(self.members * (hi - lo) * k)?;
-                    be.ensemble_forward(&self.net, &self.u, self.members, &x, hi - lo, &mut out)?;
-                    let g = be.download_f32(&out)?;
-                    for j in 0..self.members {
-                        for i in lo..hi {
-                            let row = &g[(j * (hi - lo) + (i - lo)) * k..][..k];
-                            let dst = &mut acc[i * k..(i + 1) * k];
-                            match self.task {
-                                Task::Classify { .. } => metrics::add_softmax(row, dst),
-                                Task::Regress { .. } => dst
-                                    .iter_mut()
-                                    .zip(row)
-                                    .for_each(|(a, &v)| *a += f64::from(v)),
-                            }
-                        }
-                    }
-                    lo = hi;
-                }
-                if let Some(r) = self.ranks {
-                    // Every rank's members' predictions.
-                    r.comm.allreduce_sum_f64(&mut acc)?;
-                }
-                let members = self.members() as f64;
-                for p in &mut acc {
-                    *p /= members;
-                }
-                if let Task::Classify { .. } = self.task {
-                    let (loss, correct) = metrics::score_probabilities(&acc, &self.test.labels);
-                    return Ok((100.0 * (1.0 - correct as f64 / n as f64), loss));
-                }
-                acc.iter().map(|&v| v as f32).collect()
-            }
-        };
-        Ok(match self.task {
-            Task::Classify { .. } => {
-                let (loss, correct) = metrics::score_logits(&out, &self.test.labels);
-                (100.0 * (1.0 - correct as f64 / n as f64), loss)
-            }
-            Task::Regress { .. } => {
-                let mse = metrics::mean_squared_error(&out, &self.test.values);
-                (mse, mse)
-            }
-        })
     }
 }
 
