@@ -17,6 +17,7 @@ mod members;
 pub mod methods;
 pub mod metrics;
 pub mod optim;
+mod partial;
 pub mod ranks;
 pub mod resume;
 mod scoring;
