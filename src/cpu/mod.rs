@@ -5,6 +5,7 @@
 
 pub mod backprop;
 pub mod blas;
+pub mod dot;
 pub mod eigen;
 pub mod forward;
 pub mod linalg;
