@@ -1,4 +1,5 @@
-//! Dense linear algebra on the CPU (twins of the cuBLAS/cuSOLVER calls in `src/gpu/linalg.rs`).
+//! Dense linear algebra on the CPU (twins of the cuBLAS/cuSOLVER calls in
+//! `src/gpu/linalg.rs` and `src/gpu/cholesky.rs`).
 //!
 //! Every matrix is row-major. The GEMMs go to a system BLAS when one is selected
 //! (`cpu::blas`, `--blas`), else to the `gemm` crate, which takes arbitrary

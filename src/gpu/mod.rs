@@ -11,6 +11,7 @@
 //! order they are called; downloads wait for it.
 
 pub mod backprop;
+pub mod cholesky;
 pub mod forward;
 pub mod geometry;
 pub mod linalg;
@@ -661,7 +662,7 @@ impl Backend for CudaBackend {
         rhs: &mut CudaSlice<f64>,
         nrhs: usize,
     ) -> Result<()> {
-        linalg::block_cholesky_solve_f64(self, &self.solver, a, blocks, bs, rhs, nrhs)
+        cholesky::block_cholesky_solve_f64(self, &self.solver, a, blocks, bs, rhs, nrhs)
     }
 
     fn block_cholesky_whiten_f64(
@@ -673,7 +674,7 @@ impl Backend for CudaBackend {
         y: &mut CudaSlice<f64>,
         nrhs: usize,
     ) -> Result<()> {
-        linalg::block_cholesky_whiten_f64(self, &self.solver, a, blocks, bs, x, y, nrhs)
+        cholesky::block_cholesky_whiten_f64(self, &self.solver, a, blocks, bs, x, y, nrhs)
     }
 
     fn unit_block_lower_f64(&self, a: &mut CudaSlice<f64>, n: usize, bs: usize) -> Result<()> {
