@@ -5,7 +5,7 @@ use crate::backend::{BackendKind, MathMode};
 use crate::enkf::UpdateRule;
 use crate::model::spec::NetLayers;
 use crate::model::{Activation, Arch};
-use crate::train::config::{Adaptation, BiasInit, FailurePolicy, LabelPairing};
+use crate::train::config::{AdaptRule, Adaptation, BiasInit, FailurePolicy, LabelPairing};
 use crate::train::optim::Optimizer;
 use crate::train::{BatchOrder, EvalMode, PartialConfig};
 use clap::{Args, Parser, Subcommand};
@@ -245,6 +245,12 @@ pub struct TrainArgs {
     /// Algorithm 1: adapt only below this test error ε in percent [default: 10].
     #[arg(long)]
     pub adapt_epsilon: Option<f64>,
+    /// Algorithm 1's decision rule: `algorithm` (as printed: below ε a gain of at most κ
+    /// lowers J and r, a larger one raises both) or `authors` (the authors' published
+    /// driver: any gain lowers r, and J too when it is at most κ; a loss raises r, and J
+    /// too when it exceeds κ; the rule behind Fig. 10) [default: algorithm].
+    #[arg(long, value_enum)]
+    pub adapt_rule: Option<AdaptRule>,
     /// Members with non-finite outputs: `error` stops, `resample` redraws them from the
     /// Gaussian of the successful members [default: error].
     #[arg(long, value_enum)]
@@ -335,6 +341,7 @@ impl TrainArgs {
             adapt_step: self.adapt_step,
             adapt_kappa: self.adapt_kappa,
             adapt_epsilon: self.adapt_epsilon,
+            adapt_rule: self.adapt_rule,
             on_failure: self.on_failure,
             pairing: self.pairing,
             checkpoint_every: self.checkpoint_every,

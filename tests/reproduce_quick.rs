@@ -211,19 +211,25 @@ fn fig10_tiny_runs_fixed_and_adaptive_with_a_decision_log() {
     assert!(dir.join("adaptive/seed-0/adaptive.csv").is_file());
     assert!(!dir.join("fixed/seed-0/adaptive.csv").exists());
     let (_, rows) = read_csv(&dir.join("summary.csv"));
-    assert!(rows.iter().any(|r| r[0] == "fixed") && rows.iter().any(|r| r[0] == "adaptive"));
-    let cfg: serde_json::Value = serde_json::from_str(
-        &std::fs::read_to_string(dir.join("adaptive/seed-0/config.json")).expect("config"),
-    )
-    .expect("config json");
+    assert!(dir.join("adaptive-authors/seed-0/adaptive.csv").is_file());
+    for run in ["fixed", "adaptive", "adaptive-authors"] {
+        assert!(rows.iter().any(|r| r[0] == run), "{run} missing: {rows:?}");
+    }
     let (tau, lo, hi, v, _) = Scale::tiny().fig10_adapt(Scale::tiny().members);
-    for (key, want) in [
-        ("adapt_every", tau),
-        ("adapt_min_members", lo),
-        ("adapt_max_members", hi),
-        ("adapt_step", v),
-    ] {
-        assert_eq!(cfg[key].as_u64(), Some(want as u64), "{key}: {cfg}");
+    for (run, rule) in [("adaptive", "algorithm"), ("adaptive-authors", "authors")] {
+        let path = dir.join(run).join("seed-0/config.json");
+        let cfg: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(path).expect("config"))
+                .expect("config json");
+        assert_eq!(cfg["adapt_rule"], rule, "{run}: {cfg}");
+        for (key, want) in [
+            ("adapt_every", tau),
+            ("adapt_min_members", lo),
+            ("adapt_max_members", hi),
+            ("adapt_step", v),
+        ] {
+            assert_eq!(cfg[key].as_u64(), Some(want as u64), "{run} {key}: {cfg}");
+        }
     }
     assert_chart(&dir.join("test-error"));
     std::fs::remove_dir_all(&out).ok();

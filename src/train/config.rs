@@ -170,6 +170,22 @@ pub enum Adaptation {
     Adaptive,
 }
 
+/// How Algorithm 1 turns two test errors into a change of J and r.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum AdaptRule {
+    /// Algorithm 1 as printed: below ε, a better error by at most κ lowers J and r, by
+    /// more than κ raises both.
+    #[default]
+    Algorithm,
+    /// The authors' driver (`enkf_pytorch_conv-run.py`, published with the paper): below
+    /// ε, any better (or equal) error lowers r, and J too when the gain is at most κ; a
+    /// worse one raises r (up to the configured r), and J too when it is worse by more
+    /// than κ. This is the rule that gives Fig. 10's "r lowered at every comparison, J
+    /// from 1500 on, neither ever rose".
+    Authors,
+}
+
 /// What to do when members produce non-finite outputs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
@@ -303,6 +319,10 @@ pub struct TrainConfig {
     pub adapt_kappa: f64,
     /// Algorithm 1: adapt only once the test error is below ε percent.
     pub adapt_epsilon: f64,
+    /// Algorithm 1: the decision rule (absent in configurations written before the
+    /// setting existed: [`AdaptRule::Algorithm`]).
+    #[serde(default)]
+    pub adapt_rule: AdaptRule,
     /// Members with non-finite outputs: stop, or resample them.
     pub on_failure: FailurePolicy,
     /// Write a checkpoint every N iterations (into `out`/checkpoint).
@@ -367,6 +387,7 @@ impl Default for TrainConfig {
             adapt_step: 1000,
             adapt_kappa: 1.0,
             adapt_epsilon: 10.0,
+            adapt_rule: AdaptRule::Algorithm,
             on_failure: FailurePolicy::Error,
             checkpoint_every: None,
             optimizer: Optimizer::Enkf,
@@ -404,6 +425,18 @@ impl TrainConfig {
     /// of [`TrainConfig::to_file_json`], refused beside `net` by
     /// [`PartialConfig::resolve`].
     pub const REPLACED_BY_NET: [&'static str; 2] = ["arch", "activation"];
+
+    /// Algorithm 1's keys: refused away from their defaults when adaptation = fixed,
+    /// where they would act on nothing.
+    pub const ADAPTIVE_ONLY: [&'static str; 7] = [
+        "adapt_every",
+        "adapt_min_members",
+        "adapt_max_members",
+        "adapt_step",
+        "adapt_kappa",
+        "adapt_epsilon",
+        "adapt_rule",
+    ];
 
     /// The keys a NumPy data set (`data_npy`) replaces: left out of
     /// [`TrainConfig::to_file_json`], refused beside `data_npy`.
@@ -597,6 +630,46 @@ mod tests {
         assert!(e.to_string().contains("pairing authors"), "{e}");
     }
 
+    /// Algorithm 1's settings given to a fixed run are an error naming the key and value,
+    /// not silently unused; the same settings with adaptation = adaptive resolve.
+    #[test]
+    fn adapt_settings_need_adaptive() {
+        for (p, key) in [
+            (
+                PartialConfig {
+                    adapt_rule: Some(AdaptRule::Authors),
+                    ..Default::default()
+                },
+                "adapt_rule = authors",
+            ),
+            (
+                PartialConfig {
+                    adapt_every: Some(250),
+                    ..Default::default()
+                },
+                "adapt_every = 250",
+            ),
+            (
+                PartialConfig {
+                    adapt_epsilon: Some(5.0),
+                    ..Default::default()
+                },
+                "adapt_epsilon = 5",
+            ),
+        ] {
+            let e = p.resolve().expect_err(key);
+            assert!(e.to_string().contains(key), "{e}");
+            assert!(e.to_string().contains("adaptation = fixed"), "{e}");
+            let c = PartialConfig {
+                adaptation: Some(Adaptation::Adaptive),
+                ..p
+            }
+            .resolve()
+            .expect("adaptive");
+            assert_eq!(c.adaptation, Adaptation::Adaptive);
+        }
+    }
+
     /// A configuration with every field set away from its default.
     fn every_field_set() -> TrainConfig {
         TrainConfig {
@@ -649,6 +722,7 @@ mod tests {
             adapt_step: 5,
             adapt_kappa: 0.25,
             adapt_epsilon: 20.0,
+            adapt_rule: AdaptRule::Authors,
             on_failure: FailurePolicy::Resample,
             checkpoint_every: Some(13),
             optimizer: Optimizer::Enkf,

@@ -19,6 +19,8 @@ impl<B: Backend> Trainer<'_, B> {
             step: self.cfg.adapt_step,
             kappa: self.cfg.adapt_kappa,
             epsilon: self.cfg.adapt_epsilon,
+            rule: self.cfg.adapt_rule,
+            max_repetitions: self.cfg.repetitions,
         };
         let now = self.members();
         let (j, r) = rule.decide(now, self.repetitions, previous, current);

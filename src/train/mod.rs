@@ -34,8 +34,9 @@ use crate::{Error, Result};
 use adaptive::AdaptiveLogRow;
 use checkpoint::{CheckpointState, RngState};
 pub use config::{
-    Accelerator, Adaptation, BatchOrder, BiasInit, EvalMode, FailurePolicy, InflationSchedule,
-    LabelPairing, NoiseScale, Observations, PartialConfig, StepControl, TrainConfig,
+    Accelerator, AdaptRule, Adaptation, BatchOrder, BiasInit, EvalMode, FailurePolicy,
+    InflationSchedule, LabelPairing, NoiseScale, Observations, PartialConfig, StepControl,
+    TrainConfig,
 };
 pub use metrics::MetricsRow;
 use rand::seq::SliceRandom;

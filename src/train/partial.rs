@@ -3,8 +3,8 @@
 //! precedence and the checks that name a bad key and its value.
 
 use super::config::{
-    Accelerator, Adaptation, BatchOrder, BiasInit, EvalMode, FailurePolicy, InflationSchedule,
-    LabelPairing, NoiseScale, Observations, StepControl, TrainConfig,
+    Accelerator, AdaptRule, Adaptation, BatchOrder, BiasInit, EvalMode, FailurePolicy,
+    InflationSchedule, LabelPairing, NoiseScale, Observations, StepControl, TrainConfig,
 };
 use crate::backend::{BackendKind, MathMode};
 use crate::enkf::{ApplyOrder, UpdateRule};
@@ -126,6 +126,8 @@ pub struct PartialConfig {
     pub adapt_kappa: Option<f64>,
     #[allow(missing_docs)]
     pub adapt_epsilon: Option<f64>,
+    #[allow(missing_docs)]
+    pub adapt_rule: Option<AdaptRule>,
     #[allow(missing_docs)]
     pub on_failure: Option<FailurePolicy>,
     #[allow(missing_docs)]

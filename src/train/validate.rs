@@ -245,6 +245,28 @@ impl TrainConfig {
                 self.adapt_epsilon
             ));
         }
+        if self.adaptation == Adaptation::Fixed {
+            // Algorithm 1's settings act only with adaptation = adaptive: one given to a
+            // fixed run would be silently ignored.
+            let (mine, default) = (
+                serde_json::to_value(self).unwrap_or_default(),
+                serde_json::to_value(TrainConfig::default()).unwrap_or_default(),
+            );
+            let set = TrainConfig::ADAPTIVE_ONLY
+                .iter()
+                .find(|k| mine.get(**k) != default.get(**k));
+            if let Some(key) = set {
+                let value = match mine.get(*key) {
+                    Some(serde_json::Value::String(s)) => s.clone(),
+                    v => v.map_or_else(String::new, |v| v.to_string()),
+                };
+                return bad(format!(
+                    "{key} = {value} (--{}) but adaptation = fixed: Algorithm 1's settings act \
+                     only with --adaptation adaptive",
+                    key.replace('_', "-")
+                ));
+            }
+        }
         if self.pairing == LabelPairing::Authors && self.order == BatchOrder::Shuffle {
             return bad(
                 "pairing authors reproduces the authors' driver, which reads mini-batches in \
