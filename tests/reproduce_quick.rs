@@ -202,8 +202,10 @@ fn fig10_bounds_scale_with_the_ensemble_size() {
 #[test]
 fn fig10_tiny_runs_fixed_and_adaptive_with_a_decision_log() {
     let out = tmp("fig10");
+    // ε given (`--adapt-epsilon`): both adaptive runs take it, the fixed run has none.
     let opts = ReproduceOptions {
         seeds: 1,
+        adapt_epsilon: Some(99.5),
         ..tiny(&out)
     };
     run(Experiment::Fig10, &opts).expect("fig10 tiny");
@@ -222,6 +224,7 @@ fn fig10_tiny_runs_fixed_and_adaptive_with_a_decision_log() {
             serde_json::from_str(&std::fs::read_to_string(path).expect("config"))
                 .expect("config json");
         assert_eq!(cfg["adapt_rule"], rule, "{run}: {cfg}");
+        assert_eq!(cfg["adapt_epsilon"].as_f64(), Some(99.5), "{run}: {cfg}");
         for (key, want) in [
             ("adapt_every", tau),
             ("adapt_min_members", lo),
@@ -233,6 +236,28 @@ fn fig10_tiny_runs_fixed_and_adaptive_with_a_decision_log() {
     }
     assert_chart(&dir.join("test-error"));
     std::fs::remove_dir_all(&out).ok();
+}
+
+/// `--adapt-epsilon` is Fig. 10's: with another experiment, or out of (0, 100], it is an
+/// error naming the flag before any run or folder.
+#[test]
+fn adapt_epsilon_is_checked_before_any_run() {
+    let out = tmp("eps");
+    for (exp, eps, want) in [
+        (Experiment::Fig1, 20.0, "reproduce fig10"),
+        (Experiment::Fig10, f64::NAN, "0 < ε ≤ 100, got NaN"),
+        (Experiment::Fig10, 0.0, "got 0"),
+        (Experiment::Fig10, 120.0, "got 120"),
+    ] {
+        let opts = ReproduceOptions {
+            seeds: 1,
+            adapt_epsilon: Some(eps),
+            ..tiny(&out)
+        };
+        let e = run(exp, &opts).expect_err("bad epsilon").to_string();
+        assert!(e.contains("--adapt-epsilon") && e.contains(want), "{e}");
+        assert!(!out.exists(), "a folder was made for {e}");
+    }
 }
 
 /// `reproduce deep`: SGD, Adam and the EnKF on both layer-spec networks, on the CPU
