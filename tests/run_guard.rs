@@ -336,7 +336,7 @@ fn sigterm_and_sigusr1_checkpoint_and_a_resume_may_only_extend_the_run() {
 #[test]
 fn reproduce_checkpoints_on_sigterm_and_the_same_command_continues() {
     use std::io::{BufRead, BufReader};
-    let out = fresh("guard-reproduce");
+    let out = fresh("guard-reproduce-sigterm");
     let run_dir = out.join("methods").join("authors").join("seed-0");
     let start = || {
         bin()
