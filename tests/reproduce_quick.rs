@@ -260,6 +260,30 @@ fn adapt_epsilon_is_checked_before_any_run() {
     }
 }
 
+/// A misspelt `--only` name is an error that lists the experiment's runs, before any
+/// folder is made (it used to surface only once the data were loaded).
+#[test]
+fn unknown_only_is_checked_before_any_run() {
+    let out = tmp("only");
+    for (exp, name, listed) in [
+        (Experiment::Methods, "transfrom", "transform-additive0.3"),
+        (Experiment::Fig10, "adaptive-author", "adaptive-authors"),
+        (Experiment::Fig1, "J5000", "sgd, adam, enkf"),
+    ] {
+        let opts = ReproduceOptions {
+            seeds: 1,
+            only: vec![name.to_string()],
+            ..tiny(&out)
+        };
+        let e = run(exp, &opts).expect_err("unknown run").to_string();
+        assert!(
+            e.contains(&format!("--only {name}")) && e.contains(listed),
+            "{e}"
+        );
+        assert!(!out.exists(), "a folder was made for {e}");
+    }
+}
+
 /// `reproduce deep`: SGD, Adam and the EnKF on both layer-spec networks, on the CPU
 /// even with `--backend auto`; each run's config and done record hold its network;
 /// `--backend cuda` is refused before any run (heaviside's zero gradient is tested in
@@ -332,6 +356,8 @@ fn methods_tiny_runs_every_variant() {
     for (run, key, value) in [
         ("authors", "update", serde_json::json!("sequential")),
         ("inflation1.05", "inflation", serde_json::json!(1.05)),
+        ("perturbed", "observations", serde_json::json!("perturbed")),
+        ("dmc", "step", serde_json::json!("dmc")),
         ("additive0.3", "additive_from", serde_json::json!("spread")),
         ("transform", "update", serde_json::json!("transform")),
         (

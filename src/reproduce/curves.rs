@@ -3,415 +3,36 @@
 //! iteration into `summary.csv`, draws it, and tables the final values beside the paper's.
 
 use super::files::{self, PlotSpec, RunRef, SummaryRow};
+use super::plans::{self, Kind, Plan, RunDef};
 use super::render;
 use super::{enkf_record, finished_rows, grad_record, mark_finished};
 use super::{run_enkf, run_grad, Ctx, Experiment};
 use crate::data::DataSplit;
-use crate::model::Activation;
-use crate::train::config::{AdaptRule, Adaptation};
 use crate::train::gradient::GradConfig;
-use crate::train::optim::Optimizer;
 use crate::train::{MetricsRow, TrainConfig};
 use crate::{Error, Result};
 use serde::Serialize;
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
 
-/// How one curve is trained.
-enum Kind {
-    Enkf(Box<TrainConfig>),
-    Grad(Box<GradConfig>),
-}
-
-/// One curve of a figure.
-struct RunDef {
-    /// Folder name.
-    name: String,
-    /// Legend text.
-    label: String,
-    /// The paper's number or a pointer to its figure.
-    paper: String,
-    kind: Kind,
-}
-
-fn grad(ctx: &Ctx, opt: Optimizer, sigma: f64, epochs: usize) -> GradConfig {
-    GradConfig {
-        epochs,
-        eval_every: ctx.scale.grad_eval_every,
-        hist_every: ctx.scale.hist_every,
-        sigma,
-        ..GradConfig::new(opt)
-    }
-}
-
-/// The networks of `deep` (folder prefix, short form): a 6-layer logistic MLP (five
-/// hidden layers of 32) and a network whose hidden layers are heaviside steps, where
-/// backpropagation reaches only the last layer.
-pub(crate) const DEEP_NETS: [(&str, &str); 2] = [
-    (
-        "mlp6",
-        "flatten linear(32) logistic linear(32) logistic linear(32) logistic linear(32) \
-         logistic linear(32) logistic linear(10)",
-    ),
-    (
-        "step",
-        "flatten linear(64) heaviside linear(32) heaviside linear(10)",
-    ),
-];
-
-/// The runs of `methods`: the authors' update and the EKI variants that did best in
-/// the README's small-J comparison, each on the EnKF configuration of the scale (J from
-/// `-J`: 1000 is a CPU epoch).
-fn method_runs(ctx: &Ctx) -> Vec<RunDef> {
-    use crate::enkf::UpdateRule;
-    use crate::train::{InflationSchedule, NoiseScale};
-    let base = ctx.enkf_config();
-    let additive = |c: TrainConfig| TrainConfig {
-        additive_inflation: 0.3,
-        additive_from: NoiseScale::Spread,
-        ..c
-    };
-    let transform = |c: TrainConfig| TrainConfig {
-        update: UpdateRule::Transform,
-        ..c
-    };
-    let runs = [
-        ("authors", "the authors' update".to_string(), base.clone()),
-        (
-            "inflation1.05",
-            "multiplicative inflation λ = 1.05".into(),
-            TrainConfig {
-                inflation: 1.05,
-                ..base.clone()
-            },
-        ),
-        (
-            "additive0.3",
-            "additive inflation, 0.3 × the spread".into(),
-            additive(base.clone()),
-        ),
-        (
-            "transform",
-            "the transform update (ETKI)".into(),
-            transform(base.clone()),
-        ),
-        (
-            "transform-additive0.3",
-            "ETKI with additive inflation 0.3 × the spread".into(),
-            additive(transform(base.clone())),
-        ),
-        (
-            "transform-additive0.3-exp2500",
-            "ETKI with additive inflation 0.3 × the spread, decaying as exp(−t/2500)".into(),
-            TrainConfig {
-                inflation_schedule: InflationSchedule::Exponential,
-                inflation_horizon: Some(2500),
-                ..additive(transform(base.clone()))
-            },
-        ),
-    ];
-    runs.into_iter()
-        .map(|(name, what, cfg)| RunDef {
-            name: name.into(),
-            label: format!("EnKF, {what} (J = {})", cfg.members),
-            paper: if name == "authors" {
-                "the paper's rule: 3.8 % after one epoch at J = 5000".into()
-            } else {
-                "not in the paper".into()
-            },
-            kind: Kind::Enkf(Box::new(cfg)),
-        })
-        .collect()
-}
-
-/// The runs of `deep`: SGD, Adam (one epoch, σ = 1, shuffled) and the EnKF per network.
-fn deep_runs(ctx: &Ctx) -> Result<Vec<RunDef>> {
-    let mut runs = Vec::new();
-    for (prefix, text) in DEEP_NETS {
-        let cfg = ctx.deep_config(text)?;
-        let net = cfg.net();
-        for (opt, name) in [(Optimizer::Sgd, "sgd"), (Optimizer::Adam, "adam")] {
-            let g = GradConfig {
-                net: net.clone(),
-                ..grad(ctx, opt, 1.0, 1)
-            };
-            runs.push(RunDef {
-                name: format!("{prefix}-{name}"),
-                label: format!("{prefix}: {}", optimizer_label(opt)),
-                paper: "beyond the paper".into(),
-                kind: Kind::Grad(Box::new(g)),
-            });
-        }
-        runs.push(RunDef {
-            name: format!("{prefix}-enkf"),
-            label: format!(
-                "{prefix}: EnKF (J = {}, r = {})",
-                cfg.members, cfg.repetitions
-            ),
-            paper: "beyond the paper".into(),
-            kind: Kind::Enkf(Box::new(cfg)),
-        });
-    }
-    Ok(runs)
-}
-
-fn optimizer_label(opt: Optimizer) -> &'static str {
-    match opt {
-        Optimizer::Sgd => "SGD (lr 0.1, momentum 0.9)",
-        Optimizer::Adam => "Adam (lr 1e-3)",
-        Optimizer::Enkf => "EnKF",
-    }
-}
-
-/// The σ values of Fig. 5: the paper names σ = 1 and σ = 3 and allows σ ∈ [0.01, 10]
-/// (Sect. 2.2) without listing its sweep; we add a decade on each side.
-pub(crate) const FIG5_SIGMAS: [f64; 4] = [0.1, 1.0, 3.0, 10.0];
-
-fn comparison_runs(ctx: &Ctx, enkf_paper: &str, fig: &str) -> Vec<RunDef> {
-    let cfg = ctx.enkf_config();
-    let j = cfg.members;
-    vec![
-        RunDef {
-            name: "sgd".into(),
-            label: optimizer_label(Optimizer::Sgd).into(),
-            paper: format!("does not learn (see paper Fig. {fig})"),
-            kind: Kind::Grad(Box::new(grad(ctx, Optimizer::Sgd, 1.0, 1))),
-        },
-        RunDef {
-            name: "adam".into(),
-            label: optimizer_label(Optimizer::Adam).into(),
-            paper: format!("learns slowly (see paper Fig. {fig})"),
-            kind: Kind::Grad(Box::new(grad(ctx, Optimizer::Adam, 1.0, 1))),
-        },
-        RunDef {
-            name: "enkf".into(),
-            label: format!("EnKF (J = {j}, r = {})", cfg.repetitions),
-            paper: enkf_paper.into(),
-            kind: Kind::Enkf(Box::new(cfg)),
-        },
-    ]
-}
-
 /// Runs one of the test-error experiments (see the module docs).
 pub(crate) fn run(ctx: &Ctx, exp: Experiment, in_all: bool) -> Result<()> {
-    let s = &ctx.scale;
-    let mnist = || ctx.load_idx(&ctx.opts.data_root.join("mnist"));
-    let (title, x, data, runs, dataset): (String, &str, DataSplit, Vec<RunDef>, String) = match exp
-    {
-        Experiment::Fig1 => (
-            "Fig. 1: MNIST test error, one epoch, σ = 1".into(),
-            "epoch",
-            mnist()?,
-            comparison_runs(
-                ctx,
-                "3.8 % after one epoch (J = 5000, text of Sect. 3)",
-                "1",
-            ),
-            "MNIST".into(),
-        ),
-        Experiment::Fig5 => {
-            let runs = FIG5_SIGMAS
-                .iter()
-                .map(|&sigma| RunDef {
-                    name: format!("adam-sigma{sigma}"),
-                    label: format!("Adam, σ = {sigma}"),
-                    paper: if sigma == 1.0 {
-                        "passes 95 % accuracy (≤ 5 % error) within 10 epochs".into()
-                    } else if sigma == 3.0 {
-                        "like SGD in the first epochs (no learning)".into()
-                    } else {
-                        "in Fig. 5 (σ values not stated; Sect. 2.2 allows 0.01–10)".into()
-                    },
-                    kind: Kind::Grad(Box::new(grad(ctx, Optimizer::Adam, sigma, s.fig5_epochs))),
-                })
-                .collect();
-            (
-                format!("Fig. 5: Adam on MNIST over {} epochs", s.fig5_epochs),
-                "epoch",
-                mnist()?,
-                runs,
-                "MNIST".into(),
-            )
-        }
-        Experiment::Fig8Activations => {
-            let runs = [
-                (Activation::Logistic, "logistic"),
-                (Activation::Relu, "relu"),
-                (Activation::Tanh, "tanh"),
-            ]
-            .iter()
-            .map(|&(act, name)| {
-                let cfg = TrainConfig {
-                    activation: act,
-                    ..ctx.enkf_config()
-                };
-                RunDef {
-                    name: name.into(),
-                    label: format!("EnKF, {name} (J = {})", cfg.members),
-                    paper: "see paper Fig. 8".into(),
-                    kind: Kind::Enkf(Box::new(cfg)),
-                }
-            })
-            .collect();
-            (
-                "Fig. 8: EnKF on MNIST with different activations".into(),
-                "iteration",
-                mnist()?,
-                runs,
-                "MNIST".into(),
-            )
-        }
-        Experiment::Fig8Members => {
-            let runs = s
-                .member_sweep
-                .iter()
-                .map(|&j| {
-                    let cfg = TrainConfig {
-                        members: j,
-                        ..ctx.enkf_config()
-                    };
-                    RunDef {
-                        name: format!("J{j}"),
-                        label: format!("EnKF, J = {j}"),
-                        paper: if j == 5000 {
-                            "3.8 % after one epoch (text); curve: see paper Fig. 8".into()
-                        } else {
-                            "see paper Fig. 8".into()
-                        },
-                        kind: Kind::Enkf(Box::new(cfg)),
-                    }
-                })
-                .collect();
-            (
-                "Fig. 8: EnKF on MNIST with different ensemble sizes".into(),
-                "iteration",
-                mnist()?,
-                runs,
-                "MNIST".into(),
-            )
-        }
-        Experiment::Fig9 => {
-            let (data, dataset) = match &ctx.opts.letters {
-                Some(dir) => {
-                    let mut d = crate::data::letters::load_letters_dir(dir, 1.0 / 7.0, 0)?;
-                    ctx.limit(&mut d);
-                    (d, format!("notMNIST letters A–J ({})", dir.display()))
-                }
-                None => {
-                    let dir = ctx.opts.data_root.join("fashion-mnist");
-                    match ctx.load_idx(&dir) {
-                        Ok(d) => (d, "Fashion-MNIST (stand-in for the paper's notMNIST letters)".into()),
-                        Err(e) if in_all => {
-                            let note = format!(
-                                "# Fig. 9 skipped\n\nFashion-MNIST is not in `{}` ({e}).\n\
-                                 Fetch it with `scripts/fetch-data.sh {}` or pass `--letters DIR` \
-                                 (a notMNIST folder), then run `enkf-dnn reproduce fig9`.\n",
-                                dir.display(),
-                                dir.display()
-                            );
-                            eprintln!("reproduce fig9: skipped: Fashion-MNIST not found in {}", dir.display());
-                            let path = ctx.dir.join("table.md");
-                            return std::fs::write(&path, note).map_err(|e| Error::io(&path, e));
-                        }
-                        Err(e) => {
-                            return Err(Error::Config(format!(
-                                "fig9 needs Fashion-MNIST in {} ({e}); run scripts/fetch-data.sh {} or pass --letters DIR",
-                                dir.display(),
-                                dir.display()
-                            )))
-                        }
-                    }
-                }
-            };
-            (
-                format!("Fig. 9 (letters experiment) on {dataset}: test error, one epoch"),
-                "epoch",
-                data,
-                comparison_runs(ctx, "see paper Fig. 9 (notMNIST)", "9"),
-                dataset,
-            )
-        }
-        Experiment::Fig10 => {
-            let fixed = ctx.enkf_config();
-            let (tau, lo, hi, v, eps) = s.fig10_adapt(fixed.members);
-            let adaptive = TrainConfig {
-                adaptation: Adaptation::Adaptive,
-                adapt_every: tau,
-                adapt_min_members: lo,
-                adapt_max_members: hi,
-                adapt_step: v,
-                adapt_epsilon: eps,
-                ..fixed.clone()
-            };
-            let bounds = format!(
-                "from J = {} (τ = {tau}, b_l = {lo}, b_u = {hi}, v = {v}, ε = {eps} %)",
-                fixed.members
-            );
-            let paper = "r lowered at every comparison, J from iteration 1500; neither rose";
-            let runs = vec![
-                RunDef {
-                    name: "fixed".into(),
-                    label: format!("fixed J = {}", fixed.members),
-                    paper: "the adaptive run reaches this run's accuracy".into(),
-                    kind: Kind::Enkf(Box::new(fixed.clone())),
-                },
-                RunDef {
-                    name: "adaptive".into(),
-                    label: format!("adaptive, Algorithm 1 as printed, {bounds}"),
-                    paper: paper.into(),
-                    kind: Kind::Enkf(Box::new(adaptive.clone())),
-                },
-                RunDef {
-                    name: "adaptive-authors".into(),
-                    label: format!("adaptive, the authors' driver's rule, {bounds}"),
-                    paper: paper.into(),
-                    kind: Kind::Enkf(Box::new(TrainConfig {
-                        adapt_rule: AdaptRule::Authors,
-                        ..adaptive
-                    })),
-                },
-            ];
-            (
-                "Fig. 10: fixed vs adaptive ensemble (Algorithm 1), MNIST".into(),
-                "iteration",
-                mnist()?,
-                runs,
-                "MNIST".into(),
-            )
-        }
-        Experiment::Methods => (
-            "Beyond the paper: EKI variants against the authors' update, MNIST, σ = 1".into(),
-            "iteration",
-            mnist()?,
-            method_runs(ctx),
-            "MNIST".into(),
-        ),
-        Experiment::Deep => (
-            "Beyond the paper: deep logistic and heaviside networks on MNIST, σ = 1".into(),
-            "epoch",
-            mnist()?,
-            deep_runs(ctx)?,
-            "MNIST".into(),
-        ),
-        other => {
-            return Err(Error::Config(format!(
-                "internal: {} is not a test-error experiment",
-                other.name()
-            )))
-        }
-    };
-
-    let only = &ctx.opts.only;
-    if let Some(unknown) = only.iter().find(|n| !runs.iter().any(|d| &d.name == *n)) {
+    let Some(Plan { title, x, runs }) = plans::plan(ctx, exp)? else {
         return Err(Error::Config(format!(
-            "--only {unknown}: {} has the runs {}",
-            exp.name(),
-            runs.iter()
-                .map(|d| d.name.as_str())
-                .collect::<Vec<_>>()
-                .join(", ")
+            "internal: {} is not a test-error experiment",
+            exp.name()
         )));
-    }
+    };
+    plans::check_only(ctx, exp, &runs)?;
+    let Some((data, dataset)) = load_data(ctx, exp, in_all)? else {
+        return Ok(());
+    };
+    let title = if exp == Experiment::Fig9 {
+        format!("{title} on {dataset}: test error, one epoch")
+    } else {
+        title
+    };
+    let only = &ctx.opts.only;
     let mut summary = Vec::new();
     let mut table_rows = Vec::new();
     let mut seed_rows = Vec::new();
@@ -519,6 +140,52 @@ pub(crate) fn run(ctx: &Ctx, exp: Experiment, in_all: bool) -> Result<()> {
     files::write_spec(&ctx.dir, &spec)?;
     render::render(&ctx.dir)?;
     write_table(ctx, exp, &dataset, &data, &table_rows, &pending)
+}
+
+/// The data set of experiment `exp` and its name: MNIST, or for Fig. 9 the `--letters`
+/// folder or Fashion-MNIST. `None` when Fig. 9 is skipped inside `all` for want of
+/// Fashion-MNIST (its `table.md` then says why).
+fn load_data(ctx: &Ctx, exp: Experiment, in_all: bool) -> Result<Option<(DataSplit, String)>> {
+    if exp != Experiment::Fig9 {
+        let data = ctx.load_idx(&ctx.opts.data_root.join("mnist"))?;
+        return Ok(Some((data, "MNIST".into())));
+    }
+    if let Some(dir) = &ctx.opts.letters {
+        let mut d = crate::data::letters::load_letters_dir(dir, 1.0 / 7.0, 0)?;
+        ctx.limit(&mut d);
+        return Ok(Some((
+            d,
+            format!("notMNIST letters A–J ({})", dir.display()),
+        )));
+    }
+    let dir = ctx.opts.data_root.join("fashion-mnist");
+    match ctx.load_idx(&dir) {
+        Ok(d) => Ok(Some((
+            d,
+            "Fashion-MNIST (stand-in for the paper's notMNIST letters)".into(),
+        ))),
+        Err(e) if in_all => {
+            let note = format!(
+                "# Fig. 9 skipped\n\nFashion-MNIST is not in `{}` ({e}).\n\
+                 Fetch it with `scripts/fetch-data.sh {}` or pass `--letters DIR` \
+                 (a notMNIST folder), then run `enkf-dnn reproduce fig9`.\n",
+                dir.display(),
+                dir.display()
+            );
+            eprintln!(
+                "reproduce fig9: skipped: Fashion-MNIST not found in {}",
+                dir.display()
+            );
+            let path = ctx.dir.join("table.md");
+            std::fs::write(&path, note).map_err(|e| Error::io(&path, e))?;
+            Ok(None)
+        }
+        Err(e) => Err(Error::Config(format!(
+            "fig9 needs Fashion-MNIST in {} ({e}); run scripts/fetch-data.sh {} or pass --letters DIR",
+            dir.display(),
+            dir.display()
+        ))),
+    }
 }
 
 /// Mean ± population std over seeds of the test error at every iteration that all

@@ -18,6 +18,7 @@
 mod curves;
 pub mod done;
 mod files;
+mod plans;
 mod render;
 mod stats_figs;
 
@@ -431,16 +432,10 @@ pub fn run(exp: Experiment, opts: &ReproduceOptions) -> Result<()> {
             scale: Scale::of(opts),
             dir: opts.out.join(e.name()),
         };
-        let check = |cfg: TrainConfig| {
-            cfg.validate()
-                .map_err(|err| Error::Config(format!("reproduce {}: {err}", e.name())))
-        };
-        check(ctx.enkf_config())?;
-        if e == Experiment::Deep {
-            for net in curves::DEEP_NETS {
-                check(ctx.deep_config(net.1)?)?;
-            }
-        }
+        ctx.enkf_config()
+            .validate()
+            .map_err(|err| Error::Config(format!("reproduce {}: {err}", e.name())))?;
+        plans::check(&ctx, e)?;
     }
     std::fs::create_dir_all(&opts.out).map_err(|e| Error::io(&opts.out, e))?;
     crate::run_dir::check_dir_writable(&opts.out)?;

@@ -63,6 +63,7 @@ pub struct AdaptiveRule {
 
 impl AdaptiveRule {
     /// The new (J, r) after comparing `previous` with `current` test errors (percent).
+    /// A NaN error on either side (a diverged evaluation) changes nothing.
     pub fn decide(
         &self,
         members: usize,
@@ -70,20 +71,41 @@ impl AdaptiveRule {
         previous: f64,
         current: f64,
     ) -> (usize, usize) {
-        if self.rule == AdaptRule::Authors {
-            return self.decide_authors(members, repetitions, previous, current);
+        if previous.is_nan() || current.is_nan() {
+            return (members, repetitions);
         }
+        match self.rule {
+            AdaptRule::Algorithm => self.decide_algorithm(members, repetitions, previous, current),
+            AdaptRule::Authors => self.decide_authors(members, repetitions, previous, current),
+        }
+    }
+
+    /// J − v, not below b_l (nor below 0 when v > J).
+    fn shrink(&self, members: usize) -> usize {
+        members.saturating_sub(self.step).max(self.min_members)
+    }
+
+    /// J + v, not above b_u.
+    fn grow(&self, members: usize) -> usize {
+        members.saturating_add(self.step).min(self.max_members)
+    }
+
+    /// [`AdaptRule::Algorithm`], Algorithm 1 as printed (module documentation).
+    fn decide_algorithm(
+        &self,
+        members: usize,
+        repetitions: usize,
+        previous: f64,
+        current: f64,
+    ) -> (usize, usize) {
         if !(current < self.epsilon && current < previous) {
             return (members, repetitions);
         }
         let gain = previous - current;
         if members > self.min_members && gain <= self.kappa {
-            (
-                (members - self.step).max(self.min_members),
-                (repetitions - 1).max(1),
-            )
+            (self.shrink(members), repetitions.saturating_sub(1).max(1))
         } else if gain > self.kappa && members < self.max_members {
-            ((members + self.step).min(self.max_members), repetitions + 1)
+            (self.grow(members), repetitions + 1)
         } else {
             (members, repetitions)
         }
@@ -97,21 +119,20 @@ impl AdaptiveRule {
         previous: f64,
         current: f64,
     ) -> (usize, usize) {
-        // A NaN error is not below ε: nothing changes.
         let below = current < self.epsilon;
         if !below {
             return (members, repetitions);
         }
         if current <= previous {
             let j = if members > self.min_members && previous - current <= self.kappa {
-                members.saturating_sub(self.step).max(self.min_members)
+                self.shrink(members)
             } else {
                 members
             };
             (j, repetitions.saturating_sub(1).max(1))
         } else {
             let j = if members < self.max_members && current - previous > self.kappa {
-                (members + self.step).min(self.max_members)
+                self.grow(members)
             } else {
                 members
             };
@@ -197,5 +218,33 @@ mod tests {
         assert_eq!(rule.decide(10_000, 8, 5.0, 7.0), (10_000, 8));
         assert_eq!(rule.decide(1500, 2, 5.0, 4.9), (1000, 1));
         assert_eq!(rule.decide(9500, 3, 5.0, 7.0), (10_000, 4));
+    }
+
+    /// A step v larger than J (possible with scaled bounds: b_l = 200, v = 1000 from
+    /// J = 500) lands on b_l under both rules instead of wrapping below 0; a NaN error
+    /// changes nothing.
+    #[test]
+    fn a_step_larger_than_j_stops_at_the_lower_bound() {
+        for rule in [AdaptRule::Algorithm, AdaptRule::Authors] {
+            let rule = AdaptiveRule {
+                min_members: 200,
+                step: 1000,
+                rule,
+                ..RULE
+            };
+            assert_eq!(rule.decide(500, 4, 6.0, 5.5), (200, 3), "{:?}", rule.rule);
+            assert_eq!(
+                rule.decide(500, 4, f64::NAN, 5.5),
+                (500, 4),
+                "{:?}",
+                rule.rule
+            );
+            assert_eq!(
+                rule.decide(500, 4, 6.0, f64::NAN),
+                (500, 4),
+                "{:?}",
+                rule.rule
+            );
+        }
     }
 }
